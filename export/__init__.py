@@ -1,0 +1,57 @@
+"""Export a Hugging Face DeBERTa checkpoint to one ONNX graph with fused pooling (needs the ``export`` extra).
+
+    from deberta_onnx.export import export_model
+    export_model("microsoft/deberta-v3-base", "out/deberta-v3-base")
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+_REQUIRED = ("torch", "transformers", "onnx", "onnxscript", "sentencepiece", "safetensors")
+
+
+def _missing(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def _check_imports() -> None:
+    missing = [name for name in _REQUIRED if _missing(name)]
+    if missing:
+        raise ImportError(
+            f"deberta_onnx.export needs {', '.join(missing)}, which the base install leaves out. Install the "
+            "export extra: `pip install torch==2.13.0` (a CPU build; or any torch you already have) and then "
+            "`pip install 'deberta-onnx[export]'`. The runtime (deberta_onnx.runtime) works without them."
+        )
+
+
+_check_imports()
+
+from ._checkpoint import RANDOM_SHAPES, build_random_checkpoint, train_sentencepiece  # noqa: E402
+from ._errors import (  # noqa: E402
+    CheckpointError,
+    ExportError,
+    OutputExistsError,
+    UnsupportedModelError,
+    ValidationError,
+)
+from ._export import ExportConfig, ExportResult, export_model  # noqa: E402
+from ._validate import DEFAULT_VALIDATION_SHAPES  # noqa: E402
+
+__all__ = [
+    "DEFAULT_VALIDATION_SHAPES",
+    "RANDOM_SHAPES",
+    "CheckpointError",
+    "ExportConfig",
+    "ExportError",
+    "ExportResult",
+    "OutputExistsError",
+    "UnsupportedModelError",
+    "ValidationError",
+    "build_random_checkpoint",
+    "export_model",
+    "train_sentencepiece",
+]

@@ -1,0 +1,81 @@
+"""Stage one of three: text -> token ids. Wraps a ``tokenizers.Tokenizer`` loaded from ``tokenizer.json``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .errors import ContractMismatchError, ModelFolderError
+
+
+def check_texts(texts: object) -> list[str]:
+    """Returns ``texts`` as a list of ``str``, or raises ``TypeError`` naming the first bad element."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+        raise TypeError(
+            f"texts must be a list of str, got {type(texts).__name__}; wrap a single text in a list: [text]"
+        )
+    out = list(texts)
+    for index, text in enumerate(out):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{index}] is {type(text).__name__}, not str; every text must be a str")
+    return out
+
+
+class TextTokenizer:
+    """Tokenizes to unpadded id lists (truncated to ``max_length``) and pads batches with numpy."""
+
+    def __init__(self, path: Path, *, max_length: int, pad_id: int, vocab_limit: int | None = None) -> None:
+        try:
+            self._tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad files
+            raise ModelFolderError(f"{path} is not a valid tokenizer.json ({exc}); re-export the model.") from exc
+        vocab = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        if vocab_limit is not None and vocab > vocab_limit:
+            raise ContractMismatchError(
+                f"{path} has {vocab} tokens but the model's embedding table has {vocab_limit} rows: ids past "
+                f"{vocab_limit - 1} would index out of range. Export the tokenizer that belongs to this checkpoint."
+            )
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length)
+        self.max_length = max_length
+        self.pad_id = pad_id
+        # encode_batch_fast (tokenizers >= 0.21) skips character offsets, which the runtime never needs.
+        self._encode_batch = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    def encode(self, texts: list[str], *, truncate: bool = True, offset: int = 0) -> list[list[int]]:
+        """Token ids per text, special tokens included.
+
+        Raises:
+            ValueError: ``truncate`` is false and a text is longer than ``max_length`` tokens (``offset`` is
+                added to the index in the message, for callers that encode in chunks).
+        """
+        encodings = self._encode_batch(texts, add_special_tokens=True)
+        if not truncate:
+            for index, encoding in enumerate(encodings):
+                if encoding.overflowing:
+                    raise ValueError(
+                        f"texts[{index + offset}] is longer than the model's maximum of {self.max_length} "
+                        "tokens; shorten it, or pass truncate=True to keep its first tokens"
+                    )
+        return [encoding.ids for encoding in encodings]
+
+    def pad(self, sequences: Sequence[Sequence[int]], *, multiple_of: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Right-pads to the longest sequence (rounded up to ``multiple_of``, capped at ``max_length``).
+
+        Returns ``(input_ids, attention_mask)``, both int64 ``[batch, sequence]``.
+        """
+        longest = max((len(s) for s in sequences), default=1)
+        width = min(-(-max(longest, 1) // multiple_of) * multiple_of, max(self.max_length, longest))
+        ids = np.full((len(sequences), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(sequences), width), dtype=np.int64)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        return ids, mask

@@ -1,0 +1,36 @@
+"""Named exceptions a caller may want to catch. Bad arguments raise ``ValueError`` or ``TypeError``."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChecksumMismatchError",
+    "ContractMismatchError",
+    "DebertaOnnxError",
+    "ManifestError",
+    "ModelFolderError",
+    "ProviderUnavailableError",
+]
+
+
+class DebertaOnnxError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ModelFolderError(DebertaOnnxError):
+    """A model folder is missing, incomplete or inconsistent. Raised at load, before any inference."""
+
+
+class ManifestError(ModelFolderError):
+    """``manifest.json`` is missing, unreadable, or of a version this runtime does not know."""
+
+
+class ChecksumMismatchError(ModelFolderError):
+    """A file's sha256 differs from the one the manifest records: the file is corrupted or was replaced."""
+
+
+class ContractMismatchError(ModelFolderError):
+    """The ONNX graph or tokenizer does not match the contract the manifest declares."""
+
+
+class ProviderUnavailableError(DebertaOnnxError):
+    """A requested ONNX Runtime execution provider is not installed, or ONNX Runtime fell back from it."""

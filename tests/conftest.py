@@ -1,0 +1,112 @@
+"""Fixtures: tiny random DeBERTa-v2 checkpoints and a SentencePiece tokenizer trained on the spot.
+
+Nothing here downloads anything. The weights are random: good for parity and speed, meaningless as embeddings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# Texts that stress tokenization and padding: accents, CJK, emoji (inside and outside the vocabulary),
+# rare symbols, very long words, whitespace runs, and lengths from one token to past the maximum.
+HARD_TEXTS = [
+    "Hello world.",
+    "café naïve façade résumé Zürich",
+    "東京タワーと北京の天安門",
+    "emoji 😀🎉👍🏽 ❤️ 🇫🇷",
+    "Ω ≈ ç √ ∫ ∑ π ≤ ≥ ∞",
+    "  leading and   inner   spaces\tand\ttabs\nand newlines  ",
+    "Donaudampfschifffahrtsgesellschaftskapitänswitwe" * 3,
+    "pneumonoultramicroscopicsilicovolcanoconiosis",
+    "a",
+    "",
+    "ALL CAPS SHOUTING!!!",
+    "mixed 123,456.78 €50 £3 ¥900 100km/h 37°C 5µm",
+    "Ünïcödé ñ ß ø å æ œ",
+    "Привет, мир! Γειά σου κόσμε. مرحبا بالعالم. שלום עולם. नमस्ते दुनिया",
+    "x" * 3000,
+]
+
+# Tiny DeBERTa-v2 configurations covering the attention variants: shared and separate relative-position
+# keys, both disentangled terms, small position buckets, a conv layer (v2 style), and no relative attention.
+_BASE = {
+    "vocab_size": 4000, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "intermediate_size": 64, "max_position_embeddings": 512, "type_vocab_size": 0, "pad_token_id": 0,
+    "hidden_act": "gelu", "layer_norm_eps": 1e-7,
+}
+TINY_CONFIGS = {
+    "v3-shared": {**_BASE, "relative_attention": True, "position_buckets": 8, "max_relative_positions": -1,
+                  "pos_att_type": ["p2c", "c2p"], "share_att_key": True, "norm_rel_ebd": "layer_norm",
+                  "position_biased_input": False},
+    "v3-separate": {**_BASE, "relative_attention": True, "position_buckets": 16, "max_relative_positions": 64,
+                    "pos_att_type": ["c2p", "p2c"], "share_att_key": False, "norm_rel_ebd": "none",
+                    "position_biased_input": False},
+    "v2-conv": {**_BASE, "relative_attention": True, "position_buckets": 32, "max_relative_positions": -1,
+                "pos_att_type": ["p2c", "c2p"], "share_att_key": True, "norm_rel_ebd": "layer_norm",
+                "position_biased_input": True, "conv_kernel_size": 3, "conv_act": "gelu"},
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from deberta_onnx.runtime._session import cuda_available
+
+    skip_gpu = pytest.mark.skip(reason="needs onnxruntime-gpu with a working CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not cuda_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[str]:
+    from deberta_onnx.export._checkpoint import sentences
+
+    return sentences()
+
+
+@pytest.fixture(scope="session")
+def spm_dir(tmp_path_factory: pytest.TempPathFactory, corpus: list[str]) -> Path:
+    """A DeBERTa-v3-style SentencePiece model (byte fallback on), trained here on the shipped sentences."""
+    from deberta_onnx.export import train_sentencepiece
+
+    out = tmp_path_factory.mktemp("spm")
+    train_sentencepiece(corpus, out, vocab_size=2000)
+    return out
+
+
+def _checkpoint(tmp_path_factory: pytest.TempPathFactory, corpus: list[str], name: str) -> Path:
+    from deberta_onnx.export import build_random_checkpoint
+
+    return build_random_checkpoint(TINY_CONFIGS[name], tmp_path_factory.mktemp(f"ckpt-{name}"), texts=corpus, seed=1)
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, corpus: list[str]) -> Path:
+    """Each tiny checkpoint in turn."""
+    return _checkpoint(tmp_path_factory, corpus, request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, corpus: list[str]) -> Path:
+    """One tiny checkpoint, for tests that need any."""
+    return _checkpoint(tmp_path_factory, corpus, "v3-shared")
+
+
+def _export(src: Path, out: Path) -> Path:
+    from deberta_onnx.export import ExportConfig, export_model
+
+    export_model(src, out, ExportConfig(quiet=True))
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, model folder) for each tiny checkpoint."""
+    return checkpoint, _export(checkpoint, tmp_path_factory.mktemp("export") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model folder exported from ``tiny_checkpoint``."""
+    return _export(tiny_checkpoint, tmp_path_factory.mktemp("export-tiny") / "model")
