@@ -22,6 +22,7 @@ from deberta_onnx.runtime.contract import (
     MANIFEST_VERSION,
     MODEL_FILE,
     OPSET,
+    PRECISIONS,
     SENTENCE_OUTPUT,
     TOKENIZER_FILE,
 )
@@ -39,6 +40,7 @@ from ._errors import CheckpointError, ExportError, OutputExistsError
 from ._graph import POOLINGS, EmbeddingGraph, export_onnx
 from ._tokenizer import TOKENIZER_SOURCES, build_tokenizer
 from ._validate import DEFAULT_VALIDATION_SHAPES, format_report, validate
+from ._variants import derive_variants, read_calibration
 
 __all__ = ["ExportConfig", "ExportResult", "export_model"]
 
@@ -63,6 +65,14 @@ class ExportConfig:
         opset: ONNX opset of the graph.
         seed: seeds the validation inputs.
         quiet: no progress bars or report on stderr.
+        precisions: the variants to write (``"fp32"``, ``"fp16"``, ``"int8-dynamic"``, ``"int8-static"``); fp32
+            is always written, first, as the reference the others are derived from and compared with.
+        calibration: int8-static: a UTF-8 text file, one sentence per line, whose activation ranges fix the
+            quantization scales; default the 300 shipped sentences the quality gate does not hold out.
+        min_cosine_fp16: the quality gate's threshold for fp16: lowest allowed cosine between a held-out
+            sentence's vector and the fp32 PyTorch one.
+        min_cosine_int8: the same for int8-dynamic and int8-static.
+        fallback: when a precision fails the gate, try its safer recipes in turn (and say so) instead of failing.
     """
 
     overwrite: bool = False
@@ -75,8 +85,26 @@ class ExportConfig:
     opset: int = OPSET
     seed: int = 0
     quiet: bool = False
+    precisions: tuple[str, ...] = ("fp32",)
+    calibration: str | None = None
+    min_cosine_fp16: float = 0.999
+    min_cosine_int8: float = 0.99
+    fallback: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.precisions, str) or not all(isinstance(p, str) for p in self.precisions):
+            raise TypeError(
+                f"precisions must be a tuple of names, e.g. ('fp32', 'int8-static'), got {self.precisions!r}"
+            )
+        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        if unknown:
+            raise ValueError(f"unknown precision(s) {unknown}; choose from {', '.join(PRECISIONS)}")
+        # fp32 first (always written: the others are derived from it), then the rest in canonical order.
+        object.__setattr__(self, "precisions", tuple(p for p in PRECISIONS if p == "fp32" or p in self.precisions))
+        for name in ("min_cosine_fp16", "min_cosine_int8"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ValueError(f"{name} must be a cosine in (0, 1], got {value!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
@@ -130,14 +158,16 @@ def export_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], c
         checkpoint = load_checkpoint(source)
         if str(src).startswith(RANDOM_PREFIX):
             checkpoint.source["model"] = str(src)
+        if config.calibration is not None and "int8-static" in config.precisions:
+            read_calibration(config.calibration)  # a bad file fails now, not after the export
         with _staging(target, config.overwrite) as staging:
-            manifest = _build(checkpoint, staging, config)
+            manifest = _build(checkpoint, staging, config, Path(scratch))
     seconds = time.perf_counter() - started
     _say(config, f"exported {src} to {target} in {seconds:.1f} s")
     return ExportResult(out_dir=target, manifest=manifest, seconds=seconds)
 
 
-def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig) -> dict[str, Any]:
+def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, scratch: Path) -> dict[str, Any]:
     model_config = checkpoint.config
     tokenizer = checkpoint.tokenizer
     fast_tokenizer, tokenizer_origin = build_tokenizer(checkpoint.path, tokenizer, config.tokenizer)
@@ -167,6 +197,8 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig) -> 
     hidden = int(model_config.hidden_size)
     model_files = sorted(p.name for p in folder.iterdir() if p.name.startswith(MODEL_FILE))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (model_config.pad_token_id or 0)
+    fp32_quality, derived = derive_variants(graph, folder, config, scratch, max_length=max_length, pad_id=int(pad_id),
+                                            say=lambda message: _say(config, message))
     manifest = {
         "format": MANIFEST_FORMAT,
         "manifest_version": MANIFEST_VERSION,
@@ -194,7 +226,9 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig) -> 
                 "extra_files": [name for name in model_files if name != MODEL_FILE],
                 "precision": "fp32",
                 "validation": report,
-            }
+                "quality": fp32_quality,
+            },
+            **derived,
         },
         "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                   for p in sorted(folder.iterdir()) if p.is_file()},

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from .encoder import Encoder, EncoderConfig, normalize_rows
+from .encoder import PREFERRED_PRECISIONS, Encoder, EncoderConfig, best_precision, normalize_rows
 from .errors import (
     ChecksumMismatchError,
     ContractMismatchError,
@@ -18,6 +18,7 @@ from .errors import (
 from .manifest import Manifest, load_manifest
 
 __all__ = [
+    "PREFERRED_PRECISIONS",
     "ChecksumMismatchError",
     "ContractMismatchError",
     "DebertaOnnxError",
@@ -27,6 +28,7 @@ __all__ = [
     "ManifestError",
     "ModelFolderError",
     "ProviderUnavailableError",
+    "best_precision",
     "load_manifest",
     "normalize_rows",
 ]

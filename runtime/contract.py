@@ -18,10 +18,12 @@ __all__ = [
     "MANIFEST_VERSION",
     "MODEL_FILE",
     "OPSET",
+    "PRECISIONS",
     "SENTENCE_EMBEDDING",
     "SENTENCE_OUTPUT",
     "TOKENIZER_FILE",
     "TensorSpec",
+    "variant_file",
 ]
 
 MANIFEST_FORMAT = "deberta-onnx"
@@ -32,6 +34,10 @@ MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_FILE = "manifest.json"
 
+# Names of the exported variants (keys of manifest["variants"]). fp32 is the reference every other one is
+# derived from and compared with.
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
+
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 SENTENCE_EMBEDDING = "sentence_embedding"
@@ -39,6 +45,13 @@ SENTENCE_EMBEDDING = "sentence_embedding"
 BATCH_AXIS = "batch"
 SEQUENCE_AXIS = "sequence"
 HIDDEN_AXIS = "hidden"
+
+
+def variant_file(precision: str) -> str:
+    """The graph file of a precision: ``model.onnx`` for fp32, ``model.PRECISION.onnx`` for the others."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return MODEL_FILE if precision == "fp32" else f"model.{precision}.onnx"
 
 
 @dataclass(frozen=True, kw_only=True)

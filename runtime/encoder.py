@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import overload
 
 import numpy as np
 
-from ._session import ProviderList, SessionRunner, SessionSettings, check_contract, create_session
+from ._session import ProviderList, SessionRunner, SessionSettings, check_contract, create_session, provider_names
 from ._tokenize import TextTokenizer, check_texts
-from .contract import TOKENIZER_FILE
+from .contract import PRECISIONS, TOKENIZER_FILE
 from .errors import ModelFolderError
 from .manifest import load_manifest
 
-__all__ = ["Encoder", "EncoderConfig", "normalize_rows"]
+__all__ = ["PREFERRED_PRECISIONS", "Encoder", "EncoderConfig", "best_precision", "normalize_rows"]
 
 logger = logging.getLogger("deberta_onnx")
 
 _DEFAULT_PROVIDERS: tuple[str, ...] = ("CPUExecutionProvider",)
+
+# The variant an Encoder loads when none is asked for, by first execution provider, best first. On CPU, int8
+# runs on integer kernels and static int8 gives the same vector whatever the batch; fp16 has no fast CPU
+# kernels. On CUDA, fp16 runs on tensor cores, while int8 graphs would dequantize back to float. Other
+# providers get the manifest's ``default_variant``.
+PREFERRED_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "CPUExecutionProvider": ("int8-static", "int8-dynamic", "fp32"),
+    "CUDAExecutionProvider": ("fp16", "fp32"),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,7 +37,8 @@ class EncoderConfig:
     """How an ``Encoder`` loads and runs its model. CLI flags of ``deberta-onnx embed`` map onto these fields.
 
     Attributes:
-        precision: which exported variant to load (``"fp32"``, ...); ``None`` picks the manifest's default.
+        precision: which exported variant to load (``"fp32"``, ``"fp16"``, ``"int8-dynamic"``, ``"int8-static"``);
+            ``None`` picks the best one the folder holds for the first provider (see ``PREFERRED_PRECISIONS``).
         intra_op_threads: ONNX Runtime threads inside one operator; ``None`` uses one per physical core.
         inter_op_threads: threads across operators; ``None`` keeps ONNX Runtime's default.
         allow_spinning: let idle ONNX Runtime threads spin (lower latency, busier cores); ``None`` keeps the default.
@@ -42,10 +52,30 @@ class EncoderConfig:
     verify_checksums: bool = True
 
     def __post_init__(self) -> None:
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} or None, got {self.precision!r}")
         for name in ("intra_op_threads", "inter_op_threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
+
+
+def best_precision(variants: Iterable[str], provider: str, default: str = "fp32") -> tuple[str, str]:
+    """The variant an ``Encoder`` loads on ``provider`` when none is asked for, and why.
+
+    Args:
+        variants: the precisions a model folder holds.
+        provider: the first execution provider of the session.
+        default: the manifest's ``default_variant``, used for providers without a preference.
+
+    Returns:
+        ``(precision, reason)``.
+    """
+    held = list(variants)
+    for name in PREFERRED_PRECISIONS.get(provider, ()):
+        if name in held:
+            return name, f"the best variant in the folder for {provider}"
+    return (default if default in held else held[0]), "the manifest's default"
 
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:
@@ -76,7 +106,8 @@ class Encoder:
         self.config = config or EncoderConfig()
         self.manifest = load_manifest(model_dir)
         self.model_dir = self.manifest.folder
-        self.precision = self._pick_precision(self.config.precision)
+        self.providers = list(providers) if providers is not None else list(_DEFAULT_PROVIDERS)
+        self.precision, self.precision_reason = self._pick_precision(self.config.precision)
         variant = self.manifest.variants[self.precision]
         model_path = self.model_dir / variant["file"]
         if self.config.verify_checksums:
@@ -91,7 +122,6 @@ class Encoder:
             pad_id=int(model["pad_token_id"]),
             vocab_limit=int(model["vocab_size"]),
         )
-        self.providers = list(providers) if providers is not None else list(_DEFAULT_PROVIDERS)
         settings = SessionSettings(
             intra_op_threads=self.config.intra_op_threads,
             inter_op_threads=self.config.inter_op_threads,
@@ -100,19 +130,22 @@ class Encoder:
         self.session = create_session(model_path, self.providers, settings)
         check_contract(self.session, self.manifest, model_path)
         self.runner = SessionRunner(self.session)
-        logger.info("loaded %s (%s) on %s", model_path, self.precision, self.session.get_providers()[0])
+        logger.info("loaded %s: precision %s (%s) on %s", model_path, self.precision, self.precision_reason,
+                    self.session.get_providers()[0])
 
-    def _pick_precision(self, requested: str | None) -> str:
+    def _pick_precision(self, requested: str | None) -> tuple[str, str]:
+        """The variant to load and why."""
         variants = self.manifest.variants
-        if requested is None:
-            default = self.manifest.data.get("default_variant", "fp32")
-            return default if default in variants else next(iter(variants))
-        if requested not in variants:
-            raise ValueError(
-                f"precision {requested!r} is not in {self.model_dir}; it holds {sorted(variants)}. "
-                f"Export it with `deberta-onnx export SRC {self.model_dir} --precision {requested}`."
-            )
-        return requested
+        if requested is not None:
+            if requested not in variants:
+                raise ValueError(
+                    f"precision {requested!r} is not in {self.model_dir}; it holds {sorted(variants)}. Export "
+                    f"the folder again with every precision you need: `deberta-onnx export SRC {self.model_dir} "
+                    f"--overwrite --precision {','.join(sorted({*variants, requested}))}`."
+                )
+            return requested, "requested"
+        provider = provider_names(self.providers)[0] if self.providers else _DEFAULT_PROVIDERS[0]
+        return best_precision(variants, provider, str(self.manifest.data.get("default_variant", "fp32")))
 
     @property
     def hidden_size(self) -> int:
