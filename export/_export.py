@@ -56,7 +56,8 @@ class ExportConfig:
         pooling: how token vectors become one sentence vector, fused in the graph: ``"mean"`` (masked mean).
         max_length: longest input in tokens; default the tokenizer's ``model_max_length`` capped at the
             model's ``max_position_embeddings``.
-        validate: compare ONNX Runtime with PyTorch after export (strongly recommended).
+        validate: compare ONNX Runtime with PyTorch after export, and run the precisions' quality gate
+            (strongly recommended).
         validation_shapes: (batch, sequence) pairs to validate on.
         atol: largest allowed max |diff| between ONNX Runtime and PyTorch.
         tokenizer: where ``tokenizer.json`` comes from: ``"sentencepiece"`` (the checkpoint's ``spm.model``, ids

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from deberta_onnx.runtime.contract import INPUT_IDS
 from onnx import TensorProto, helper, numpy_helper
+
+from deberta_onnx.runtime.contract import INPUT_IDS
 
 from ._errors import ExportError
 

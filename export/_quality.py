@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
+
 from deberta_onnx.runtime._tokenize import TextTokenizer
 from deberta_onnx.runtime.contract import ATTENTION_MASK, INPUT_IDS, SENTENCE_EMBEDDING
 

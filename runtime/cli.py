@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
     export.add_argument("--pooling", default="mean", choices=["mean"], help="pooling fused into the graph")
     export.add_argument("--max-length", type=int, default=None, help="longest input in tokens (default: the model's)")
-    export.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch (not advised)")
+    export.add_argument("--no-validate", action="store_true",
+                        help="skip the comparison with PyTorch and the precisions' quality gate (not advised)")
     export.add_argument("--atol", type=float, default=1e-4, help="largest max |diff| allowed against PyTorch")
     export.add_argument("--tokenizer", default="sentencepiece", choices=["sentencepiece", "transformers"],
                         help="tokenizer.json from the checkpoint's spm.model (ids as SentencePiece's, default) or "
@@ -154,9 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--calibration", default=None, metavar="FILE",
                         help="int8-static: text file, one sentence per line, that fixes the activation scales "
                              "(default: the 300 shipped sentences the quality gate does not hold out)")
-    export.add_argument("--min-cosine-fp16", type=float, default=0.999,
+    export.add_argument("--min-cosine-fp16", type=float, default=0.999, metavar="COSINE",
                         help="quality gate: lowest cosine to the fp32 PyTorch vector allowed for fp16 (default 0.999)")
-    export.add_argument("--min-cosine-int8", type=float, default=0.99,
+    export.add_argument("--min-cosine-int8", type=float, default=0.99, metavar="COSINE",
                         help="quality gate: the same for int8-dynamic and int8-static (default 0.99)")
     export.add_argument("--fallback", action="store_true",
                         help="when a precision fails the quality gate, try its safer recipes instead of failing")

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+
 from deberta_onnx.export import RECIPES, ExportConfig, QualityGateError, export_model
 from deberta_onnx.export._precision import fold_constants
 from deberta_onnx.export._quality import split_sentences
