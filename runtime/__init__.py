@@ -10,6 +10,7 @@ from .encoder import Encoder, EncoderConfig, normalize_rows
 from .errors import (
     ChecksumMismatchError,
     ContractMismatchError,
+    CudaGraphError,
     DebertaOnnxError,
     ManifestError,
     ModelFolderError,
@@ -20,6 +21,7 @@ from .manifest import Manifest, load_manifest
 __all__ = [
     "ChecksumMismatchError",
     "ContractMismatchError",
+    "CudaGraphError",
     "DebertaOnnxError",
     "Encoder",
     "EncoderConfig",

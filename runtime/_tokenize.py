@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from ._batching import bucket_width
 from .errors import ContractMismatchError, ModelFolderError
 
 
@@ -92,8 +93,7 @@ class TextTokenizer:
 
         Returns ``(input_ids, attention_mask)``, both int64 ``[batch, sequence]``.
         """
-        longest = max((len(s) for s in sequences), default=1)
-        width = min(-(-max(longest, 1) // multiple_of) * multiple_of, max(self.max_length, longest))
+        width = bucket_width(max((len(s) for s in sequences), default=1), multiple_of, self.max_length)
         ids = np.full((len(sequences), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(sequences), width), dtype=np.int64)
         for row, seq in enumerate(sequences):

@@ -70,6 +70,12 @@ def _encoder_from_args(args: argparse.Namespace) -> Any:
         precision=args.precision,
         intra_op_threads=args.threads,
         verify_checksums=not args.no_verify,
+        device=args.device,
+        io_binding=args.io_binding,
+        sequence_bucket=args.sequence_bucket,
+        max_tokens=args.max_tokens,
+        max_buckets=args.max_buckets,
+        cuda_graph=args.cuda_graph,
     )
     return Encoder(args.model_dir, config=config)
 
@@ -141,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("model_dir", help="a folder written by `deberta-onnx export`")
     embed.add_argument("--input", required=True, help="text file, one text per line; - for stdin")
     embed.add_argument("--output", required=True, help="where to write the .npy")
-    embed.add_argument("--batch-size", type=int, default=32, help="texts per model call (default 32)")
+    embed.add_argument("--batch-size", type=int, default=None,
+                       help="texts per model call (default 32; with --max-tokens, a cap on rows)")
     embed.add_argument("--normalize", action="store_true", help="L2-normalise each vector")
     embed.add_argument("--no-truncate", action="store_true", help="fail on texts longer than the model's maximum")
     embed.add_argument("--progress", action="store_true", help="show a progress bar")
@@ -161,6 +168,17 @@ def _add_load_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default=None, help="which exported variant to load (default: the best)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: cores)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the model files at load")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--io-binding", action=argparse.BooleanOptionalAction, default=None,
+                        help="reuse bound device buffers per batch shape (default: on with CUDA, off on the CPU)")
+    parser.add_argument("--sequence-bucket", type=int, default=None,
+                        help="pad batch lengths to a multiple of N tokens (default: 16 with IO binding, else 1)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="token budget per batch (rows x padded length) instead of a fixed batch size")
+    parser.add_argument("--max-buckets", type=int, default=64,
+                        help="most batch shapes whose IO-binding buffers (and CUDA graphs) are kept (default 64)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="capture and replay one CUDA graph per batch shape (CUDA, IO binding)")
 
 
 def _terminate(signum: int, frame: object) -> None:
