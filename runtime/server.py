@@ -14,20 +14,27 @@ limits and counters), ``GET /v1/models``. Concurrent requests are merged into on
 
 from __future__ import annotations
 
-import importlib.util
+import asyncio
+import json
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+
+from ._batching import BatcherClosedError, MicroBatcher, QueueFullError
+from ._extras import missing_modules
+from ._openai import ApiError, embedding_response, parse_embedding_request, shape_vectors
+from ._server_config import ServerConfig
+from .encoder import Encoder
 
 _REQUIRED = ("starlette", "uvicorn")
 
 
-def _missing(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is None
-    except (ImportError, ValueError):
-        return True
-
-
 def _check_imports() -> None:
-    missing = [name for name in _REQUIRED if _missing(name)]
+    missing = missing_modules(_REQUIRED)
     if missing:
         raise ImportError(
             f"deberta_onnx.runtime.server needs {', '.join(missing)}, which the base install leaves out. Install "
@@ -37,15 +44,6 @@ def _check_imports() -> None:
 
 _check_imports()
 
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import socket  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import AsyncIterator  # noqa: E402
-from contextlib import asynccontextmanager  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
 import uvicorn  # noqa: E402
 from starlette.applications import Starlette  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
@@ -53,11 +51,6 @@ from starlette.exceptions import HTTPException  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
 from starlette.routing import Route  # noqa: E402
-
-from ._batching import BatcherClosedError, MicroBatcher, QueueFullError  # noqa: E402
-from ._openai import ApiError, embedding_response, parse_embedding_request, shape_vectors  # noqa: E402
-from ._server_config import ServerConfig  # noqa: E402
-from .encoder import Encoder  # noqa: E402
 
 __all__ = ["ServerConfig", "create_app", "serve"]
 

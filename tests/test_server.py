@@ -6,6 +6,7 @@ provoked deterministically by configuration (a long --max-wait-ms holds requests
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ from tokenizers import Tokenizer
 
 from benchmarks.load import ServerProcess, decode_embeddings, run_load
 from deberta_onnx.runtime import Encoder, normalize_rows
+from deberta_onnx.runtime._batching import MicroBatcher
 from deberta_onnx.runtime._openai import ApiError, parse_embedding_request
 from deberta_onnx.runtime.server import ServerConfig
 
@@ -278,11 +280,42 @@ def test_a_killed_server_gives_the_client_a_connection_error(tiny_model: Path) -
             httpx.get(f"{server.url}/health", timeout=10)
 
 
-def test_sigterm_stops_the_server_gracefully(tiny_model: Path) -> None:
-    with ServerProcess(tiny_model, *_THREADS) as server:
-        assert _post(server, {"input": "one request"}).status_code == 200
+def test_sigterm_answers_the_request_in_flight_then_stops(tiny_model: Path, encoder: Encoder) -> None:
+    with ServerProcess(tiny_model, *_THREADS, "--max-wait-ms", "2000", "--max-batch-size", "64") as server:
+        thread, outcome = _in_background(lambda: _post(server, {"input": ["answered during shutdown"]}))
+        _wait_until(lambda: _health(server)["queue"]["requests"] == 1, "the request to be queued")
         assert server.stop(signal.SIGTERM) == -signal.SIGTERM  # ends as stopped by the signal, after...
-        assert "Application shutdown complete" in server.log  # ...the batcher was closed
+        thread.join(60)
+        response = outcome["value"]
+        assert response.status_code == 200  # ...the queued request was answered
+        np.testing.assert_allclose(decode_embeddings(response.json()),
+                                   encoder.encode(["answered during shutdown"], normalize=True), atol=1e-6, rtol=0)
+        assert "Application shutdown complete" in server.log
+
+
+def test_a_failing_request_does_not_fail_those_merged_with_it(encoder: Encoder) -> None:
+    """The batcher alone, on the real encoder: a model call that fails for one request's text is retried request
+    by request, so only that request gets the error."""
+
+    def encode(texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        if "POISON" in texts:
+            raise ValueError("this text cannot be encoded")
+        return encoder.encode(texts), [1] * len(texts)
+
+    async def scenario() -> list[Any]:
+        batcher = MicroBatcher(encode, max_batch_size=5, max_wait_s=600, max_queue=5)
+        batcher.start()
+        try:
+            calls = [batcher.submit(["one", "two"]), batcher.submit(["POISON"]), batcher.submit(["three", "four"])]
+            return [*await asyncio.gather(*calls, return_exceptions=True), batcher.stats]
+        finally:
+            await batcher.close()
+
+    first, poisoned, last, stats = asyncio.run(scenario())
+    assert isinstance(poisoned, ValueError)
+    np.testing.assert_allclose(first[0], encoder.encode(["one", "two"]), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(last[0], encoder.encode(["three", "four"]), atol=1e-6, rtol=0)
+    assert stats.failed == 1 and stats.requests_served == 2 and stats.batches_run == 2
 
 
 # --- load ----------------------------------------------------------------------------------------------------
