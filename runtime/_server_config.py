@@ -16,7 +16,9 @@ class ServerConfig:
     Attributes:
         host: address to listen on; keep the loopback default unless a proxy or firewall fronts the server.
         port: TCP port; 0 picks a free one (printed at start).
-        max_batch_size: texts merged into one model call.
+        max_batch_size: the most texts merged into one ``Encoder.encode`` call (whole requests are merged).
+        batch_size: rows per model run inside that call (``Encoder.encode``'s ``batch_size``): the merged
+            texts are sorted by length and run in groups of this many, so little padding is computed.
         max_wait_ms: how long the oldest queued request waits for others to join its batch.
         max_queue: the most texts waiting for the model; a request that would pass it gets 429 at once.
         max_request_bytes: the largest request body; larger ones get 413.
@@ -31,6 +33,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch_size: int = 32
+    batch_size: int = 8
     max_wait_ms: float = 5.0
     max_queue: int = 4096
     max_request_bytes: int = 4 << 20
@@ -46,7 +49,7 @@ class ServerConfig:
         _check_int("port", self.port, 0)
         if self.port > 65535:
             raise ValueError(f"port must be between 0 and 65535, got {self.port}")
-        for name in ("max_batch_size", "max_queue", "max_request_bytes", "max_inputs"):
+        for name in ("max_batch_size", "batch_size", "max_queue", "max_request_bytes", "max_inputs"):
             _check_int(name, getattr(self, name), 1)
         if self.max_inputs > self.max_queue:
             raise ValueError(

@@ -95,6 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         max_batch_size=args.max_batch_size,
+        batch_size=args.batch_size,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
         max_request_bytes=args.max_request_bytes,
@@ -191,7 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=defaults.port, help="TCP port (default %(default)s; 0 picks a "
                        "free one, printed at start)")
     serve.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
-                       help="texts merged into one model call (default %(default)s)")
+                       help="most texts merged from concurrent requests into one encode call (default "
+                            "%(default)s)")
+    serve.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                       help="rows per model run inside that call; the merged texts are sorted by length first "
+                            "(default %(default)s)")
     serve.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
                        help="how long a queued request waits for others to join its batch (default %(default)s)")
     serve.add_argument("--max-queue", type=int, default=defaults.max_queue,

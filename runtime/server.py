@@ -79,7 +79,7 @@ class _Service:
         # Runs in the batcher's worker thread. Token counts (for `usage`) come from a separate tokenizer pass;
         # vectors are left unnormalised here because `dimensions` truncation, per request, comes first.
         counts = [len(ids) for ids in self.encoder.tokenizer.encode(texts)]
-        vectors = self.encoder.encode(texts, batch_size=self.config.max_batch_size)
+        vectors = self.encoder.encode(texts, batch_size=self.config.batch_size)
         return vectors, counts
 
     @asynccontextmanager
@@ -130,6 +130,7 @@ class _Service:
             "normalize": config.normalize,
             "limits": {
                 "max_batch_size": config.max_batch_size,
+                "batch_size": config.batch_size,
                 "max_wait_ms": config.max_wait_ms,
                 "max_queue": config.max_queue,
                 "max_request_bytes": config.max_request_bytes,

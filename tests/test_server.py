@@ -52,8 +52,9 @@ def server(tiny_model: Path) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def tight_server(tiny_model: Path) -> Iterator[ServerProcess]:
-    """Batches of 4 texts, a queue of 4 texts, requests held until a batch is full; raw (unnormalised) vectors."""
-    flags = ("--max-batch-size", "4", "--max-queue", "4", "--max-inputs", "4", *_HOLD, "--timeout-s", "600",
+    """Batches of 4 texts (run 2 rows at a time), a queue of 4 texts, requests held until a batch is full; raw
+    (unnormalised) vectors."""
+    flags = ("--max-batch-size", "4", "--batch-size", "2", "--max-queue", "4", "--max-inputs", "4", *_HOLD, "--timeout-s", "600",
              "--no-normalize", "--model-name", "tiny-raw")
     with ServerProcess(tiny_model, *_THREADS, *flags) as process:
         yield process
@@ -160,7 +161,7 @@ def test_health_and_models_describe_the_served_model(server: ServerProcess, tiny
     assert health["model"] == tiny_model.name and health["precision"] == encoder.precision
     assert health["provider"] == "CPUExecutionProvider" and health["hidden_size"] == encoder.hidden_size
     assert health["limits"]["max_inputs"] == 40 and health["limits"]["max_request_bytes"] == 65536
-    assert health["normalize"] is True
+    assert health["normalize"] is True and health["limits"]["batch_size"] == ServerConfig().batch_size
     models = httpx.get(f"{server.url}/v1/models", timeout=60).json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == [tiny_model.name]
 
