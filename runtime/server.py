@@ -214,8 +214,12 @@ def create_app(encoder: Encoder, config: ServerConfig | None = None) -> Starlett
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    return socket.create_server((host, port), family=family, backlog=2048)
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port "
+                                 "(0 takes a free one) or --host") from exc
 
 
 def serve(encoder: Encoder, config: ServerConfig | None = None) -> None:

@@ -392,3 +392,13 @@ def test_serve_without_the_extra_names_it(tiny_model: Path) -> None:
     result = _python(code, str(tiny_model))
     assert result.returncode == 3
     assert "pip install 'deberta-onnx[server]'" in result.stderr
+
+
+def test_help_lists_serve_with_its_limits() -> None:
+    from deberta_onnx.runtime.cli import build_parser
+
+    assert "serve" in build_parser().format_help()
+    result = _python("from deberta_onnx.runtime.cli import main\nmain(['serve', '--help'])")
+    for flag in ("--max-batch-size", "--batch-size", "--max-wait-ms", "--max-queue", "--max-request-bytes",
+                 "--max-inputs", "--timeout-s", "--no-normalize", "--precision", "--threads"):
+        assert flag in result.stdout
