@@ -24,6 +24,15 @@ def check_texts(texts: object) -> list[str]:
     return out
 
 
+def _lone_surrogate(text: str) -> int | None:
+    """Index of the first lone surrogate code point in ``text``, or ``None``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
 class TextTokenizer:
     """Tokenizes to unpadded id lists (truncated to ``max_length``) and pads batches with numpy."""
 
@@ -56,7 +65,19 @@ class TextTokenizer:
             ValueError: ``truncate`` is false and a text is longer than ``max_length`` tokens (``offset`` is
                 added to the index in the message, for callers that encode in chunks).
         """
-        encodings = self._encode_batch(texts, add_special_tokens=True)
+        try:
+            encodings = self._encode_batch(texts, add_special_tokens=True)
+        except TypeError as exc:
+            # The tokenizer cannot take a str with a lone surrogate (not valid Unicode); name the culprit.
+            for index, text in enumerate(texts):
+                position = _lone_surrogate(text)
+                if position is not None:
+                    raise ValueError(
+                        f"texts[{index + offset}] is not valid Unicode: a lone surrogate "
+                        f"U+{ord(text[position]):04X} at character {position}. Decode bytes with "
+                        "errors='replace' (or drop the character) before encoding."
+                    ) from exc
+            raise
         if not truncate:
             for index, encoding in enumerate(encodings):
                 if encoding.overflowing:
