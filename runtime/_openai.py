@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ._tokenize import _lone_surrogate
 from .encoder import normalize_rows
 
 ENCODING_FORMATS = ("float", "base64")
@@ -129,13 +130,12 @@ def _parse_input(value: object, max_inputs: int) -> list[str]:
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise _not_text(texts, index)
-        # Lone surrogates survive JSON decoding ("\ud800") but no tokenizer can take them.
-        if not text.isascii():
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise _bad(f"input[{index}] holds an unpaired surrogate (U+{ord(text[exc.start]):04X} at "
-                           f"character {exc.start}); send valid Unicode text", f"input[{index}]") from exc
+        # Lone surrogates survive JSON decoding ("\ud800") but no tokenizer can take them; refusing them here
+        # names this request's index, and keeps them out of batches merged with other requests.
+        position = None if text.isascii() else _lone_surrogate(text)
+        if position is not None:
+            raise _bad(f"input[{index}] holds an unpaired surrogate (U+{ord(text[position]):04X} at character "
+                       f"{position}); send valid Unicode text", f"input[{index}]")
     return texts
 
 
