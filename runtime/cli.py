@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ._server_config import ServerConfig
 from .errors import DebertaOnnxError
 
 __all__ = ["main"]
@@ -90,6 +91,35 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import serve
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_batch_size,
+        batch_size=args.batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_request_bytes=args.max_request_bytes,
+        max_inputs=args.max_inputs,
+        timeout_s=args.timeout_s,
+        normalize=args.normalize,
+        model_name=args.model_name,
+        access_log=args.access_log,
+    )
+    encoder = _encoder_from_args(args)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn catches SIGTERM itself, shuts down gracefully, then raises it again; with the default
+        # disposition the process then ends as stopped by SIGTERM, which service managers count as clean.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    serve(encoder, config)
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from .manifest import load_manifest
 
@@ -154,6 +184,45 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--progress", action="store_true", help="show a progress bar")
     _add_load_flags(embed)
     embed.set_defaults(run=_embed)
+
+    serve = commands.add_parser(
+        "serve", help="serve a model folder over HTTP (OpenAI-compatible /v1/embeddings; needs the server extra)",
+        description="Serve MODEL_DIR over HTTP: POST /v1/embeddings (OpenAI's request and response shape), "
+                    "GET /health, GET /v1/models. Concurrent requests are merged into one model call. "
+                    "Queue full: 429; body too large or too many inputs: 413; bad JSON or fields: 400; "
+                    "timeout: 504. Stop with Ctrl+C or SIGTERM (in-flight requests finish first).",
+    )
+    defaults = ServerConfig()
+    serve.add_argument("model_dir", help="a folder written by `deberta-onnx export`")
+    serve.add_argument("--host", default=defaults.host, help="address to listen on (default %(default)s: this "
+                       "machine only; put a proxy or firewall in front before listening wider)")
+    serve.add_argument("--port", type=int, default=defaults.port, help="TCP port (default %(default)s; 0 picks a "
+                       "free one, printed at start)")
+    serve.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
+                       help="most texts merged from concurrent requests into one encode call (default "
+                            "%(default)s)")
+    serve.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                       help="rows per model run inside that call; the merged texts are sorted by length first "
+                            "(default %(default)s)")
+    serve.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
+                       help="how long a queued request waits for others to join its batch (default %(default)s)")
+    serve.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                       help="most texts waiting for the model; a request beyond it gets 429 (default %(default)s)")
+    serve.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,
+                       help="largest request body in bytes; larger ones get 413 (default %(default)s)")
+    serve.add_argument("--max-inputs", type=int, default=defaults.max_inputs,
+                       help="most texts in one request; more get 413 (default %(default)s, as OpenAI)")
+    serve.add_argument("--timeout-s", type=float, default=defaults.timeout_s,
+                       help="seconds a request may wait for its vectors, queue included; then 504 "
+                            "(default %(default)s)")
+    serve.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=defaults.normalize,
+                       help="L2-normalise vectors, after `dimensions` truncation (default on, as OpenAI)")
+    serve.add_argument("--model-name", default=defaults.model_name,
+                       help="model id to report (default: the folder's name)")
+    serve.add_argument("--access-log", action="store_true", default=defaults.access_log,
+                       help="log one line per request")
+    _add_load_flags(serve)
+    serve.set_defaults(run=_serve)
 
     info = commands.add_parser("info", help="describe a model folder (variants, sizes, validation)",
                                description="Print what a model folder holds, from its manifest.")
