@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from deberta_onnx.runtime.contract import (
-    INPUTS,
     MANIFEST_FORMAT,
     MANIFEST_VERSION,
     MODEL_FILE,
     OPSET,
-    SENTENCE_OUTPUT,
+    TASK_EMBEDDING,
     TOKENIZER_FILE,
 )
 from deberta_onnx.runtime.manifest import sha256_file, write_manifest
@@ -51,7 +50,11 @@ class ExportConfig:
 
     Attributes:
         overwrite: replace a non-empty OUT_DIR (the old folder is swapped out only once the new one is complete).
-        pooling: how token vectors become one sentence vector, fused in the graph: ``"mean"`` (masked mean).
+        pooling: how token vectors become one sentence vector, fused in the graph: ``"mean"`` (masked mean,
+            the default), ``"cls"`` (the first token's vector) or ``"max"`` (masked per-dimension maximum).
+        normalize: L2-normalise the sentence vector inside the graph.
+        token_embeddings: add a second output, ``token_embeddings`` ``[batch, sequence, hidden]`` (the last
+            hidden state; large, so off by default).
         max_length: longest input in tokens; default the tokenizer's ``model_max_length`` capped at the
             model's ``max_position_embeddings``.
         validate: compare ONNX Runtime with PyTorch after export (strongly recommended).
@@ -67,6 +70,8 @@ class ExportConfig:
 
     overwrite: bool = False
     pooling: str = "mean"
+    normalize: bool = False
+    token_embeddings: bool = False
     max_length: int | None = None
     validate: bool = True
     validation_shapes: tuple[tuple[int, int], ...] = DEFAULT_VALIDATION_SHAPES
@@ -149,7 +154,8 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig) -> 
             "tokenizer does not belong to this checkpoint."
         )
     max_length = _max_length(checkpoint, config)
-    graph = EmbeddingGraph(checkpoint.model, pooling=config.pooling).eval()
+    graph = EmbeddingGraph(checkpoint.model, pooling=config.pooling, normalize=config.normalize,
+                           token_embeddings=config.token_embeddings).eval()
 
     _say(config, f"exporting {checkpoint.source['architecture']} ({checkpoint.source['parameters'] / 1e6:.0f}M "
                  f"parameters{', RANDOM weights' if checkpoint.source['random_weights'] else ''}) to ONNX")
@@ -160,7 +166,7 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig) -> 
     report = None
     if config.validate:
         report = validate(graph, model_path, vocab=min(vocab, embedding_rows), max_length=max_length,
-                          shapes=config.validation_shapes, atol=config.atol, seed=config.seed,
+                          inputs=graph.inputs, outputs=graph.outputs, shapes=config.validation_shapes, atol=config.atol, seed=config.seed,
                           progress=not config.quiet)
         _say(config, format_report(report))
 
@@ -178,14 +184,15 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig) -> 
             "vocab_size": embedding_rows,
             "pad_token_id": int(pad_id),
             "num_hidden_layers": int(model_config.num_hidden_layers),
+            "task": TASK_EMBEDDING,
             "pooling": config.pooling,
-            "normalize": False,
+            "normalize": config.normalize,
             "tokenizer_source": tokenizer_origin,
         },
         "graph": {
             "opset": config.opset,
-            "inputs": [spec.to_dict() for spec in INPUTS],
-            "outputs": [SENTENCE_OUTPUT.resolved(hidden=hidden).to_dict()],
+            "inputs": [spec.to_dict() for spec in graph.inputs],
+            "outputs": [spec.resolved(hidden=hidden).to_dict() for spec in graph.outputs],
         },
         "default_variant": "fp32",
         "variants": {

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .contract import POOLINGS
 from .errors import DebertaOnnxError
 
 __all__ = ["main"]
@@ -29,6 +30,7 @@ def _export(args: argparse.Namespace) -> int:
     config = ExportConfig(
         overwrite=args.overwrite,
         pooling=args.pooling,
+        normalize=args.normalize,
         max_length=args.max_length,
         validate=not args.no_validate,
         atol=args.atol,
@@ -124,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("src", help="checkpoint folder, hub id, or random:deberta-v3-base")
     export.add_argument("out_dir", help="model folder to write (built beside it, renamed into place at the end)")
     export.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
-    export.add_argument("--pooling", default="mean", choices=["mean"], help="pooling fused into the graph")
+    export.add_argument("--pooling", default="mean", choices=list(POOLINGS),
+                        help="pooling fused into the graph: masked mean of the token vectors (default), the "
+                             "[CLS] token's vector, or the masked per-dimension maximum")
+    export.add_argument("--normalize", action="store_true",
+                        help="L2-normalise the sentence vectors inside the graph (recorded in the manifest)")
     export.add_argument("--max-length", type=int, default=None, help="longest input in tokens (default: the model's)")
     export.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch (not advised)")
     export.add_argument("--atol", type=float, default=1e-4, help="largest max |diff| allowed against PyTorch")
