@@ -6,14 +6,16 @@
 
 from __future__ import annotations
 
-from .encoder import Encoder, EncoderConfig, normalize_rows
+from .encoder import Encoder, EncoderConfig, TokenEmbeddings, normalize_rows
 from .errors import (
     ChecksumMismatchError,
     ContractMismatchError,
     DebertaOnnxError,
     ManifestError,
     ModelFolderError,
+    NotExportedError,
     ProviderUnavailableError,
+    TaskMismatchError,
 )
 from .manifest import Manifest, load_manifest
 
@@ -26,7 +28,10 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "ModelFolderError",
+    "NotExportedError",
     "ProviderUnavailableError",
+    "TaskMismatchError",
+    "TokenEmbeddings",
     "load_manifest",
     "normalize_rows",
 ]

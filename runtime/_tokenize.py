@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from .errors import ContractMismatchError, ModelFolderError
 
@@ -56,7 +56,20 @@ class TextTokenizer:
             ValueError: ``truncate`` is false and a text is longer than ``max_length`` tokens (``offset`` is
                 added to the index in the message, for callers that encode in chunks).
         """
-        encodings = self._encode_batch(texts, add_special_tokens=True)
+        return [encoding.ids for encoding in self.encodings(texts, truncate=truncate, offset=offset)]
+
+    def encodings(self, inputs: Sequence[str | tuple[str, str]], *, truncate: bool = True, offset: int = 0,
+                  details: bool = False) -> list[Encoding]:
+        """``tokenizers.Encoding`` per input (a text, or a ``(text, text_pair)`` tuple), special tokens included.
+
+        With ``details`` the encodings carry token strings and character offsets (a little slower); pairs are
+        truncated longest-first, as transformers does.
+
+        Raises:
+            ValueError: ``truncate`` is false and an input is longer than ``max_length`` tokens.
+        """
+        encode = self._tokenizer.encode_batch if details else self._encode_batch
+        encodings = encode(list(inputs), add_special_tokens=True)
         if not truncate:
             for index, encoding in enumerate(encodings):
                 if encoding.overflowing:
@@ -64,16 +77,18 @@ class TextTokenizer:
                         f"texts[{index + offset}] is longer than the model's maximum of {self.max_length} "
                         "tokens; shorten it, or pass truncate=True to keep its first tokens"
                     )
-        return [encoding.ids for encoding in encodings]
+        return encodings
 
-    def pad(self, sequences: Sequence[Sequence[int]], *, multiple_of: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Right-pads to the longest sequence (rounded up to ``multiple_of``, capped at ``max_length``).
+    def pad(self, sequences: Sequence[Sequence[int]], *, multiple_of: int = 1, fill: int | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+        """Right-pads to the longest sequence (rounded up to ``multiple_of``, capped at ``max_length``) with
+        ``fill`` (default the pad token's id).
 
         Returns ``(input_ids, attention_mask)``, both int64 ``[batch, sequence]``.
         """
         longest = max((len(s) for s in sequences), default=1)
         width = min(-(-max(longest, 1) // multiple_of) * multiple_of, max(self.max_length, longest))
-        ids = np.full((len(sequences), width), self.pad_id, dtype=np.int64)
+        ids = np.full((len(sequences), width), self.pad_id if fill is None else fill, dtype=np.int64)
         mask = np.zeros((len(sequences), width), dtype=np.int64)
         for row, seq in enumerate(sequences):
             ids[row, : len(seq)] = seq

@@ -31,6 +31,7 @@ def _export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         pooling=args.pooling,
         normalize=args.normalize,
+        token_embeddings=args.token_embeddings,
         max_length=args.max_length,
         validate=not args.no_validate,
         atol=args.atol,
@@ -131,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "[CLS] token's vector, or the masked per-dimension maximum")
     export.add_argument("--normalize", action="store_true",
                         help="L2-normalise the sentence vectors inside the graph (recorded in the manifest)")
+    export.add_argument("--token-embeddings", action="store_true",
+                        help="add a second output, token_embeddings [batch, sequence, hidden], for "
+                             "Encoder.encode_tokens (large: off by default)")
     export.add_argument("--max-length", type=int, default=None, help="longest input in tokens (default: the model's)")
     export.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch (not advised)")
     export.add_argument("--atol", type=float, default=1e-4, help="largest max |diff| allowed against PyTorch")

@@ -6,17 +6,26 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import overload
+from typing import NamedTuple, overload
 
 import numpy as np
+from tokenizers import Encoding
 
 from ._session import ProviderList, SessionRunner, SessionSettings, check_contract, create_session
 from ._tokenize import TextTokenizer, check_texts
-from .contract import TOKENIZER_FILE
-from .errors import ModelFolderError
+from .contract import (
+    REQUIRED_OUTPUT,
+    TASK_EMBEDDING,
+    TASK_SEQUENCE_CLASSIFICATION,
+    TASK_TOKEN_CLASSIFICATION,
+    TOKEN_EMBEDDINGS,
+    TOKEN_TYPE_IDS,
+    TOKENIZER_FILE,
+)
+from .errors import ModelFolderError, NotExportedError, TaskMismatchError
 from .manifest import load_manifest
 
-__all__ = ["Encoder", "EncoderConfig", "normalize_rows"]
+__all__ = ["Encoder", "EncoderConfig", "TokenEmbeddings", "normalize_rows"]
 
 logger = logging.getLogger("deberta_onnx")
 
@@ -54,21 +63,42 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, np.finfo(vectors.dtype).tiny)
 
 
-class Encoder:
-    """Encodes texts into sentence vectors with an exported deberta-onnx model folder.
+@dataclass(frozen=True)
+class TokenEmbeddings:
+    """One text's contextualised token vectors, padding removed.
 
-    Args:
-        model_dir: a folder written by ``deberta-onnx export`` (``model.onnx``, ``tokenizer.json``, ``manifest.json``).
-        providers: ONNX Runtime execution providers in order of preference; default the CPU provider.
-        config: loading and threading options, see ``EncoderConfig``.
-
-    Raises:
-        ModelFolderError: (or a subclass) the folder is missing, corrupted, or disagrees with its manifest.
-        ProviderUnavailableError: a requested provider is not installed or ONNX Runtime fell back from it.
-
-    One ``Encoder`` may be shared by threads: ONNX Runtime sessions and the tokenizer are thread-safe and
-    ``encode`` keeps no state between calls.
+    Attributes:
+        tokens: the token strings, special tokens ([CLS], [SEP]) included.
+        offsets: each token's ``(start, end)`` character span in the text (``(0, 0)`` for special tokens).
+        vectors: float32 ``[len(tokens), hidden_size]``, the encoder's last hidden state.
     """
+
+    tokens: list[str]
+    offsets: list[tuple[int, int]]
+    vectors: np.ndarray
+
+
+class _Batch(NamedTuple):
+    rows: list[int]  # positions in the caller's input list
+    encodings: list[Encoding]
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray | None  # only for graphs that take segment ids
+
+
+# Which class loads which task, for the error that names the right one.
+_LOADERS = {
+    TASK_EMBEDDING: "Encoder",
+    TASK_SEQUENCE_CLASSIFICATION: "SequenceClassifier or CrossEncoder",
+    TASK_TOKEN_CLASSIFICATION: "TokenClassifier",
+}
+
+
+class _OnnxModel:
+    """Loading and batching shared by ``Encoder`` and the classifiers: manifest, checksums, tokenizer,
+    session and contract checks, then length-sorted batches. Subclasses name the tasks they run."""
+
+    _TASKS: tuple[str, ...] = (TASK_EMBEDDING,)
 
     def __init__(
         self, model_dir: str | Path, providers: ProviderList | None = None, *, config: EncoderConfig | None = None
@@ -76,6 +106,7 @@ class Encoder:
         self.config = config or EncoderConfig()
         self.manifest = load_manifest(model_dir)
         self.model_dir = self.manifest.folder
+        self._check_task()
         self.precision = self._pick_precision(self.config.precision)
         variant = self.manifest.variants[self.precision]
         model_path = self.model_dir / variant["file"]
@@ -99,8 +130,19 @@ class Encoder:
         )
         self.session = create_session(model_path, self.providers, settings)
         check_contract(self.session, self.manifest, model_path)
-        self.runner = SessionRunner(self.session)
+        self.runner = SessionRunner(self.session, (REQUIRED_OUTPUT[self.manifest.task],))
+        self._token_types = any(spec.name == TOKEN_TYPE_IDS for spec in self.manifest.inputs)
         logger.info("loaded %s (%s) on %s", model_path, self.precision, self.session.get_providers()[0])
+
+    def _check_task(self) -> None:
+        task = self.manifest.task
+        if task not in self._TASKS:
+            loader = _LOADERS.get(task, "a newer deberta-onnx")
+            raise TaskMismatchError(
+                f"{self.model_dir} holds a {task} model, which {type(self).__name__} cannot run; load it with "
+                f"{loader} (from deberta_onnx.runtime), or export the checkpoint with --task "
+                f"{' or '.join(self._TASKS)}."
+            )
 
     def _pick_precision(self, requested: str | None) -> str:
         variants = self.manifest.variants
@@ -123,6 +165,52 @@ class Encoder:
     def max_length(self) -> int:
         """Longest input in tokens (special tokens included); longer texts are truncated."""
         return self.tokenizer.max_length
+
+    def _batches(self, items: Sequence[str | tuple[str, str]], batch_size: int, *, truncate: bool,
+                 show_progress: bool, details: bool = False) -> Iterator[_Batch]:
+        """Tokenizes ``items`` chunk by chunk and yields padded batches of neighbours in token length.
+
+        Raises:
+            ValueError: ``batch_size`` < 1, or ``truncate`` is false and an input is too long.
+        """
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        progress = _progress(len(items), show_progress)
+        try:
+            for start, stop in _chunks(len(items), batch_size):
+                encodings = self.tokenizer.encodings(items[start:stop], truncate=truncate, offset=start,
+                                                     details=details)
+                # Longest first: the first batch shows at once whether memory suffices.
+                order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i].ids))
+                for b in range(0, len(order), batch_size):
+                    rows = order[b : b + batch_size]
+                    chosen = [encodings[i] for i in rows]
+                    input_ids, mask = self.tokenizer.pad([e.ids for e in chosen])
+                    types = self.tokenizer.pad([e.type_ids for e in chosen], fill=0)[0] if self._token_types else None
+                    yield _Batch([start + i for i in rows], chosen, input_ids, mask, types)
+                    if progress is not None:
+                        progress.update(len(rows))
+        finally:
+            if progress is not None:
+                progress.close()
+
+
+class Encoder(_OnnxModel):
+    """Encodes texts into sentence vectors with an exported deberta-onnx model folder.
+
+    Args:
+        model_dir: a folder written by ``deberta-onnx export`` (``model.onnx``, ``tokenizer.json``, ``manifest.json``).
+        providers: ONNX Runtime execution providers in order of preference; default the CPU provider.
+        config: loading and threading options, see ``EncoderConfig``.
+
+    Raises:
+        ModelFolderError: (or a subclass) the folder is missing, corrupted, or disagrees with its manifest.
+        TaskMismatchError: the folder holds a classifier, not an embedding model.
+        ProviderUnavailableError: a requested provider is not installed or ONNX Runtime fell back from it.
+
+    One ``Encoder`` may be shared by threads: ONNX Runtime sessions and the tokenizer are thread-safe and
+    ``encode`` keeps no state between calls.
+    """
 
     @overload
     def encode(
@@ -170,24 +258,62 @@ class Encoder:
         if isinstance(texts, str):
             return self.encode([texts], batch_size, normalize, truncate=truncate, show_progress=show_progress)[0]
         items = check_texts(texts)
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         out = np.empty((len(items), self.hidden_size), dtype=np.float32)
-        progress = _progress(len(items), show_progress)
-        for start, stop in _chunks(len(items), batch_size):
-            ids = self.tokenizer.encode(items[start:stop], truncate=truncate, offset=start)
-            # Longest first: the first batch shows at once whether memory suffices.
-            order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-            for b in range(0, len(order), batch_size):
-                rows = order[b : b + batch_size]
-                input_ids, mask = self.tokenizer.pad([ids[i] for i in rows])
-                (vectors,) = self.runner.run(input_ids, mask)
-                out[[start + i for i in rows]] = vectors
-                if progress is not None:
-                    progress.update(len(rows))
-        if progress is not None:
-            progress.close()
+        for batch in self._batches(items, batch_size, truncate=truncate, show_progress=show_progress):
+            (vectors,) = self.runner.run(batch.input_ids, batch.attention_mask)
+            out[batch.rows] = vectors
         return normalize_rows(out) if normalize else out
+
+    @overload
+    def encode_tokens(self, texts: str, batch_size: int = ..., *, truncate: bool = ...,
+                      show_progress: bool = ...) -> TokenEmbeddings: ...
+    @overload
+    def encode_tokens(self, texts: Sequence[str], batch_size: int = ..., *, truncate: bool = ...,
+                      show_progress: bool = ...) -> list[TokenEmbeddings]: ...
+
+    def encode_tokens(
+        self,
+        texts: str | Sequence[str],
+        batch_size: int = 32,
+        *,
+        truncate: bool = True,
+        show_progress: bool = False,
+    ) -> TokenEmbeddings | list[TokenEmbeddings]:
+        """Contextualised token vectors per text, without padding, with the tokens they belong to.
+
+        Needs a folder exported with ``--token-embeddings``. Batching is as in ``encode``.
+
+        Args:
+            texts: a list of str, or a single str.
+            batch_size: texts per model call.
+            truncate: cut texts longer than ``max_length`` tokens (default); if false, raise instead.
+            show_progress: show a progress bar (tqdm) over the texts.
+
+        Returns:
+            One ``TokenEmbeddings`` per text, in input order (a single one for a single str).
+
+        Raises:
+            NotExportedError: the folder was exported without the ``token_embeddings`` output.
+            TypeError: ``texts`` is not a list of str.
+            ValueError: ``batch_size`` < 1, or ``truncate`` is false and a text is too long.
+        """
+        if not self.manifest.has_output(TOKEN_EMBEDDINGS):
+            raise NotExportedError(
+                f"{self.model_dir} was exported without token embeddings; export it again with "
+                f"`deberta-onnx export SRC {self.model_dir} --token-embeddings --overwrite` "
+                "(ExportConfig(token_embeddings=True))."
+            )
+        if isinstance(texts, str):
+            return self.encode_tokens([texts], batch_size, truncate=truncate, show_progress=show_progress)[0]
+        items = check_texts(texts)
+        runner = SessionRunner(self.session, (TOKEN_EMBEDDINGS,))
+        out: list[TokenEmbeddings | None] = [None] * len(items)
+        for batch in self._batches(items, batch_size, truncate=truncate, show_progress=show_progress, details=True):
+            (hidden,) = runner.run(batch.input_ids, batch.attention_mask)
+            for row, (index, encoding) in enumerate(zip(batch.rows, batch.encodings)):
+                out[index] = TokenEmbeddings(tokens=list(encoding.tokens), offsets=list(encoding.offsets),
+                                             vectors=hidden[row, : len(encoding.ids)].copy())
+        return [item for item in out if item is not None]
 
 
 def _chunks(total: int, batch_size: int) -> Iterator[tuple[int, int]]:

@@ -8,7 +8,9 @@ __all__ = [
     "DebertaOnnxError",
     "ManifestError",
     "ModelFolderError",
+    "NotExportedError",
     "ProviderUnavailableError",
+    "TaskMismatchError",
 ]
 
 
@@ -34,3 +36,12 @@ class ContractMismatchError(ModelFolderError):
 
 class ProviderUnavailableError(DebertaOnnxError):
     """A requested ONNX Runtime execution provider is not installed, or ONNX Runtime fell back from it."""
+
+
+class TaskMismatchError(ModelFolderError):
+    """The folder holds another kind of model (an embedding model, a sequence or token classifier) than the
+    class loading it runs; the message names the class to use."""
+
+
+class NotExportedError(DebertaOnnxError):
+    """The call needs a graph output that the folder was exported without (e.g. token embeddings)."""
