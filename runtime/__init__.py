@@ -18,6 +18,7 @@ from .errors import (
     TaskMismatchError,
 )
 from .manifest import Manifest, load_manifest
+from .similarity import Hit, cos_sim, dot_score, semantic_search
 
 __all__ = [
     "ChecksumMismatchError",
@@ -25,6 +26,7 @@ __all__ = [
     "DebertaOnnxError",
     "Encoder",
     "EncoderConfig",
+    "Hit",
     "Manifest",
     "ManifestError",
     "ModelFolderError",
@@ -32,6 +34,9 @@ __all__ = [
     "ProviderUnavailableError",
     "TaskMismatchError",
     "TokenEmbeddings",
+    "cos_sim",
+    "dot_score",
     "load_manifest",
     "normalize_rows",
+    "semantic_search",
 ]
