@@ -36,6 +36,7 @@ from ._checkpoint import (
 )
 from ._errors import CheckpointError, ExportError, OutputExistsError
 from ._graph import POOLINGS, EmbeddingGraph, export_onnx
+from ._sentence_transformers import SentenceTransformerSpec, read_sentence_transformer
 from ._tokenizer import TOKENIZER_SOURCES, build_tokenizer
 from ._validate import DEFAULT_VALIDATION_SHAPES, format_report, validate
 
@@ -50,13 +51,15 @@ class ExportConfig:
 
     Attributes:
         overwrite: replace a non-empty OUT_DIR (the old folder is swapped out only once the new one is complete).
-        pooling: how token vectors become one sentence vector, fused in the graph: ``"mean"`` (masked mean,
-            the default), ``"cls"`` (the first token's vector) or ``"max"`` (masked per-dimension maximum).
-        normalize: L2-normalise the sentence vector inside the graph.
+        pooling: how token vectors become one sentence vector, fused in the graph: ``"mean"`` (masked mean),
+            ``"cls"`` (the first token's vector) or ``"max"`` (masked per-dimension maximum). ``None`` (default):
+            a sentence-transformers checkpoint's own Pooling module, else ``"mean"``.
+        normalize: L2-normalise the sentence vector inside the graph. ``None`` (default): whether a
+            sentence-transformers checkpoint has a Normalize module, else no.
         token_embeddings: add a second output, ``token_embeddings`` ``[batch, sequence, hidden]`` (the last
             hidden state; large, so off by default).
-        max_length: longest input in tokens; default the tokenizer's ``model_max_length`` capped at the
-            model's ``max_position_embeddings``.
+        max_length: longest input in tokens; default a sentence-transformers checkpoint's ``max_seq_length``,
+            else the tokenizer's ``model_max_length``, capped at the model's ``max_position_embeddings``.
         validate: compare ONNX Runtime with PyTorch after export (strongly recommended).
         validation_shapes: (batch, sequence) pairs to validate on.
         atol: largest allowed max |diff| between ONNX Runtime and PyTorch.
@@ -69,8 +72,8 @@ class ExportConfig:
     """
 
     overwrite: bool = False
-    pooling: str = "mean"
-    normalize: bool = False
+    pooling: str | None = None
+    normalize: bool | None = None
     token_embeddings: bool = False
     max_length: int | None = None
     validate: bool = True
@@ -82,7 +85,7 @@ class ExportConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        if self.pooling not in POOLINGS:
+        if self.pooling is not None and self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
             raise ValueError(f"max_length must be an int >= 2 (room for [CLS] and [SEP]), got {self.max_length!r}")
@@ -132,17 +135,41 @@ def export_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], c
         if source.startswith(RANDOM_PREFIX):
             _say(config, f"building a {source[len(RANDOM_PREFIX):]} checkpoint with RANDOM weights")
             source = random_source(source, scratch)
+        sentence_transformer = read_sentence_transformer(source)
+        pooling, normalize = _pooling(config, sentence_transformer, str(src))
+        if sentence_transformer is not None:
+            _say(config, f"sentence-transformers checkpoint: {' -> '.join(sentence_transformer.modules)} "
+                         f"({pooling} pooling{', normalized' if normalize else ''})")
+            source = sentence_transformer.transformer_path
         checkpoint = load_checkpoint(source)
-        if str(src).startswith(RANDOM_PREFIX):
+        if str(src).startswith(RANDOM_PREFIX) or sentence_transformer is not None:
             checkpoint.source["model"] = str(src)
+        if sentence_transformer is not None:
+            checkpoint.source["sentence_transformers"] = sentence_transformer.to_manifest()
         with _staging(target, config.overwrite) as staging:
-            manifest = _build(checkpoint, staging, config)
+            manifest = _build(checkpoint, staging, config, pooling=pooling, normalize=normalize,
+                              sentence_transformer=sentence_transformer)
     seconds = time.perf_counter() - started
     _say(config, f"exported {src} to {target} in {seconds:.1f} s")
     return ExportResult(out_dir=target, manifest=manifest, seconds=seconds)
 
 
-def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig) -> dict[str, Any]:
+def _pooling(config: ExportConfig, spec: SentenceTransformerSpec | None, src: str) -> tuple[str, bool]:
+    """The pooling and normalisation to fuse: the config's where given, else the checkpoint's."""
+    if spec is None:
+        return config.pooling or "mean", bool(config.normalize)
+    for name, asked, own in (("pooling", config.pooling, spec.pooling), ("normalize", config.normalize, spec.normalize)):
+        if asked is not None and asked != own:
+            raise ExportError(
+                f"{src} is a sentence-transformers model whose modules give {name}={own}; {name}={asked} would "
+                f"give other vectors than its encode(). Leave {name} unset to take the checkpoint's own, or export "
+                "its Transformer folder alone to choose freely."
+            )
+    return spec.pooling, spec.normalize
+
+
+def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, *, pooling: str, normalize: bool,
+           sentence_transformer: SentenceTransformerSpec | None) -> dict[str, Any]:
     model_config = checkpoint.config
     tokenizer = checkpoint.tokenizer
     fast_tokenizer, tokenizer_origin = build_tokenizer(checkpoint.path, tokenizer, config.tokenizer)
@@ -153,8 +180,8 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig) -> 
             f"the tokenizer has {vocab} tokens but the model's embedding table has {embedding_rows} rows; the "
             "tokenizer does not belong to this checkpoint."
         )
-    max_length = _max_length(checkpoint, config)
-    graph = EmbeddingGraph(checkpoint.model, pooling=config.pooling, normalize=config.normalize,
+    max_length = _max_length(checkpoint, config, sentence_transformer)
+    graph = EmbeddingGraph(checkpoint.model, pooling=pooling, normalize=normalize,
                            token_embeddings=config.token_embeddings).eval()
 
     _say(config, f"exporting {checkpoint.source['architecture']} ({checkpoint.source['parameters'] / 1e6:.0f}M "
@@ -185,8 +212,8 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig) -> 
             "pad_token_id": int(pad_id),
             "num_hidden_layers": int(model_config.num_hidden_layers),
             "task": TASK_EMBEDDING,
-            "pooling": config.pooling,
-            "normalize": config.normalize,
+            "pooling": pooling,
+            "normalize": normalize,
             "tokenizer_source": tokenizer_origin,
         },
         "graph": {
@@ -211,12 +238,15 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig) -> 
     return manifest
 
 
-def _max_length(checkpoint: LoadedCheckpoint, config: ExportConfig) -> int:
+def _max_length(checkpoint: LoadedCheckpoint, config: ExportConfig,
+                sentence_transformer: SentenceTransformerSpec | None = None) -> int:
     limit = int(getattr(checkpoint.config, "max_position_embeddings", 512))
     if config.max_length is not None:
         if config.max_length > limit:
             raise ExportError(f"max_length {config.max_length} exceeds the model's max_position_embeddings ({limit})")
         return config.max_length
+    if sentence_transformer is not None and sentence_transformer.max_seq_length is not None:
+        return min(sentence_transformer.max_seq_length, limit)
     declared = getattr(checkpoint.tokenizer, "model_max_length", None)
     # Tokenizers without a limit report a huge sentinel (int(1e30)).
     return min(int(declared), limit) if declared and declared < 1_000_000 else limit

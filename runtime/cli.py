@@ -127,11 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("src", help="checkpoint folder, hub id, or random:deberta-v3-base")
     export.add_argument("out_dir", help="model folder to write (built beside it, renamed into place at the end)")
     export.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
-    export.add_argument("--pooling", default="mean", choices=list(POOLINGS),
-                        help="pooling fused into the graph: masked mean of the token vectors (default), the "
-                             "[CLS] token's vector, or the masked per-dimension maximum")
-    export.add_argument("--normalize", action="store_true",
-                        help="L2-normalise the sentence vectors inside the graph (recorded in the manifest)")
+    export.add_argument("--pooling", default=None, choices=list(POOLINGS),
+                        help="pooling fused into the graph: masked mean of the token vectors, the [CLS] token's "
+                             "vector, or the masked per-dimension maximum (default: a sentence-transformers "
+                             "checkpoint's own, else mean)")
+    export.add_argument("--normalize", action="store_const", const=True, default=None,
+                        help="L2-normalise the sentence vectors inside the graph (default: as a "
+                             "sentence-transformers checkpoint's Normalize module says, else off)")
     export.add_argument("--token-embeddings", action="store_true",
                         help="add a second output, token_embeddings [batch, sequence, hidden], for "
                              "Encoder.encode_tokens (large: off by default)")
