@@ -22,6 +22,8 @@ from deberta_onnx.runtime.contract import (
     MODEL_FILE,
     OPSET,
     TASK_EMBEDDING,
+    TASK_SEQUENCE_CLASSIFICATION,
+    TASKS,
     TOKENIZER_FILE,
 )
 from deberta_onnx.runtime.manifest import sha256_file, write_manifest
@@ -35,7 +37,7 @@ from ._checkpoint import (
     scratch_dir,
 )
 from ._errors import CheckpointError, ExportError, OutputExistsError
-from ._graph import POOLINGS, EmbeddingGraph, export_onnx
+from ._graph import POOLINGS, ClassifierGraph, EmbeddingGraph, export_onnx
 from ._sentence_transformers import SentenceTransformerSpec, read_sentence_transformer
 from ._tokenizer import TOKENIZER_SOURCES, build_tokenizer
 from ._validate import DEFAULT_VALIDATION_SHAPES, format_report, validate
@@ -58,6 +60,10 @@ class ExportConfig:
             sentence-transformers checkpoint has a Normalize module, else no.
         token_embeddings: add a second output, ``token_embeddings`` ``[batch, sequence, hidden]`` (the last
             hidden state; large, so off by default).
+        task: ``"embedding"`` (the encoder and pooling), ``"sequence-classification"`` or
+            ``"token-classification"`` (encoder and the checkpoint's head, output ``logits``). ``None``
+            (default): what the checkpoint's architecture is (a ``...ForSequenceClassification`` checkpoint
+            exports its head); ``"embedding"`` exports only the encoder of any checkpoint.
         max_length: longest input in tokens; default a sentence-transformers checkpoint's ``max_seq_length``,
             else the tokenizer's ``model_max_length``, capped at the model's ``max_position_embeddings``.
         validate: compare ONNX Runtime with PyTorch after export (strongly recommended).
@@ -75,6 +81,7 @@ class ExportConfig:
     pooling: str | None = None
     normalize: bool | None = None
     token_embeddings: bool = False
+    task: str | None = None
     max_length: int | None = None
     validate: bool = True
     validation_shapes: tuple[tuple[int, int], ...] = DEFAULT_VALIDATION_SHAPES
@@ -87,6 +94,8 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
             raise ValueError(f"max_length must be an int >= 2 (room for [CLS] and [SEP]), got {self.max_length!r}")
         if self.tokenizer not in TOKENIZER_SOURCES:
@@ -138,10 +147,14 @@ def export_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], c
         sentence_transformer = read_sentence_transformer(source)
         pooling, normalize = _pooling(config, sentence_transformer, str(src))
         if sentence_transformer is not None:
+            if config.task not in (None, TASK_EMBEDDING):
+                raise ExportError(f"{src} is a sentence-transformers embedding model; it has no {config.task} head.")
             _say(config, f"sentence-transformers checkpoint: {' -> '.join(sentence_transformer.modules)} "
                          f"({pooling} pooling{', normalized' if normalize else ''})")
             source = sentence_transformer.transformer_path
-        checkpoint = load_checkpoint(source)
+        checkpoint = load_checkpoint(source, task=config.task)
+        if checkpoint.task != TASK_EMBEDDING:
+            _check_classifier_options(config, checkpoint.task, str(src))
         if str(src).startswith(RANDOM_PREFIX) or sentence_transformer is not None:
             checkpoint.source["model"] = str(src)
         if sentence_transformer is not None:
@@ -168,6 +181,34 @@ def _pooling(config: ExportConfig, spec: SentenceTransformerSpec | None, src: st
     return spec.pooling, spec.normalize
 
 
+def _check_classifier_options(config: ExportConfig, task: str, src: str) -> None:
+    asked = [flag for flag, value in (("--pooling", config.pooling), ("--normalize", config.normalize),
+                                      ("--token-embeddings", config.token_embeddings or None)) if value is not None]
+    if asked:
+        raise ExportError(
+            f"{src} is a {task} checkpoint, whose graph outputs logits; {', '.join(asked)} appl"
+            f"{'ies' if len(asked) == 1 else 'y'} to embedding graphs. Drop {'it' if len(asked) == 1 else 'them'}, "
+            "or pass --task embedding to export the encoder alone."
+        )
+
+
+def _classifier_fields(checkpoint: LoadedCheckpoint) -> dict[str, Any]:
+    """The manifest's ``model`` entries of a classifier: labels in logit order, problem type, and a
+    cross-encoder's score activation as sentence-transformers saved it."""
+    config = checkpoint.config
+    labels = [str(config.id2label.get(i, f"LABEL_{i}")) for i in range(int(config.num_labels))]
+    fields: dict[str, Any] = {"labels": labels, "problem_type": getattr(config, "problem_type", None)}
+    if checkpoint.task == TASK_SEQUENCE_CLASSIFICATION:
+        saved = (getattr(config, "sentence_transformers", None) or {}).get("activation_fn") or getattr(
+            config, "sbert_ce_default_activation_function", None)
+        fields["score_activation"] = _ACTIVATIONS.get(str(saved).rsplit(".", 1)[-1]) if saved else None
+    return fields
+
+
+# sentence-transformers CrossEncoder activations (saved as a torch class path) the runtime applies.
+_ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity", "Tanh": "tanh"}
+
+
 def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, *, pooling: str, normalize: bool,
            sentence_transformer: SentenceTransformerSpec | None) -> dict[str, Any]:
     model_config = checkpoint.config
@@ -181,8 +222,13 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, *, 
             "tokenizer does not belong to this checkpoint."
         )
     max_length = _max_length(checkpoint, config, sentence_transformer)
-    graph = EmbeddingGraph(checkpoint.model, pooling=pooling, normalize=normalize,
-                           token_embeddings=config.token_embeddings).eval()
+    graph: EmbeddingGraph | ClassifierGraph
+    if checkpoint.task == TASK_EMBEDDING:
+        graph = EmbeddingGraph(checkpoint.model, pooling=pooling, normalize=normalize,
+                               token_embeddings=config.token_embeddings).eval()
+    else:
+        segments = int(getattr(model_config, "type_vocab_size", 0) or 0) > 0
+        graph = ClassifierGraph(checkpoint.model, checkpoint.task, token_type_ids=segments).eval()
 
     _say(config, f"exporting {checkpoint.source['architecture']} ({checkpoint.source['parameters'] / 1e6:.0f}M "
                  f"parameters{', RANDOM weights' if checkpoint.source['random_weights'] else ''}) to ONNX")
@@ -193,11 +239,13 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, *, 
     report = None
     if config.validate:
         report = validate(graph, model_path, vocab=min(vocab, embedding_rows), max_length=max_length,
-                          inputs=graph.inputs, outputs=graph.outputs, shapes=config.validation_shapes, atol=config.atol, seed=config.seed,
-                          progress=not config.quiet)
+                          inputs=graph.inputs, outputs=graph.outputs, shapes=config.validation_shapes,
+                          atol=config.atol, seed=config.seed, progress=not config.quiet)
         _say(config, format_report(report))
 
     hidden = int(model_config.hidden_size)
+    classifier = checkpoint.task != TASK_EMBEDDING
+    sizes = {"hidden": hidden, "labels": int(model_config.num_labels)} if classifier else {"hidden": hidden}
     model_files = sorted(p.name for p in folder.iterdir() if p.name.startswith(MODEL_FILE))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (model_config.pad_token_id or 0)
     manifest = {
@@ -211,15 +259,16 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, *, 
             "vocab_size": embedding_rows,
             "pad_token_id": int(pad_id),
             "num_hidden_layers": int(model_config.num_hidden_layers),
-            "task": TASK_EMBEDDING,
-            "pooling": pooling,
-            "normalize": normalize,
+            "task": checkpoint.task,
+            "pooling": None if classifier else pooling,
+            "normalize": False if classifier else normalize,
+            **(_classifier_fields(checkpoint) if classifier else {}),
             "tokenizer_source": tokenizer_origin,
         },
         "graph": {
             "opset": config.opset,
             "inputs": [spec.to_dict() for spec in graph.inputs],
-            "outputs": [spec.resolved(hidden=hidden).to_dict() for spec in graph.outputs],
+            "outputs": [spec.resolved(**sizes).to_dict() for spec in graph.outputs],
         },
         "default_variant": "fp32",
         "variants": {

@@ -14,6 +14,7 @@ from deberta_onnx.runtime.contract import (
     OPSET,
     POOLINGS,
     TASK_EMBEDDING,
+    TASKS,
     TOKEN_TYPE_IDS,
     TensorSpec,
     graph_inputs,
@@ -24,6 +25,7 @@ from ._errors import ExportError
 
 __all__ = [
     "POOLINGS",
+    "ClassifierGraph",
     "EmbeddingGraph",
     "control_flow_nodes",
     "export_onnx",
@@ -118,6 +120,41 @@ def control_flow_nodes(model: onnx.ModelProto) -> list[str]:
     for function in model.functions:
         found += [f"{function.name}/{n.op_type}:{n.name}" for n in function.node if n.op_type in _CONTROL_FLOW]
     return found
+
+
+class ClassifierGraph(torch.nn.Module):
+    """``(input_ids, attention_mask[, token_type_ids]) -> logits``: a sequence or token classification model
+    (encoder and head) exported as one graph.
+
+    Args:
+        model: a transformers ``...ForSequenceClassification`` or ``...ForTokenClassification`` model.
+        task: ``sequence-classification`` or ``token-classification``.
+        token_type_ids: take segment ids as a third input (only for checkpoints with ``type_vocab_size > 0``).
+
+    Raises:
+        ValueError: ``task`` is not a classification task.
+    """
+
+    def __init__(self, model: torch.nn.Module, task: str, *, token_type_ids: bool = False) -> None:
+        super().__init__()
+        if task not in TASKS or task == TASK_EMBEDDING:
+            raise ValueError(f"task must be a classification task, got {task!r}")
+        self.model = model
+        self.task = task
+        self.token_type_ids = token_type_ids
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return graph_inputs(token_type_ids=self.token_type_ids)
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return graph_outputs(self.task)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
 
 
 def _dummy_inputs(specs: tuple[TensorSpec, ...]) -> tuple[torch.Tensor, ...]:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from .classifier import CrossEncoder, Prediction, SequenceClassifier, Span, TokenClassifier
 from .encoder import Encoder, EncoderConfig, TokenEmbeddings, normalize_rows
 from .errors import (
     ChecksumMismatchError,
@@ -23,6 +24,7 @@ from .similarity import Hit, cos_sim, dot_score, semantic_search
 __all__ = [
     "ChecksumMismatchError",
     "ContractMismatchError",
+    "CrossEncoder",
     "DebertaOnnxError",
     "Encoder",
     "EncoderConfig",
@@ -31,8 +33,12 @@ __all__ = [
     "ManifestError",
     "ModelFolderError",
     "NotExportedError",
+    "Prediction",
     "ProviderUnavailableError",
+    "SequenceClassifier",
+    "Span",
     "TaskMismatchError",
+    "TokenClassifier",
     "TokenEmbeddings",
     "cos_sim",
     "dot_score",

@@ -24,6 +24,23 @@ def check_texts(texts: object) -> list[str]:
     return out
 
 
+def check_pairs(inputs: object, *, texts_allowed: bool) -> list[str | tuple[str, str]]:
+    """Returns ``inputs`` as a list of texts and ``(text, text_pair)`` tuples (texts only if ``texts_allowed``),
+    or raises ``TypeError`` naming the first bad element."""
+    wanted = "a str or a (text, text_pair) pair of str" if texts_allowed else "a (text, text_pair) pair of str"
+    if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
+        raise TypeError(f"inputs must be a list, each item {wanted}; got {type(inputs).__name__}")
+    out: list[str | tuple[str, str]] = []
+    for index, item in enumerate(inputs):
+        if isinstance(item, str) and texts_allowed:
+            out.append(item)
+        elif isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item):
+            out.append((item[0], item[1]))
+        else:
+            raise TypeError(f"inputs[{index}] is {type(item).__name__}; each item must be {wanted}")
+    return out
+
+
 class TextTokenizer:
     """Tokenizes to unpadded id lists (truncated to ``max_length``) and pads batches with numpy."""
 

@@ -139,7 +139,7 @@ class _OnnxModel:
         if task not in self._TASKS:
             loader = _LOADERS.get(task, "a newer deberta-onnx")
             raise TaskMismatchError(
-                f"{self.model_dir} holds a {task} model, which {type(self).__name__} cannot run; load it with "
+                f"{self.model_dir} holds a model of task {task!r}, which {type(self).__name__} cannot run; load it with "
                 f"{loader} (from deberta_onnx.runtime), or export the checkpoint with --task "
                 f"{' or '.join(self._TASKS)}."
             )

@@ -46,8 +46,10 @@ class Manifest:
         return int(self.model["max_sequence_length"])
 
     @property
-    def pooling(self) -> str:
-        return str(self.model["pooling"])
+    def pooling(self) -> str | None:
+        """The fused pooling (``mean``, ``cls``, ``max``); ``None`` for classifiers, whose head pools."""
+        pooling = self.model.get("pooling")
+        return None if pooling is None else str(pooling)
 
     @property
     def normalize(self) -> bool:
