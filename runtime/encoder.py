@@ -214,7 +214,8 @@ class Encoder(_OnnxModel):
 
     @overload
     def encode(
-        self, texts: str, batch_size: int = ..., normalize: bool = ..., *, truncate: bool = ..., show_progress: bool = ...
+        self, texts: str, batch_size: int = ..., normalize: bool = ..., *, truncate: bool = ..., show_progress: bool = ...,
+        dimensions: int | None = ...,
     ) -> np.ndarray: ...
     @overload
     def encode(
@@ -225,6 +226,7 @@ class Encoder(_OnnxModel):
         *,
         truncate: bool = ...,
         show_progress: bool = ...,
+        dimensions: int | None = ...,
     ) -> np.ndarray: ...
 
     def encode(
@@ -235,6 +237,7 @@ class Encoder(_OnnxModel):
         *,
         truncate: bool = True,
         show_progress: bool = False,
+        dimensions: int | None = None,
     ) -> np.ndarray:
         """Encodes texts into float32 sentence vectors, in input order.
 
@@ -247,21 +250,33 @@ class Encoder(_OnnxModel):
             normalize: L2-normalise each vector.
             truncate: cut texts longer than ``max_length`` tokens (default); if false, raise instead.
             show_progress: show a progress bar (tqdm) over the texts.
+            dimensions: keep only the first ``dimensions`` components of each vector (Matryoshka truncation,
+                for models trained for it). The truncated vectors are L2-normalised again when ``normalize``
+                is true or the graph normalises its output (``model.normalize`` in the manifest).
 
         Returns:
-            ``[len(texts), hidden_size]`` float32; ``[hidden_size]`` for a single str.
+            ``[len(texts), dimensions or hidden_size]`` float32; ``[dimensions or hidden_size]`` for a single str.
 
         Raises:
             TypeError: ``texts`` is not a list of str (the message names the first bad index).
-            ValueError: ``batch_size`` < 1, or ``truncate`` is false and a text is too long.
+            ValueError: ``batch_size`` < 1, ``dimensions`` outside 1..hidden_size, or ``truncate`` is false and a
+                text is too long.
         """
+        if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool)
+                                       or not 1 <= dimensions <= self.hidden_size):
+            raise ValueError(f"dimensions must be an int from 1 to {self.hidden_size} (the model's hidden size), "
+                             f"got {dimensions!r}")
         if isinstance(texts, str):
-            return self.encode([texts], batch_size, normalize, truncate=truncate, show_progress=show_progress)[0]
+            return self.encode([texts], batch_size, normalize, truncate=truncate, show_progress=show_progress,
+                               dimensions=dimensions)[0]
         items = check_texts(texts)
         out = np.empty((len(items), self.hidden_size), dtype=np.float32)
         for batch in self._batches(items, batch_size, truncate=truncate, show_progress=show_progress):
             (vectors,) = self.runner.run(batch.input_ids, batch.attention_mask)
             out[batch.rows] = vectors
+        if dimensions is not None and dimensions < self.hidden_size:
+            out = np.ascontiguousarray(out[:, :dimensions])
+            normalize = normalize or self.manifest.normalize
         return normalize_rows(out) if normalize else out
 
     @overload

@@ -68,3 +68,27 @@ def test_unknown_pooling_is_refused() -> None:
 
     with pytest.raises(ValueError, match="pooling must be one of mean, cls, max"):
         ExportConfig(pooling="median")
+
+
+def test_matryoshka_truncation_renormalises(pooled_model: tuple[str, bool, Path], corpus: list[str]) -> None:
+    from deberta_onnx.runtime import normalize_rows
+
+    _, graph_normalizes, folder = pooled_model
+    encoder = Encoder(folder)
+    texts = corpus[:9]
+    full = encoder.encode(texts)
+    short = encoder.encode(texts, dimensions=8)
+    assert short.shape == (9, 8) and short.flags["C_CONTIGUOUS"]
+    if graph_normalizes:  # the model's vectors are unit length, and so are the truncated ones
+        np.testing.assert_allclose(short, normalize_rows(full[:, :8]), atol=1e-6)
+    else:
+        np.testing.assert_array_equal(short, full[:, :8])
+    np.testing.assert_allclose(encoder.encode(texts, normalize=True, dimensions=8), normalize_rows(full[:, :8]),
+                               atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(encoder.encode(texts, normalize=True, dimensions=3), axis=1), 1.0,
+                               rtol=1e-5)
+    assert encoder.encode("one text", dimensions=5).shape == (5,)
+    np.testing.assert_array_equal(encoder.encode(texts, dimensions=32), full)  # all dimensions: unchanged
+    for bad in (0, 33, True, 2.5):
+        with pytest.raises(ValueError, match="dimensions must be an int from 1 to 32"):
+            encoder.encode(texts, dimensions=bad)  # type: ignore[arg-type]
