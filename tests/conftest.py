@@ -140,3 +140,38 @@ def build_classifier_checkpoint(tiny_checkpoint: Path, out: Path, *, task: str, 
     for name in ("spm.model", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(tiny_checkpoint / name, out / name)
     return out
+
+
+def _export_classifier(src: Path, out: Path) -> Path:
+    from deberta_onnx.export import ExportConfig, export_model
+
+    # transformers' tokenizer, so that PyTorch references tokenize exactly alike (README, "Tokenization").
+    export_model(src, out, ExportConfig(quiet=True, tokenizer="transformers"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def nli(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, model folder): a sequence classifier with three labels and no token types (as DeBERTa-v3)."""
+    base = tmp_path_factory.mktemp("nli")
+    src = build_classifier_checkpoint(tiny_checkpoint, base / "ckpt", task="sequence-classification",
+                                      labels=NLI_LABELS)
+    return src, _export_classifier(src, base / "model")
+
+
+@pytest.fixture(scope="session")
+def reranker(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, model folder): a one-label cross-encoder with token type embeddings (type_vocab_size 2)."""
+    base = tmp_path_factory.mktemp("reranker")
+    src = build_classifier_checkpoint(tiny_checkpoint, base / "ckpt", task="sequence-classification",
+                                      labels=["LABEL_0"], type_vocab_size=2, seed=3)
+    return src, _export_classifier(src, base / "model")
+
+
+@pytest.fixture(scope="session")
+def ner(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, model folder): a token classifier with IOB labels."""
+    base = tmp_path_factory.mktemp("ner")
+    src = build_classifier_checkpoint(tiny_checkpoint, base / "ckpt", task="token-classification",
+                                      labels=NER_LABELS, seed=5)
+    return src, _export_classifier(src, base / "model")

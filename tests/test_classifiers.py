@@ -22,7 +22,7 @@ from deberta_onnx.runtime import (
 )
 from deberta_onnx.runtime.classifier import aggregate_spans, softmax
 
-from .conftest import NER_LABELS, NLI_LABELS, build_classifier_checkpoint
+from .conftest import NER_LABELS, NLI_LABELS
 
 PAIRS = [
     ("A man is playing a guitar.", "Someone makes music."),
@@ -31,40 +31,6 @@ PAIRS = [
     ("short", "a considerably longer second text that goes on for a while " * 3),
 ]
 TEXTS = ["Ada Lovelace lived in London.", "Marie Curie worked in Paris and Warsaw.", "nothing here", "x"]
-
-
-def _export(src: Path, out: Path) -> Path:
-    from deberta_onnx.export import ExportConfig, export_model
-
-    # transformers' tokenizer, so that the PyTorch reference below tokenizes exactly alike (README, Tokenization).
-    export_model(src, out, ExportConfig(quiet=True, tokenizer="transformers"))
-    return out
-
-
-@pytest.fixture(scope="module")
-def nli(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(checkpoint, folder): three labels, no token types (as DeBERTa-v3)."""
-    base = tmp_path_factory.mktemp("nli")
-    src = build_classifier_checkpoint(tiny_checkpoint, base / "ckpt", task="sequence-classification",
-                                      labels=NLI_LABELS)
-    return src, _export(src, base / "model")
-
-
-@pytest.fixture(scope="module")
-def reranker(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(checkpoint, folder): one label and token type embeddings (type_vocab_size 2)."""
-    base = tmp_path_factory.mktemp("reranker")
-    src = build_classifier_checkpoint(tiny_checkpoint, base / "ckpt", task="sequence-classification",
-                                      labels=["LABEL_0"], type_vocab_size=2, seed=3)
-    return src, _export(src, base / "model")
-
-
-@pytest.fixture(scope="module")
-def ner(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    base = tmp_path_factory.mktemp("ner")
-    src = build_classifier_checkpoint(tiny_checkpoint, base / "ckpt", task="token-classification",
-                                      labels=NER_LABELS, seed=5)
-    return src, _export(src, base / "model")
 
 
 def _torch_logits(src: Path, inputs: list) -> tuple[torch.Tensor, dict]:
