@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -40,6 +41,7 @@ from ._errors import CheckpointError, ExportError, OutputExistsError
 from ._graph import POOLINGS, ClassifierGraph, EmbeddingGraph, export_onnx
 from ._sentence_transformers import SentenceTransformerSpec, read_sentence_transformer
 from ._tokenizer import TOKENIZER_SOURCES, build_tokenizer
+from ._triton import triton_name, write_triton_repository
 from ._validate import DEFAULT_VALIDATION_SHAPES, format_report, validate
 
 __all__ = ["ExportConfig", "ExportResult", "export_model"]
@@ -72,6 +74,11 @@ class ExportConfig:
         tokenizer: where ``tokenizer.json`` comes from: ``"sentencepiece"`` (the checkpoint's ``spm.model``, ids
             identical to SentencePiece's; the default) or ``"transformers"`` (the installed transformers' fast
             tokenizer, for byte-exact agreement with an existing transformers pipeline).
+        triton: also write a Triton Inference Server model repository, ``OUT_DIR/triton/<name>/`` (config.pbtxt
+            with dynamic batching, the ONNX model under version 1); the tokenizer stays on the client.
+        triton_name: its model name; default OUT_DIR's name.
+        triton_max_batch_size: Triton's ``max_batch_size``: the largest batch its dynamic batcher forms.
+        triton_max_queue_delay_us: how long Triton may hold a request to batch it with others.
         opset: ONNX opset of the graph.
         seed: seeds the validation inputs.
         quiet: no progress bars or report on stderr.
@@ -87,6 +94,10 @@ class ExportConfig:
     validation_shapes: tuple[tuple[int, int], ...] = DEFAULT_VALIDATION_SHAPES
     atol: float = 1e-4
     tokenizer: str = "sentencepiece"
+    triton: bool = False
+    triton_name: str | None = None
+    triton_max_batch_size: int = 64
+    triton_max_queue_delay_us: int = 1000
     opset: int = OPSET
     seed: int = 0
     quiet: bool = False
@@ -96,6 +107,12 @@ class ExportConfig:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.task is not None and self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.triton_name is not None:
+            triton_name(self.triton_name)
+        if not isinstance(self.triton_max_batch_size, int) or self.triton_max_batch_size < 1:
+            raise ValueError(f"triton_max_batch_size must be a positive int, got {self.triton_max_batch_size!r}")
+        if not isinstance(self.triton_max_queue_delay_us, int) or self.triton_max_queue_delay_us < 0:
+            raise ValueError(f"triton_max_queue_delay_us must be an int >= 0, got {self.triton_max_queue_delay_us!r}")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
             raise ValueError(f"max_length must be an int >= 2 (room for [CLS] and [SEP]), got {self.max_length!r}")
         if self.tokenizer not in TOKENIZER_SOURCES:
@@ -161,7 +178,8 @@ def export_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], c
             checkpoint.source["sentence_transformers"] = sentence_transformer.to_manifest()
         with _staging(target, config.overwrite) as staging:
             manifest = _build(checkpoint, staging, config, pooling=pooling, normalize=normalize,
-                              sentence_transformer=sentence_transformer)
+                              sentence_transformer=sentence_transformer,
+                              triton_model=config.triton_name or _model_name(target.name))
     seconds = time.perf_counter() - started
     _say(config, f"exported {src} to {target} in {seconds:.1f} s")
     return ExportResult(out_dir=target, manifest=manifest, seconds=seconds)
@@ -209,8 +227,13 @@ def _classifier_fields(checkpoint: LoadedCheckpoint) -> dict[str, Any]:
 _ACTIVATIONS = {"Sigmoid": "sigmoid", "Identity": "identity", "Tanh": "tanh"}
 
 
+def _model_name(folder_name: str) -> str:
+    """A Triton model name from the output folder's name: other characters become ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", folder_name).lstrip("_.-") or "model"
+
+
 def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, *, pooling: str, normalize: bool,
-           sentence_transformer: SentenceTransformerSpec | None) -> dict[str, Any]:
+           sentence_transformer: SentenceTransformerSpec | None, triton_model: str) -> dict[str, Any]:
     model_config = checkpoint.config
     tokenizer = checkpoint.tokenizer
     fast_tokenizer, tokenizer_origin = build_tokenizer(checkpoint.path, tokenizer, config.tokenizer)
@@ -247,6 +270,16 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, *, 
     classifier = checkpoint.task != TASK_EMBEDDING
     sizes = {"hidden": hidden, "labels": int(model_config.num_labels)} if classifier else {"hidden": hidden}
     model_files = sorted(p.name for p in folder.iterdir() if p.name.startswith(MODEL_FILE))
+    inputs = list(graph.inputs)
+    outputs = [spec.resolved(**sizes) for spec in graph.outputs]
+    head = _classifier_fields(checkpoint) if classifier else {}
+    triton = None
+    if config.triton:
+        triton = write_triton_repository(folder, name=triton_model, model_files=model_files, inputs=inputs,
+                                         outputs=outputs, labels=head.get("labels", []),
+                                         max_batch_size=config.triton_max_batch_size,
+                                         max_queue_delay_us=config.triton_max_queue_delay_us)
+        _say(config, f"Triton model repository: {triton['repository']}/{triton_model}/")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (model_config.pad_token_id or 0)
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -262,13 +295,13 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, *, 
             "task": checkpoint.task,
             "pooling": None if classifier else pooling,
             "normalize": False if classifier else normalize,
-            **(_classifier_fields(checkpoint) if classifier else {}),
+            **head,
             "tokenizer_source": tokenizer_origin,
         },
         "graph": {
             "opset": config.opset,
-            "inputs": [spec.to_dict() for spec in graph.inputs],
-            "outputs": [spec.resolved(**sizes).to_dict() for spec in graph.outputs],
+            "inputs": [spec.to_dict() for spec in inputs],
+            "outputs": [spec.to_dict() for spec in outputs],
         },
         "default_variant": "fp32",
         "variants": {
@@ -279,9 +312,10 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, *, 
                 "validation": report,
             }
         },
-        "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                  for p in sorted(folder.iterdir()) if p.is_file()},
+        "files": {p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                  for p in sorted(folder.rglob("*")) if p.is_file()},
         "versions": _versions(),
+        **({"triton": triton} if triton else {}),
     }
     write_manifest(folder, manifest)
     return manifest

@@ -48,6 +48,10 @@ def _export_config(args: argparse.Namespace) -> Any:
         validate=not args.no_validate,
         atol=args.atol,
         tokenizer=args.tokenizer,
+        triton=args.triton,
+        triton_name=args.triton_name,
+        triton_max_batch_size=args.triton_max_batch_size,
+        triton_max_queue_delay_us=args.triton_max_queue_delay_us,
         quiet=args.quiet,
     )
 
@@ -142,6 +146,9 @@ def _print_task(manifest: Any) -> None:
     st = manifest.data.get("source", {}).get("sentence_transformers")
     if st:
         print(f"sentence-transformers modules: {' -> '.join(st['modules'])}")
+    triton = manifest.data.get("triton")
+    if triton:
+        print(f"triton:     {triton['repository']}/{triton['model_name']}/ (max batch {triton['max_batch_size']})")
 
 
 # --- search and classify -----------------------------------------------------------------------------------
@@ -320,6 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tokenizer", default="sentencepiece", choices=["sentencepiece", "transformers"],
                         help="tokenizer.json from the checkpoint's spm.model (ids as SentencePiece's, default) or "
                              "from the installed transformers' fast tokenizer")
+    export.add_argument("--triton", action="store_true",
+                        help="also write a Triton Inference Server model repository to OUT_DIR/triton/NAME/ "
+                             "(config.pbtxt with dynamic batching, the model under version 1); clients tokenize "
+                             "with OUT_DIR/tokenizer.json")
+    export.add_argument("--triton-name", default=None, help="the Triton model name (default: OUT_DIR's name)")
+    export.add_argument("--triton-max-batch-size", type=int, default=64,
+                        help="largest batch Triton's dynamic batcher forms (default 64)")
+    export.add_argument("--triton-max-queue-delay-us", type=int, default=1000,
+                        help="how long Triton may hold a request to batch it with others (default 1000)")
     export.add_argument("--quiet", action="store_true", help="no progress bars or report")
     export.set_defaults(run=_export)
 

@@ -37,6 +37,11 @@ def test_export_flags_map_onto_export_config() -> None:
     config = _export_config(args)
     assert (config.pooling, config.normalize, config.token_embeddings, config.task, config.max_length) == (
         "cls", True, True, "embedding", 128)
+    triton = _export_config(build_parser().parse_args(["export", "src", "out", "--triton", "--triton-name", "emb",
+                                                       "--triton-max-batch-size", "8",
+                                                       "--triton-max-queue-delay-us", "250"]))
+    assert (triton.triton, triton.triton_name, triton.triton_max_batch_size, triton.triton_max_queue_delay_us) == (
+        True, "emb", 8, 250)
     defaults = _export_config(build_parser().parse_args(["export", "src", "out"]))
     # Unset means "the checkpoint's own" (a sentence-transformers Pooling module, a classifier's head).
     assert (defaults.pooling, defaults.normalize, defaults.task, defaults.token_embeddings) == (None, None, None, False)
