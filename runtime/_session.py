@@ -10,7 +10,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .contract import ATTENTION_MASK, INPUT_IDS, INPUTS, ORT_TYPES, SENTENCE_EMBEDDING
+from .contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    INPUTS,
+    OPTIONAL_INPUTS,
+    ORT_TYPES,
+    REQUIRED_OUTPUT,
+    SENTENCE_EMBEDDING,
+    TOKEN_TYPE_IDS,
+)
 from .errors import ContractMismatchError, CudaGraphError, ProviderUnavailableError
 from .manifest import Manifest
 
@@ -202,7 +211,7 @@ def check_contract(session: ort.InferenceSession, manifest: Manifest, model_path
     """Checks the manifest against this runtime's contract and the session against the manifest.
 
     Raises:
-        ContractMismatchError: names, dtypes or the hidden size disagree; says which and where.
+        ContractMismatchError: names, dtypes or fixed dimensions disagree; says which and where.
     """
     declared_inputs = {spec.name: spec for spec in manifest.inputs}
     for spec in INPUTS:
@@ -211,14 +220,27 @@ def check_contract(session: ort.InferenceSession, manifest: Manifest, model_path
                 f"{manifest.folder}/manifest.json declares inputs {sorted(declared_inputs)} but this runtime "
                 f"needs {spec.name} ({spec.dtype}); re-export the model with this deberta-onnx version."
             )
+    known = {spec.name: spec for spec in (*INPUTS, *OPTIONAL_INPUTS)}
+    for name, spec in declared_inputs.items():
+        if name not in known or known[name].dtype != spec.dtype:
+            raise ContractMismatchError(
+                f"{manifest.folder}/manifest.json declares input {name} ({spec.dtype}), which this runtime does "
+                f"not know (it feeds {', '.join(sorted(known))}); install the deberta-onnx release that wrote it."
+            )
     session_inputs = {node.name: node.type for node in session.get_inputs()}
-    for spec in INPUTS:
+    for spec in declared_inputs.values():
         if session_inputs.get(spec.name) != ORT_TYPES[spec.dtype]:
             raise ContractMismatchError(
                 f"{model_path} does not match its manifest: input {spec.name} should be {ORT_TYPES[spec.dtype]}, "
                 f"the graph has {session_inputs.get(spec.name, 'no such input')} (graph inputs: "
                 f"{sorted(session_inputs)}). The model file was replaced or the manifest edited; re-export."
             )
+    extra = sorted(set(session_inputs) - set(declared_inputs))
+    if extra:
+        raise ContractMismatchError(
+            f"{model_path} has input(s) {extra} that its manifest does not declare; the model file was replaced "
+            "or the manifest edited. Re-export the model."
+        )
     session_outputs = {node.name: node for node in session.get_outputs()}
     for spec in manifest.outputs:
         node = session_outputs.get(spec.name)
@@ -231,14 +253,28 @@ def check_contract(session: ort.InferenceSession, manifest: Manifest, model_path
             raise ContractMismatchError(
                 f"{model_path}: output {spec.name} is {node.type}, the manifest declares {spec.dtype}; re-export."
             )
-        last = node.shape[-1] if node.shape else None
-        if isinstance(last, int) and isinstance(spec.dims[-1], int) and last != spec.dims[-1]:
+        shape = list(node.shape or [])
+        if shape and len(shape) != len(spec.dims):
             raise ContractMismatchError(
-                f"{model_path}: output {spec.name} has last dimension {last}, the manifest declares "
-                f"{spec.dims[-1]}; the model file belongs to another checkpoint. Re-export."
+                f"{model_path}: output {spec.name} has {len(shape)} dimensions, the manifest declares "
+                f"{len(spec.dims)} ({list(spec.dims)}); re-export."
             )
-    if SENTENCE_EMBEDDING not in session_outputs:
-        raise ContractMismatchError(f"{model_path} has no {SENTENCE_EMBEDDING} output; re-export the model.")
+        for axis, (got, want) in enumerate(zip(shape, spec.dims)):
+            if isinstance(got, int) and isinstance(want, int) and got != want:
+                raise ContractMismatchError(
+                    f"{model_path}: output {spec.name} has size {got} on axis {axis}, the manifest declares "
+                    f"{want}; the model file belongs to another checkpoint. Re-export."
+                )
+    if manifest.task not in REQUIRED_OUTPUT:
+        raise ContractMismatchError(
+            f"{manifest.folder}/manifest.json declares task {manifest.task!r}, which this runtime does not know "
+            f"({', '.join(REQUIRED_OUTPUT)}); install the deberta-onnx release that wrote it."
+        )
+    required = REQUIRED_OUTPUT[manifest.task]
+    if required not in session_outputs or not manifest.has_output(required):
+        raise ContractMismatchError(
+            f"{model_path} has no {required} output, which a {manifest.task} model needs; re-export the model."
+        )
 
 
 class SessionRunner:
@@ -248,5 +284,9 @@ class SessionRunner:
         self.session = session
         self.outputs = list(outputs)
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(self.outputs, {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask})
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None
+            ) -> list[np.ndarray]:
+        feed = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask}
+        if token_type_ids is not None:
+            feed[TOKEN_TYPE_IDS] = token_type_ids
+        return self.session.run(self.outputs, feed)

@@ -6,9 +6,10 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import overload
+from typing import NamedTuple, overload
 
 import numpy as np
+from tokenizers import Encoding
 
 from ._batching import batch_capacity, plan_batches
 from ._iobinding import IOBindingRunner
@@ -23,11 +24,19 @@ from ._session import (
     session_device,
 )
 from ._tokenize import TextTokenizer, check_texts
-from .contract import TOKENIZER_FILE
-from .errors import ModelFolderError
+from .contract import (
+    REQUIRED_OUTPUT,
+    TASK_EMBEDDING,
+    TASK_SEQUENCE_CLASSIFICATION,
+    TASK_TOKEN_CLASSIFICATION,
+    TOKEN_EMBEDDINGS,
+    TOKEN_TYPE_IDS,
+    TOKENIZER_FILE,
+)
+from .errors import ModelFolderError, NotExportedError, TaskMismatchError
 from .manifest import load_manifest
 
-__all__ = ["Encoder", "EncoderConfig", "normalize_rows"]
+__all__ = ["Encoder", "EncoderConfig", "TokenEmbeddings", "normalize_rows"]
 
 logger = logging.getLogger("deberta_onnx")
 
@@ -100,24 +109,42 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, np.finfo(vectors.dtype).tiny)
 
 
-class Encoder:
-    """Encodes texts into sentence vectors with an exported deberta-onnx model folder.
+@dataclass(frozen=True)
+class TokenEmbeddings:
+    """One text's contextualised token vectors, padding removed.
 
-    Args:
-        model_dir: a folder written by ``deberta-onnx export`` (``model.onnx``, ``tokenizer.json``, ``manifest.json``).
-        providers: ONNX Runtime execution providers in order of preference; default ``config.device``, else
-            the CPU provider.
-        config: loading, device, batching and threading options, see ``EncoderConfig``.
-
-    Raises:
-        ModelFolderError: (or a subclass) the folder is missing, corrupted, or disagrees with its manifest.
-        ProviderUnavailableError: a requested provider is not installed or ONNX Runtime fell back from it.
-        CudaGraphError: ``config.cuda_graph`` is set and ONNX Runtime refused CUDA graphs for this model.
-        ValueError: ``providers`` and ``config.device`` both given, or ``cuda_graph`` without CUDA.
-
-    One ``Encoder`` may be shared by threads: ONNX Runtime sessions and the tokenizer are thread-safe,
-    ``encode`` keeps no state between calls, and the IO-binding runner serialises model calls with a lock.
+    Attributes:
+        tokens: the token strings, special tokens ([CLS], [SEP]) included.
+        offsets: each token's ``(start, end)`` character span in the text (``(0, 0)`` for special tokens).
+        vectors: float32 ``[len(tokens), hidden_size]``, the encoder's last hidden state.
     """
+
+    tokens: list[str]
+    offsets: list[tuple[int, int]]
+    vectors: np.ndarray
+
+
+class _Batch(NamedTuple):
+    rows: list[int]  # positions in the caller's input list
+    encodings: list[Encoding]
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray | None  # only for graphs that take segment ids
+
+
+# Which class loads which task, for the error that names the right one.
+_LOADERS = {
+    TASK_EMBEDDING: "Encoder",
+    TASK_SEQUENCE_CLASSIFICATION: "SequenceClassifier or CrossEncoder",
+    TASK_TOKEN_CLASSIFICATION: "TokenClassifier",
+}
+
+
+class _OnnxModel:
+    """Loading and batching shared by ``Encoder`` and the classifiers: manifest, checksums, tokenizer,
+    session and contract checks, then length-sorted batches. Subclasses name the tasks they run."""
+
+    _TASKS: tuple[str, ...] = (TASK_EMBEDDING,)
 
     def __init__(
         self, model_dir: str | Path, providers: ProviderList | None = None, *, config: EncoderConfig | None = None
@@ -125,6 +152,7 @@ class Encoder:
         self.config = config or EncoderConfig()
         self.manifest = load_manifest(model_dir)
         self.model_dir = self.manifest.folder
+        self._check_task()
         self.precision = self._pick_precision(self.config.precision)
         variant = self.manifest.variants[self.precision]
         model_path = self.model_dir / variant["file"]
@@ -148,9 +176,13 @@ class Encoder:
         )
         self.session = create_session(model_path, self.providers, settings)
         check_contract(self.session, self.manifest, model_path)
+        self._token_types = any(spec.name == TOKEN_TYPE_IDS for spec in self.manifest.inputs)
         device, device_id = session_device(self.session)
         self.device = device if device == "cpu" else f"{device}:{device_id}"
+        # IO binding serves the sentence-vector graph ([batch, hidden] out, ids and mask in); classifiers and
+        # graphs with segment ids take the plain path.
         io_binding = self.config.io_binding if self.config.io_binding is not None else device == "cuda"
+        io_binding = io_binding and self.manifest.task == TASK_EMBEDDING and not self._token_types
         self.runner: SessionRunner | IOBindingRunner
         if io_binding:
             self.runner = IOBindingRunner(
@@ -162,12 +194,22 @@ class Encoder:
                 cuda_graph=self.config.cuda_graph,
             )
         else:
-            self.runner = SessionRunner(self.session)
+            self.runner = SessionRunner(self.session, (REQUIRED_OUTPUT[self.manifest.task],))
         self.sequence_bucket = self.config.sequence_bucket or (_DEFAULT_IO_BINDING_BUCKET if io_binding else 1)
         logger.info(
             "loaded %s (%s) on %s, %s", model_path, self.precision, self.session.get_providers()[0],
             "IO binding" if io_binding else "session.run",
         )
+
+    def _check_task(self) -> None:
+        task = self.manifest.task
+        if task not in self._TASKS:
+            loader = _LOADERS.get(task, "a newer deberta-onnx")
+            raise TaskMismatchError(
+                f"{self.model_dir} holds a model of task {task!r}, which {type(self).__name__} cannot run; load it with "
+                f"{loader} (from deberta_onnx.runtime), or export the checkpoint with --task "
+                f"{' or '.join(self._TASKS)}."
+            )
 
     def _pick_precision(self, requested: str | None) -> str:
         variants = self.manifest.variants
@@ -191,15 +233,73 @@ class Encoder:
         """Longest input in tokens (special tokens included); longer texts are truncated."""
         return self.tokenizer.max_length
 
+    def _batches(self, items: Sequence[str | tuple[str, str]], batch_size: int | None, *, truncate: bool,
+                 show_progress: bool, details: bool = False) -> Iterator[_Batch]:
+        """Tokenizes ``items`` chunk by chunk and yields padded batches of neighbours in token length.
+
+        Batches hold ``batch_size`` rows, or as many as fit ``config.max_tokens`` padded tokens; their width is
+        rounded up to ``sequence_bucket``. With CUDA graphs a short batch is filled with empty rows (``rows``
+        then lists only the real ones, first).
+
+        Raises:
+            ValueError: ``batch_size`` < 1, or ``truncate`` is false and an input is too long.
+        """
+        if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        max_tokens = self.config.max_tokens
+        rows_cap = batch_size if batch_size is not None or max_tokens is not None else _DEFAULT_BATCH_SIZE
+        bucket = self.sequence_bucket
+        # CUDA graphs replay fixed shapes: a short last batch is padded with empty rows to a full one.
+        fill_rows = self.config.cuda_graph
+        widest_batch = batch_capacity(bucket, batch_size=rows_cap, max_tokens=max_tokens)
+        progress = _progress(len(items), show_progress)
+        try:
+            for start, stop in _chunks(len(items), widest_batch):
+                encodings = self.tokenizer.encodings(items[start:stop], truncate=truncate, offset=start,
+                                                     details=details)
+                # Longest first: the first batch shows at once whether memory suffices.
+                order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i].ids))
+                plan = plan_batches([len(encodings[i].ids) for i in order], batch_size=rows_cap,
+                                    max_tokens=max_tokens, multiple_of=bucket, max_length=self.max_length)
+                for planned in plan:
+                    rows = order[planned.start : planned.stop]
+                    chosen = [encodings[i] for i in rows]
+                    sequences = [e.ids for e in chosen]
+                    if fill_rows:
+                        sequences += [[]] * (planned.capacity - len(rows))
+                    input_ids, mask = self.tokenizer.pad(sequences, multiple_of=bucket)
+                    types = (self.tokenizer.pad([e.type_ids for e in chosen], multiple_of=bucket, fill=0)[0]
+                             if self._token_types else None)
+                    yield _Batch([start + i for i in rows], chosen, input_ids, mask, types)
+                    if progress is not None:
+                        progress.update(len(rows))
+        finally:
+            if progress is not None:
+                progress.close()
+
+
+class Encoder(_OnnxModel):
+    """Encodes texts into sentence vectors with an exported deberta-onnx model folder.
+
+    Args:
+        model_dir: a folder written by ``deberta-onnx export`` (``model.onnx``, ``tokenizer.json``, ``manifest.json``).
+        providers: ONNX Runtime execution providers in order of preference; default the CPU provider.
+        config: loading and threading options, see ``EncoderConfig``.
+
+    Raises:
+        ModelFolderError: (or a subclass) the folder is missing, corrupted, or disagrees with its manifest.
+        TaskMismatchError: the folder holds a classifier, not an embedding model.
+        ProviderUnavailableError: a requested provider is not installed or ONNX Runtime fell back from it.
+
+    One ``Encoder`` may be shared by threads: ONNX Runtime sessions and the tokenizer are thread-safe and
+    ``encode`` keeps no state between calls.
+    """
+
     @overload
     def encode(
-        self,
-        texts: str,
-        batch_size: int | None = ...,
-        normalize: bool = ...,
-        *,
-        truncate: bool = ...,
+        self, texts: str, batch_size: int | None = ..., normalize: bool = ..., *, truncate: bool = ...,
         show_progress: bool = ...,
+        dimensions: int | None = ...,
     ) -> np.ndarray: ...
     @overload
     def encode(
@@ -210,6 +310,7 @@ class Encoder:
         *,
         truncate: bool = ...,
         show_progress: bool = ...,
+        dimensions: int | None = ...,
     ) -> np.ndarray: ...
 
     def encode(
@@ -220,71 +321,104 @@ class Encoder:
         *,
         truncate: bool = True,
         show_progress: bool = False,
+        dimensions: int | None = None,
     ) -> np.ndarray:
         """Encodes texts into float32 sentence vectors, in input order.
 
         Texts are sorted by token length and batched with their neighbours, so little padding is computed;
-        work proceeds in chunks, so memory stays bounded however many texts are passed. Each batch is padded
-        to a multiple of ``config.sequence_bucket`` tokens; with ``config.max_tokens``, a batch holds as many
-        texts as fit that many padded tokens.
+        work proceeds in chunks, so memory stays bounded however many texts are passed.
 
         Args:
             texts: a list of str, or a single str.
-            batch_size: texts per model call; ``None``: 32, or no cap beyond ``config.max_tokens`` when set.
+            batch_size: most texts per model call; ``None``: 32, or only ``config.max_tokens`` when set.
             normalize: L2-normalise each vector.
+            truncate: cut texts longer than ``max_length`` tokens (default); if false, raise instead.
+            show_progress: show a progress bar (tqdm) over the texts.
+            dimensions: keep only the first ``dimensions`` components of each vector (Matryoshka truncation,
+                for models trained for it). The truncated vectors are L2-normalised again when ``normalize``
+                is true or the graph normalises its output (``model.normalize`` in the manifest).
+
+        Returns:
+            ``[len(texts), dimensions or hidden_size]`` float32; ``[dimensions or hidden_size]`` for a single str.
+
+        Raises:
+            TypeError: ``texts`` is not a list of str (the message names the first bad index).
+            ValueError: ``batch_size`` < 1, ``dimensions`` outside 1..hidden_size, or ``truncate`` is false and a
+                text is too long.
+        """
+        if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool)
+                                       or not 1 <= dimensions <= self.hidden_size):
+            raise ValueError(f"dimensions must be an int from 1 to {self.hidden_size} (the model's hidden size), "
+                             f"got {dimensions!r}")
+        if isinstance(texts, str):
+            return self.encode([texts], batch_size, normalize, truncate=truncate, show_progress=show_progress,
+                               dimensions=dimensions)[0]
+        items = check_texts(texts)
+        out = np.empty((len(items), self.hidden_size), dtype=np.float32)
+        for batch in self._batches(items, batch_size, truncate=truncate, show_progress=show_progress):
+            (vectors,) = self.runner.run(batch.input_ids, batch.attention_mask)
+            out[batch.rows] = vectors[: len(batch.rows)]
+        if dimensions is not None and dimensions < self.hidden_size:
+            out = np.ascontiguousarray(out[:, :dimensions])
+            normalize = normalize or self.manifest.normalize
+        return normalize_rows(out) if normalize else out
+
+    @overload
+    def encode_tokens(self, texts: str, batch_size: int = ..., *, truncate: bool = ...,
+                      show_progress: bool = ...) -> TokenEmbeddings: ...
+    @overload
+    def encode_tokens(self, texts: Sequence[str], batch_size: int = ..., *, truncate: bool = ...,
+                      show_progress: bool = ...) -> list[TokenEmbeddings]: ...
+
+    def encode_tokens(
+        self,
+        texts: str | Sequence[str],
+        batch_size: int = 32,
+        *,
+        truncate: bool = True,
+        show_progress: bool = False,
+    ) -> TokenEmbeddings | list[TokenEmbeddings]:
+        """Contextualised token vectors per text, without padding, with the tokens they belong to.
+
+        Needs a folder exported with ``--token-embeddings``. Batching is as in ``encode``.
+
+        Args:
+            texts: a list of str, or a single str.
+            batch_size: texts per model call.
             truncate: cut texts longer than ``max_length`` tokens (default); if false, raise instead.
             show_progress: show a progress bar (tqdm) over the texts.
 
         Returns:
-            ``[len(texts), hidden_size]`` float32; ``[hidden_size]`` for a single str.
+            One ``TokenEmbeddings`` per text, in input order (a single one for a single str).
 
         Raises:
-            TypeError: ``texts`` is not a list of str (the message names the first bad index).
+            NotExportedError: the folder was exported without the ``token_embeddings`` output.
+            TypeError: ``texts`` is not a list of str.
             ValueError: ``batch_size`` < 1, or ``truncate`` is false and a text is too long.
         """
-        if isinstance(texts, str):
-            return self.encode([texts], batch_size, normalize, truncate=truncate, show_progress=show_progress)[0]
-        items = check_texts(texts)
-        if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-        max_tokens = self.config.max_tokens
-        rows_cap = batch_size if batch_size is not None or max_tokens is not None else _DEFAULT_BATCH_SIZE
-        bucket = self.sequence_bucket
-        # CUDA graphs replay fixed shapes: a short last batch is padded with empty rows to a full one.
-        fill_rows = self.config.cuda_graph
-        out = np.empty((len(items), self.hidden_size), dtype=np.float32)
-        progress = _progress(len(items), show_progress)
-        widest_batch = batch_capacity(bucket, batch_size=rows_cap, max_tokens=max_tokens)
-        for start, stop in _chunks(len(items), widest_batch):
-            ids = self.tokenizer.encode(items[start:stop], truncate=truncate, offset=start)
-            # Longest first: the first batch shows at once whether memory suffices.
-            order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-            plan = plan_batches(
-                [len(ids[i]) for i in order],
-                batch_size=rows_cap,
-                max_tokens=max_tokens,
-                multiple_of=bucket,
-                max_length=self.max_length,
+        if not self.manifest.has_output(TOKEN_EMBEDDINGS):
+            raise NotExportedError(
+                f"{self.model_dir} was exported without token embeddings; export it again with "
+                f"`deberta-onnx export SRC {self.model_dir} --token-embeddings --overwrite` "
+                "(ExportConfig(token_embeddings=True))."
             )
-            for batch in plan:
-                rows = order[batch.start : batch.stop]
-                sequences = [ids[i] for i in rows]
-                if fill_rows:
-                    sequences += [[]] * (batch.capacity - len(rows))
-                input_ids, mask = self.tokenizer.pad(sequences, multiple_of=bucket)
-                (vectors,) = self.runner.run(input_ids, mask)
-                out[[start + i for i in rows]] = vectors[: len(rows)]
-                if progress is not None:
-                    progress.update(len(rows))
-        if progress is not None:
-            progress.close()
-        return normalize_rows(out) if normalize else out
+        if isinstance(texts, str):
+            return self.encode_tokens([texts], batch_size, truncate=truncate, show_progress=show_progress)[0]
+        items = check_texts(texts)
+        runner = SessionRunner(self.session, (TOKEN_EMBEDDINGS,))
+        out: list[TokenEmbeddings | None] = [None] * len(items)
+        for batch in self._batches(items, batch_size, truncate=truncate, show_progress=show_progress, details=True):
+            (hidden,) = runner.run(batch.input_ids, batch.attention_mask)
+            for row, (index, encoding) in enumerate(zip(batch.rows, batch.encodings)):
+                out[index] = TokenEmbeddings(tokens=list(encoding.tokens), offsets=list(encoding.offsets),
+                                             vectors=hidden[row, : len(encoding.ids)].copy())
+        return [item for item in out if item is not None]
 
 
 def _chunks(total: int, batch_size: int) -> Iterator[tuple[int, int]]:
     """Splits ``range(total)`` into tokenization chunks of many batches each: large enough for length
     sorting to pay off, small enough that 100,000 texts never sit tokenized in memory at once."""
-    step = min(max(batch_size * 64, 4096), 65536)
+    step = max(batch_size * 64, 4096)
     for start in range(0, total, step):
         yield start, min(start + step, total)
 

@@ -9,7 +9,9 @@ __all__ = [
     "DebertaOnnxError",
     "ManifestError",
     "ModelFolderError",
+    "NotExportedError",
     "ProviderUnavailableError",
+    "TaskMismatchError",
 ]
 
 
@@ -40,3 +42,12 @@ class ProviderUnavailableError(DebertaOnnxError):
 class CudaGraphError(DebertaOnnxError):
     """A CUDA graph cannot be used: ONNX Runtime refused to capture one for this model, or a graph captured for
     one (batch, sequence) shape and set of buffers was about to be replayed for another."""
+
+
+class TaskMismatchError(ModelFolderError):
+    """The folder holds another kind of model (an embedding model, a sequence or token classifier) than the
+    class loading it runs; the message names the class to use."""
+
+
+class NotExportedError(DebertaOnnxError):
+    """The call needs a graph output that the folder was exported without (e.g. token embeddings)."""
