@@ -370,7 +370,7 @@ def _staging(target: Path, overwrite: bool) -> Iterator[Path]:
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}{_PARTIAL}{os.getpid()}-", dir=parent))
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the finished folder gets the usual permissions
     except OSError as exc:
-        raise _write_error(exc, parent) from exc
+        raise _write_error(exc, parent, target) from exc
     try:
         yield staging
         _check_target(target, overwrite)
@@ -384,7 +384,7 @@ def _staging(target: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(exc, OSError) and not isinstance(exc, ExportError):
-            raise _write_error(exc, staging) from exc
+            raise _write_error(exc, staging, target) from exc
         raise
 
 
@@ -412,10 +412,10 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _write_error(exc: OSError, where: Path) -> ExportError:
+def _write_error(exc: OSError, where: Path, target: Path) -> ExportError:
     path = exc.filename or where
     reasons = {errno.ENOSPC: "the disk is full", errno.EACCES: "permission denied", errno.EROFS: "read-only file system",
                errno.EDQUOT: "disk quota exceeded", errno.EPERM: "operation not permitted"}
     reason = reasons.get(exc.errno or 0, exc.strerror or str(exc))
-    return ExportError(f"cannot write {path}: {reason}. Nothing was written to the output folder; free space or "
-                       "fix permissions, then export again.")
+    return ExportError(f"cannot write {path}: {reason}. Nothing was written to {target}; free space or fix "
+                       "permissions, then export again.")

@@ -11,6 +11,7 @@ from .encoder import Encoder, EncoderConfig, TokenEmbeddings, normalize_rows
 from .errors import (
     ChecksumMismatchError,
     ContractMismatchError,
+    CudaGraphError,
     DebertaOnnxError,
     ManifestError,
     ModelFolderError,
@@ -25,6 +26,7 @@ __all__ = [
     "ChecksumMismatchError",
     "ContractMismatchError",
     "CrossEncoder",
+    "CudaGraphError",
     "DebertaOnnxError",
     "Encoder",
     "EncoderConfig",

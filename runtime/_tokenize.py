@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
+from ._batching import bucket_width
 from .errors import ContractMismatchError, ModelFolderError
 
 
@@ -22,6 +23,15 @@ def check_texts(texts: object) -> list[str]:
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}] is {type(text).__name__}, not str; every text must be a str")
     return out
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """Index of the first lone surrogate code point in ``text``, or ``None``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
 
 
 def check_pairs(inputs: object, *, texts_allowed: bool) -> list[str | tuple[str, str]]:
@@ -83,10 +93,25 @@ class TextTokenizer:
         truncated longest-first, as transformers does.
 
         Raises:
-            ValueError: ``truncate`` is false and an input is longer than ``max_length`` tokens.
+            ValueError: an input is not valid Unicode, or ``truncate`` is false and an input is longer than
+                ``max_length`` tokens.
         """
         encode = self._tokenizer.encode_batch if details else self._encode_batch
-        encodings = encode(list(inputs), add_special_tokens=True)
+        items = list(inputs)
+        try:
+            encodings = encode(items, add_special_tokens=True)
+        except TypeError as exc:
+            # The tokenizer cannot take a str with a lone surrogate (not valid Unicode); name the culprit.
+            for index, item in enumerate(items):
+                for text in (item,) if isinstance(item, str) else item:
+                    position = _lone_surrogate(text)
+                    if position is not None:
+                        raise ValueError(
+                            f"texts[{index + offset}] is not valid Unicode: a lone surrogate "
+                            f"U+{ord(text[position]):04X} at character {position}. Decode bytes with "
+                            "errors='replace' (or drop the character) before encoding."
+                        ) from exc
+            raise
         if not truncate:
             for index, encoding in enumerate(encodings):
                 if encoding.overflowing:
@@ -103,8 +128,7 @@ class TextTokenizer:
 
         Returns ``(input_ids, attention_mask)``, both int64 ``[batch, sequence]``.
         """
-        longest = max((len(s) for s in sequences), default=1)
-        width = min(-(-max(longest, 1) // multiple_of) * multiple_of, max(self.max_length, longest))
+        width = bucket_width(max((len(s) for s in sequences), default=1), multiple_of, self.max_length)
         ids = np.full((len(sequences), width), self.pad_id if fill is None else fill, dtype=np.int64)
         mask = np.zeros((len(sequences), width), dtype=np.int64)
         for row, seq in enumerate(sequences):

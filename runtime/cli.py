@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ._server_config import ServerConfig
 from .classifier import AGGREGATIONS
 from .contract import POOLINGS, TASKS
 from .errors import DebertaOnnxError
@@ -87,6 +88,12 @@ def _encoder_from_args(args: argparse.Namespace, kind: type | None = None) -> An
         precision=args.precision,
         intra_op_threads=args.threads,
         verify_checksums=not args.no_verify,
+        device=args.device,
+        io_binding=args.io_binding,
+        sequence_bucket=args.sequence_bucket,
+        max_tokens=args.max_tokens,
+        max_buckets=args.max_buckets,
+        cuda_graph=args.cuda_graph,
     )
     return (kind or Encoder)(args.model_dir, config=config)
 
@@ -104,6 +111,35 @@ def _embed(args: argparse.Namespace) -> int:
                              dimensions=args.dimensions)
     _save_npy(vectors, args.output)
     print(f"{args.output}: {vectors.shape[0]} x {vectors.shape[1]} float32 ({encoder.precision})", file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import serve
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_batch_size,
+        batch_size=args.batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_request_bytes=args.max_request_bytes,
+        max_inputs=args.max_inputs,
+        timeout_s=args.timeout_s,
+        normalize=args.normalize,
+        model_name=args.model_name,
+        access_log=args.access_log,
+    )
+    encoder = _encoder_from_args(args)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn catches SIGTERM itself, shuts down gracefully, then raises it again; with the default
+        # disposition the process then ends as stopped by SIGTERM, which service managers count as clean.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    serve(encoder, config)
     return 0
 
 
@@ -258,7 +294,8 @@ def _add_search_parser(commands: Any) -> None:
     search.add_argument("--score", default="cosine", choices=list(SCORES), help="similarity (default cosine)")
     search.add_argument("--dimensions", type=int, default=None,
                         help="Matryoshka truncation of queries (and a text corpus) to the first N dimensions")
-    search.add_argument("--batch-size", type=int, default=32, help="texts per model call (default 32)")
+    search.add_argument("--batch-size", type=int, default=None,
+                        help="texts per model call (default 32; with --max-tokens, a cap on rows)")
     search.add_argument("--json", action="store_true", help="one JSON object per query instead of a table")
     _add_progress_flags(search)
     _add_load_flags(search)
@@ -279,7 +316,8 @@ def _add_classify_parser(commands: Any) -> None:
     classify.add_argument("--aggregation", default="first", choices=list(AGGREGATIONS),
                           help="how token labels become spans (token classifiers; default first)")
     classify.add_argument("--output", default=None, help="write the JSON lines here instead of stdout")
-    classify.add_argument("--batch-size", type=int, default=32, help="inputs per model call (default 32)")
+    classify.add_argument("--batch-size", type=int, default=None,
+                          help="inputs per model call (default 32; with --max-tokens, a cap on rows)")
     _add_progress_flags(classify)
     _add_load_flags(classify)
     classify.set_defaults(run=_classify)
@@ -293,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deberta-onnx",
         description="Export DeBERTa checkpoints to ONNX with fused pooling, and run them without PyTorch: "
                     "`export` writes a model folder (needs the export extra); `embed`, `search`, `classify` and "
-                    "`info` use it with the base install.",
+                    "`info` use it with the base install, `serve` with the server extra.",
         epilog="Run `deberta-onnx COMMAND --help` for a command's options.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -346,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("model_dir", help="a folder written by `deberta-onnx export`")
     embed.add_argument("--input", required=True, help="text file, one text per line; - for stdin")
     embed.add_argument("--output", required=True, help="where to write the .npy")
-    embed.add_argument("--batch-size", type=int, default=32, help="texts per model call (default 32)")
+    embed.add_argument("--batch-size", type=int, default=None,
+                       help="texts per model call (default 32; with --max-tokens, a cap on rows)")
     embed.add_argument("--normalize", action="store_true", help="L2-normalise each vector")
     embed.add_argument("--no-truncate", action="store_true", help="fail on texts longer than the model's maximum")
     embed.add_argument("--dimensions", type=int, default=None,
@@ -354,6 +393,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_progress_flags(embed)
     _add_load_flags(embed)
     embed.set_defaults(run=_embed)
+
+    serve = commands.add_parser(
+        "serve", help="serve a model folder over HTTP (OpenAI-compatible /v1/embeddings; needs the server extra)",
+        description="Serve MODEL_DIR over HTTP: POST /v1/embeddings (OpenAI's request and response shape), "
+                    "GET /health, GET /v1/models. Concurrent requests are merged into one model call. "
+                    "Queue full: 429; body too large or too many inputs: 413; bad JSON or fields: 400; "
+                    "timeout: 504. Stop with Ctrl+C or SIGTERM (in-flight requests finish first).",
+    )
+    defaults = ServerConfig()
+    serve.add_argument("model_dir", help="a folder written by `deberta-onnx export`")
+    serve.add_argument("--host", default=defaults.host, help="address to listen on (default %(default)s: this "
+                       "machine only; put a proxy or firewall in front before listening wider)")
+    serve.add_argument("--port", type=int, default=defaults.port, help="TCP port (default %(default)s; 0 picks a "
+                       "free one, printed at start)")
+    serve.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
+                       help="most texts merged from concurrent requests into one encode call (default "
+                            "%(default)s)")
+    serve.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                       help="rows per model run inside that call; the merged texts are sorted by length first "
+                            "(default %(default)s)")
+    serve.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
+                       help="how long a queued request waits for others to join its batch (default %(default)s)")
+    serve.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                       help="most texts waiting for the model; a request beyond it gets 429 (default %(default)s)")
+    serve.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,
+                       help="largest request body in bytes; larger ones get 413 (default %(default)s)")
+    serve.add_argument("--max-inputs", type=int, default=defaults.max_inputs,
+                       help="most texts in one request; more get 413 (default %(default)s, as OpenAI)")
+    serve.add_argument("--timeout-s", type=float, default=defaults.timeout_s,
+                       help="seconds a request may wait for its vectors, queue included; then 504 "
+                            "(default %(default)s)")
+    serve.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=defaults.normalize,
+                       help="L2-normalise vectors, after `dimensions` truncation (default on, as OpenAI)")
+    serve.add_argument("--model-name", default=defaults.model_name,
+                       help="model id to report (default: the folder's name)")
+    serve.add_argument("--access-log", action="store_true", default=defaults.access_log,
+                       help="log one line per request")
+    _add_load_flags(serve)
+    serve.set_defaults(run=_serve)
 
     info = commands.add_parser("info", help="describe a model folder (variants, sizes, validation)",
                                description="Print what a model folder holds, from its manifest: the source "
@@ -373,6 +451,17 @@ def _add_load_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default=None, help="which exported variant to load (default: the best)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: cores)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the model files at load")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--io-binding", action=argparse.BooleanOptionalAction, default=None,
+                        help="reuse bound device buffers per batch shape (default: on with CUDA, off on the CPU)")
+    parser.add_argument("--sequence-bucket", type=int, default=None,
+                        help="pad batch lengths to a multiple of N tokens (default: 16 with IO binding, else 1)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="token budget per batch (rows x padded length) instead of a fixed batch size")
+    parser.add_argument("--max-buckets", type=int, default=64,
+                        help="most batch shapes whose IO-binding buffers (and CUDA graphs) are kept (default 64)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="capture and replay one CUDA graph per batch shape (CUDA, IO binding)")
 
 
 def _terminate(signum: int, frame: object) -> None:

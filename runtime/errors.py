@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "ChecksumMismatchError",
     "ContractMismatchError",
+    "CudaGraphError",
     "DebertaOnnxError",
     "ManifestError",
     "ModelFolderError",
@@ -36,6 +37,11 @@ class ContractMismatchError(ModelFolderError):
 
 class ProviderUnavailableError(DebertaOnnxError):
     """A requested ONNX Runtime execution provider is not installed, or ONNX Runtime fell back from it."""
+
+
+class CudaGraphError(DebertaOnnxError):
+    """A CUDA graph cannot be used: ONNX Runtime refused to capture one for this model, or a graph captured for
+    one (batch, sequence) shape and set of buffers was about to be replayed for another."""
 
 
 class TaskMismatchError(ModelFolderError):
