@@ -25,8 +25,8 @@ from .similarity import Hit, cos_sim, dot_score, semantic_search
 __all__ = [
     "ChecksumMismatchError",
     "ContractMismatchError",
-    "CudaGraphError",
     "CrossEncoder",
+    "CudaGraphError",
     "DebertaOnnxError",
     "Encoder",
     "EncoderConfig",

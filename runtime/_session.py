@@ -261,9 +261,10 @@ def check_contract(session: ort.InferenceSession, manifest: Manifest, model_path
             )
         for axis, (got, want) in enumerate(zip(shape, spec.dims)):
             if isinstance(got, int) and isinstance(want, int) and got != want:
+                where = "last dimension" if axis == len(shape) - 1 else f"dimension {axis}"
                 raise ContractMismatchError(
-                    f"{model_path}: output {spec.name} has size {got} on axis {axis}, the manifest declares "
-                    f"{want}; the model file belongs to another checkpoint. Re-export."
+                    f"{model_path}: output {spec.name} has {where} {got}, the manifest declares {want}; the model "
+                    "file belongs to another checkpoint. Re-export."
                 )
     if manifest.task not in REQUIRED_OUTPUT:
         raise ContractMismatchError(

@@ -32,6 +32,8 @@ def _lone_surrogate(text: str) -> int | None:
     except UnicodeEncodeError as exc:
         return exc.start
     return None
+
+
 def check_pairs(inputs: object, *, texts_allowed: bool) -> list[str | tuple[str, str]]:
     """Returns ``inputs`` as a list of texts and ``(text, text_pair)`` tuples (texts only if ``texts_allowed``),
     or raises ``TypeError`` naming the first bad element."""
@@ -91,15 +93,16 @@ class TextTokenizer:
         truncated longest-first, as transformers does.
 
         Raises:
-            ValueError: a text is not valid Unicode (a lone surrogate), or ``truncate`` is false and an input is
-                longer than ``max_length`` tokens.
+            ValueError: an input is not valid Unicode, or ``truncate`` is false and an input is longer than
+                ``max_length`` tokens.
         """
         encode = self._tokenizer.encode_batch if details else self._encode_batch
+        items = list(inputs)
         try:
-            encodings = encode(list(inputs), add_special_tokens=True)
+            encodings = encode(items, add_special_tokens=True)
         except TypeError as exc:
             # The tokenizer cannot take a str with a lone surrogate (not valid Unicode); name the culprit.
-            for index, item in enumerate(inputs):
+            for index, item in enumerate(items):
                 for text in (item,) if isinstance(item, str) else item:
                     position = _lone_surrogate(text)
                     if position is not None:

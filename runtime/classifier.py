@@ -38,6 +38,10 @@ __all__ = [
 AGGREGATIONS = ("none", "simple", "first", "average", "max")
 
 
+# A text, a (text, text_pair) pair, or a list of either.
+_Inputs = str | tuple[str, str] | Sequence[str | tuple[str, str]]
+
+
 class Prediction(NamedTuple):
     """A sequence classifier's answer for one input: the top label and its probability (or raw score)."""
 
@@ -85,7 +89,7 @@ class _SequenceModel(_OnnxModel):
             return [inputs], True
         return check_pairs(inputs, texts_allowed=self._TEXTS_ALLOWED), False
 
-    def _logits(self, items: list[str | tuple[str, str]], batch_size: int, truncate: bool,
+    def _logits(self, items: list[str | tuple[str, str]], batch_size: int | None, truncate: bool,
                 show_progress: bool) -> np.ndarray:
         out = np.empty((len(items), len(self.labels)), dtype=np.float32)
         for batch in self._batches(items, batch_size, truncate=truncate, show_progress=show_progress):
@@ -98,12 +102,13 @@ class SequenceClassifier(_SequenceModel):
     """Classifies texts or text pairs with an exported ``...ForSequenceClassification`` model folder.
 
     An input is a text (``str``) or a pair (``(text, text_pair)`` tuple, e.g. premise and hypothesis for
-    NLI); a list may mix both. A tuple of two str is one pair, a list of two str is two texts. Loading options and errors are those of ``Encoder``; ``TaskMismatchError`` if
-    the folder holds another kind of model.
+    NLI); a list may mix both. A tuple of two str is one pair, a list of two str is two texts. Loading
+    options and errors are those of ``Encoder``; ``TaskMismatchError`` if the folder holds another kind of
+    model.
     """
 
-    def logits(self, inputs: str | tuple[str, str] | Sequence[str | tuple[str, str]], batch_size: int = 32, *,
-               truncate: bool = True, show_progress: bool = False) -> np.ndarray:
+    def logits(self, inputs: _Inputs, batch_size: int | None = None, *, truncate: bool = True,
+               show_progress: bool = False) -> np.ndarray:
         """Raw logits: float32 ``[len(inputs), len(labels)]`` (``[len(labels)]`` for a single input).
 
         Raises:
@@ -114,8 +119,8 @@ class SequenceClassifier(_SequenceModel):
         out = self._logits(items, batch_size, truncate, show_progress)
         return out[0] if single else out
 
-    def probabilities(self, inputs: str | tuple[str, str] | Sequence[str | tuple[str, str]], batch_size: int = 32,
-                      *, truncate: bool = True, show_progress: bool = False) -> np.ndarray:
+    def probabilities(self, inputs: _Inputs, batch_size: int | None = None, *, truncate: bool = True,
+                      show_progress: bool = False) -> np.ndarray:
         """Scores per label, as transformers' text-classification pipeline gives them: softmax over the
         labels; the sigmoid of each logit for one-label and multi-label models; raw logits for regression."""
         logits = self.logits(inputs, batch_size, truncate=truncate, show_progress=show_progress)
@@ -126,8 +131,8 @@ class SequenceClassifier(_SequenceModel):
             return sigmoid(logits)
         return softmax(logits)
 
-    def predict(self, inputs: str | tuple[str, str] | Sequence[str | tuple[str, str]], batch_size: int = 32, *,
-                truncate: bool = True, show_progress: bool = False) -> Prediction | list[Prediction]:
+    def predict(self, inputs: _Inputs, batch_size: int | None = None, *, truncate: bool = True,
+                show_progress: bool = False) -> Prediction | list[Prediction]:
         """The top label and its score (see ``probabilities``) per input, in input order.
 
         Returns:
@@ -154,20 +159,21 @@ class CrossEncoder(_SequenceModel):
     _TEXTS_ALLOWED = False
 
     def _activate(self, logits: np.ndarray) -> np.ndarray:
-        activation = self.manifest.model.get("score_activation") or ("sigmoid" if len(self.labels) == 1 else "identity")
+        default = "sigmoid" if len(self.labels) == 1 else "identity"
+        activation = self.manifest.model.get("score_activation") or default
         if activation == "sigmoid":
             return sigmoid(logits)
         if activation == "tanh":
             return np.tanh(logits)
         return logits
 
-    def predict(self, pairs: tuple[str, str] | Sequence[tuple[str, str]], batch_size: int = 32, *,
+    def predict(self, pairs: tuple[str, str] | Sequence[tuple[str, str]], batch_size: int | None = None, *,
                 activation: bool = True, truncate: bool = True, show_progress: bool = False) -> np.ndarray | float:
         """Scores each pair.
 
         Args:
             pairs: ``(text, text_pair)`` tuples, or one tuple.
-            batch_size: pairs per model call.
+            batch_size: pairs per model call (``None``: 32, or as ``config.max_tokens`` allows).
             activation: apply the model's score activation (see the class); false gives raw logits.
             truncate: cut pairs longer than ``max_length`` tokens, longest text first (default); else raise.
             show_progress: show a progress bar (tqdm).
@@ -188,7 +194,7 @@ class CrossEncoder(_SequenceModel):
             scores = scores[:, 0]
         return float(scores[0]) if single and scores.ndim == 1 else (scores[0] if single else scores)
 
-    def rank(self, query: str, documents: Sequence[str], top_k: int | None = None, batch_size: int = 32, *,
+    def rank(self, query: str, documents: Sequence[str], top_k: int | None = None, batch_size: int | None = None, *,
              truncate: bool = True, show_progress: bool = False) -> list[Hit]:
         """Scores ``(query, document)`` for every document and returns them best first.
 
@@ -224,7 +230,7 @@ class TokenClassifier(_OnnxModel):
         """Label names in logit order (the checkpoint's ``id2label``)."""
         return self.manifest.labels
 
-    def logits(self, texts: str | Sequence[str], batch_size: int = 32, *, truncate: bool = True,
+    def logits(self, texts: str | Sequence[str], batch_size: int | None = None, *, truncate: bool = True,
                show_progress: bool = False) -> np.ndarray | list[np.ndarray]:
         """Raw logits per text: float32 ``[tokens, len(labels)]``, padding removed (special tokens included).
 
@@ -236,7 +242,7 @@ class TokenClassifier(_OnnxModel):
             return self.logits([texts], batch_size, truncate=truncate, show_progress=show_progress)[0]
         return [logits for logits, _ in self._run(check_texts(texts), batch_size, truncate, show_progress)]
 
-    def _run(self, items: list[str], batch_size: int, truncate: bool, show_progress: bool
+    def _run(self, items: list[str], batch_size: int | None, truncate: bool, show_progress: bool
              ) -> list[tuple[np.ndarray, object]]:
         runner = SessionRunner(self.session, (LOGITS,))
         out: list[tuple[np.ndarray, object] | None] = [None] * len(items)
@@ -246,14 +252,14 @@ class TokenClassifier(_OnnxModel):
                 out[index] = (logits[row, : len(encoding.ids)].copy(), encoding)
         return [item for item in out if item is not None]
 
-    def predict(self, texts: str | Sequence[str], batch_size: int = 32, *, aggregation: str = "first",
+    def predict(self, texts: str | Sequence[str], batch_size: int | None = None, *, aggregation: str = "first",
                 ignore_labels: Sequence[str] = ("O",), truncate: bool = True, show_progress: bool = False
                 ) -> list[Span] | list[list[Span]]:
         """Labelled spans per text (see ``aggregate_spans``), in input order.
 
         Args:
             texts: a list of str, or a single str.
-            batch_size: texts per model call.
+            batch_size: texts per model call (``None``: 32, or as ``config.max_tokens`` allows).
             aggregation: one of ``AGGREGATIONS``; default ``"first"`` (each word takes its first token's label).
             ignore_labels: labels that are not entities.
             truncate: cut texts longer than ``max_length`` tokens (default; later words get no span); else raise.

@@ -294,7 +294,8 @@ def _add_search_parser(commands: Any) -> None:
     search.add_argument("--score", default="cosine", choices=list(SCORES), help="similarity (default cosine)")
     search.add_argument("--dimensions", type=int, default=None,
                         help="Matryoshka truncation of queries (and a text corpus) to the first N dimensions")
-    search.add_argument("--batch-size", type=int, default=32, help="texts per model call (default 32)")
+    search.add_argument("--batch-size", type=int, default=None,
+                        help="texts per model call (default 32; with --max-tokens, a cap on rows)")
     search.add_argument("--json", action="store_true", help="one JSON object per query instead of a table")
     _add_progress_flags(search)
     _add_load_flags(search)
@@ -315,7 +316,8 @@ def _add_classify_parser(commands: Any) -> None:
     classify.add_argument("--aggregation", default="first", choices=list(AGGREGATIONS),
                           help="how token labels become spans (token classifiers; default first)")
     classify.add_argument("--output", default=None, help="write the JSON lines here instead of stdout")
-    classify.add_argument("--batch-size", type=int, default=32, help="inputs per model call (default 32)")
+    classify.add_argument("--batch-size", type=int, default=None,
+                          help="inputs per model call (default 32; with --max-tokens, a cap on rows)")
     _add_progress_flags(classify)
     _add_load_flags(classify)
     classify.set_defaults(run=_classify)
@@ -329,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deberta-onnx",
         description="Export DeBERTa checkpoints to ONNX with fused pooling, and run them without PyTorch: "
                     "`export` writes a model folder (needs the export extra); `embed`, `search`, `classify` and "
-                    "`info` use it with the base install.",
+                    "`info` use it with the base install, `serve` with the server extra.",
         epilog="Run `deberta-onnx COMMAND --help` for a command's options.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

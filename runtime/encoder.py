@@ -59,7 +59,8 @@ class EncoderConfig:
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; short for a provider list (CUDA, then CPU for the few
             host-side nodes). ``None``: the ``providers`` argument decides, else the CPU.
         io_binding: run through IO binding, with device buffers reused per (batch, sequence) shape; ``None``:
-            on with CUDA, off on the CPU.
+            on with CUDA, off on the CPU. Embedding models only: classifiers and ``encode_tokens`` run
+            through ``session.run``.
         sequence_bucket: pad each batch's length up to a multiple of this many tokens, so that few shapes
             occur; ``None``: 16 with IO binding, 1 (no extra padding) without.
         max_tokens: a token budget per batch (rows x padded length) instead of a fixed row count; a
@@ -140,6 +141,14 @@ _LOADERS = {
 }
 
 
+# Which class loads which task, for the error that names the right one.
+_LOADERS = {
+    TASK_EMBEDDING: "Encoder",
+    TASK_SEQUENCE_CLASSIFICATION: "SequenceClassifier or CrossEncoder",
+    TASK_TOKEN_CLASSIFICATION: "TokenClassifier",
+}
+
+
 class _OnnxModel:
     """Loading and batching shared by ``Encoder`` and the classifiers: manifest, checksums, tokenizer,
     session and contract checks, then length-sorted batches. Subclasses name the tasks they run."""
@@ -168,6 +177,9 @@ class _OnnxModel:
             pad_id=int(model["pad_token_id"]),
             vocab_limit=int(model["vocab_size"]),
         )
+        if self.config.cuda_graph and self.manifest.task != TASK_EMBEDDING:
+            raise ValueError(f"cuda_graph runs embedding graphs through IO binding; {self.model_dir} holds a "
+                             f"{self.manifest.task} model. Leave cuda_graph off.")
         self.providers = resolve_providers(providers, self.config.device, cuda_graph=self.config.cuda_graph)
         settings = SessionSettings(
             intra_op_threads=self.config.intra_op_threads,
@@ -176,13 +188,15 @@ class _OnnxModel:
         )
         self.session = create_session(model_path, self.providers, settings)
         check_contract(self.session, self.manifest, model_path)
-        self._token_types = any(spec.name == TOKEN_TYPE_IDS for spec in self.manifest.inputs)
         device, device_id = session_device(self.session)
         self.device = device if device == "cpu" else f"{device}:{device_id}"
-        # IO binding serves the sentence-vector graph ([batch, hidden] out, ids and mask in); classifiers and
-        # graphs with segment ids take the plain path.
         io_binding = self.config.io_binding if self.config.io_binding is not None else device == "cuda"
-        io_binding = io_binding and self.manifest.task == TASK_EMBEDDING and not self._token_types
+        task = self.manifest.task
+        if io_binding and task != TASK_EMBEDDING:
+            if self.config.io_binding:
+                raise ValueError(f"io_binding runs embedding graphs; {self.model_dir} holds a {task} model. "
+                                 "Leave io_binding unset (None) or False.")
+            io_binding = False
         self.runner: SessionRunner | IOBindingRunner
         if io_binding:
             self.runner = IOBindingRunner(
@@ -194,7 +208,8 @@ class _OnnxModel:
                 cuda_graph=self.config.cuda_graph,
             )
         else:
-            self.runner = SessionRunner(self.session, (REQUIRED_OUTPUT[self.manifest.task],))
+            self.runner = SessionRunner(self.session, (REQUIRED_OUTPUT[task],))
+        self._token_types = any(spec.name == TOKEN_TYPE_IDS for spec in self.manifest.inputs)
         self.sequence_bucket = self.config.sequence_bucket or (_DEFAULT_IO_BINDING_BUCKET if io_binding else 1)
         logger.info(
             "loaded %s (%s) on %s, %s", model_path, self.precision, self.session.get_providers()[0],
@@ -206,8 +221,8 @@ class _OnnxModel:
         if task not in self._TASKS:
             loader = _LOADERS.get(task, "a newer deberta-onnx")
             raise TaskMismatchError(
-                f"{self.model_dir} holds a model of task {task!r}, which {type(self).__name__} cannot run; load it with "
-                f"{loader} (from deberta_onnx.runtime), or export the checkpoint with --task "
+                f"{self.model_dir} holds a model of task {task!r}, which {type(self).__name__} cannot run; load "
+                f"it with {loader} (from deberta_onnx.runtime), or export the checkpoint with --task "
                 f"{' or '.join(self._TASKS)}."
             )
 
@@ -237,12 +252,13 @@ class _OnnxModel:
                  show_progress: bool, details: bool = False) -> Iterator[_Batch]:
         """Tokenizes ``items`` chunk by chunk and yields padded batches of neighbours in token length.
 
-        Batches hold ``batch_size`` rows, or as many as fit ``config.max_tokens`` padded tokens; their width is
-        rounded up to ``sequence_bucket``. With CUDA graphs a short batch is filled with empty rows (``rows``
-        then lists only the real ones, first).
+        Each batch is padded to a multiple of ``sequence_bucket`` tokens; with ``config.max_tokens`` it holds as
+        many inputs as fit that many padded tokens (``batch_size`` then caps the rows). With CUDA graphs a short
+        batch is filled with empty rows up to a full one (``rows`` names only the real ones).
 
         Raises:
-            ValueError: ``batch_size`` < 1, or ``truncate`` is false and an input is too long.
+            ValueError: ``batch_size`` is neither None nor a positive int, or ``truncate`` is false and an
+                input is too long.
         """
         if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
@@ -251,16 +267,21 @@ class _OnnxModel:
         bucket = self.sequence_bucket
         # CUDA graphs replay fixed shapes: a short last batch is padded with empty rows to a full one.
         fill_rows = self.config.cuda_graph
-        widest_batch = batch_capacity(bucket, batch_size=rows_cap, max_tokens=max_tokens)
         progress = _progress(len(items), show_progress)
+        widest_batch = batch_capacity(bucket, batch_size=rows_cap, max_tokens=max_tokens)
         try:
             for start, stop in _chunks(len(items), widest_batch):
                 encodings = self.tokenizer.encodings(items[start:stop], truncate=truncate, offset=start,
                                                      details=details)
                 # Longest first: the first batch shows at once whether memory suffices.
                 order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i].ids))
-                plan = plan_batches([len(encodings[i].ids) for i in order], batch_size=rows_cap,
-                                    max_tokens=max_tokens, multiple_of=bucket, max_length=self.max_length)
+                plan = plan_batches(
+                    [len(encodings[i].ids) for i in order],
+                    batch_size=rows_cap,
+                    max_tokens=max_tokens,
+                    multiple_of=bucket,
+                    max_length=self.max_length,
+                )
                 for planned in plan:
                     rows = order[planned.start : planned.stop]
                     chosen = [encodings[i] for i in rows]
@@ -268,8 +289,9 @@ class _OnnxModel:
                     if fill_rows:
                         sequences += [[]] * (planned.capacity - len(rows))
                     input_ids, mask = self.tokenizer.pad(sequences, multiple_of=bucket)
-                    types = (self.tokenizer.pad([e.type_ids for e in chosen], multiple_of=bucket, fill=0)[0]
-                             if self._token_types else None)
+                    types = None
+                    if self._token_types:
+                        types = self.tokenizer.pad([e.type_ids for e in chosen], multiple_of=bucket, fill=0)[0]
                     yield _Batch([start + i for i in rows], chosen, input_ids, mask, types)
                     if progress is not None:
                         progress.update(len(rows))
@@ -283,21 +305,29 @@ class Encoder(_OnnxModel):
 
     Args:
         model_dir: a folder written by ``deberta-onnx export`` (``model.onnx``, ``tokenizer.json``, ``manifest.json``).
-        providers: ONNX Runtime execution providers in order of preference; default the CPU provider.
-        config: loading and threading options, see ``EncoderConfig``.
+        providers: ONNX Runtime execution providers in order of preference; default ``config.device``, else
+            the CPU provider.
+        config: loading, device, batching and threading options, see ``EncoderConfig``.
 
     Raises:
         ModelFolderError: (or a subclass) the folder is missing, corrupted, or disagrees with its manifest.
         TaskMismatchError: the folder holds a classifier, not an embedding model.
         ProviderUnavailableError: a requested provider is not installed or ONNX Runtime fell back from it.
+        CudaGraphError: ``config.cuda_graph`` is set and ONNX Runtime refused CUDA graphs for this model.
+        ValueError: ``providers`` and ``config.device`` both given, or ``cuda_graph`` without CUDA.
 
-    One ``Encoder`` may be shared by threads: ONNX Runtime sessions and the tokenizer are thread-safe and
-    ``encode`` keeps no state between calls.
+    One ``Encoder`` may be shared by threads: ONNX Runtime sessions and the tokenizer are thread-safe,
+    ``encode`` keeps no state between calls, and the IO-binding runner serialises model calls with a lock.
     """
 
     @overload
     def encode(
-        self, texts: str, batch_size: int | None = ..., normalize: bool = ..., *, truncate: bool = ...,
+        self,
+        texts: str,
+        batch_size: int | None = ...,
+        normalize: bool = ...,
+        *,
+        truncate: bool = ...,
         show_progress: bool = ...,
         dimensions: int | None = ...,
     ) -> np.ndarray: ...
@@ -326,11 +356,13 @@ class Encoder(_OnnxModel):
         """Encodes texts into float32 sentence vectors, in input order.
 
         Texts are sorted by token length and batched with their neighbours, so little padding is computed;
-        work proceeds in chunks, so memory stays bounded however many texts are passed.
+        work proceeds in chunks, so memory stays bounded however many texts are passed. Each batch is padded
+        to a multiple of ``config.sequence_bucket`` tokens; with ``config.max_tokens``, a batch holds as many
+        texts as fit that many padded tokens.
 
         Args:
             texts: a list of str, or a single str.
-            batch_size: most texts per model call; ``None``: 32, or only ``config.max_tokens`` when set.
+            batch_size: texts per model call; ``None``: 32, or no cap beyond ``config.max_tokens`` when set.
             normalize: L2-normalise each vector.
             truncate: cut texts longer than ``max_length`` tokens (default); if false, raise instead.
             show_progress: show a progress bar (tqdm) over the texts.
@@ -346,8 +378,7 @@ class Encoder(_OnnxModel):
             ValueError: ``batch_size`` < 1, ``dimensions`` outside 1..hidden_size, or ``truncate`` is false and a
                 text is too long.
         """
-        if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool)
-                                       or not 1 <= dimensions <= self.hidden_size):
+        if dimensions is not None and (not _is_int(dimensions) or not 1 <= dimensions <= self.hidden_size):
             raise ValueError(f"dimensions must be an int from 1 to {self.hidden_size} (the model's hidden size), "
                              f"got {dimensions!r}")
         if isinstance(texts, str):
@@ -364,16 +395,16 @@ class Encoder(_OnnxModel):
         return normalize_rows(out) if normalize else out
 
     @overload
-    def encode_tokens(self, texts: str, batch_size: int = ..., *, truncate: bool = ...,
+    def encode_tokens(self, texts: str, batch_size: int | None = ..., *, truncate: bool = ...,
                       show_progress: bool = ...) -> TokenEmbeddings: ...
     @overload
-    def encode_tokens(self, texts: Sequence[str], batch_size: int = ..., *, truncate: bool = ...,
+    def encode_tokens(self, texts: Sequence[str], batch_size: int | None = ..., *, truncate: bool = ...,
                       show_progress: bool = ...) -> list[TokenEmbeddings]: ...
 
     def encode_tokens(
         self,
         texts: str | Sequence[str],
-        batch_size: int = 32,
+        batch_size: int | None = None,
         *,
         truncate: bool = True,
         show_progress: bool = False,
@@ -384,7 +415,7 @@ class Encoder(_OnnxModel):
 
         Args:
             texts: a list of str, or a single str.
-            batch_size: texts per model call.
+            batch_size: texts per model call (``None`` as in ``encode``).
             truncate: cut texts longer than ``max_length`` tokens (default); if false, raise instead.
             show_progress: show a progress bar (tqdm) over the texts.
 
@@ -402,6 +433,9 @@ class Encoder(_OnnxModel):
                 f"`deberta-onnx export SRC {self.model_dir} --token-embeddings --overwrite` "
                 "(ExportConfig(token_embeddings=True))."
             )
+        if self.config.cuda_graph:
+            raise ValueError("encode_tokens reads a second output, which the CUDA graphs (captured for the sentence "
+                             "vectors alone) cannot give; use an Encoder loaded without cuda_graph")
         if isinstance(texts, str):
             return self.encode_tokens([texts], batch_size, truncate=truncate, show_progress=show_progress)[0]
         items = check_texts(texts)
@@ -418,7 +452,7 @@ class Encoder(_OnnxModel):
 def _chunks(total: int, batch_size: int) -> Iterator[tuple[int, int]]:
     """Splits ``range(total)`` into tokenization chunks of many batches each: large enough for length
     sorting to pay off, small enough that 100,000 texts never sit tokenized in memory at once."""
-    step = max(batch_size * 64, 4096)
+    step = min(max(batch_size * 64, 4096), 65536)
     for start in range(0, total, step):
         yield start, min(start + step, total)
 

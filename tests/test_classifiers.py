@@ -258,3 +258,20 @@ def test_task_embedding_exports_the_encoder_of_a_classifier(nli: tuple[Path, Pat
     mask = batch["attention_mask"].unsqueeze(-1).float()
     expected = ((hidden * mask).sum(1) / mask.sum(1)).numpy()
     np.testing.assert_allclose(Encoder(tmp_path / "enc").encode(TEXTS), expected, atol=1e-4, rtol=0)
+
+
+def test_token_budget_batches_and_io_binding_setting(nli: tuple[Path, Path], ner: tuple[Path, Path]) -> None:
+    """Classifiers batch as the Encoder does (a token budget gives the same logits) and run through
+    session.run: asking them for IO binding is refused, leaving it unset is fine."""
+    from deberta_onnx.runtime import EncoderConfig
+
+    inputs = PAIRS + TEXTS
+    budget = SequenceClassifier(nli[1], config=EncoderConfig(max_tokens=40, sequence_bucket=8))
+    np.testing.assert_allclose(budget.logits(inputs), SequenceClassifier(nli[1]).logits(inputs), atol=1e-5, rtol=0)
+    for a, b in zip(TokenClassifier(ner[1], config=EncoderConfig(max_tokens=40)).logits(TEXTS),
+                    TokenClassifier(ner[1]).logits(TEXTS)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="io_binding runs embedding graphs"):
+        CrossEncoder(nli[1], config=EncoderConfig(io_binding=True))
+    with pytest.raises(ValueError, match="cuda_graph runs embedding graphs"):
+        TokenClassifier(ner[1], config=EncoderConfig(cuda_graph=True, device="cuda"))

@@ -77,3 +77,17 @@ def test_single_string_truncation_and_empty(token_model: Path) -> None:
 def test_folder_without_token_output_says_how_to_export(tiny_model: Path) -> None:
     with pytest.raises(NotExportedError, match="without token embeddings.*--token-embeddings"):
         Encoder(tiny_model).encode_tokens(["text"])
+
+
+def test_io_binding_and_token_budget_leave_both_outputs_alone(token_model: Path, corpus: list[str]) -> None:
+    """The IO-binding path binds only the sentence vectors; the second output neither disturbs it nor is lost
+    to encode_tokens, and token-budget batching gives the same per-token vectors."""
+    from deberta_onnx.runtime import EncoderConfig
+
+    texts = corpus[:20] + ["word " * 300]
+    plain = Encoder(token_model)
+    bound = Encoder(token_model, config=EncoderConfig(io_binding=True, max_tokens=256))
+    np.testing.assert_allclose(bound.encode(texts), plain.encode(texts), atol=1e-5, rtol=0)
+    for a, b in zip(bound.encode_tokens(texts), plain.encode_tokens(texts)):
+        assert a.tokens == b.tokens
+        np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-5, rtol=0)
