@@ -28,10 +28,12 @@ from ._errors import (  # noqa: E402
     CheckpointError,
     ExportError,
     OutputExistsError,
+    QualityGateError,
     UnsupportedModelError,
     ValidationError,
 )
 from ._export import ExportConfig, ExportResult, export_model  # noqa: E402
+from ._precision import RECIPES, Recipe  # noqa: E402
 from ._validate import DEFAULT_VALIDATION_SHAPES  # noqa: E402
 
 __all__ = [
@@ -42,6 +44,9 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "OutputExistsError",
+    "QualityGateError",
+    "RECIPES",
+    "Recipe",
     "UnsupportedModelError",
     "ValidationError",
     "build_random_checkpoint",

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from deberta_onnx.runtime.errors import DebertaOnnxError
 
-__all__ = ["CheckpointError", "ExportError", "OutputExistsError", "UnsupportedModelError", "ValidationError"]
+__all__ = [
+    "CheckpointError",
+    "ExportError",
+    "OutputExistsError",
+    "QualityGateError",
+    "UnsupportedModelError",
+    "ValidationError",
+]
 
 
 class ExportError(DebertaOnnxError):
@@ -33,3 +40,17 @@ class ValidationError(ExportError):
     def __init__(self, message: str, report: dict) -> None:
         super().__init__(message)
         self.report = report
+
+
+class QualityGateError(ExportError):
+    """A lower-precision variant's sentence vectors are too far from the fp32 PyTorch reference.
+
+    Attributes:
+        precision: the variant that failed (``"int8-static"``, ...).
+        reports: the quality report of every recipe tried, in order; the last one names the worst sentence.
+    """
+
+    def __init__(self, message: str, precision: str, reports: list[dict]) -> None:
+        super().__init__(message)
+        self.precision = precision
+        self.reports = reports

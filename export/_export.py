@@ -25,6 +25,8 @@ from deberta_onnx.runtime.contract import (
     TASK_EMBEDDING,
     TASK_SEQUENCE_CLASSIFICATION,
     TASKS,
+    PRECISIONS,
+    SENTENCE_OUTPUT,
     TOKENIZER_FILE,
 )
 from deberta_onnx.runtime.manifest import sha256_file, write_manifest
@@ -43,6 +45,7 @@ from ._sentence_transformers import SentenceTransformerSpec, read_sentence_trans
 from ._tokenizer import TOKENIZER_SOURCES, build_tokenizer
 from ._triton import triton_name, write_triton_repository
 from ._validate import DEFAULT_VALIDATION_SHAPES, format_report, validate
+from ._variants import derive_variants, read_calibration
 
 __all__ = ["ExportConfig", "ExportResult", "export_model"]
 
@@ -82,6 +85,14 @@ class ExportConfig:
         opset: ONNX opset of the graph.
         seed: seeds the validation inputs.
         quiet: no progress bars or report on stderr.
+        precisions: the variants to write (``"fp32"``, ``"fp16"``, ``"int8-dynamic"``, ``"int8-static"``); fp32
+            is always written, first, as the reference the others are derived from and compared with.
+        calibration: int8-static: a UTF-8 text file, one sentence per line, whose activation ranges fix the
+            quantization scales; default the 300 shipped sentences the quality gate does not hold out.
+        min_cosine_fp16: the quality gate's threshold for fp16: lowest allowed cosine between a held-out
+            sentence's vector and the fp32 PyTorch one.
+        min_cosine_int8: the same for int8-dynamic and int8-static.
+        fallback: when a precision fails the gate, try its safer recipes in turn (and say so) instead of failing.
     """
 
     overwrite: bool = False
@@ -101,8 +112,26 @@ class ExportConfig:
     opset: int = OPSET
     seed: int = 0
     quiet: bool = False
+    precisions: tuple[str, ...] = ("fp32",)
+    calibration: str | None = None
+    min_cosine_fp16: float = 0.999
+    min_cosine_int8: float = 0.99
+    fallback: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.precisions, str) or not all(isinstance(p, str) for p in self.precisions):
+            raise TypeError(
+                f"precisions must be a tuple of names, e.g. ('fp32', 'int8-static'), got {self.precisions!r}"
+            )
+        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        if unknown:
+            raise ValueError(f"unknown precision(s) {unknown}; choose from {', '.join(PRECISIONS)}")
+        # fp32 first (always written: the others are derived from it), then the rest in canonical order.
+        object.__setattr__(self, "precisions", tuple(p for p in PRECISIONS if p == "fp32" or p in self.precisions))
+        for name in ("min_cosine_fp16", "min_cosine_int8"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ValueError(f"{name} must be a cosine in (0, 1], got {value!r}")
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.task is not None and self.task not in TASKS:
@@ -176,10 +205,13 @@ def export_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], c
             checkpoint.source["model"] = str(src)
         if sentence_transformer is not None:
             checkpoint.source["sentence_transformers"] = sentence_transformer.to_manifest()
+        if config.calibration is not None and "int8-static" in config.precisions:
+            read_calibration(config.calibration)  # a bad file fails now, not after the export
         with _staging(target, config.overwrite) as staging:
             manifest = _build(checkpoint, staging, config, pooling=pooling, normalize=normalize,
                               sentence_transformer=sentence_transformer,
-                              triton_model=config.triton_name or _model_name(target.name))
+                              triton_model=config.triton_name or _model_name(target.name),
+                              scratch=Path(scratch))
     seconds = time.perf_counter() - started
     _say(config, f"exported {src} to {target} in {seconds:.1f} s")
     return ExportResult(out_dir=target, manifest=manifest, seconds=seconds)
@@ -233,7 +265,8 @@ def _model_name(folder_name: str) -> str:
 
 
 def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, *, pooling: str, normalize: bool,
-           sentence_transformer: SentenceTransformerSpec | None, triton_model: str) -> dict[str, Any]:
+           sentence_transformer: SentenceTransformerSpec | None, triton_model: str, scratch: Path
+           ) -> dict[str, Any]:
     model_config = checkpoint.config
     tokenizer = checkpoint.tokenizer
     fast_tokenizer, tokenizer_origin = build_tokenizer(checkpoint.path, tokenizer, config.tokenizer)
@@ -281,6 +314,8 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, *, 
                                          max_queue_delay_us=config.triton_max_queue_delay_us)
         _say(config, f"Triton model repository: {triton['repository']}/{triton_model}/")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (model_config.pad_token_id or 0)
+    fp32_quality, derived = derive_variants(graph, folder, config, scratch, max_length=max_length, pad_id=int(pad_id),
+                                            say=lambda message: _say(config, message))
     manifest = {
         "format": MANIFEST_FORMAT,
         "manifest_version": MANIFEST_VERSION,
@@ -310,7 +345,9 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, *, 
                 "extra_files": [name for name in model_files if name != MODEL_FILE],
                 "precision": "fp32",
                 "validation": report,
-            }
+                "quality": fp32_quality,
+            },
+            **derived,
         },
         "files": {p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                   for p in sorted(folder.rglob("*")) if p.is_file()},

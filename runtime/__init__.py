@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from .classifier import CrossEncoder, Prediction, SequenceClassifier, Span, TokenClassifier
-from .encoder import Encoder, EncoderConfig, TokenEmbeddings, normalize_rows
+from .encoder import PREFERRED_PRECISIONS, Encoder, EncoderConfig, TokenEmbeddings, best_precision, normalize_rows
 from .errors import (
     ChecksumMismatchError,
     ContractMismatchError,
@@ -35,6 +35,7 @@ __all__ = [
     "ManifestError",
     "ModelFolderError",
     "NotExportedError",
+    "PREFERRED_PRECISIONS",
     "Prediction",
     "ProviderUnavailableError",
     "SequenceClassifier",
@@ -42,6 +43,7 @@ __all__ = [
     "TaskMismatchError",
     "TokenClassifier",
     "TokenEmbeddings",
+    "best_precision",
     "cos_sim",
     "dot_score",
     "load_manifest",

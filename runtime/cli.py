@@ -18,6 +18,7 @@ import numpy as np
 from ._server_config import ServerConfig
 from .classifier import AGGREGATIONS
 from .contract import POOLINGS, TASKS
+from .contract import PRECISIONS
 from .errors import DebertaOnnxError
 from .similarity import SCORES
 
@@ -54,7 +55,18 @@ def _export_config(args: argparse.Namespace) -> Any:
         triton_max_batch_size=args.triton_max_batch_size,
         triton_max_queue_delay_us=args.triton_max_queue_delay_us,
         quiet=args.quiet,
+        precisions=_precision_list(args.precision),
+        calibration=args.calibration,
+        min_cosine_fp16=args.min_cosine_fp16,
+        min_cosine_int8=args.min_cosine_int8,
+        fallback=args.fallback,
     )
+
+
+def _precision_list(values: list[str] | None) -> tuple[str, ...]:
+    """``--precision fp16,int8-static --precision int8-dynamic`` -> ("fp16", "int8-static", "int8-dynamic")."""
+    names = [name.strip() for value in values or ["fp32"] for name in value.split(",") if name.strip()]
+    return tuple(dict.fromkeys(names))
 
 
 def _read_lines(source: str) -> list[str]:
@@ -110,7 +122,8 @@ def _embed(args: argparse.Namespace) -> int:
                              truncate=not args.no_truncate, show_progress=_show_progress(args),
                              dimensions=args.dimensions)
     _save_npy(vectors, args.output)
-    print(f"{args.output}: {vectors.shape[0]} x {vectors.shape[1]} float32 ({encoder.precision})", file=sys.stderr)
+    print(f"{args.output}: {vectors.shape[0]} x {vectors.shape[1]} float32 (precision {encoder.precision}: "
+          f"{encoder.precision_reason})", file=sys.stderr)
     return 0
 
 
@@ -161,7 +174,11 @@ def _info(args: argparse.Namespace) -> int:
         size = data["files"].get(variant["file"], {}).get("bytes", 0)
         report = variant.get("validation") or {}
         worst = report.get("worst", {}).get("max_abs_diff")
-        check = f"max|diff| {worst:.1e} vs PyTorch" if worst is not None else "not validated"
+        quality = variant.get("quality") or {}
+        if quality and "threshold" in quality:
+            check = f"cosine to PyTorch >= {quality['min_cosine']:.5f} (gate {quality['threshold']:g})"
+        else:
+            check = f"max|diff| {worst:.1e} vs PyTorch" if worst is not None else "not validated"
         print(f"variant:    {name:<14} {variant['file']:<24} {size / 1e6:8.1f} MB   {check}")
     print(f"exported:   {data.get('created_at')} with {', '.join(f'{k} {v}' for k, v in data.get('versions', {}).items())}")
     return 0
@@ -374,6 +391,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest batch Triton's dynamic batcher forms (default 64)")
     export.add_argument("--triton-max-queue-delay-us", type=int, default=1000,
                         help="how long Triton may hold a request to batch it with others (default 1000)")
+    export.add_argument("--precision", action="append", default=None, metavar="NAMES",
+                        help="variants to write, comma-separated or repeated: fp32, fp16, int8-dynamic, int8-static "
+                             "(default fp32; fp32 is always written, as the reference)")
+    export.add_argument("--calibration", default=None, metavar="FILE",
+                        help="int8-static: text file, one sentence per line, that fixes the activation scales "
+                             "(default: the 300 shipped sentences the quality gate does not hold out)")
+    export.add_argument("--min-cosine-fp16", type=float, default=0.999,
+                        help="quality gate: lowest cosine to the fp32 PyTorch vector allowed for fp16 (default 0.999)")
+    export.add_argument("--min-cosine-int8", type=float, default=0.99,
+                        help="quality gate: the same for int8-dynamic and int8-static (default 0.99)")
+    export.add_argument("--fallback", action="store_true",
+                        help="when a precision fails the quality gate, try its safer recipes instead of failing")
     export.add_argument("--quiet", action="store_true", help="no progress bars or report")
     export.set_defaults(run=_export)
 
@@ -448,7 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_load_flags(parser: argparse.ArgumentParser) -> None:
     """Flags that map onto ``EncoderConfig``."""
-    parser.add_argument("--precision", default=None, help="which exported variant to load (default: the best)")
+    parser.add_argument("--precision", default=None, choices=list(PRECISIONS),
+                        help="which exported variant to load (default: the best in the folder for the provider: "
+                             "int8-static, then int8-dynamic, then fp32 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: cores)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the model files at load")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")

@@ -11,8 +11,8 @@ from typing import Any
 
 __all__ = [
     "ATTENTION_MASK",
-    "INPUT_IDS",
     "INPUTS",
+    "INPUT_IDS",
     "LOGITS",
     "MANIFEST_FILE",
     "MANIFEST_FORMAT",
@@ -21,6 +21,7 @@ __all__ = [
     "OPSET",
     "OPTIONAL_INPUTS",
     "POOLINGS",
+    "PRECISIONS",
     "REQUIRED_OUTPUT",
     "SENTENCE_EMBEDDING",
     "SENTENCE_OUTPUT",
@@ -38,6 +39,7 @@ __all__ = [
     "TensorSpec",
     "graph_inputs",
     "graph_outputs",
+    "variant_file",
 ]
 
 MANIFEST_FORMAT = "deberta-onnx"
@@ -47,6 +49,10 @@ OPSET = 18
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST_FILE = "manifest.json"
+
+# Names of the exported variants (keys of manifest["variants"]). fp32 is the reference every other one is
+# derived from and compared with.
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
@@ -69,6 +75,13 @@ TASKS = (TASK_EMBEDDING, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
 # How an embedding graph turns token vectors into one sentence vector (``model.pooling``): masked mean,
 # the first ([CLS]) token's vector, or the masked per-dimension maximum.
 POOLINGS = ("mean", "cls", "max")
+
+
+def variant_file(precision: str) -> str:
+    """The graph file of a precision: ``model.onnx`` for fp32, ``model.PRECISION.onnx`` for the others."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return MODEL_FILE if precision == "fp32" else f"model.{precision}.onnx"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, overload
@@ -20,11 +20,13 @@ from ._session import (
     check_contract,
     create_session,
     parse_device,
+    provider_names,
     resolve_providers,
     session_device,
 )
 from ._tokenize import TextTokenizer, check_texts
 from .contract import (
+    PRECISIONS,
     REQUIRED_OUTPUT,
     TASK_EMBEDDING,
     TASK_SEQUENCE_CLASSIFICATION,
@@ -36,7 +38,14 @@ from .contract import (
 from .errors import ModelFolderError, NotExportedError, TaskMismatchError
 from .manifest import load_manifest
 
-__all__ = ["Encoder", "EncoderConfig", "TokenEmbeddings", "normalize_rows"]
+__all__ = [
+    "PREFERRED_PRECISIONS",
+    "Encoder",
+    "EncoderConfig",
+    "TokenEmbeddings",
+    "best_precision",
+    "normalize_rows",
+]
 
 logger = logging.getLogger("deberta_onnx")
 
@@ -45,13 +54,23 @@ _DEFAULT_BATCH_SIZE = 32
 # most 15 padding tokens a row.
 _DEFAULT_IO_BINDING_BUCKET = 16
 
+# The variant an Encoder loads when none is asked for, by first execution provider, best first. On CPU, int8
+# runs on integer kernels and static int8 gives the same vector whatever the batch; fp16 has no fast CPU
+# kernels. On CUDA, fp16 runs on tensor cores, while int8 graphs would dequantize back to float. Other
+# providers get the manifest's ``default_variant``.
+PREFERRED_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "CPUExecutionProvider": ("int8-static", "int8-dynamic", "fp32"),
+    "CUDAExecutionProvider": ("fp16", "fp32"),
+}
+
 
 @dataclass(frozen=True, kw_only=True)
 class EncoderConfig:
     """How an ``Encoder`` loads and runs its model. CLI flags of ``deberta-onnx embed`` map onto these fields.
 
     Attributes:
-        precision: which exported variant to load (``"fp32"``, ...); ``None`` picks the manifest's default.
+        precision: which exported variant to load (``"fp32"``, ``"fp16"``, ``"int8-dynamic"``, ``"int8-static"``);
+            ``None`` picks the best one the folder holds for the first provider (see ``PREFERRED_PRECISIONS``).
         intra_op_threads: ONNX Runtime threads inside one operator; ``None`` uses one per physical core.
         inter_op_threads: threads across operators; ``None`` keeps ONNX Runtime's default.
         allow_spinning: let idle ONNX Runtime threads spin (lower latency, busier cores); ``None`` keeps the default.
@@ -84,6 +103,8 @@ class EncoderConfig:
     cuda_graph: bool = False
 
     def __post_init__(self) -> None:
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} or None, got {self.precision!r}")
         for name in ("intra_op_threads", "inter_op_threads"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 0):
@@ -102,6 +123,24 @@ class EncoderConfig:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def best_precision(variants: Iterable[str], provider: str, default: str = "fp32") -> tuple[str, str]:
+    """The variant an ``Encoder`` loads on ``provider`` when none is asked for, and why.
+
+    Args:
+        variants: the precisions a model folder holds.
+        provider: the first execution provider of the session.
+        default: the manifest's ``default_variant``, used for providers without a preference.
+
+    Returns:
+        ``(precision, reason)``.
+    """
+    held = list(variants)
+    for name in PREFERRED_PRECISIONS.get(provider, ()):
+        if name in held:
+            return name, f"the best variant in the folder for {provider}"
+    return (default if default in held else held[0]), "the manifest's default"
 
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:
@@ -162,7 +201,11 @@ class _OnnxModel:
         self.manifest = load_manifest(model_dir)
         self.model_dir = self.manifest.folder
         self._check_task()
-        self.precision = self._pick_precision(self.config.precision)
+        if self.config.cuda_graph and self.manifest.task != TASK_EMBEDDING:
+            raise ValueError(f"cuda_graph runs embedding graphs through IO binding; {self.model_dir} holds a "
+                             f"{self.manifest.task} model. Leave cuda_graph off.")
+        self.providers = resolve_providers(providers, self.config.device, cuda_graph=self.config.cuda_graph)
+        self.precision, self.precision_reason = self._pick_precision(self.config.precision)
         variant = self.manifest.variants[self.precision]
         model_path = self.model_dir / variant["file"]
         if self.config.verify_checksums:
@@ -177,10 +220,6 @@ class _OnnxModel:
             pad_id=int(model["pad_token_id"]),
             vocab_limit=int(model["vocab_size"]),
         )
-        if self.config.cuda_graph and self.manifest.task != TASK_EMBEDDING:
-            raise ValueError(f"cuda_graph runs embedding graphs through IO binding; {self.model_dir} holds a "
-                             f"{self.manifest.task} model. Leave cuda_graph off.")
-        self.providers = resolve_providers(providers, self.config.device, cuda_graph=self.config.cuda_graph)
         settings = SessionSettings(
             intra_op_threads=self.config.intra_op_threads,
             inter_op_threads=self.config.inter_op_threads,
@@ -212,8 +251,8 @@ class _OnnxModel:
         self._token_types = any(spec.name == TOKEN_TYPE_IDS for spec in self.manifest.inputs)
         self.sequence_bucket = self.config.sequence_bucket or (_DEFAULT_IO_BINDING_BUCKET if io_binding else 1)
         logger.info(
-            "loaded %s (%s) on %s, %s", model_path, self.precision, self.session.get_providers()[0],
-            "IO binding" if io_binding else "session.run",
+            "loaded %s: precision %s (%s) on %s, %s", model_path, self.precision, self.precision_reason,
+            self.session.get_providers()[0], "IO binding" if io_binding else "session.run",
         )
 
     def _check_task(self) -> None:
@@ -226,17 +265,19 @@ class _OnnxModel:
                 f"{' or '.join(self._TASKS)}."
             )
 
-    def _pick_precision(self, requested: str | None) -> str:
+    def _pick_precision(self, requested: str | None) -> tuple[str, str]:
+        """The variant to load and why."""
         variants = self.manifest.variants
-        if requested is None:
-            default = self.manifest.data.get("default_variant", "fp32")
-            return default if default in variants else next(iter(variants))
-        if requested not in variants:
-            raise ValueError(
-                f"precision {requested!r} is not in {self.model_dir}; it holds {sorted(variants)}. "
-                f"Export it with `deberta-onnx export SRC {self.model_dir} --precision {requested}`."
-            )
-        return requested
+        if requested is not None:
+            if requested not in variants:
+                raise ValueError(
+                    f"precision {requested!r} is not in {self.model_dir}; it holds {sorted(variants)}. Export "
+                    f"the folder again with every precision you need: `deberta-onnx export SRC {self.model_dir} "
+                    f"--overwrite --precision {','.join(sorted({*variants, requested}))}`."
+                )
+            return requested, "requested"
+        provider = provider_names(self.providers)[0]
+        return best_precision(variants, provider, str(self.manifest.data.get("default_variant", "fp32")))
 
     @property
     def hidden_size(self) -> int:

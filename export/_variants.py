@@ -1,0 +1,172 @@
+"""Lower-precision variants beside the fp32 graph, each built by a recipe and checked by the quality gate."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from deberta_onnx.runtime._tokenize import TextTokenizer
+from deberta_onnx.runtime.contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    MODEL_FILE,
+    PRECISIONS,
+    TOKENIZER_FILE,
+    variant_file,
+)
+
+from ._checkpoint import sentences
+from ._errors import ExportError, QualityGateError
+from ._precision import RECIPES, Recipe, build_variant, prepare_base
+from ._quality import (
+    BATCH_INVARIANCE,
+    HeldOut,
+    format_quality,
+    gate_failure,
+    held_out_set,
+    measure,
+    split_sentences,
+)
+
+if TYPE_CHECKING:
+    from ._export import ExportConfig
+
+__all__ = ["derive_variants", "read_calibration"]
+
+
+def read_calibration(path: str | Path) -> list[str]:
+    """The non-empty lines of a UTF-8 text file, one calibration text each.
+
+    Raises:
+        ValueError: the file is missing, unreadable, or has no text.
+    """
+    source = Path(path)
+    try:
+        lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"calibration file {source} cannot be read ({exc}); give a UTF-8 text file with one "
+                         "sentence per line.") from exc
+    if not lines:
+        raise ValueError(f"calibration file {source} has no text; give one sentence per line (a few hundred "
+                         "sentences like the ones you will embed).")
+    return lines
+
+
+def derive_variants(
+    module: torch.nn.Module,
+    folder: Path,
+    config: ExportConfig,
+    scratch: Path,
+    *,
+    max_length: int,
+    pad_id: int,
+    say: Callable[[str], None],
+) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """Builds every precision of ``config.precisions`` other than fp32 from ``folder/model.onnx``.
+
+    Each is measured against the fp32 PyTorch ``module`` on the held-out sentences (unless
+    ``config.validate`` is false) and must reach its threshold; with ``config.fallback``, a failing recipe
+    gives way to the next, safer one.
+
+    Returns:
+        ``(fp32 quality report or None, {precision: manifest entry})``.
+
+    Raises:
+        QualityGateError: a precision fails the gate with every recipe tried.
+    """
+    derived = [name for name in PRECISIONS[1:] if name in config.precisions]
+    if not derived:
+        return None, {}
+    tokenizer = TextTokenizer(folder / TOKENIZER_FILE, max_length=max_length, pad_id=pad_id)
+    default_calibration, held_texts = split_sentences(sentences())
+    fp32_path = folder / MODEL_FILE
+    held = fp32_report = None
+    base_bytes = sum(p.stat().st_size for p in folder.glob(f"{MODEL_FILE}*"))
+    if config.validate:
+        say(f"quality gate: {len(held_texts)} held-out sentences against the fp32 PyTorch reference")
+        held = held_out_set(module, tokenizer, held_texts)
+        fp32_report = measure(fp32_path, held)
+        say(format_quality("fp32", "reference", fp32_report, base_bytes))
+    base = prepare_base(fp32_path, scratch / "folded.onnx")
+    entries: dict[str, dict[str, Any]] = {}
+    for precision in derived:
+        calibration: dict[str, Any] | None = None
+        feeds: list[dict[str, np.ndarray]] = []
+        if precision == "int8-static":
+            texts = read_calibration(config.calibration) if config.calibration else default_calibration
+            feeds = [dict(zip((INPUT_IDS, ATTENTION_MASK), tokenizer.pad([ids]))) for ids in tokenizer.encode(texts)]
+            calibration = {
+                "source": str(config.calibration) if config.calibration else "shipped sentences not held out",
+                "texts": len(texts),
+                "sha256": hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest(),
+                "method": "minmax",
+            }
+        entry = _derive(precision, base, folder, config, held, feeds, base_bytes, say)
+        if calibration is not None:
+            entry["calibration"] = calibration
+        entries[precision] = entry
+    return fp32_report, entries
+
+
+def _derive(precision: str, base: Path, folder: Path, config: ExportConfig, held: HeldOut | None,
+            feeds: list[dict[str, np.ndarray]], base_bytes: int, say: Callable[[str], None]) -> dict[str, Any]:
+    threshold = config.min_cosine_fp16 if precision == "fp16" else config.min_cosine_int8
+    invariance = BATCH_INVARIANCE if precision == "int8-static" else None
+    recipes = RECIPES[precision] if config.fallback else RECIPES[precision][:1]
+    path = folder / variant_file(precision)
+    reports: list[dict[str, Any]] = []
+    failure: str | None = None
+    for number, recipe in enumerate(recipes):
+        say(f"building {precision} ({recipe.name}: {recipe.description})")
+        nodes = build_variant(recipe, base, path, calibration=feeds)
+        if held is None:
+            return _entry(precision, recipe, path, nodes, None, reports)
+        report = measure(path, held)
+        failure = gate_failure(report, threshold, invariance)
+        report.update(recipe=recipe.name, threshold=threshold, passed=failure is None)
+        if invariance is not None:
+            report["batch_invariance_required"] = invariance
+        reports.append(report)
+        say(format_quality(precision, recipe.name, report, base_bytes))
+        if failure is None:
+            if number:
+                failed = ", ".join(repr(r.name) for r in recipes[:number])
+                say(f"{precision}: fell back to recipe {recipe.name!r} after {failed} failed the quality gate")
+            return _entry(precision, recipe, path, nodes, report, reports[:-1])
+        for stale in folder.glob(f"{path.name}*"):
+            stale.unlink()
+        if number + 1 < len(recipes):
+            say(f"{precision}: recipe {recipe.name!r} failed the quality gate ({failure}); "
+                f"trying {recipes[number + 1].name!r}")
+    raise QualityGateError(_gate_message(precision, failure or "", recipes), precision, reports)
+
+
+def _gate_message(precision: str, failure: str, tried: tuple[Recipe, ...]) -> str:
+    flag = "--min-cosine-fp16 (min_cosine_fp16)" if precision == "fp16" else "--min-cosine-int8 (min_cosine_int8)"
+    safer = [recipe.name for recipe in RECIPES[precision][len(tried):]]
+    hints = [f"pass --fallback (fallback=True) to try the safer recipe(s) {', '.join(safer)}"] if safer else []
+    hints += [f"lower the threshold with {flag}", f"or leave {precision} out"]
+    recipes = ", ".join(recipe.name for recipe in tried)
+    return (f"{precision} failed the quality gate against the fp32 PyTorch reference (recipe(s) tried: {recipes}): "
+            f"{failure}. To go on: {'; '.join(hints)}. Nothing was written.")
+
+
+def _entry(precision: str, recipe: Recipe, path: Path, nodes: dict[str, Any], report: dict[str, Any] | None,
+           rejected: list[dict[str, Any]]) -> dict[str, Any]:
+    if not path.is_file():
+        raise ExportError(f"building {precision} wrote no {path.name}; this is a bug in deberta-onnx: please "
+                          "report it.")
+    return {
+        "file": path.name,
+        "extra_files": sorted(p.name for p in path.parent.glob(f"{path.name}.data")),
+        "precision": precision,
+        "recipe": recipe.name,
+        "recipe_description": recipe.description,
+        "nodes": nodes,
+        "quality": report,
+        "rejected_recipes": [{key: r[key] for key in ("recipe", "min_cosine", "batch_invariance")} for r in rejected],
+    }
