@@ -165,8 +165,10 @@ def test_missing_tokenizer(folder_copy: Path) -> None:
 def test_unknown_precision_lists_what_exists(tiny_model: Path) -> None:
     from deberta_onnx.runtime import EncoderConfig
 
-    with pytest.raises(ValueError, match=r"precision 'int4' is not in .* it holds \['fp32'\]"):
-        Encoder(tiny_model, config=EncoderConfig(precision="int4"))
+    with pytest.raises(ValueError, match=r"precision 'int8-static' is not in .* it holds \['fp32'\]"):
+        Encoder(tiny_model, config=EncoderConfig(precision="int8-static"))
+    with pytest.raises(ValueError, match="precision must be one of fp32, fp16, int8-dynamic, int8-static"):
+        EncoderConfig(precision="int4")
 
 
 def test_cuda_requested_without_it_is_an_error_not_a_cpu_run(tiny_model: Path) -> None:
