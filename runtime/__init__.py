@@ -6,29 +6,47 @@
 
 from __future__ import annotations
 
-from .encoder import PREFERRED_PRECISIONS, Encoder, EncoderConfig, best_precision, normalize_rows
+from .classifier import CrossEncoder, Prediction, SequenceClassifier, Span, TokenClassifier
+from .encoder import PREFERRED_PRECISIONS, Encoder, EncoderConfig, TokenEmbeddings, best_precision, normalize_rows
 from .errors import (
     ChecksumMismatchError,
     ContractMismatchError,
+    CudaGraphError,
     DebertaOnnxError,
     ManifestError,
     ModelFolderError,
+    NotExportedError,
     ProviderUnavailableError,
+    TaskMismatchError,
 )
 from .manifest import Manifest, load_manifest
+from .similarity import Hit, cos_sim, dot_score, semantic_search
 
 __all__ = [
-    "PREFERRED_PRECISIONS",
     "ChecksumMismatchError",
     "ContractMismatchError",
+    "CrossEncoder",
+    "CudaGraphError",
     "DebertaOnnxError",
     "Encoder",
     "EncoderConfig",
+    "Hit",
     "Manifest",
     "ManifestError",
     "ModelFolderError",
+    "NotExportedError",
+    "PREFERRED_PRECISIONS",
+    "Prediction",
     "ProviderUnavailableError",
+    "SequenceClassifier",
+    "Span",
+    "TaskMismatchError",
+    "TokenClassifier",
+    "TokenEmbeddings",
     "best_precision",
+    "cos_sim",
+    "dot_score",
     "load_manifest",
     "normalize_rows",
+    "semantic_search",
 ]
