@@ -233,8 +233,11 @@ def _pooling(config: ExportConfig, spec: SentenceTransformerSpec | None, src: st
 
 
 def _check_classifier_options(config: ExportConfig, task: str, src: str) -> None:
+    # The precisions' quality gate compares sentence vectors; a classifier's logits need another measure.
+    lower = ",".join(config.precisions[1:]) or None
     asked = [flag for flag, value in (("--pooling", config.pooling), ("--normalize", config.normalize),
-                                      ("--token-embeddings", config.token_embeddings or None)) if value is not None]
+                                      ("--token-embeddings", config.token_embeddings or None),
+                                      (f"--precision {lower}", lower)) if value is not None]
     if asked:
         raise ExportError(
             f"{src} is a {task} checkpoint, whose graph outputs logits; {', '.join(asked)} appl"

@@ -49,8 +49,13 @@ def held_out_set(module: torch.nn.Module, tokenizer: TextTokenizer, texts: Seque
     ids = tokenizer.encode(list(texts))
     alone = [tokenizer.pad([row]) for row in ids]
     batches = [tokenizer.pad(ids[i : i + GATE_BATCH]) for i in range(0, len(ids), GATE_BATCH)]
+    outputs = []
     with torch.no_grad():
-        reference = np.concatenate([module(torch.from_numpy(i), torch.from_numpy(m)).numpy() for i, m in batches])
+        for ids_batch, mask_batch in batches:
+            output = module(torch.from_numpy(ids_batch), torch.from_numpy(mask_batch))
+            # A graph with token vectors returns (sentence vectors, token vectors); the gate compares the former.
+            outputs.append((output[0] if isinstance(output, tuple) else output).numpy())
+    reference = np.concatenate(outputs)
     return HeldOut(texts=list(texts), alone=alone, batches=batches, reference=reference.astype(np.float64))
 
 

@@ -249,3 +249,25 @@ def test_cli_exports_precisions_and_info_reports_the_gate(tiny_checkpoint: Path,
     assert "model.int8-dynamic.onnx" in info and "gate 0.95" in info and "gate 0.999" in info
     assert main(["export", str(tiny_checkpoint), str(tmp_path / "bad"), "--quiet", "--precision", "int4"]) == 1
     assert "unknown precision" in capsys.readouterr().err
+
+
+def test_precisions_with_token_vectors_and_cls_pooling(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    config = ExportConfig(precisions=("fp16", "int8-static"), token_embeddings=True, pooling="cls", **FAST)
+    manifest = export_model(tiny_checkpoint, tmp_path / "model", config).manifest
+    for precision in ("fp16", "int8-static"):
+        assert manifest["variants"][precision]["quality"]["passed"] is True
+        session = ort.InferenceSession(str(tmp_path / "model" / variant_file(precision)),
+                                       providers=["CPUExecutionProvider"])
+        assert [o.type for o in session.get_outputs()] == ["tensor(float)", "tensor(float)"]
+
+
+def test_classifiers_refuse_lower_precisions(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from deberta_onnx.export import ExportError
+
+    from .conftest import NLI_LABELS, build_classifier_checkpoint
+
+    src = build_classifier_checkpoint(tiny_checkpoint, tmp_path / "nli", task="sequence-classification",
+                                      labels=NLI_LABELS)
+    with pytest.raises(ExportError, match="--precision int8-dynamic appl.* to embedding graphs"):
+        export_model(src, tmp_path / "out", ExportConfig(precisions=("int8-dynamic",), quiet=True))
+    assert not (tmp_path / "out").exists()
