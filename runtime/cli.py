@@ -40,6 +40,36 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from deberta_onnx.benchmarks import BenchConfig, ModelSpec, parse_shapes, run_benchmark
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    fields = {
+        "models": tuple(ModelSpec.parse(text) for text in args.models),
+        "out_dir": Path(args.out),
+        "reference": args.reference,
+        "device": args.device,
+        "precisions": tuple(args.precisions.split(",")) if args.precisions else None,
+        "paths": tuple(args.paths.split(",")) if args.paths else None,
+        "threads": args.threads,
+        "plot": not args.no_plot,
+        "seed": args.seed,
+        "progress": not args.quiet,
+    }
+    # Flags left unset keep the mode's defaults (full or --quick).
+    optional = {"shapes": parse_shapes(args.shapes) if args.shapes else None, "corpus_size": args.corpus_size,
+                "corpus_batch_size": args.corpus_batch_size, "warmup": args.warmup, "min_time_s": args.min_time,
+                "min_calls": args.min_calls, "max_calls": args.max_calls, "rounds": args.rounds,
+                "corpus_rounds": args.corpus_rounds}
+    fields.update({name: value for name, value in optional.items() if value is not None})
+    config = BenchConfig.quick(**fields) if args.quick else BenchConfig(**fields)
+    run_benchmark(config)
+    print(Path(args.out) / "results.md")
+    return 0
+
+
 def _read_lines(source: str) -> list[str]:
     if source == "-":
         return sys.stdin.read().splitlines()
@@ -147,6 +177,44 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--progress", action="store_true", help="show a progress bar")
     _add_load_flags(embed)
     embed.set_defaults(run=_embed)
+
+    bench = commands.add_parser(
+        "bench", help="compare the runtime with PyTorch: latency, throughput, memory, parity (needs the export and "
+                      "bench extras)",
+        description="Benchmark model folders against the PyTorch reference (transformers eager + masked mean), "
+                    "interleaved in one process: a batch x sequence grid with half the rows padded, and a corpus of "
+                    "texts of 5 to 250 tokens encoded end to end. Every precision variant in each folder and every "
+                    "run path the runtime offers is measured. Writes results.json, results.md and throughput.png "
+                    "to --out. Needs `pip install torch==2.13.0 && pip install 'deberta-onnx[export,bench]'`.",
+    )
+    bench.add_argument("models", nargs="+", metavar="MODEL_DIR",
+                       help="model folders (LABEL=DIR to name a row); folders from one source share one reference")
+    bench.add_argument("--out", required=True, help="folder for results.json, results.md and throughput.png")
+    bench.add_argument("--quick", action="store_true",
+                       help="CI mode: shapes 1x32 and 8x128, a 200-text corpus, few calls")
+    bench.add_argument("--reference", default=None,
+                       help="PyTorch checkpoint to compare with (default: the manifest's source; random:SHAPE "
+                            "sources are rebuilt)")
+    bench.add_argument("--shapes", default=None, help="grid as BATCHxSEQ,... (default 1x32,8x128,32x128,128x128,64x512)")
+    bench.add_argument("--corpus-size", type=int, default=None, help="texts in the corpus (default 10000; 0 skips)")
+    bench.add_argument("--corpus-batch-size", type=int, default=None, help="texts per call on the corpus (default 32)")
+    bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                       help="auto: the CPU, and CUDA too where onnxruntime-gpu and torch see a GPU")
+    bench.add_argument("--precisions", default=None, help="variants to run, comma-separated (default all)")
+    bench.add_argument("--paths", default=None, help="runtime run paths: plain,iobinding (default all offered)")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="intra-op threads for ONNX Runtime and PyTorch (default: each library's own)")
+    bench.add_argument("--warmup", type=int, default=None, help="untimed calls per configuration and shape (2)")
+    bench.add_argument("--min-time", type=float, default=None, help="timed seconds to aim for per configuration "
+                                                                     "and shape (3.0)")
+    bench.add_argument("--min-calls", type=int, default=None, help="fewest timed calls per configuration and shape (3)")
+    bench.add_argument("--max-calls", type=int, default=None, help="most timed calls per configuration and shape (200)")
+    bench.add_argument("--rounds", type=int, default=None, help="interleaved rounds the timed calls are split into (3)")
+    bench.add_argument("--corpus-rounds", type=int, default=None, help="timed corpus passes per configuration (1)")
+    bench.add_argument("--no-plot", action="store_true", help="skip throughput.png")
+    bench.add_argument("--seed", type=int, default=0, help="seeds the grid's ids and the corpus")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.set_defaults(run=_bench)
 
     info = commands.add_parser("info", help="describe a model folder (variants, sizes, validation)",
                                description="Print what a model folder holds, from its manifest.")

@@ -91,5 +91,5 @@ def test_help_lists_commands() -> None:
     result = subprocess.run([sys.executable, "-m", "deberta_onnx.runtime.cli", "--help"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0
-    for command in ("export", "embed", "info"):
+    for command in ("export", "embed", "bench", "info"):
         assert command in result.stdout
