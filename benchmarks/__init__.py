@@ -8,21 +8,15 @@ or ``deberta-onnx bench models/base --out bench-out``. ``timing`` is the one tim
 
 from __future__ import annotations
 
-import importlib.util
+from deberta_onnx.runtime._extras import missing_modules
 
 # The PyTorch reference needs the export extra; the report needs the bench extra.
-_REQUIRED = {"torch": "export", "transformers": "export", "psutil": "bench", "matplotlib": "bench", "tqdm": "export"}
-
-
-def _missing(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is None
-    except (ImportError, ValueError):
-        return True
+_REQUIRED = {"torch": "export", "transformers": "export", "onnx": "export", "psutil": "bench", "matplotlib": "bench",
+             "tqdm": "export"}
 
 
 def _check_imports() -> None:
-    missing = {name: extra for name, extra in _REQUIRED.items() if _missing(name)}
+    missing = {name: _REQUIRED[name] for name in missing_modules(_REQUIRED)}
     if missing:
         extras = ",".join(sorted(set(missing.values())))
         raise ImportError(
@@ -34,7 +28,9 @@ def _check_imports() -> None:
 
 _check_imports()
 
+from .backends import ThreadSetting  # noqa: E402
 from .run import BenchConfig, ModelSpec, run_benchmark  # noqa: E402
 from .workloads import DEFAULT_GRID, QUICK_GRID, Shape, parse_shapes  # noqa: E402
 
-__all__ = ["DEFAULT_GRID", "QUICK_GRID", "BenchConfig", "ModelSpec", "Shape", "parse_shapes", "run_benchmark"]
+__all__ = ["DEFAULT_GRID", "QUICK_GRID", "BenchConfig", "ModelSpec", "Shape", "ThreadSetting", "parse_shapes",
+           "run_benchmark"]

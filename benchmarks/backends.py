@@ -23,7 +23,35 @@ from deberta_onnx.runtime.contract import TOKENIZER_FILE
 
 from .timing import cuda_synchronizer
 
-__all__ = ["Backend", "OrtBackend", "TorchBackend", "runtime_backends", "runtime_paths", "torch_backends"]
+__all__ = ["Backend", "OrtBackend", "ThreadSetting", "TorchBackend", "runtime_backends", "runtime_paths",
+           "torch_backends"]
+
+
+@dataclass(frozen=True)
+class ThreadSetting:
+    """ONNX Runtime threading for one configuration: intra-op threads and spinning (``None``: the default)."""
+
+    intra_op_threads: int | None = None
+    allow_spinning: bool | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ThreadSetting:
+        """``default``, ``N``, ``N:spin`` or ``N:nospin`` (also ``default:nospin``).
+
+        Raises:
+            ValueError: anything else.
+        """
+        count, _, spin = text.strip().partition(":")
+        if spin not in ("", "spin", "nospin") or not (count == "default" or (count.isdigit() and int(count) > 0)):
+            raise ValueError(f"thread setting {text!r} is not default, N, N:spin or N:nospin (N >= 1)")
+        return cls(intra_op_threads=None if count == "default" else int(count),
+                   allow_spinning=None if not spin else spin == "spin")
+
+    def __str__(self) -> str:
+        if self.intra_op_threads is None and self.allow_spinning is None:
+            return "default"
+        spin = "" if self.allow_spinning is None else (":spin" if self.allow_spinning else ":nospin")
+        return f"{self.intra_op_threads if self.intra_op_threads is not None else 'default'}{spin}"
 
 
 @dataclass
@@ -35,11 +63,13 @@ class Backend:
     device: str
     path: str
     model: str
+    threads: str = "default"
 
     @property
     def label(self) -> str:
         path = "" if self.path == "plain" else f" {self.path}"
-        return f"{self.engine} {self.precision} {self.device}{path}"
+        threads = "" if self.threads == "default" else f" threads {self.threads}"
+        return f"{self.engine} {self.precision} {self.device}{path}{threads}"
 
     @property
     def sync(self) -> Any:
@@ -47,7 +77,7 @@ class Backend:
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.engine, "precision": self.precision, "device": self.device, "path": self.path,
-                "model": self.model, "label": self.label}
+                "model": self.model, "threads": self.threads, "label": self.label}
 
     def run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
@@ -119,10 +149,12 @@ class OrtBackend(Backend):
     """This project's ``Encoder`` on one precision variant, provider and run path."""
 
     def __init__(self, model_dir: Path, *, model: str, precision: str, device: str, path: str,
-                 config_fields: dict[str, Any], threads: int | None) -> None:
-        super().__init__(engine="onnxruntime", precision=precision, device=device, path=path, model=model)
+                 config_fields: dict[str, Any], threads: ThreadSetting) -> None:
+        super().__init__(engine="onnxruntime", precision=precision, device=device, path=path, model=model,
+                         threads=str(threads))
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-        config = EncoderConfig(precision=precision, intra_op_threads=threads, verify_checksums=False, **config_fields)
+        config = EncoderConfig(precision=precision, intra_op_threads=threads.intra_op_threads,
+                               allow_spinning=threads.allow_spinning, verify_checksums=False, **config_fields)
         self.encoder = Encoder(model_dir, providers, config=config)
 
     def run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -136,12 +168,12 @@ class OrtBackend(Backend):
 
 
 def runtime_paths() -> dict[str, dict[str, Any]]:
-    """Run paths the installed runtime offers, as ``EncoderConfig`` fields: always ``plain``; ``iobinding``
-    when ``EncoderConfig`` has an ``io_binding`` switch."""
-    paths: dict[str, dict[str, Any]] = {"plain": {}}
-    if "io_binding" in {f.name for f in dataclasses.fields(EncoderConfig)}:
-        paths["iobinding"] = {"io_binding": True}
-    return paths
+    """Run paths the installed runtime offers, as ``EncoderConfig`` fields: always ``plain``; ``iobinding`` as
+    well when ``EncoderConfig`` has an ``io_binding`` switch (then ``plain`` turns it off explicitly, since the
+    runtime may pick IO binding by itself on CUDA)."""
+    if "io_binding" not in {f.name for f in dataclasses.fields(EncoderConfig)}:
+        return {"plain": {}}
+    return {"plain": {"io_binding": False}, "iobinding": {"io_binding": True}}
 
 
 def devices(requested: str) -> list[str]:
@@ -171,10 +203,10 @@ def torch_backends(checkpoint: str, model_dir: Path, *, model: str, device: str,
 
 
 def runtime_backends(model_dir: Path, variants: Sequence[str], *, model: str, device: str,
-                     threads: int | None, paths: Sequence[str] | None = None) -> list[OrtBackend]:
-    """One ``OrtBackend`` per precision variant x run path on ``device``."""
+                     threads: Sequence[ThreadSetting], paths: Sequence[str] | None = None) -> list[OrtBackend]:
+    """One ``OrtBackend`` per precision variant x run path x thread setting on ``device``."""
     available = runtime_paths()
     chosen = list(available) if paths is None else [p for p in paths if p in available]
     return [OrtBackend(model_dir, model=model, precision=variant, device=device, path=path,
-                       config_fields=available[path], threads=threads)
-            for variant in variants for path in chosen]
+                       config_fields=available[path], threads=setting)
+            for variant in variants for path in chosen for setting in threads]

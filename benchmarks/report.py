@@ -50,8 +50,11 @@ def markdown(document: dict[str, Any]) -> str:
         lines += ["Models with **random weights** (published shapes): right for speed and parity, meaningless as "
                   "embeddings.", ""]
     cores = f"{hardware.get('physical_cores')} physical / {hardware.get('logical_cores')} logical cores"
+    load = hardware.get("load_average") or {}
+    busy = (f"; 1-min load average {load['start']:.1f} at start, {load['end']:.1f} at end"
+            if load.get("start") is not None and load.get("end") is not None else "")
     lines.append(f"- hardware: {hardware.get('cpu')}, {cores}, {hardware.get('memory_gb')} GB"
-                 + (f"; GPU {hardware['gpu']}" if hardware.get("gpu") else ""))
+                 + (f"; GPU {hardware['gpu']}" if hardware.get("gpu") else "") + busy)
     lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
     settings = env["settings"]
     lines.append(f"- threads: {settings.get('threads') or 'library defaults'} (torch uses {settings.get('torch_threads')}); "

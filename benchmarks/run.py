@@ -14,7 +14,6 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import numpy as np
 from deberta_onnx.runtime import load_manifest
 from deberta_onnx.runtime.contract import TOKENIZER_FILE
 
-from .backends import Backend, devices, runtime_backends, runtime_paths, torch_backends
+from .backends import Backend, ThreadSetting, devices, runtime_backends, runtime_paths, torch_backends
 from .timing import RssSampler, Timer, rss_bytes
 from .workloads import DEFAULT_GRID, QUICK_GRID, Shape, build_corpus, token_lengths
 
@@ -58,8 +57,9 @@ class BenchConfig:
         models: model folders written by ``deberta-onnx export``. Folders exported from the same source share
             one PyTorch reference, so an optimised and a plain export of one checkpoint sit in one table.
         out_dir: where ``results.json``, ``results.md`` and ``throughput.png`` go.
-        reference: the PyTorch checkpoint to compare with; default each manifest's source (``random:SHAPE``
-            sources are rebuilt: they are deterministic). Only valid when all models share one source.
+        reference: the PyTorch checkpoint every model is compared with, in one table (the parity columns show
+            whether they really hold its weights); default each manifest's source (``random:SHAPE`` sources are
+            rebuilt: they are deterministic), one table per source.
         shapes: the batch x sequence grid; the second half of each batch's rows is padded.
         corpus_size: texts in the realistic corpus (0 skips it).
         corpus_batch_size: texts per model call when encoding the corpus, for every backend.
@@ -67,6 +67,8 @@ class BenchConfig:
         precisions: variants of the model folders to run (default all of them).
         paths: runtime run paths to run (``plain``, ``iobinding``; default all the runtime offers).
         threads: intra-op threads for both ONNX Runtime and PyTorch (default: ONNX Runtime's and torch's own).
+        ort_threads: ONNX Runtime thread settings to compare, each a configuration of its own (default: one,
+            from ``threads``); see ``ThreadSetting.parse``.
         warmup: untimed calls per configuration and shape before timing.
         min_time_s: seconds of timed calls to aim for per configuration and shape (within min/max calls).
         min_calls / max_calls: bounds on the timed calls per configuration and shape.
@@ -87,6 +89,7 @@ class BenchConfig:
     precisions: tuple[str, ...] | None = None
     paths: tuple[str, ...] | None = None
     threads: int | None = None
+    ort_threads: tuple[ThreadSetting, ...] | None = None
     warmup: int = 2
     min_time_s: float = 3.0
     min_calls: int = 3
@@ -149,7 +152,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
 
     Raises:
         ModelFolderError: a model folder is missing or broken.
-        ValueError: inconsistent options (e.g. ``reference`` with models of different sources).
+        ValueError: inconsistent options.
     """
     import torch
     from tqdm.auto import tqdm
@@ -158,6 +161,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    load_at_start = _load_average()
     with tempfile.TemporaryDirectory(prefix="deberta-onnx-bench-") as scratch:
         groups = _groups(config, Path(scratch))
         device_list = devices(config.device)
@@ -181,23 +185,23 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
             for backend in group.backends:
                 backend.close()
         document = {"environment": _environment(config, groups, device_list), "rows": rows}
+        # Other processes' load makes absolute times drift; the 1-minute load average says how busy it was.
+        document["environment"]["hardware"]["load_average"] = {"start": load_at_start, "end": _load_average()}
     write_reports(document, config.out_dir, plot=config.plot)
     return document
 
 
 def _groups(config: BenchConfig, scratch: Path) -> list[_Group]:
+    """Models grouped by source; with ``reference`` set, all in one group compared against it."""
     by_source: dict[str, _Group] = {}
     for spec in config.models:
         manifest = load_manifest(spec.folder)
-        source = str(manifest.data["source"]["model"])
+        source = config.reference or str(manifest.data["source"]["model"])
         if source not in by_source:
             by_source[source] = _Group(source=source, checkpoint="", specs=[], manifest=manifest)
         by_source[source].specs.append(spec)
-    if config.reference is not None and len(by_source) > 1:
-        raise ValueError(f"--reference names one checkpoint but the models come from {len(by_source)} sources "
-                         f"({', '.join(by_source)}); benchmark them in separate runs")
     for group in by_source.values():
-        group.checkpoint = config.reference or _reference_checkpoint(group.source, scratch)
+        group.checkpoint = _reference_checkpoint(group.source, scratch)
     return list(by_source.values())
 
 
@@ -205,8 +209,10 @@ def _reference_checkpoint(source: str, scratch: Path) -> str:
     """The manifest's source as a loadable checkpoint; ``random:SHAPE`` is rebuilt (seeded, so identical)."""
     if source.startswith(_RANDOM):
         from deberta_onnx.export import build_random_checkpoint
+        from deberta_onnx.export._checkpoint import quiet_libraries
 
-        return str(build_random_checkpoint(source[len(_RANDOM):], scratch / source[len(_RANDOM):]))
+        with quiet_libraries():
+            return str(build_random_checkpoint(source[len(_RANDOM):], scratch / source[len(_RANDOM):]))
     return source
 
 
@@ -226,8 +232,9 @@ def _load_backends(group: _Group, config: BenchConfig, device_list: list[str]) -
             if config.precisions is not None:
                 variants = [v for v in variants if v in config.precisions]
             before = rss_bytes()
+            threads = config.ort_threads or (ThreadSetting(intra_op_threads=config.threads),)
             for backend in runtime_backends(spec.folder, variants, model=spec.label, device=device,
-                                            threads=config.threads, paths=config.paths):
+                                            threads=threads, paths=config.paths):
                 group.load_mb[id(backend)] = (rss_bytes() - before) / 2**20
                 group.backends.append(backend)
                 before = rss_bytes()
@@ -374,19 +381,16 @@ def _environment(config: BenchConfig, groups: Sequence[_Group], device_list: lis
     import psutil
     import torch
 
-    versions = {"python": sys.version.split()[0]}
-    for name in ("deberta-onnx", "torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tokenizers", "numpy"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
+    from deberta_onnx.export._export import _versions
+
+    versions = _versions(("deberta-onnx", "torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tokenizers",
+                          "numpy"))
     hardware: dict[str, Any] = {
         "cpu": _cpu_name(),
         "logical_cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "platform": platform.platform(),
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if "cuda" in device_list:
         hardware["gpu"] = torch.cuda.get_device_name(0)
@@ -399,8 +403,9 @@ def _environment(config: BenchConfig, groups: Sequence[_Group], device_list: lis
                            "shape": source.get("shape"), "random_weights": bool(source.get("random_weights")),
                            "variants": sorted(manifest.variants),
                            "optimization": manifest.data.get("optimization")})
-    settings = {k: v for k, v in config.__dict__.items() if k not in ("models", "out_dir", "shapes")}
+    settings = {k: v for k, v in config.__dict__.items() if k not in ("models", "out_dir", "shapes", "ort_threads")}
     settings["shapes"] = [str(s) for s in config.shapes]
+    settings["ort_threads"] = [str(t) for t in config.ort_threads] if config.ort_threads else None
     settings["torch_threads"] = torch.get_num_threads()
     settings["runtime_paths"] = sorted(runtime_paths())
     return {
@@ -414,6 +419,10 @@ def _environment(config: BenchConfig, groups: Sequence[_Group], device_list: lis
         "random_weights": any(m["random_weights"] for m in models),
         "settings": settings,
     }
+
+
+def _load_average() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def _cpu_name() -> str:

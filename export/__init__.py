@@ -6,20 +6,13 @@
 
 from __future__ import annotations
 
-import importlib.util
+from deberta_onnx.runtime._extras import missing_modules
 
 _REQUIRED = ("torch", "transformers", "onnx", "onnxscript", "sentencepiece", "safetensors")
 
 
-def _missing(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is None
-    except (ImportError, ValueError):
-        return True
-
-
 def _check_imports() -> None:
-    missing = [name for name in _REQUIRED if _missing(name)]
+    missing = missing_modules(_REQUIRED)
     if missing:
         raise ImportError(
             f"deberta_onnx.export needs {', '.join(missing)}, which the base install leaves out. Install the "

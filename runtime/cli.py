@@ -33,6 +33,7 @@ def _export(args: argparse.Namespace) -> int:
         validate=not args.no_validate,
         atol=args.atol,
         tokenizer=args.tokenizer,
+        optimize=not args.no_optimize,
         quiet=args.quiet,
     )
     result = export_model(args.src, args.out_dir, config)
@@ -42,7 +43,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     try:
-        from deberta_onnx.benchmarks import BenchConfig, ModelSpec, parse_shapes, run_benchmark
+        from deberta_onnx.benchmarks import BenchConfig, ModelSpec, ThreadSetting, parse_shapes, run_benchmark
     except ImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
@@ -54,6 +55,7 @@ def _bench(args: argparse.Namespace) -> int:
         "precisions": tuple(args.precisions.split(",")) if args.precisions else None,
         "paths": tuple(args.paths.split(",")) if args.paths else None,
         "threads": args.threads,
+        "ort_threads": tuple(ThreadSetting.parse(t) for t in args.ort_threads.split(",")) if args.ort_threads else None,
         "plot": not args.no_plot,
         "seed": args.seed,
         "progress": not args.quiet,
@@ -161,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tokenizer", default="sentencepiece", choices=["sentencepiece", "transformers"],
                         help="tokenizer.json from the checkpoint's spm.model (ids as SentencePiece's, default) or "
                              "from the installed transformers' fast tokenizer")
+    export.add_argument("--no-optimize", action="store_true",
+                        help="export DeBERTa's attention as transformers writes it, without the graph speed-ups")
     export.add_argument("--quiet", action="store_true", help="no progress bars or report")
     export.set_defaults(run=_export)
 
@@ -204,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--paths", default=None, help="runtime run paths: plain,iobinding (default all offered)")
     bench.add_argument("--threads", type=int, default=None,
                        help="intra-op threads for ONNX Runtime and PyTorch (default: each library's own)")
+    bench.add_argument("--ort-threads", default=None,
+                       help="ONNX Runtime thread settings to compare, comma-separated: default, N, N:spin, N:nospin")
     bench.add_argument("--warmup", type=int, default=None, help="untimed calls per configuration and shape (2)")
     bench.add_argument("--min-time", type=float, default=None, help="timed seconds to aim for per configuration "
                                                                      "and shape (3.0)")

@@ -114,3 +114,15 @@ def test_samples_summary_percentiles() -> None:
     calls = []
     result = time_calls(lambda: calls.append(1), sentences=1, warmup=2, repeats=3)
     assert len(calls) == 5 and result["calls"] == 3
+
+
+def test_thread_settings_parse() -> None:
+    from deberta_onnx.benchmarks import ThreadSetting
+
+    assert ThreadSetting.parse("2") == ThreadSetting(intra_op_threads=2)
+    assert ThreadSetting.parse("1:nospin") == ThreadSetting(intra_op_threads=1, allow_spinning=False)
+    assert ThreadSetting.parse("default") == ThreadSetting()
+    assert str(ThreadSetting.parse("2:spin")) == "2:spin" and str(ThreadSetting()) == "default"
+    for bad in ("0", "two", "2:fast", ""):
+        with pytest.raises(ValueError, match="thread setting"):
+            ThreadSetting.parse(bad)
