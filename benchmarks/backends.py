@@ -105,7 +105,8 @@ class TorchBackend(Backend):
 
         from deberta_onnx.export._checkpoint import quiet_libraries
 
-        super().__init__(engine="pytorch", precision=precision, device=device, path="eager", model=model)
+        super().__init__(engine="pytorch", precision=precision, device=device, path="eager", model=model,
+                         threads=str(torch.get_num_threads()))
         dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
         self._torch = torch
         with quiet_libraries():

@@ -179,8 +179,10 @@ def apply_ort_fusions(path: Path, *, num_heads: int, hidden_size: int, external_
         attribute = f"enable_{name}"
         if hasattr(options, attribute):
             setattr(options, attribute, False)
-    # Its shape inference warns about every symbolic Slice bound it cannot compare; the graph is validated anyway.
-    loggers = [logging.getLogger(name) for name in ("onnxruntime.transformers", "onnxruntime.tools.symbolic_shape_infer")]
+    # Its shape inference warns about every symbolic Slice bound it cannot compare (the graph is validated anyway),
+    # under two logger names: the optimizer imports that module both from the package and as a top-level module.
+    names = ("onnxruntime.transformers", "onnxruntime.tools.symbolic_shape_infer", "symbolic_shape_infer")
+    loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)

@@ -135,6 +135,14 @@ def _info(args: argparse.Namespace) -> int:
         worst = report.get("worst", {}).get("max_abs_diff")
         check = f"max|diff| {worst:.1e} vs PyTorch" if worst is not None else "not validated"
         print(f"variant:    {name:<14} {variant['file']:<24} {size / 1e6:8.1f} MB   {check}")
+    optimization = data.get("optimization") or {}
+    if optimization.get("enabled"):
+        fused = ", ".join(f"{k} {v}" for k, v in sorted(optimization.get("fused_operators", {}).items()))
+        print(f"graph:      optimised ({optimization.get('relative_attention_layers_folded', 0)} attention layers "
+              f"folded{'; fused ' + fused if fused else ''})")
+    else:
+        print("graph:      as transformers writes it (exported with --no-optimize)" if optimization else
+              "graph:      exported before graph optimisation was recorded")
     print(f"exported:   {data.get('created_at')} with {', '.join(f'{k} {v}' for k, v in data.get('versions', {}).items())}")
     return 0
 
