@@ -74,6 +74,8 @@ class BenchConfig:
         min_calls / max_calls: bounds on the timed calls per configuration and shape.
         rounds: the timed calls are split into this many interleaved rounds.
         corpus_rounds: timed passes over the corpus per configuration.
+        corpus_slices: the corpus is timed in this many slices, each encoded by every configuration in turn
+            (p50/p95 of corpus rows are per slice).
         plot: write the PNG (needs matplotlib).
         seed: seeds the grid's ids and the corpus.
         progress: show progress bars.
@@ -96,6 +98,7 @@ class BenchConfig:
     max_calls: int = 200
     rounds: int = 3
     corpus_rounds: int = 1
+    corpus_slices: int = 10
     plot: bool = True
     seed: int = 0
     progress: bool = True
@@ -108,7 +111,7 @@ class BenchConfig:
         for name in ("corpus_size", "warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("corpus_batch_size", "min_calls", "rounds", "corpus_rounds"):
+        for name in ("corpus_batch_size", "min_calls", "rounds", "corpus_rounds", "corpus_slices"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.max_calls < self.min_calls:
@@ -126,7 +129,7 @@ class BenchConfig:
     def quick(cls, **overrides: Any) -> BenchConfig:
         """The CI mode: two small shapes, a 200-text corpus, few calls; seconds on a tiny model."""
         settings: dict[str, Any] = {"shapes": QUICK_GRID, "corpus_size": 200, "warmup": 1, "min_time_s": 0.2,
-                                    "min_calls": 3, "max_calls": 10, "rounds": 2}
+                                    "min_calls": 3, "max_calls": 10, "rounds": 2, "corpus_slices": 4}
         settings.update(overrides)
         return cls(**settings)
 
@@ -175,7 +178,8 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
 
                 corpus = build_corpus(sentences(), first / TOKENIZER_FILE, size=config.corpus_size, seed=config.seed)
             steps = len(config.shapes) * config.rounds * len(group.backends)
-            steps += (config.corpus_rounds * len(group.backends)) if corpus else 0
+            if corpus:
+                steps += config.corpus_rounds * min(config.corpus_slices, len(corpus)) * len(group.backends)
             with tqdm(total=steps, desc=f"bench {group.specs[0].label}", unit="step",
                       disable=not config.progress) as bar:
                 for shape in config.shapes:
@@ -259,25 +263,31 @@ def _parity(actual: np.ndarray, expected: np.ndarray) -> dict[str, float]:
             "max_abs_diff": float(np.abs(a - e).max()) if a.size else 0.0}
 
 
-def _interleaved(group: _Group, rounds: int, bar: Any, calls: dict[int, int], work: dict[int, Callable[[], Any]],
-                 sentences: int) -> tuple[dict[int, Timer], dict[int, RssSampler], dict[int, Any]]:
-    """Times ``calls[id]`` calls per backend per round, round-robin with the starting backend rotated each
-    round; returns the timers, the round with the highest RSS per backend, and each backend's last output."""
+def _interleaved(group: _Group, rounds: int, bar: Any, calls: dict[int, int],
+                 units: Sequence[tuple[dict[int, Callable[[], Any]], int]]
+                 ) -> tuple[dict[int, Timer], dict[int, RssSampler], dict[int, list[Any]]]:
+    """Times every backend on every unit of work (``(work per backend, sentences per call)``), unit after unit,
+    round after round, the backends' order rotated at each step, so that a machine's drift over a long run
+    reaches all backends alike. ``calls[id]`` calls per backend and unit. Returns the timers, the block with the
+    highest RSS per backend, and each backend's last output per unit."""
     timers = {id(b): Timer(b.sync) for b in group.backends}
     peaks: dict[int, RssSampler] = {}
-    outputs: dict[int, Any] = {}
+    outputs: dict[int, list[Any]] = {id(b): [None] * len(units) for b in group.backends}
     backends = group.backends
-    for round_index in range(rounds):
-        shift = round_index % len(backends)
-        for backend in backends[shift:] + backends[:shift]:
-            key = id(backend)
-            _reset_gpu_peak(backend)
-            with RssSampler() as sampler:
-                for _ in range(calls[key]):
-                    outputs[key] = timers[key].call(work[key], sentences)
-            if key not in peaks or sampler.peak > peaks[key].peak:
-                peaks[key] = sampler
-            bar.update(1)
+    step = 0
+    for _ in range(rounds):
+        for index, (work, sentences) in enumerate(units):
+            shift = step % len(backends)
+            step += 1
+            for backend in backends[shift:] + backends[:shift]:
+                key = id(backend)
+                _reset_gpu_peak(backend)
+                with RssSampler() as sampler:
+                    for _ in range(calls[key]):
+                        outputs[key][index] = timers[key].call(work[key], sentences)
+                if key not in peaks or sampler.peak > peaks[key].peak:
+                    peaks[key] = sampler
+                bar.update(1)
     return timers, peaks, outputs
 
 
@@ -296,7 +306,7 @@ def _grid(group: _Group, shape: Shape, config: BenchConfig, bar: Any) -> list[di
         per_call = timer.samples.seconds[-1]
         total = min(max(math.ceil(config.min_time_s / max(per_call, 1e-6)), config.min_calls), config.max_calls)
         calls[id(backend)] = max(1, math.ceil(total / config.rounds))
-    timers, peaks, _ = _interleaved(group, config.rounds, bar, calls, work, shape.batch)
+    timers, peaks, _ = _interleaved(group, config.rounds, bar, calls, [(work, shape.batch)])
     rows = []
     for backend in group.backends:
         extra = {"workload": "grid", "shape": str(shape), "batch": shape.batch, "sequence": shape.sequence,
@@ -306,11 +316,17 @@ def _grid(group: _Group, shape: Shape, config: BenchConfig, bar: Any) -> list[di
 
 
 def _corpus(group: _Group, corpus: list[str], config: BenchConfig, bar: Any, tokenizer: Path) -> list[dict[str, Any]]:
-    work = {id(b): (lambda b=b: b.encode(corpus, config.corpus_batch_size)) for b in group.backends}
     for backend in group.backends:  # warm-up on a slice: thread pools, allocators, first-shape kernels
         backend.encode(corpus[: config.corpus_batch_size * 2], config.corpus_batch_size)
+    # The corpus goes in slices, each encoded by every backend in turn: a pass over 10,000 texts takes minutes,
+    # and a shared machine's load changes over minutes. Each slice is a random sample of the corpus (its texts
+    # are in random order), so batching by length within a slice works as it would on the whole.
+    bounds = np.linspace(0, len(corpus), min(config.corpus_slices, len(corpus)) + 1).astype(int)
+    units = [({id(b): (lambda b=b, lo=lo, hi=hi: b.encode(corpus[lo:hi], config.corpus_batch_size))
+               for b in group.backends}, int(hi - lo)) for lo, hi in zip(bounds[:-1], bounds[1:])]
     calls = {id(b): 1 for b in group.backends}
-    timers, peaks, outputs = _interleaved(group, config.corpus_rounds, bar, calls, work, len(corpus))
+    timers, peaks, sliced = _interleaved(group, config.corpus_rounds, bar, calls, units)
+    outputs = {key: np.concatenate(parts) for key, parts in sliced.items()}
     lengths = token_lengths(tokenizer, corpus)
     stats = {"texts": len(corpus), "tokens_min": int(lengths.min()), "tokens_median": float(np.median(lengths)),
              "tokens_p90": float(np.percentile(lengths, 90)), "tokens_max": int(lengths.max()),

@@ -28,11 +28,13 @@ QUICK_GRID: tuple[Shape, ...] = (Shape(1, 32), Shape(8, 128))
 
 
 def parse_shapes(text: str) -> tuple[Shape, ...]:
-    """``"1x32,8x128"`` -> shapes.
+    """``"1x32,8x128"`` -> shapes; ``"none"`` -> no shapes (a corpus-only run).
 
     Raises:
         ValueError: an item is not ``BATCHxSEQUENCE`` with positive ints.
     """
+    if text.strip().lower() == "none":
+        return ()
     shapes = []
     for item in text.split(","):
         match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", item)

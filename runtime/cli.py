@@ -61,10 +61,10 @@ def _bench(args: argparse.Namespace) -> int:
         "progress": not args.quiet,
     }
     # Flags left unset keep the mode's defaults (full or --quick).
-    optional = {"shapes": parse_shapes(args.shapes) if args.shapes else None, "corpus_size": args.corpus_size,
+    optional = {"shapes": parse_shapes(args.shapes) if args.shapes is not None else None, "corpus_size": args.corpus_size,
                 "corpus_batch_size": args.corpus_batch_size, "warmup": args.warmup, "min_time_s": args.min_time,
                 "min_calls": args.min_calls, "max_calls": args.max_calls, "rounds": args.rounds,
-                "corpus_rounds": args.corpus_rounds}
+                "corpus_rounds": args.corpus_rounds, "corpus_slices": args.corpus_slices}
     fields.update({name: value for name, value in optional.items() if value is not None})
     config = BenchConfig.quick(**fields) if args.quick else BenchConfig(**fields)
     run_benchmark(config)
@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--reference", default=None,
                        help="PyTorch checkpoint to compare with (default: the manifest's source; random:SHAPE "
                             "sources are rebuilt)")
-    bench.add_argument("--shapes", default=None, help="grid as BATCHxSEQ,... (default 1x32,8x128,32x128,128x128,64x512)")
+    bench.add_argument("--shapes", default=None, help="grid as BATCHxSEQ,... (default 1x32,8x128,32x128,128x128,64x512); none: corpus only")
     bench.add_argument("--corpus-size", type=int, default=None, help="texts in the corpus (default 10000; 0 skips)")
     bench.add_argument("--corpus-batch-size", type=int, default=None, help="texts per call on the corpus (default 32)")
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-calls", type=int, default=None, help="most timed calls per configuration and shape (200)")
     bench.add_argument("--rounds", type=int, default=None, help="interleaved rounds the timed calls are split into (3)")
     bench.add_argument("--corpus-rounds", type=int, default=None, help="timed corpus passes per configuration (1)")
+    bench.add_argument("--corpus-slices", type=int, default=None,
+                       help="the corpus is timed in slices, each run by every configuration in turn (10)")
     bench.add_argument("--no-plot", action="store_true", help="skip throughput.png")
     bench.add_argument("--seed", type=int, default=0, help="seeds the grid's ids and the corpus")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
