@@ -13,7 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from deberta_onnx.runtime.contract import (
+    TASK_EMBEDDING,
+    TASK_SEQUENCE_CLASSIFICATION,
+    TASK_TOKEN_CLASSIFICATION,
+    TASKS,
+)
 
 from ._errors import CheckpointError, UnsupportedModelError
 
@@ -23,6 +38,13 @@ __all__ = ["RANDOM_SHAPES", "LoadedCheckpoint", "build_random_checkpoint", "load
 SUPPORTED_MODEL_TYPES = {"deberta-v2": "DebertaV2Model (DeBERTa-v2, DeBERTa-v3)", "deberta": "DebertaModel (DeBERTa v1)"}
 
 RANDOM_PREFIX = "random:"
+
+# Task -> (transformers loader, the architecture suffix a checkpoint with that head declares).
+_TASK_LOADERS: dict[str, tuple[Any, str]] = {
+    TASK_EMBEDDING: (AutoModel, ""),
+    TASK_SEQUENCE_CLASSIFICATION: (AutoModelForSequenceClassification, "ForSequenceClassification"),
+    TASK_TOKEN_CLASSIFICATION: (AutoModelForTokenClassification, "ForTokenClassification"),
+}
 
 _V3_COMMON: dict[str, Any] = {
     "vocab_size": 128100,
@@ -65,6 +87,7 @@ class LoadedCheckpoint:
     tokenizer: Any
     path: str
     source: dict[str, Any] = field(default_factory=dict)
+    task: str = TASK_EMBEDDING
 
 
 def sentences() -> list[str]:
@@ -180,13 +203,27 @@ def _from_pretrained(loader: Any, src: str, **kwargs: Any) -> Any:
         ) from exc
 
 
-def load_checkpoint(src: str) -> LoadedCheckpoint:
-    """Loads ``src`` (a local folder or a hub id) as a DeBERTa encoder with its fast tokenizer.
+def checkpoint_task(config: PretrainedConfig) -> str:
+    """The task a checkpoint's head is for, from its ``architectures``: a sequence or token classifier, else
+    ``embedding`` (the encoder alone)."""
+    for architecture in config.architectures or []:
+        for task, (_, suffix) in _TASK_LOADERS.items():
+            if suffix and architecture.endswith(suffix):
+                return task
+    return TASK_EMBEDDING
+
+
+def load_checkpoint(src: str, task: str | None = None) -> LoadedCheckpoint:
+    """Loads ``src`` (a local folder or a hub id) with its fast tokenizer: the encoder alone for ``embedding``,
+    encoder and head for the classification tasks. ``task=None`` follows the checkpoint's architecture.
 
     Raises:
         CheckpointError: not found, unreadable, or without a tokenizer.
-        UnsupportedModelError: not a DeBERTa architecture; the message lists the supported ones.
+        UnsupportedModelError: not a DeBERTa architecture (the message lists the supported ones), or a
+            classification task asked of a checkpoint without that head.
     """
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     path = Path(src)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{src} is a file; pass the checkpoint's folder (the one with config.json).")
@@ -199,13 +236,21 @@ def load_checkpoint(src: str) -> LoadedCheckpoint:
             f"{src} is a {config.model_type!r} model ({', '.join(config.architectures or []) or 'no architecture'}"
             f"); deberta-onnx exports only DeBERTa encoders ({supported})."
         )
+    own_task = checkpoint_task(config)
+    task = task or own_task
+    if task != TASK_EMBEDDING and task != own_task:
+        raise UnsupportedModelError(
+            f"{src} has no {task} head (architectures: {', '.join(config.architectures or []) or 'none'}); "
+            f"exporting it as {task} would add an untrained, random head. Export a checkpoint fine-tuned for "
+            f"{task}, or leave --task unset."
+        )
     try:
         tokenizer = _from_pretrained(AutoTokenizer, src)
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{src}: its tokenizer cannot be loaded ({exc}).") from exc
     if not getattr(tokenizer, "is_fast", False):
         raise CheckpointError(f"{src}: transformers gave no fast tokenizer, so no tokenizer.json can be written.")
-    model = _from_pretrained(AutoModel, src).eval()
+    model = _from_pretrained(_TASK_LOADERS[task][0], src).eval()
     source = {
         "model": str(src),
         "model_type": config.model_type,
@@ -214,7 +259,7 @@ def load_checkpoint(src: str) -> LoadedCheckpoint:
         "shape": getattr(config, "deberta_onnx_shape", None),
         "parameters": int(sum(p.numel() for p in model.parameters())),
     }
-    return LoadedCheckpoint(model=model, config=config, tokenizer=tokenizer, path=str(src), source=source)
+    return LoadedCheckpoint(model=model, config=config, tokenizer=tokenizer, path=str(src), source=source, task=task)
 
 
 def random_source(src: str, workdir: str | Path) -> str:

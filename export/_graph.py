@@ -8,14 +8,36 @@ from pathlib import Path
 import onnx
 import torch
 
-from deberta_onnx.runtime.contract import INPUTS, OPSET, SENTENCE_OUTPUT
+from deberta_onnx.runtime.contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    OPSET,
+    POOLINGS,
+    TASK_EMBEDDING,
+    TASKS,
+    TOKEN_TYPE_IDS,
+    TensorSpec,
+    graph_inputs,
+    graph_outputs,
+)
 
 from ._errors import ExportError
 
-__all__ = ["POOLINGS", "EmbeddingGraph", "control_flow_nodes", "export_onnx", "masked_mean"]
+__all__ = [
+    "POOLINGS",
+    "ClassifierGraph",
+    "EmbeddingGraph",
+    "control_flow_nodes",
+    "export_onnx",
+    "first_token",
+    "l2_normalize",
+    "masked_max",
+    "masked_mean",
+]
 
-POOLINGS = ("mean",)
 _CONTROL_FLOW = {"If", "Loop", "Scan"}
+# As torch.nn.functional.normalize (and so sentence-transformers' Normalize module): a zero vector stays zero.
+_NORM_EPS = 1e-12
 
 
 def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -26,19 +48,70 @@ def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     return summed / count
 
 
-class EmbeddingGraph(torch.nn.Module):
-    """``(input_ids, attention_mask) -> sentence_embedding``: the encoder and pooling, exported as one graph."""
+def masked_max(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-dimension maximum over the token vectors where ``attention_mask`` is 1.
 
-    def __init__(self, encoder: torch.nn.Module, pooling: str = "mean") -> None:
+    Padding is filled with the dtype's lowest finite value, never -inf, and an all-padding row gives zeros, so
+    the output is always finite.
+    """
+    keep = attention_mask.unsqueeze(-1) > 0
+    lowest = torch.finfo(hidden.dtype).min
+    pooled = hidden.masked_fill(~keep, lowest).amax(dim=1)
+    return torch.where(keep.any(dim=1), pooled, torch.zeros_like(pooled))
+
+
+def first_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The first token's vector ([CLS] in DeBERTa's inputs, which are right-padded); zeros for an all-padding row."""
+    return hidden[:, 0] * attention_mask[:, :1].to(hidden.dtype)
+
+
+def l2_normalize(vectors: torch.Tensor) -> torch.Tensor:
+    """Scales each row to unit L2 norm; an all-zero row stays zero."""
+    return vectors / torch.linalg.vector_norm(vectors, dim=-1, keepdim=True).clamp(min=_NORM_EPS)
+
+
+_POOL = {"mean": masked_mean, "cls": first_token, "max": masked_max}
+
+
+class EmbeddingGraph(torch.nn.Module):
+    """``(input_ids, attention_mask) -> sentence_embedding[, token_embeddings]``: encoder, pooling and optional
+    L2 normalisation, exported as one graph.
+
+    Args:
+        encoder: the Hugging Face DeBERTa encoder (its output has ``last_hidden_state``).
+        pooling: one of ``POOLINGS``.
+        normalize: L2-normalise the sentence vector inside the graph.
+        token_embeddings: add the last hidden state as a second output.
+
+    Raises:
+        ValueError: unknown pooling.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, pooling: str = "mean", *, normalize: bool = False,
+                 token_embeddings: bool = False) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.encoder = encoder
         self.pooling = pooling
+        self.normalize = normalize
+        self.token_embeddings = token_embeddings
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return graph_inputs()
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return graph_outputs(TASK_EMBEDDING, token_embeddings=self.token_embeddings)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return masked_mean(hidden, attention_mask)
+        pooled = _POOL[self.pooling](hidden, attention_mask)
+        if self.normalize:
+            pooled = l2_normalize(pooled)
+        return (pooled, hidden) if self.token_embeddings else pooled
 
 
 def control_flow_nodes(model: onnx.ModelProto) -> list[str]:
@@ -49,28 +122,76 @@ def control_flow_nodes(model: onnx.ModelProto) -> list[str]:
     return found
 
 
-def export_onnx(graph: EmbeddingGraph, path: Path, *, opset: int = OPSET) -> onnx.ModelProto:
+class ClassifierGraph(torch.nn.Module):
+    """``(input_ids, attention_mask[, token_type_ids]) -> logits``: a sequence or token classification model
+    (encoder and head) exported as one graph.
+
+    Args:
+        model: a transformers ``...ForSequenceClassification`` or ``...ForTokenClassification`` model.
+        task: ``sequence-classification`` or ``token-classification``.
+        token_type_ids: take segment ids as a third input (only for checkpoints with ``type_vocab_size > 0``).
+
+    Raises:
+        ValueError: ``task`` is not a classification task.
+    """
+
+    def __init__(self, model: torch.nn.Module, task: str, *, token_type_ids: bool = False) -> None:
+        super().__init__()
+        if task not in TASKS or task == TASK_EMBEDDING:
+            raise ValueError(f"task must be a classification task, got {task!r}")
+        self.model = model
+        self.task = task
+        self.token_type_ids = token_type_ids
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return graph_inputs(token_type_ids=self.token_type_ids)
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return graph_outputs(self.task)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+
+
+def _dummy_inputs(specs: tuple[TensorSpec, ...]) -> tuple[torch.Tensor, ...]:
+    # Batch 2 x sequence 8: neither dimension may be 0 or 1, which torch.export would specialise on.
+    dummies = {
+        INPUT_IDS: torch.full((2, 8), 5, dtype=torch.long),
+        ATTENTION_MASK: torch.ones((2, 8), dtype=torch.long),
+        TOKEN_TYPE_IDS: torch.zeros((2, 8), dtype=torch.long),
+    }
+    dummies[ATTENTION_MASK][1, 6:] = 0
+    dummies[TOKEN_TYPE_IDS][:, 4:] = 1
+    return tuple(dummies[spec.name] for spec in specs)
+
+
+def export_onnx(graph: torch.nn.Module, path: Path, *, opset: int = OPSET) -> onnx.ModelProto:
     """Exports with the dynamo exporter (dynamic batch and sequence axes) and saves to ``path``.
+
+    ``graph`` is an ``EmbeddingGraph`` or another module with ``inputs`` and ``outputs`` tensor specs (the
+    contract's names, in forward's argument and return order).
 
     The TorchScript exporter emits one ``If`` per layer for DeBERTa's relative positions; such nodes block
     CUDA graphs and stall ONNX Runtime's optimizers, so their presence fails the export.
     """
-    # Batch 2 x sequence 8: neither dimension may be 0 or 1, which torch.export would specialise on.
-    dummy_ids = torch.full((2, 8), 5, dtype=torch.long)
-    dummy_mask = torch.ones((2, 8), dtype=torch.long)
-    dummy_mask[1, 6:] = 0
+    inputs: tuple[TensorSpec, ...] = graph.inputs  # type: ignore[assignment]
+    outputs: tuple[TensorSpec, ...] = graph.outputs  # type: ignore[assignment]
     batch = torch.export.Dim("batch", min=1, max=4096)
     sequence = torch.export.Dim("sequence", min=1, max=8192)
     dynamic = {spec.name: {axis: {"batch": batch, "sequence": sequence}[name]
-                           for axis, name in spec.dynamic_axes().items()} for spec in INPUTS}
+                           for axis, name in spec.dynamic_axes().items()} for spec in inputs}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             graph.eval(),
-            (dummy_ids, dummy_mask),
+            _dummy_inputs(inputs),
             dynamo=True,
-            input_names=[spec.name for spec in INPUTS],
-            output_names=[SENTENCE_OUTPUT.name],
+            input_names=[spec.name for spec in inputs],
+            output_names=[spec.name for spec in outputs],
             dynamic_shapes=dynamic,
             opset_version=opset,
             optimize=True,

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from deberta_onnx.runtime.contract import ATTENTION_MASK, INPUT_IDS, SENTENCE_EMBEDDING
+from deberta_onnx.runtime.contract import ATTENTION_MASK, INPUT_IDS, SEQUENCE_AXIS, TOKEN_TYPE_IDS, TensorSpec
 
 from ._errors import ValidationError
 
@@ -36,18 +36,50 @@ def make_batch(batch: int, sequence: int, vocab: int, rng: np.random.Generator) 
     return ids, mask
 
 
+def _token_types(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Segment ids as for text pairs: 0 for the first part of each row's tokens, 1 for the rest."""
+    lengths = mask.sum(axis=1)
+    split = (lengths * rng.uniform(0.3, 0.9, size=len(lengths))).astype(np.int64)
+    return ((np.arange(mask.shape[1])[None, :] >= split[:, None]) & (mask > 0)).astype(np.int64)
+
+
+def _feed(inputs: Sequence[TensorSpec], ids: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+          ) -> dict[str, np.ndarray]:
+    arrays = {INPUT_IDS: ids, ATTENTION_MASK: mask}
+    if any(spec.name == TOKEN_TYPE_IDS for spec in inputs):
+        arrays[TOKEN_TYPE_IDS] = _token_types(mask, rng)
+    return {spec.name: arrays[spec.name] for spec in inputs}
+
+
+def _compare(actual: np.ndarray, expected: np.ndarray, spec: TensorSpec, mask: np.ndarray
+             ) -> tuple[bool, float, int]:
+    """(finite, max |diff|, worst row). Per-token outputs are compared where the mask is 1: what sits at
+    padded positions is never read."""
+    if len(spec.dims) > 1 and spec.dims[1] == SEQUENCE_AXIS:
+        keep = mask.astype(bool)
+        actual, expected = np.where(keep[..., None], actual, 0), np.where(keep[..., None], expected, 0)
+    finite = bool(np.isfinite(actual).all())
+    if not finite:
+        return False, float("inf"), -1
+    diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64)).reshape(len(actual), -1)
+    return True, float(diff.max(initial=0.0)), int(diff.max(axis=1, initial=0.0).argmax())
+
+
 def validate(
     module: torch.nn.Module,
     model_path: Path,
     *,
     vocab: int,
     max_length: int,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
     shapes: Sequence[tuple[int, int]] = DEFAULT_VALIDATION_SHAPES,
     atol: float = 1e-4,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Runs both on every shape (sequences capped at ``max_length``) and returns the report.
+    """Runs both on every shape (sequences capped at ``max_length``), compares every output, and returns the
+    report. ``inputs`` and ``outputs`` are the graph's tensor specs, in the module's argument and return order.
 
     Raises:
         ValidationError: any output is not finite, or max |diff| exceeds ``atol``; the message names the
@@ -61,26 +93,30 @@ def validate(
     grid = sorted({(b, min(s, max_length)) for b, s in shapes})
     for batch, sequence in tqdm(grid, desc="validate", unit="shape", disable=not progress):
         ids, mask = make_batch(batch, sequence, vocab, rng)
+        feed = _feed(inputs, ids, mask, rng)
         with torch.no_grad():
-            expected = module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-        (actual,) = session.run([SENTENCE_EMBEDDING], {INPUT_IDS: ids, ATTENTION_MASK: mask})
-        finite = bool(np.isfinite(actual).all())
-        diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+            result = module(*(torch.from_numpy(array) for array in feed.values()))
+        expected = [t.numpy() for t in (result if isinstance(result, tuple) else (result,))]
+        actual = session.run([spec.name for spec in outputs], feed)
+        compared = [_compare(a, e, spec, mask) for a, e, spec in zip(actual, expected, outputs)]
+        worst = max(range(len(compared)), key=lambda i: compared[i][1])
+        finite, max_diff, worst_row = compared[worst]
         rows.append({
             "batch": batch,
             "sequence": sequence,
             "padded_rows": int((mask.sum(1) < sequence).sum()),
-            "max_abs_diff": float(diff.max()) if finite else float("inf"),
-            "worst_row": int(diff.max(axis=1).argmax()) if finite else -1,
-            "finite": finite,
+            "max_abs_diff": max_diff if all(c[0] for c in compared) else float("inf"),
+            "worst_row": worst_row,
+            "worst_output": outputs[worst].name,
+            "finite": all(c[0] for c in compared),
         })
     worst = max(rows, key=lambda r: r["max_abs_diff"])
     report = {"atol": atol, "shapes": rows, "worst": worst, "passed": worst["max_abs_diff"] <= atol}
     if not report["passed"]:
         what = "non-finite output" if not worst["finite"] else f"max |diff| {worst['max_abs_diff']:.3g} > atol {atol:g}"
         raise ValidationError(
-            f"ONNX Runtime and PyTorch disagree: {what} at batch {worst['batch']} x sequence {worst['sequence']} "
-            f"(row {worst['worst_row']}). Nothing was written.",
+            f"ONNX Runtime and PyTorch disagree: {what} in {worst['worst_output']} at batch {worst['batch']} x "
+            f"sequence {worst['sequence']} (row {worst['worst_row']}). Nothing was written.",
             report,
         )
     return report

@@ -1,21 +1,19 @@
-"""Checking that an optional extra is installed, without importing it (torch alone takes seconds to import)."""
+"""Checks for the optional parts of the package (``export``, ``server``, ``benchmarks``) before they import
+their extras."""
 
 from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterable
 
-__all__ = ["missing_modules"]
-
 
 def missing_modules(names: Iterable[str]) -> list[str]:
-    """The top-level modules among ``names`` that cannot be imported here."""
-    missing = []
-    for name in names:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            missing.append(name)
-    return missing
+    """The names among ``names`` that cannot be imported here (not installed, or blocked)."""
+    return [name for name in names if _missing(name)]
+
+
+def _missing(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):
+        return True

@@ -4,21 +4,39 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from .contract import ATTENTION_MASK, INPUT_IDS, INPUTS, ORT_TYPES, SENTENCE_EMBEDDING
-from .errors import ContractMismatchError, ProviderUnavailableError
+from .contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    INPUTS,
+    OPTIONAL_INPUTS,
+    ORT_TYPES,
+    REQUIRED_OUTPUT,
+    SENTENCE_EMBEDDING,
+    TOKEN_TYPE_IDS,
+)
+from .errors import ContractMismatchError, CudaGraphError, ProviderUnavailableError
 from .manifest import Manifest
 
 ProviderList = Sequence[str | tuple[str, dict[str, object]]]
 
-_GPU_INSTALL_HINT = (
-    "Install ONNX Runtime's GPU build in place of the CPU one: "
-    "`pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'deberta-onnx[gpu]' && "
-    "pip install --force-reinstall --no-deps onnxruntime-gpu` (the two onnxruntime packages cannot share an environment)."
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+# Providers whose tensors live in CUDA device memory, so that IO binding binds buffers there.
+_CUDA_MEMORY_PROVIDERS = (CUDA_PROVIDER, "TensorrtExecutionProvider")
+_ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+
+_GPU_RECIPE = (
+    "Install ONNX Runtime's GPU build in place of the CPU one: `pip install 'deberta-onnx[gpu]' && "
+    "pip uninstall -y onnxruntime && pip install --force-reinstall --no-deps onnxruntime-gpu` (the base "
+    "install pulls in the CPU package `onnxruntime`; it and `onnxruntime-gpu` write the same `onnxruntime` "
+    "folder, so the two must not be installed at once, and the reinstall restores the files the uninstall "
+    "removed)."
 )
 
 
@@ -33,11 +51,99 @@ class SessionSettings:
 
 def cuda_available() -> bool:
     """Whether this onnxruntime build offers the CUDA execution provider (not whether a device works)."""
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+    return CUDA_PROVIDER in ort.get_available_providers()
 
 
 def provider_names(providers: ProviderList) -> list[str]:
     return [p if isinstance(p, str) else p[0] for p in providers]
+
+
+def installed_onnxruntime() -> dict[str, str]:
+    """The onnxruntime distributions installed in this environment, name -> version.
+
+    ``onnxruntime`` and ``onnxruntime-gpu`` both install the one ``onnxruntime`` import package; with both,
+    whichever was installed last decides which build ``import onnxruntime`` gets.
+    """
+    found: dict[str, str] = {}
+    for name in _ORT_DISTRIBUTIONS:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def gpu_install_hint() -> str:
+    """How to get the CUDA provider, saying so when both onnxruntime packages are installed at once."""
+    found = installed_onnxruntime()
+    if len(found) == len(_ORT_DISTRIBUTIONS):
+        both = " and ".join(f"{name} {version}" for name, version in found.items())
+        return (
+            f"Both {both} are installed: they overwrite each other's files in the one `onnxruntime` "
+            f"package, and the import got the {'GPU' if cuda_available() else 'CPU'} build. {_GPU_RECIPE}"
+        )
+    return _GPU_RECIPE
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """Splits ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` into (kind, device id).
+
+    Raises:
+        ValueError: any other string.
+    """
+    kind, _, index = device.partition(":")
+    if kind == "cpu" and not index:
+        return "cpu", 0
+    if kind == "cuda" and (not index or index.isdigit()):
+        return "cuda", int(index or 0)
+    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (N a GPU index), got {device!r}")
+
+
+def resolve_providers(
+    providers: ProviderList | None, device: str | None, *, cuda_graph: bool = False
+) -> list[str | tuple[str, dict[str, object]]]:
+    """The provider list a session is made with, from either an explicit list or a device name.
+
+    ``device="cuda:N"`` means the CUDA provider on GPU N, then the CPU provider for the few nodes that ONNX
+    Runtime keeps on the host. ``cuda_graph`` turns on the CUDA provider's ``enable_cuda_graph`` option.
+
+    Raises:
+        ValueError: both ``providers`` and ``device`` given, an empty list, or ``cuda_graph`` without the CUDA
+            provider first.
+    """
+    if providers is not None and device is not None:
+        raise ValueError(
+            f"pass either providers ({provider_names(providers)}) or device ({device!r}), not both; "
+            "device='cuda' is short for providers=['CUDAExecutionProvider', 'CPUExecutionProvider']"
+        )
+    if providers is None:
+        kind, index = parse_device(device or "cpu")
+        chosen: list[str | tuple[str, dict[str, object]]] = (
+            [(CUDA_PROVIDER, {"device_id": str(index)}), CPU_PROVIDER] if kind == "cuda" else [CPU_PROVIDER]
+        )
+    else:
+        chosen = list(providers)
+        if not chosen:
+            raise ValueError("providers is empty; pass at least one ONNX Runtime execution provider, or None")
+    if cuda_graph:
+        first = chosen[0]
+        name, options = (first, {}) if isinstance(first, str) else (first[0], dict(first[1]))
+        if name != CUDA_PROVIDER:
+            raise ValueError(
+                f"cuda_graph needs {CUDA_PROVIDER} as the first provider (got {name}); use device='cuda' or "
+                "leave cuda_graph off"
+            )
+        chosen[0] = (name, {**options, "enable_cuda_graph": "1"})
+    return chosen
+
+
+def session_device(session: ort.InferenceSession) -> tuple[str, int]:
+    """Where the session's preferred provider keeps tensors: ``("cuda", N)`` or ``("cpu", 0)``."""
+    active = session.get_providers()[0]
+    if active in _CUDA_MEMORY_PROVIDERS:
+        options = session.get_provider_options().get(active, {})
+        return "cuda", int(options.get("device_id", 0))
+    return "cpu", 0
 
 
 def check_providers_available(providers: ProviderList) -> None:
@@ -45,7 +151,7 @@ def check_providers_available(providers: ProviderList) -> None:
     available = ort.get_available_providers()
     for name in provider_names(providers):
         if name not in available:
-            hint = _GPU_INSTALL_HINT if name in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else ""
+            hint = gpu_install_hint() if name in _CUDA_MEMORY_PROVIDERS else ""
             raise ProviderUnavailableError(
                 f"execution provider {name} is not available in this onnxruntime "
                 f"({ort.__version__}, available: {', '.join(available)}). {hint}".strip()
@@ -53,10 +159,14 @@ def check_providers_available(providers: ProviderList) -> None:
 
 
 def create_session(path: Path, providers: ProviderList, settings: SessionSettings) -> ort.InferenceSession:
-    """Makes an ``InferenceSession`` and checks afterwards that the first requested provider is active.
+    """Makes an ``InferenceSession`` and checks afterwards that every requested provider is active.
 
     ONNX Runtime falls back to the CPU provider when, say, the CUDA libraries fail to load; that must not
     pass silently.
+
+    Raises:
+        ProviderUnavailableError: a requested provider is not installed, or ONNX Runtime left it out.
+        CudaGraphError: CUDA graphs were requested and ONNX Runtime refused them for this graph.
     """
     check_providers_available(providers)
     options = ort.SessionOptions()
@@ -67,22 +177,41 @@ def create_session(path: Path, providers: ProviderList, settings: SessionSetting
         options.inter_op_num_threads = settings.inter_op_threads
     if settings.allow_spinning is not None:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0")
-    session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
-    wanted = provider_names(providers)[0]
+    if _wants_cuda_graph(providers):
+        try:
+            session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        except Exception as exc:  # onnxruntime raises its own pybind classes, not RuntimeError subclasses
+            raise CudaGraphError(
+                f"ONNX Runtime refused CUDA graphs for {path} ({exc}). A CUDA graph needs every compute node on "
+                "the CUDA provider; run without cuda_graph (IO binding still keeps the work on the GPU)."
+            ) from exc
+    else:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     active = session.get_providers()
-    if wanted not in active:
+    missing = [name for name in provider_names(providers) if name not in active]
+    if missing:
+        hint = gpu_install_hint() if any(name in _CUDA_MEMORY_PROVIDERS for name in missing) else ""
         raise ProviderUnavailableError(
-            f"ONNX Runtime created the session without {wanted} (active: {', '.join(active)}); it fell back, "
-            f"usually because the CUDA or cuDNN libraries it needs could not be loaded. {_GPU_INSTALL_HINT}"
+            f"ONNX Runtime created the session without {', '.join(missing)} (active: {', '.join(active)}); it "
+            "fell back, usually because the CUDA or cuDNN libraries it needs could not be loaded (its log above "
+            "names the library; `python -c \"import onnxruntime as o; o.preload_dlls(); "
+            f"print(o.get_available_providers())\"` checks the setup). {hint}".strip()
         )
     return session
+
+
+def _wants_cuda_graph(providers: ProviderList) -> bool:
+    return any(
+        not isinstance(p, str) and p[0] == CUDA_PROVIDER and str(p[1].get("enable_cuda_graph", "0")) in ("1", "true", "True")
+        for p in providers
+    )
 
 
 def check_contract(session: ort.InferenceSession, manifest: Manifest, model_path: Path) -> None:
     """Checks the manifest against this runtime's contract and the session against the manifest.
 
     Raises:
-        ContractMismatchError: names, dtypes or the hidden size disagree; says which and where.
+        ContractMismatchError: names, dtypes or fixed dimensions disagree; says which and where.
     """
     declared_inputs = {spec.name: spec for spec in manifest.inputs}
     for spec in INPUTS:
@@ -91,14 +220,27 @@ def check_contract(session: ort.InferenceSession, manifest: Manifest, model_path
                 f"{manifest.folder}/manifest.json declares inputs {sorted(declared_inputs)} but this runtime "
                 f"needs {spec.name} ({spec.dtype}); re-export the model with this deberta-onnx version."
             )
+    known = {spec.name: spec for spec in (*INPUTS, *OPTIONAL_INPUTS)}
+    for name, spec in declared_inputs.items():
+        if name not in known or known[name].dtype != spec.dtype:
+            raise ContractMismatchError(
+                f"{manifest.folder}/manifest.json declares input {name} ({spec.dtype}), which this runtime does "
+                f"not know (it feeds {', '.join(sorted(known))}); install the deberta-onnx release that wrote it."
+            )
     session_inputs = {node.name: node.type for node in session.get_inputs()}
-    for spec in INPUTS:
+    for spec in declared_inputs.values():
         if session_inputs.get(spec.name) != ORT_TYPES[spec.dtype]:
             raise ContractMismatchError(
                 f"{model_path} does not match its manifest: input {spec.name} should be {ORT_TYPES[spec.dtype]}, "
                 f"the graph has {session_inputs.get(spec.name, 'no such input')} (graph inputs: "
                 f"{sorted(session_inputs)}). The model file was replaced or the manifest edited; re-export."
             )
+    extra = sorted(set(session_inputs) - set(declared_inputs))
+    if extra:
+        raise ContractMismatchError(
+            f"{model_path} has input(s) {extra} that its manifest does not declare; the model file was replaced "
+            "or the manifest edited. Re-export the model."
+        )
     session_outputs = {node.name: node for node in session.get_outputs()}
     for spec in manifest.outputs:
         node = session_outputs.get(spec.name)
@@ -111,22 +253,41 @@ def check_contract(session: ort.InferenceSession, manifest: Manifest, model_path
             raise ContractMismatchError(
                 f"{model_path}: output {spec.name} is {node.type}, the manifest declares {spec.dtype}; re-export."
             )
-        last = node.shape[-1] if node.shape else None
-        if isinstance(last, int) and isinstance(spec.dims[-1], int) and last != spec.dims[-1]:
+        shape = list(node.shape or [])
+        if shape and len(shape) != len(spec.dims):
             raise ContractMismatchError(
-                f"{model_path}: output {spec.name} has last dimension {last}, the manifest declares "
-                f"{spec.dims[-1]}; the model file belongs to another checkpoint. Re-export."
+                f"{model_path}: output {spec.name} has {len(shape)} dimensions, the manifest declares "
+                f"{len(spec.dims)} ({list(spec.dims)}); re-export."
             )
-    if SENTENCE_EMBEDDING not in session_outputs:
-        raise ContractMismatchError(f"{model_path} has no {SENTENCE_EMBEDDING} output; re-export the model.")
+        for axis, (got, want) in enumerate(zip(shape, spec.dims)):
+            if isinstance(got, int) and isinstance(want, int) and got != want:
+                where = "last dimension" if axis == len(shape) - 1 else f"dimension {axis}"
+                raise ContractMismatchError(
+                    f"{model_path}: output {spec.name} has {where} {got}, the manifest declares {want}; the model "
+                    "file belongs to another checkpoint. Re-export."
+                )
+    if manifest.task not in REQUIRED_OUTPUT:
+        raise ContractMismatchError(
+            f"{manifest.folder}/manifest.json declares task {manifest.task!r}, which this runtime does not know "
+            f"({', '.join(REQUIRED_OUTPUT)}); install the deberta-onnx release that wrote it."
+        )
+    required = REQUIRED_OUTPUT[manifest.task]
+    if required not in session_outputs or not manifest.has_output(required):
+        raise ContractMismatchError(
+            f"{model_path} has no {required} output, which a {manifest.task} model needs; re-export the model."
+        )
 
 
 class SessionRunner:
-    """Runs the plain ``session.run`` path: numpy in, numpy out."""
+    """Runs the plain ``session.run`` path: numpy in, numpy out, ONNX Runtime allocating per call."""
 
     def __init__(self, session: ort.InferenceSession, outputs: Sequence[str] = (SENTENCE_EMBEDDING,)) -> None:
         self.session = session
         self.outputs = list(outputs)
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(self.outputs, {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask})
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None
+            ) -> list[np.ndarray]:
+        feed = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask}
+        if token_type_ids is not None:
+            feed[TOKEN_TYPE_IDS] = token_type_ids
+        return self.session.run(self.outputs, feed)

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
+from ._batching import bucket_width
 from .errors import ContractMismatchError, ModelFolderError
 
 
@@ -21,6 +22,32 @@ def check_texts(texts: object) -> list[str]:
     for index, text in enumerate(out):
         if not isinstance(text, str):
             raise TypeError(f"texts[{index}] is {type(text).__name__}, not str; every text must be a str")
+    return out
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """Index of the first lone surrogate code point in ``text``, or ``None``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def check_pairs(inputs: object, *, texts_allowed: bool) -> list[str | tuple[str, str]]:
+    """Returns ``inputs`` as a list of texts and ``(text, text_pair)`` tuples (texts only if ``texts_allowed``),
+    or raises ``TypeError`` naming the first bad element."""
+    wanted = "a str or a (text, text_pair) pair of str" if texts_allowed else "a (text, text_pair) pair of str"
+    if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence):
+        raise TypeError(f"inputs must be a list, each item {wanted}; got {type(inputs).__name__}")
+    out: list[str | tuple[str, str]] = []
+    for index, item in enumerate(inputs):
+        if isinstance(item, str) and texts_allowed:
+            out.append(item)
+        elif isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item):
+            out.append((item[0], item[1]))
+        else:
+            raise TypeError(f"inputs[{index}] is {type(item).__name__}; each item must be {wanted}")
     return out
 
 
@@ -56,7 +83,35 @@ class TextTokenizer:
             ValueError: ``truncate`` is false and a text is longer than ``max_length`` tokens (``offset`` is
                 added to the index in the message, for callers that encode in chunks).
         """
-        encodings = self._encode_batch(texts, add_special_tokens=True)
+        return [encoding.ids for encoding in self.encodings(texts, truncate=truncate, offset=offset)]
+
+    def encodings(self, inputs: Sequence[str | tuple[str, str]], *, truncate: bool = True, offset: int = 0,
+                  details: bool = False) -> list[Encoding]:
+        """``tokenizers.Encoding`` per input (a text, or a ``(text, text_pair)`` tuple), special tokens included.
+
+        With ``details`` the encodings carry token strings and character offsets (a little slower); pairs are
+        truncated longest-first, as transformers does.
+
+        Raises:
+            ValueError: an input is not valid Unicode, or ``truncate`` is false and an input is longer than
+                ``max_length`` tokens.
+        """
+        encode = self._tokenizer.encode_batch if details else self._encode_batch
+        items = list(inputs)
+        try:
+            encodings = encode(items, add_special_tokens=True)
+        except TypeError as exc:
+            # The tokenizer cannot take a str with a lone surrogate (not valid Unicode); name the culprit.
+            for index, item in enumerate(items):
+                for text in (item,) if isinstance(item, str) else item:
+                    position = _lone_surrogate(text)
+                    if position is not None:
+                        raise ValueError(
+                            f"texts[{index + offset}] is not valid Unicode: a lone surrogate "
+                            f"U+{ord(text[position]):04X} at character {position}. Decode bytes with "
+                            "errors='replace' (or drop the character) before encoding."
+                        ) from exc
+            raise
         if not truncate:
             for index, encoding in enumerate(encodings):
                 if encoding.overflowing:
@@ -64,16 +119,17 @@ class TextTokenizer:
                         f"texts[{index + offset}] is longer than the model's maximum of {self.max_length} "
                         "tokens; shorten it, or pass truncate=True to keep its first tokens"
                     )
-        return [encoding.ids for encoding in encodings]
+        return encodings
 
-    def pad(self, sequences: Sequence[Sequence[int]], *, multiple_of: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Right-pads to the longest sequence (rounded up to ``multiple_of``, capped at ``max_length``).
+    def pad(self, sequences: Sequence[Sequence[int]], *, multiple_of: int = 1, fill: int | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+        """Right-pads to the longest sequence (rounded up to ``multiple_of``, capped at ``max_length``) with
+        ``fill`` (default the pad token's id).
 
         Returns ``(input_ids, attention_mask)``, both int64 ``[batch, sequence]``.
         """
-        longest = max((len(s) for s in sequences), default=1)
-        width = min(-(-max(longest, 1) // multiple_of) * multiple_of, max(self.max_length, longest))
-        ids = np.full((len(sequences), width), self.pad_id, dtype=np.int64)
+        width = bucket_width(max((len(s) for s in sequences), default=1), multiple_of, self.max_length)
+        ids = np.full((len(sequences), width), self.pad_id if fill is None else fill, dtype=np.int64)
         mask = np.zeros((len(sequences), width), dtype=np.int64)
         for row, seq in enumerate(sequences):
             ids[row, : len(seq)] = seq

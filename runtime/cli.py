@@ -15,30 +15,47 @@ from typing import Any
 
 import numpy as np
 
+from ._server_config import ServerConfig
+from .classifier import AGGREGATIONS
+from .contract import POOLINGS, TASKS
 from .errors import DebertaOnnxError
+from .similarity import SCORES
 
 __all__ = ["main"]
 
 
 def _export(args: argparse.Namespace) -> int:
     try:
-        from deberta_onnx.export import ExportConfig, export_model
+        from deberta_onnx.export import export_model
     except ImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    config = ExportConfig(
+    result = export_model(args.src, args.out_dir, _export_config(args))
+    print(result.out_dir)
+    return 0
+
+
+def _export_config(args: argparse.Namespace) -> Any:
+    """The ``ExportConfig`` that ``deberta-onnx export``'s flags stand for (needs the export extra)."""
+    from deberta_onnx.export import ExportConfig
+
+    return ExportConfig(
         overwrite=args.overwrite,
         pooling=args.pooling,
+        normalize=args.normalize,
+        token_embeddings=args.token_embeddings,
+        task=args.task,
         max_length=args.max_length,
         validate=not args.no_validate,
         atol=args.atol,
         tokenizer=args.tokenizer,
         optimize=not args.no_optimize,
+        triton=args.triton,
+        triton_name=args.triton_name,
+        triton_max_batch_size=args.triton_max_batch_size,
+        triton_max_queue_delay_us=args.triton_max_queue_delay_us,
         quiet=args.quiet,
     )
-    result = export_model(args.src, args.out_dir, config)
-    print(result.out_dir)
-    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -95,24 +112,66 @@ def _save_npy(array: np.ndarray, destination: str) -> None:
         raise
 
 
-def _encoder_from_args(args: argparse.Namespace) -> Any:
+def _encoder_from_args(args: argparse.Namespace, kind: type | None = None) -> Any:
+    """An ``Encoder`` (or ``kind``, another class of the runtime) loaded as the load flags say."""
     from .encoder import Encoder, EncoderConfig
 
     config = EncoderConfig(
         precision=args.precision,
         intra_op_threads=args.threads,
         verify_checksums=not args.no_verify,
+        device=args.device,
+        io_binding=args.io_binding,
+        sequence_bucket=args.sequence_bucket,
+        max_tokens=args.max_tokens,
+        max_buckets=args.max_buckets,
+        cuda_graph=args.cuda_graph,
     )
-    return Encoder(args.model_dir, config=config)
+    return (kind or Encoder)(args.model_dir, config=config)
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    """--progress / --no-progress; by default a bar only when stderr is a terminal."""
+    return bool(args.progress) if args.progress is not None else sys.stderr.isatty()
 
 
 def _embed(args: argparse.Namespace) -> int:
     texts = _read_lines(args.input)
     encoder = _encoder_from_args(args)
     vectors = encoder.encode(texts, batch_size=args.batch_size, normalize=args.normalize,
-                             truncate=not args.no_truncate, show_progress=args.progress)
+                             truncate=not args.no_truncate, show_progress=_show_progress(args),
+                             dimensions=args.dimensions)
     _save_npy(vectors, args.output)
     print(f"{args.output}: {vectors.shape[0]} x {vectors.shape[1]} float32 ({encoder.precision})", file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import serve
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_batch_size,
+        batch_size=args.batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_request_bytes=args.max_request_bytes,
+        max_inputs=args.max_inputs,
+        timeout_s=args.timeout_s,
+        normalize=args.normalize,
+        model_name=args.model_name,
+        access_log=args.access_log,
+    )
+    encoder = _encoder_from_args(args)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn catches SIGTERM itself, shuts down gracefully, then raises it again; with the default
+        # disposition the process then ends as stopped by SIGTERM, which service managers count as clean.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    serve(encoder, config)
     return 0
 
 
@@ -129,6 +188,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"model:      {source.get('model')} ({source.get('architecture')}, {weights})")
     print(f"hidden:     {manifest.hidden_size}   max length: {manifest.max_sequence_length} tokens   "
           f"pooling: {manifest.pooling}")
+    _print_task(manifest)
     for name, variant in manifest.variants.items():
         size = data["files"].get(variant["file"], {}).get("bytes", 0)
         report = variant.get("validation") or {}
@@ -138,19 +198,181 @@ def _info(args: argparse.Namespace) -> int:
     optimization = data.get("optimization") or {}
     if optimization.get("enabled"):
         fused = ", ".join(f"{k} {v}" for k, v in sorted(optimization.get("fused_operators", {}).items()))
-        print(f"graph:      optimised ({optimization.get('relative_attention_layers_folded', 0)} attention layers "
+        print(f"speed-ups:  optimised ({optimization.get('relative_attention_layers_folded', 0)} attention layers "
               f"folded{'; fused ' + fused if fused else ''})")
     else:
-        print("graph:      as transformers writes it (exported with --no-optimize)" if optimization else
-              "graph:      exported before graph optimisation was recorded")
+        print("speed-ups:  none, attention as transformers writes it (exported with --no-optimize)" if optimization
+              else "speed-ups:  not recorded (exported before graph optimisation)")
     print(f"exported:   {data.get('created_at')} with {', '.join(f'{k} {v}' for k, v in data.get('versions', {}).items())}")
     return 0
+
+
+def _print_task(manifest: Any) -> None:
+    """The task lines of ``info``: what the graph computes and which class runs it."""
+    from .contract import TASK_EMBEDDING
+
+    outputs = ", ".join(f"{spec.name} {list(spec.dims)}" for spec in manifest.outputs)
+    inputs = ", ".join(spec.name for spec in manifest.inputs)
+    if manifest.task == TASK_EMBEDDING:
+        print(f"task:       embedding (Encoder)   normalized in the graph: {'yes' if manifest.normalize else 'no'}")
+    else:
+        runner = "SequenceClassifier, CrossEncoder" if "sequence" in manifest.task else "TokenClassifier"
+        print(f"task:       {manifest.task} ({runner})   labels: {', '.join(manifest.labels)}")
+    print(f"graph:      inputs {inputs}; outputs {outputs}")
+    st = manifest.data.get("source", {}).get("sentence_transformers")
+    if st:
+        print(f"sentence-transformers modules: {' -> '.join(st['modules'])}")
+    triton = manifest.data.get("triton")
+    if triton:
+        print(f"triton:     {triton['repository']}/{triton['model_name']}/ (max batch {triton['max_batch_size']})")
+
+
+# --- search and classify -----------------------------------------------------------------------------------
+
+
+def _search(args: argparse.Namespace) -> int:
+    from .similarity import semantic_search
+
+    queries = list(args.query or []) + (_read_lines(args.queries) if args.queries else [])
+    if not queries:
+        raise ValueError("no query: give --query TEXT (repeatable) or --queries FILE (one per line, - for stdin)")
+    encoder = _encoder_from_args(args)
+    corpus_path = Path(args.corpus)
+    if not corpus_path.is_file():
+        raise ValueError(f"--corpus {args.corpus}: no such file (give a text file, one text per line, or a .npy "
+                         "of vectors written by `deberta-onnx embed`)")
+    texts: list[str] | None = None
+    if corpus_path.suffix == ".npy":
+        corpus = np.load(corpus_path, mmap_mode="r")  # searched in chunks: never loaded whole
+        if args.corpus_texts:
+            texts = _read_lines(args.corpus_texts)
+            if len(texts) != len(corpus):
+                raise ValueError(f"--corpus-texts has {len(texts)} lines but {args.corpus} holds {len(corpus)} "
+                                 "vectors; give the file the vectors were embedded from")
+    else:
+        texts = _read_lines(args.corpus)
+        corpus = encoder.encode(texts, batch_size=args.batch_size, show_progress=_show_progress(args),
+                                dimensions=args.dimensions)
+    vectors = encoder.encode(queries, batch_size=args.batch_size, dimensions=args.dimensions)
+    if corpus.ndim != 2 or corpus.shape[1] != vectors.shape[1]:
+        raise ValueError(f"{args.corpus} holds vectors of shape {corpus.shape[1:]} but the queries have "
+                         f"{vectors.shape[1]} dimensions; embed both with the same model (and --dimensions)")
+    results = semantic_search(vectors, corpus, top_k=args.top_k, score=args.score)
+    for query, hits in zip(queries, results):
+        rows = [{"index": h.index, "score": h.score, **({"text": texts[h.index]} if texts else {})} for h in hits]
+        if args.json:
+            print(json.dumps({"query": query, "hits": rows}, ensure_ascii=False))
+            continue
+        print(f"query: {query}")
+        for rank, row in enumerate(rows, 1):
+            print(f"  {rank:>3}. {row['score']:.4f}  [{row['index']}]  {row.get('text', '')}".rstrip())
+    return 0
+
+
+def _pair(line: str, number: int) -> tuple[str, str]:
+    if "\t" not in line:
+        raise ValueError(f"line {number} has no tab; with --pairs each line is TEXT<TAB>TEXT_PAIR")
+    first, second = line.split("\t", 1)
+    return first, second
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from .classifier import SequenceClassifier, TokenClassifier
+    from .contract import TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
+    from .errors import TaskMismatchError
+    from .manifest import load_manifest
+
+    task = load_manifest(args.model_dir).task
+    lines = _read_lines(args.input)
+    rows: list[dict[str, Any]]
+    if task == TASK_SEQUENCE_CLASSIFICATION:
+        model = _encoder_from_args(args, SequenceClassifier)
+        inputs = [_pair(line, n) for n, line in enumerate(lines, 1)] if args.pairs else lines
+        scores = model.probabilities(inputs, batch_size=args.batch_size, show_progress=_show_progress(args))
+        rows = [{"label": model.labels[int(row.argmax())], "score": float(row.max()),
+                 "scores": {label: float(value) for label, value in zip(model.labels, row)}} for row in scores]
+    elif task == TASK_TOKEN_CLASSIFICATION:
+        if args.pairs:
+            raise ValueError("--pairs is for sequence classifiers; a token classifier labels single texts")
+        model = _encoder_from_args(args, TokenClassifier)
+        spans = model.predict(lines, batch_size=args.batch_size, aggregation=args.aggregation,
+                              show_progress=_show_progress(args))
+        rows = [{"text": text, "spans": [span._asdict() for span in found]} for text, found in zip(lines, spans)]
+    else:
+        raise TaskMismatchError(f"{args.model_dir} holds an embedding model; use `deberta-onnx embed` or "
+                                "`deberta-onnx search` with it")
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def _add_progress_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
+                       help="show a progress bar (default: when stderr is a terminal)")
+    group.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+
+
+def _add_search_parser(commands: Any) -> None:
+    search = commands.add_parser(
+        "search", help="find the corpus texts (or vectors) most similar to queries",
+        description="Embed one or more queries and print the top-k most similar entries of a corpus: a text file "
+                    "(one text per line, embedded now) or a .npy of vectors from `deberta-onnx embed` (searched in "
+                    "chunks from disk, so it may be larger than memory; --corpus-texts gives the lines to print).",
+    )
+    search.add_argument("model_dir", help="a folder written by `deberta-onnx export`")
+    search.add_argument("--corpus", required=True, help="text file (one text per line) or .npy of vectors")
+    search.add_argument("--corpus-texts", default=None, help="for a .npy corpus: the text file it was embedded from")
+    search.add_argument("--query", action="append", help="a query text (repeat for several)")
+    search.add_argument("--queries", default=None, help="file of queries, one per line; - for stdin")
+    search.add_argument("--top-k", type=int, default=5, help="results per query (default 5)")
+    search.add_argument("--score", default="cosine", choices=list(SCORES), help="similarity (default cosine)")
+    search.add_argument("--dimensions", type=int, default=None,
+                        help="Matryoshka truncation of queries (and a text corpus) to the first N dimensions")
+    search.add_argument("--batch-size", type=int, default=None,
+                        help="texts per model call (default 32; with --max-tokens, a cap on rows)")
+    search.add_argument("--json", action="store_true", help="one JSON object per query instead of a table")
+    _add_progress_flags(search)
+    _add_load_flags(search)
+    search.set_defaults(run=_search)
+
+
+def _add_classify_parser(commands: Any) -> None:
+    classify = commands.add_parser(
+        "classify", help="label texts or text pairs with an exported classifier (JSON lines out)",
+        description="Run a sequence classifier (one label per text, or per TEXT<TAB>TEXT_PAIR line with --pairs: "
+                    "NLI, rerankers) or a token classifier (labelled spans, e.g. NER) over a file of lines; "
+                    "prints one JSON object per line.",
+    )
+    classify.add_argument("model_dir", help="a folder exported from a ...ForSequenceClassification or "
+                                            "...ForTokenClassification checkpoint")
+    classify.add_argument("--input", required=True, help="text file, one input per line; - for stdin")
+    classify.add_argument("--pairs", action="store_true", help="each line is TEXT<TAB>TEXT_PAIR (sequence classifiers)")
+    classify.add_argument("--aggregation", default="first", choices=list(AGGREGATIONS),
+                          help="how token labels become spans (token classifiers; default first)")
+    classify.add_argument("--output", default=None, help="write the JSON lines here instead of stdout")
+    classify.add_argument("--batch-size", type=int, default=None,
+                          help="inputs per model call (default 32; with --max-tokens, a cap on rows)")
+    _add_progress_flags(classify)
+    _add_load_flags(classify)
+    classify.set_defaults(run=_classify)
+
+
+# --- the parser -------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deberta-onnx",
-        description="Export DeBERTa checkpoints to ONNX with fused pooling, and run them without PyTorch.",
+        description="Export DeBERTa checkpoints to ONNX with fused pooling, and run them without PyTorch: "
+                    "`export` writes a model folder (needs the export extra); `embed`, `search`, `classify` and "
+                    "`info` use it with the base install, `serve` with the server extra.",
+        epilog="Run `deberta-onnx COMMAND --help` for a command's options.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -164,7 +386,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("src", help="checkpoint folder, hub id, or random:deberta-v3-base")
     export.add_argument("out_dir", help="model folder to write (built beside it, renamed into place at the end)")
     export.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
-    export.add_argument("--pooling", default="mean", choices=["mean"], help="pooling fused into the graph")
+    export.add_argument("--pooling", default=None, choices=list(POOLINGS),
+                        help="pooling fused into the graph: masked mean of the token vectors, the [CLS] token's "
+                             "vector, or the masked per-dimension maximum (default: a sentence-transformers "
+                             "checkpoint's own, else mean)")
+    export.add_argument("--normalize", action="store_const", const=True, default=None,
+                        help="L2-normalise the sentence vectors inside the graph (default: as a "
+                             "sentence-transformers checkpoint's Normalize module says, else off)")
+    export.add_argument("--token-embeddings", action="store_true",
+                        help="add a second output, token_embeddings [batch, sequence, hidden], for "
+                             "Encoder.encode_tokens (large: off by default)")
+    export.add_argument("--task", default=None, choices=list(TASKS),
+                        help="embedding (encoder + pooling), or a classifier's head with logits out (default: "
+                             "what the checkpoint is; --task embedding exports any checkpoint's encoder alone)")
     export.add_argument("--max-length", type=int, default=None, help="longest input in tokens (default: the model's)")
     export.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch (not advised)")
     export.add_argument("--atol", type=float, default=1e-4, help="largest max |diff| allowed against PyTorch")
@@ -173,6 +407,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "from the installed transformers' fast tokenizer")
     export.add_argument("--no-optimize", action="store_true",
                         help="export DeBERTa's attention as transformers writes it, without the graph speed-ups")
+    export.add_argument("--triton", action="store_true",
+                        help="also write a Triton Inference Server model repository to OUT_DIR/triton/NAME/ "
+                             "(config.pbtxt with dynamic batching, the model under version 1); clients tokenize "
+                             "with OUT_DIR/tokenizer.json")
+    export.add_argument("--triton-name", default=None, help="the Triton model name (default: OUT_DIR's name)")
+    export.add_argument("--triton-max-batch-size", type=int, default=64,
+                        help="largest batch Triton's dynamic batcher forms (default 64)")
+    export.add_argument("--triton-max-queue-delay-us", type=int, default=1000,
+                        help="how long Triton may hold a request to batch it with others (default 1000)")
     export.add_argument("--quiet", action="store_true", help="no progress bars or report")
     export.set_defaults(run=_export)
 
@@ -183,10 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("model_dir", help="a folder written by `deberta-onnx export`")
     embed.add_argument("--input", required=True, help="text file, one text per line; - for stdin")
     embed.add_argument("--output", required=True, help="where to write the .npy")
-    embed.add_argument("--batch-size", type=int, default=32, help="texts per model call (default 32)")
+    embed.add_argument("--batch-size", type=int, default=None,
+                       help="texts per model call (default 32; with --max-tokens, a cap on rows)")
     embed.add_argument("--normalize", action="store_true", help="L2-normalise each vector")
     embed.add_argument("--no-truncate", action="store_true", help="fail on texts longer than the model's maximum")
-    embed.add_argument("--progress", action="store_true", help="show a progress bar")
+    embed.add_argument("--dimensions", type=int, default=None,
+                       help="Matryoshka truncation: keep the first N dimensions (renormalised when normalising)")
+    _add_progress_flags(embed)
     _add_load_flags(embed)
     embed.set_defaults(run=_embed)
 
@@ -231,12 +477,55 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="seeds the grid's ids and the corpus")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     bench.set_defaults(run=_bench)
+    serve = commands.add_parser(
+        "serve", help="serve a model folder over HTTP (OpenAI-compatible /v1/embeddings; needs the server extra)",
+        description="Serve MODEL_DIR over HTTP: POST /v1/embeddings (OpenAI's request and response shape), "
+                    "GET /health, GET /v1/models. Concurrent requests are merged into one model call. "
+                    "Queue full: 429; body too large or too many inputs: 413; bad JSON or fields: 400; "
+                    "timeout: 504. Stop with Ctrl+C or SIGTERM (in-flight requests finish first).",
+    )
+    defaults = ServerConfig()
+    serve.add_argument("model_dir", help="a folder written by `deberta-onnx export`")
+    serve.add_argument("--host", default=defaults.host, help="address to listen on (default %(default)s: this "
+                       "machine only; put a proxy or firewall in front before listening wider)")
+    serve.add_argument("--port", type=int, default=defaults.port, help="TCP port (default %(default)s; 0 picks a "
+                       "free one, printed at start)")
+    serve.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
+                       help="most texts merged from concurrent requests into one encode call (default "
+                            "%(default)s)")
+    serve.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                       help="rows per model run inside that call; the merged texts are sorted by length first "
+                            "(default %(default)s)")
+    serve.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
+                       help="how long a queued request waits for others to join its batch (default %(default)s)")
+    serve.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                       help="most texts waiting for the model; a request beyond it gets 429 (default %(default)s)")
+    serve.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,
+                       help="largest request body in bytes; larger ones get 413 (default %(default)s)")
+    serve.add_argument("--max-inputs", type=int, default=defaults.max_inputs,
+                       help="most texts in one request; more get 413 (default %(default)s, as OpenAI)")
+    serve.add_argument("--timeout-s", type=float, default=defaults.timeout_s,
+                       help="seconds a request may wait for its vectors, queue included; then 504 "
+                            "(default %(default)s)")
+    serve.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=defaults.normalize,
+                       help="L2-normalise vectors, after `dimensions` truncation (default on, as OpenAI)")
+    serve.add_argument("--model-name", default=defaults.model_name,
+                       help="model id to report (default: the folder's name)")
+    serve.add_argument("--access-log", action="store_true", default=defaults.access_log,
+                       help="log one line per request")
+    _add_load_flags(serve)
+    serve.set_defaults(run=_serve)
 
     info = commands.add_parser("info", help="describe a model folder (variants, sizes, validation)",
-                               description="Print what a model folder holds, from its manifest.")
+                               description="Print what a model folder holds, from its manifest: the source "
+                                           "checkpoint, task, graph inputs and outputs, pooling, and each variant "
+                                           "with its size and validation against PyTorch.")
     info.add_argument("model_dir", help="a folder written by `deberta-onnx export`")
     info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     info.set_defaults(run=_info)
+
+    _add_search_parser(commands)
+    _add_classify_parser(commands)
     return parser
 
 
@@ -245,6 +534,17 @@ def _add_load_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default=None, help="which exported variant to load (default: the best)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: cores)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the model files at load")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--io-binding", action=argparse.BooleanOptionalAction, default=None,
+                        help="reuse bound device buffers per batch shape (default: on with CUDA, off on the CPU)")
+    parser.add_argument("--sequence-bucket", type=int, default=None,
+                        help="pad batch lengths to a multiple of N tokens (default: 16 with IO binding, else 1)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="token budget per batch (rows x padded length) instead of a fixed batch size")
+    parser.add_argument("--max-buckets", type=int, default=64,
+                        help="most batch shapes whose IO-binding buffers (and CUDA graphs) are kept (default 64)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="capture and replay one CUDA graph per batch shape (CUDA, IO binding)")
 
 
 def _terminate(signum: int, frame: object) -> None:

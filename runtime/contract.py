@@ -13,15 +13,31 @@ __all__ = [
     "ATTENTION_MASK",
     "INPUT_IDS",
     "INPUTS",
+    "LOGITS",
     "MANIFEST_FILE",
     "MANIFEST_FORMAT",
     "MANIFEST_VERSION",
     "MODEL_FILE",
     "OPSET",
+    "OPTIONAL_INPUTS",
+    "POOLINGS",
+    "REQUIRED_OUTPUT",
     "SENTENCE_EMBEDDING",
     "SENTENCE_OUTPUT",
+    "SEQUENCE_LOGITS_OUTPUT",
+    "TASKS",
+    "TASK_EMBEDDING",
+    "TASK_SEQUENCE_CLASSIFICATION",
+    "TASK_TOKEN_CLASSIFICATION",
     "TOKENIZER_FILE",
+    "TOKEN_EMBEDDINGS",
+    "TOKEN_LOGITS_OUTPUT",
+    "TOKEN_OUTPUT",
+    "TOKEN_TYPE_IDS",
+    "TOKEN_TYPE_INPUT",
     "TensorSpec",
+    "graph_inputs",
+    "graph_outputs",
 ]
 
 MANIFEST_FORMAT = "deberta-onnx"
@@ -35,10 +51,24 @@ MANIFEST_FILE = "manifest.json"
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 SENTENCE_EMBEDDING = "sentence_embedding"
+TOKEN_TYPE_IDS = "token_type_ids"
+TOKEN_EMBEDDINGS = "token_embeddings"
+LOGITS = "logits"
 
 BATCH_AXIS = "batch"
 SEQUENCE_AXIS = "sequence"
 HIDDEN_AXIS = "hidden"
+LABELS_AXIS = "labels"
+
+# What a model folder holds, recorded as ``model.task`` in the manifest (absent in older folders: embedding).
+TASK_EMBEDDING = "embedding"
+TASK_SEQUENCE_CLASSIFICATION = "sequence-classification"
+TASK_TOKEN_CLASSIFICATION = "token-classification"
+TASKS = (TASK_EMBEDDING, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION)
+
+# How an embedding graph turns token vectors into one sentence vector (``model.pooling``): masked mean,
+# the first ([CLS]) token's vector, or the masked per-dimension maximum.
+POOLINGS = ("mean", "cls", "max")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +104,42 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec(name=ATTENTION_MASK, dtype="int64", dims=(BATCH_AXIS, SEQUENCE_AXIS)),
 )
 
+# Only for checkpoints whose config has type_vocab_size > 0 (DeBERTa-v3 has 0): segment ids of text pairs.
+TOKEN_TYPE_INPUT = TensorSpec(name=TOKEN_TYPE_IDS, dtype="int64", dims=(BATCH_AXIS, SEQUENCE_AXIS))
+OPTIONAL_INPUTS: tuple[TensorSpec, ...] = (TOKEN_TYPE_INPUT,)
+
 SENTENCE_OUTPUT = TensorSpec(name=SENTENCE_EMBEDDING, dtype="float32", dims=(BATCH_AXIS, HIDDEN_AXIS))
+# Optional second output of an embedding graph: the encoder's last hidden state, padding included.
+TOKEN_OUTPUT = TensorSpec(name=TOKEN_EMBEDDINGS, dtype="float32", dims=(BATCH_AXIS, SEQUENCE_AXIS, HIDDEN_AXIS))
+SEQUENCE_LOGITS_OUTPUT = TensorSpec(name=LOGITS, dtype="float32", dims=(BATCH_AXIS, LABELS_AXIS))
+TOKEN_LOGITS_OUTPUT = TensorSpec(name=LOGITS, dtype="float32", dims=(BATCH_AXIS, SEQUENCE_AXIS, LABELS_AXIS))
+
+# The output each task's graph must have.
+REQUIRED_OUTPUT = {
+    TASK_EMBEDDING: SENTENCE_EMBEDDING,
+    TASK_SEQUENCE_CLASSIFICATION: LOGITS,
+    TASK_TOKEN_CLASSIFICATION: LOGITS,
+}
+
+
+def graph_inputs(*, token_type_ids: bool = False) -> tuple[TensorSpec, ...]:
+    """The graph's inputs in order: ``input_ids``, ``attention_mask`` and, if asked, ``token_type_ids``."""
+    return INPUTS + ((TOKEN_TYPE_INPUT,) if token_type_ids else ())
+
+
+def graph_outputs(task: str, *, token_embeddings: bool = False) -> tuple[TensorSpec, ...]:
+    """The graph's outputs in order for ``task`` (one of ``TASKS``), before ``hidden``/``labels`` are resolved.
+
+    Raises:
+        ValueError: unknown task, or token embeddings asked for a classification task.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if task == TASK_EMBEDDING:
+        return (SENTENCE_OUTPUT, TOKEN_OUTPUT) if token_embeddings else (SENTENCE_OUTPUT,)
+    if token_embeddings:
+        raise ValueError(f"token embeddings are an output of embedding graphs only, not of {task}")
+    return (SEQUENCE_LOGITS_OUTPUT,) if task == TASK_SEQUENCE_CLASSIFICATION else (TOKEN_LOGITS_OUTPUT,)
 
 # ONNX Runtime reports tensor types as strings like "tensor(int64)"; the manifest uses numpy-style names.
 ORT_TYPES = {"int64": "tensor(int64)", "int32": "tensor(int32)", "float32": "tensor(float)", "float16": "tensor(float16)"}

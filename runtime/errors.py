@@ -5,10 +5,13 @@ from __future__ import annotations
 __all__ = [
     "ChecksumMismatchError",
     "ContractMismatchError",
+    "CudaGraphError",
     "DebertaOnnxError",
     "ManifestError",
     "ModelFolderError",
+    "NotExportedError",
     "ProviderUnavailableError",
+    "TaskMismatchError",
 ]
 
 
@@ -34,3 +37,17 @@ class ContractMismatchError(ModelFolderError):
 
 class ProviderUnavailableError(DebertaOnnxError):
     """A requested ONNX Runtime execution provider is not installed, or ONNX Runtime fell back from it."""
+
+
+class CudaGraphError(DebertaOnnxError):
+    """A CUDA graph cannot be used: ONNX Runtime refused to capture one for this model, or a graph captured for
+    one (batch, sequence) shape and set of buffers was about to be replayed for another."""
+
+
+class TaskMismatchError(ModelFolderError):
+    """The folder holds another kind of model (an embedding model, a sequence or token classifier) than the
+    class loading it runs; the message names the class to use."""
+
+
+class NotExportedError(DebertaOnnxError):
+    """The call needs a graph output that the folder was exported without (e.g. token embeddings)."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .contract import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, TensorSpec
+from .contract import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, TASK_EMBEDDING, TensorSpec
 from .errors import ChecksumMismatchError, ManifestError, ModelFolderError
 
 __all__ = ["Manifest", "load_manifest", "sha256_file"]
@@ -46,8 +46,30 @@ class Manifest:
         return int(self.model["max_sequence_length"])
 
     @property
-    def pooling(self) -> str:
-        return str(self.model["pooling"])
+    def pooling(self) -> str | None:
+        """The fused pooling (``mean``, ``cls``, ``max``); ``None`` for classifiers, whose head pools."""
+        pooling = self.model.get("pooling")
+        return None if pooling is None else str(pooling)
+
+    @property
+    def normalize(self) -> bool:
+        """Whether the graph L2-normalises its sentence vectors itself."""
+        return bool(self.model.get("normalize", False))
+
+    @property
+    def task(self) -> str:
+        """``embedding``, ``sequence-classification`` or ``token-classification`` (folders older than the
+        field hold embedding models)."""
+        return str(self.model.get("task", TASK_EMBEDDING))
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """A classifier's label names, in logit order; empty for embedding models."""
+        return tuple(str(label) for label in self.model.get("labels", ()))
+
+    def has_output(self, name: str) -> bool:
+        """Whether the graph declares an output called ``name``."""
+        return any(spec.name == name for spec in self.outputs)
 
     @property
     def variants(self) -> dict[str, dict[str, Any]]:

@@ -110,3 +110,68 @@ def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 def tiny_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The model folder exported from ``tiny_checkpoint``."""
     return _export(tiny_checkpoint, tmp_path_factory.mktemp("export-tiny") / "model")
+
+
+NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+NLI_LABELS = ["entailment", "neutral", "contradiction"]
+
+
+def build_classifier_checkpoint(tiny_checkpoint: Path, out: Path, *, task: str, labels: list[str],
+                                type_vocab_size: int = 0, seed: int = 3) -> Path:
+    """A tiny DeBERTa-v2 sequence or token classifier with random weights and the tiny checkpoint's tokenizer.
+
+    The head is re-drawn with unit-scale weights: at transformers' initialisation (std 0.02) every logit is
+    about 1e-3, too small for a 1e-4 parity check to mean anything."""
+    import shutil
+
+    import torch
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, DebertaV2ForTokenClassification
+
+    config = DebertaV2Config(**{**TINY_CONFIGS["v3-shared"], "type_vocab_size": type_vocab_size},
+                             id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    loader = DebertaV2ForSequenceClassification if task == "sequence-classification" else DebertaV2ForTokenClassification
+    torch.manual_seed(seed)
+    model = loader(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.startswith(("classifier.", "pooler.")):
+                parameter.normal_(0.0, 0.3) if name.endswith("weight") else parameter.zero_()
+    model.save_pretrained(out)
+    for name in ("spm.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_checkpoint / name, out / name)
+    return out
+
+
+def _export_classifier(src: Path, out: Path) -> Path:
+    from deberta_onnx.export import ExportConfig, export_model
+
+    # transformers' tokenizer, so that PyTorch references tokenize exactly alike (README, "Tokenization").
+    export_model(src, out, ExportConfig(quiet=True, tokenizer="transformers"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def nli(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, model folder): a sequence classifier with three labels and no token types (as DeBERTa-v3)."""
+    base = tmp_path_factory.mktemp("nli")
+    src = build_classifier_checkpoint(tiny_checkpoint, base / "ckpt", task="sequence-classification",
+                                      labels=NLI_LABELS)
+    return src, _export_classifier(src, base / "model")
+
+
+@pytest.fixture(scope="session")
+def reranker(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, model folder): a one-label cross-encoder with token type embeddings (type_vocab_size 2)."""
+    base = tmp_path_factory.mktemp("reranker")
+    src = build_classifier_checkpoint(tiny_checkpoint, base / "ckpt", task="sequence-classification",
+                                      labels=["LABEL_0"], type_vocab_size=2, seed=3)
+    return src, _export_classifier(src, base / "model")
+
+
+@pytest.fixture(scope="session")
+def ner(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, model folder): a token classifier with IOB labels."""
+    base = tmp_path_factory.mktemp("ner")
+    src = build_classifier_checkpoint(tiny_checkpoint, base / "ckpt", task="token-classification",
+                                      labels=NER_LABELS, seed=5)
+    return src, _export_classifier(src, base / "model")

@@ -1,5 +1,5 @@
 """The PyTorch reference the runtime must match: DeBERTa's own SentencePiece tokenizer, transformers' model,
-then masked mean pooling.
+then masked mean pooling (or the [CLS] vector, or the masked maximum, as sentence-transformers computes them).
 
 Written independently of the export stage (its tokenizer conversion and its pooling code), so the parity tests
 compare two implementations.
@@ -26,11 +26,27 @@ def reference_ids(checkpoint: Path, texts: list[str], max_length: int = 512) -> 
     return ids, mask
 
 
-def reference_embeddings(checkpoint: Path, texts: list[str], max_length: int = 512) -> np.ndarray:
+def reference_hidden(checkpoint: Path, texts: list[str], max_length: int = 512
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(last hidden state, attention mask) of the transformers model."""
     model = AutoModel.from_pretrained(checkpoint).eval()
     ids, mask = reference_ids(checkpoint, texts, max_length)
     with torch.no_grad():
-        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return model(input_ids=ids, attention_mask=mask).last_hidden_state, mask
+
+
+def reference_embeddings(checkpoint: Path, texts: list[str], max_length: int = 512, *, pooling: str = "mean",
+                         normalize: bool = False) -> np.ndarray:
+    hidden, mask = reference_hidden(checkpoint, texts, max_length)
     weights = mask.unsqueeze(-1).float()
-    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    if pooling == "mean":
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    elif pooling == "cls":
+        pooled = hidden[:, 0]
+    elif pooling == "max":
+        pooled = torch.where(weights > 0, hidden, torch.full_like(hidden, -1e9)).max(dim=1).values
+    else:
+        raise ValueError(pooling)
+    if normalize:
+        pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
     return pooled.numpy()

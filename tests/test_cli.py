@@ -85,7 +85,7 @@ def test_info_describes_the_folder(tiny_model: Path, capsys) -> None:  # type: i
     assert main(["info", str(tiny_model)]) == 0
     out = capsys.readouterr().out
     assert "RANDOM weights" in out and "fp32" in out and "hidden:     32" in out
-    assert "optimised (2 attention layers folded; fused " in out
+    assert "speed-ups:  optimised (2 attention layers folded; fused " in out
 
 
 def test_help_lists_commands() -> None:

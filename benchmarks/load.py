@@ -1,0 +1,279 @@
+"""Load test of `deberta-onnx serve` on loopback: many concurrent clients, every response checked.
+
+    python benchmarks/load.py MODEL_DIR --requests 2000 --concurrency 32 --output load.json
+
+Starts the real server (a `deberta-onnx serve` subprocess on 127.0.0.1, a free port), computes the expected
+vector of every text locally with `Encoder.encode`, then sends the requests from `--concurrency` clients at
+once (1 to 4 texts each, float and base64 in turn) and compares each returned vector with its expected one.
+Reports lost responses (no answer or an error status), mismatched ones (a vector that is not its text's),
+throughput and latency percentiles, and the server's batching counters. Needs the server and dev extras.
+Absolute figures depend on the machine and on what else runs on it; compare runs made side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+__all__ = ["LoadResult", "ServerProcess", "build_requests", "decode_embeddings", "run_load"]
+
+_READY = re.compile(r"on http://(127\.0\.0\.1):(\d+)")
+
+
+class ServerProcess:
+    """`deberta-onnx serve MODEL_DIR --host 127.0.0.1 --port 0 FLAGS...` in a subprocess; a context manager.
+
+    ``url`` is set once the server printed its address and ``GET /health`` answers 200.
+    """
+
+    def __init__(self, model_dir: str | Path, *flags: str, start_timeout_s: float = 120.0) -> None:
+        self.model_dir = Path(model_dir)
+        self.flags = list(flags)
+        self.start_timeout_s = start_timeout_s
+        self.url = ""
+        self._log = tempfile.NamedTemporaryFile(prefix="deberta-onnx-serve-", suffix=".log", delete=False)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log(self) -> str:
+        """What the server wrote to stdout and stderr so far."""
+        return Path(self._log.name).read_text(encoding="utf-8", errors="replace")
+
+    def start(self) -> ServerProcess:
+        command = [sys.executable, "-m", "deberta_onnx.runtime.cli", "serve", str(self.model_dir),
+                   "--host", "127.0.0.1", "--port", "0", *self.flags]
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self.url:
+            match = _READY.search(self.log)
+            if match:
+                self.url = f"http://{match.group(1)}:{match.group(2)}"
+                break
+            self._check_alive(deadline)
+            time.sleep(0.05)
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            self._check_alive(deadline)
+            time.sleep(0.05)
+
+    def _check_alive(self, deadline: float) -> None:
+        if self.process is None:
+            raise RuntimeError("the server was not started; call start() first")
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the server exited with code {self.process.returncode}:\n{self.log}")
+        if time.monotonic() > deadline:
+            self.stop()
+            raise TimeoutError(f"the server did not become ready in {self.start_timeout_s} s:\n{self.log}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
+        """Sends ``sig`` (SIGTERM: graceful) and waits; kills it if it has not exited by ``timeout_s``."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self._log.close()
+        Path(self._log.name).unlink(missing_ok=True)
+
+
+def decode_embeddings(body: dict[str, Any]) -> np.ndarray:
+    """The ``data[*].embedding`` of a response as a ``[n, dims]`` float32 array, from float lists or base64."""
+    rows = []
+    for position, item in enumerate(body["data"]):
+        if item["index"] != position:
+            raise ValueError(f"data[{position}] has index {item['index']}")
+        value = item["embedding"]
+        if isinstance(value, str):
+            rows.append(np.frombuffer(base64.b64decode(value), dtype="<f4"))
+        else:
+            rows.append(np.asarray(value, dtype=np.float32))
+    return np.stack(rows)
+
+
+def build_requests(count: int, pool_size: int, seed: int = 0) -> list[tuple[list[int], str]]:
+    """``count`` requests as (indices into a pool of texts, encoding_format): 1 to 4 texts, formats in turn."""
+    rng = np.random.default_rng(seed)
+    return [
+        ([int(i) for i in rng.integers(0, pool_size, size=1 + n % 4)], "base64" if n % 2 else "float")
+        for n in range(count)
+    ]
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What one load run saw. ``lost``: no answer or an error status; ``mismatched``: a wrong vector."""
+
+    requests: int
+    concurrency: int
+    ok: int
+    lost: int
+    mismatched: int
+    wall_s: float
+    throughput_rps: float
+    latency_ms: dict[str, float]
+    server: dict[str, Any]
+    first_failures: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _load(
+    url: str, texts: Sequence[str], expected: np.ndarray, requests: list[tuple[list[int], str]], concurrency: int,
+    atol: float, timeout_s: float,
+) -> tuple[list[float], list[str], int]:
+    # Threads with httpx's sync client: on a busy machine its AsyncClient spent several times more CPU per
+    # request than the server did, and the test measured the client.
+    latencies: list[float] = []
+    failures: list[str] = []
+    mismatches = [0]
+    lock = threading.Lock()
+    next_request = iter(range(len(requests)))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    def take() -> int | None:
+        with lock:
+            return next(next_request, None)
+
+    def worker(client: httpx.Client) -> None:
+        while (n := take()) is not None:  # each request is sent exactly once
+            indices, encoding_format = requests[n]
+            body = {"input": [texts[i] for i in indices], "encoding_format": encoding_format}
+            start = time.perf_counter()
+            try:
+                response = client.post("/v1/embeddings", json=body)
+            except httpx.HTTPError as exc:
+                with lock:
+                    failures.append(f"request {n}: {type(exc).__name__}: {exc}")
+                continue
+            elapsed = time.perf_counter() - start
+            problem = None
+            if response.status_code != 200:
+                problem = f"request {n}: HTTP {response.status_code}: {response.text[:200]}"
+            else:
+                vectors = decode_embeddings(response.json())
+                if vectors.shape != (len(indices), expected.shape[1]) or not np.allclose(
+                    vectors, expected[indices], atol=atol, rtol=0
+                ):
+                    problem = f"request {n}: vectors differ from their texts' expected vectors"
+            with lock:
+                latencies.append(elapsed)
+                if problem is not None:
+                    failures.append(problem)
+                    mismatches[0] += response.status_code == 200
+
+    with httpx.Client(base_url=url, limits=limits, timeout=timeout_s) as client:
+        threads = [threading.Thread(target=worker, args=(client,), name=f"load-{i}") for i in range(concurrency)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    return latencies, failures, mismatches[0]
+
+
+def run_load(
+    url: str, texts: Sequence[str], expected: np.ndarray, *, requests: int = 2000, concurrency: int = 32,
+    atol: float = 1e-5, timeout_s: float = 60.0, seed: int = 0,
+) -> LoadResult:
+    """Sends ``requests`` embedding requests from ``concurrency`` concurrent clients and checks every vector.
+
+    Args:
+        url: the server, e.g. ``http://127.0.0.1:8000``.
+        texts: the pool requests draw their texts from.
+        expected: ``[len(texts), dims]``, what the server should return for each text.
+        requests: how many requests in all.
+        concurrency: clients sending at once (each waits for its answer before its next request).
+        atol: largest |difference| allowed between a returned and an expected value.
+        timeout_s: per-request client timeout; a request that runs past it counts as lost.
+        seed: which texts each request carries.
+
+    Returns:
+        Counts, wall time, throughput, latency percentiles and the server's ``/health`` counters after the run.
+    """
+    plan = build_requests(requests, len(texts), seed)
+    before = httpx.get(f"{url}/health", timeout=10).json()["stats"]
+    start = time.perf_counter()
+    latencies, failures, mismatched = _load(url, texts, expected, plan, concurrency, atol, timeout_s)
+    wall = time.perf_counter() - start
+    after = httpx.get(f"{url}/health", timeout=10).json()["stats"]
+    served = after["requests_served"] - before["requests_served"]
+    batches = after["batches_run"] - before["batches_run"]
+    millis = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
+    ok = requests - len(failures)
+    return LoadResult(
+        requests=requests,
+        concurrency=concurrency,
+        ok=ok,
+        lost=len(failures) - mismatched,
+        mismatched=mismatched,
+        wall_s=round(wall, 3),
+        throughput_rps=round(requests / wall, 1),
+        latency_ms={name: round(float(np.percentile(millis, q)), 2)
+                    for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
+        server={"requests_served": served, "batches_run": batches,
+                "mean_requests_per_batch": round(served / batches, 2) if batches else 0.0,
+                "largest_batch_texts": after["largest_batch"]},
+        first_failures=failures[:5],
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_dir", help="a folder written by `deberta-onnx export`")
+    parser.add_argument("--requests", type=int, default=2000, help="requests in all (default 2000)")
+    parser.add_argument("--concurrency", type=int, default=32, help="concurrent clients (default 32)")
+    parser.add_argument("--texts", default=None, help="text file, one text per line (default: the shipped "
+                                                      "400 sentences)")
+    parser.add_argument("--output", default=None, help="write the result as JSON here")
+    parser.add_argument("--server-flag", action="append", default=[], metavar="FLAG",
+                        help="extra `deberta-onnx serve` flag, repeatable (e.g. --server-flag=--max-wait-ms=2)")
+    args = parser.parse_args(argv)
+
+    from deberta_onnx.runtime import Encoder
+
+    source = Path(args.texts) if args.texts else Path(__file__).parents[1] / "export" / "data" / "sentences.txt"
+    texts = source.read_text(encoding="utf-8").splitlines()
+    with ServerProcess(args.model_dir, *args.server_flag) as server:
+        normalize = httpx.get(f"{server.url}/health", timeout=10).json()["normalize"]
+        expected = Encoder(args.model_dir).encode(texts, normalize=normalize)
+        result = run_load(server.url, texts, expected, requests=args.requests, concurrency=args.concurrency)
+    report = {"model_dir": str(args.model_dir), "server_flags": args.server_flag, **result.to_dict()}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    return 0 if result.lost == 0 and result.mismatched == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The OpenAI embeddings wire format: request checks, response bodies, error bodies. Standard library + numpy.
+
+Kept apart from the HTTP stack so that it can be tested, and reused, without a server.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._tokenize import _lone_surrogate
+from .encoder import normalize_rows
+
+ENCODING_FORMATS = ("float", "base64")
+_FIELDS = ("input", "model", "encoding_format", "dimensions", "user")
+
+
+class ApiError(Exception):
+    """An error answered to the client as ``{"error": {"message", "type", "param", "code"}}``.
+
+    Args:
+        status: the HTTP status code.
+        message: what is wrong and how to fix it.
+        type: the error family (``invalid_request_error``, ``overloaded_error``, ...), as in OpenAI's API.
+        param: the request field at fault (``"input[3]"``), or ``None``.
+        code: a short machine-readable reason (``"invalid_json"``, ``"queue_full"``, ...), or ``None``.
+    """
+
+    def __init__(
+        self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbeddingRequest:
+    """A checked ``POST /v1/embeddings`` body."""
+
+    texts: list[str]
+    model: str | None
+    encoding_format: str
+    dimensions: int | None
+
+
+def _bad(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def parse_embedding_request(body: bytes, *, max_inputs: int, hidden_size: int) -> EmbeddingRequest:
+    """Parses and checks an embeddings request body.
+
+    Args:
+        body: the raw request body (UTF-8 JSON).
+        max_inputs: the most texts one request may carry.
+        hidden_size: the model's vector length, the upper bound of ``dimensions``.
+
+    Returns:
+        The request, with ``input`` always a list of str.
+
+    Raises:
+        ApiError: 400 for malformed JSON, a missing or mistyped field (the message names it, and the index of a
+            bad list element); 413 for more than ``max_inputs`` texts.
+    """
+    try:
+        data = json.loads(body.decode("utf-8"))  # bytes would let json guess UTF-16 or UTF-32 from a BOM
+    except UnicodeDecodeError as exc:
+        raise _bad(f"request body is not UTF-8 ({exc.reason} at byte {exc.start}); send UTF-8 encoded JSON",
+                   None, "invalid_json") from exc
+    except json.JSONDecodeError as exc:
+        raise _bad(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+                   None, "invalid_json") from exc
+    if not isinstance(data, dict):
+        raise _bad(f"request body must be a JSON object, got {_json_type(data)}; send "
+                   '{"input": ["text", ...], "model": "..."}', None, "invalid_json")
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise _bad(f"unknown field(s) {', '.join(map(repr, unknown))}; accepted fields are {', '.join(_FIELDS)}",
+                   unknown[0], "unknown_field")
+    if "input" not in data:
+        raise _bad("field 'input' is required: a string or a list of strings", "input", "missing_field")
+    texts = _parse_input(data["input"], max_inputs)
+
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad(f"field 'model' must be a string, got {_json_type(model)}", "model")
+    encoding_format = data.get("encoding_format")
+    encoding_format = "float" if encoding_format is None else encoding_format
+    if encoding_format not in ENCODING_FORMATS:
+        raise _bad(f"field 'encoding_format' must be one of {', '.join(map(repr, ENCODING_FORMATS))}, "
+                   f"got {encoding_format!r}", "encoding_format")
+    dimensions = data.get("dimensions")
+    if dimensions is not None:
+        if not isinstance(dimensions, int) or isinstance(dimensions, bool):
+            raise _bad(f"field 'dimensions' must be an integer, got {_json_type(dimensions)}", "dimensions")
+        if not 1 <= dimensions <= hidden_size:
+            raise _bad(f"field 'dimensions' must be between 1 and the model's {hidden_size} dimensions, "
+                       f"got {dimensions}", "dimensions")
+    user = data.get("user")
+    if user is not None and not isinstance(user, str):
+        raise _bad(f"field 'user' must be a string, got {_json_type(user)}", "user")
+    return EmbeddingRequest(texts=texts, model=model, encoding_format=encoding_format, dimensions=dimensions)
+
+
+def _parse_input(value: object, max_inputs: int) -> list[str]:
+    if isinstance(value, str):
+        texts = [value]
+    elif isinstance(value, list):
+        texts = value
+    else:
+        raise _bad(f"field 'input' must be a string or a list of strings, got {_json_type(value)}", "input")
+    if not texts:
+        raise _bad("field 'input' is an empty list; send at least one string", "input")
+    if len(texts) > max_inputs:
+        raise ApiError(413, f"field 'input' holds {len(texts)} texts; this server takes at most {max_inputs} per "
+                            "request. Split the list over several requests.", param="input", code="too_many_inputs")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise _not_text(texts, index)
+        # Lone surrogates survive JSON decoding ("\ud800") but no tokenizer can take them; refusing them here
+        # names this request's index, and keeps them out of batches merged with other requests.
+        position = None if text.isascii() else _lone_surrogate(text)
+        if position is not None:
+            raise _bad(f"input[{index}] holds an unpaired surrogate (U+{ord(text[position]):04X} at character "
+                       f"{position}); send valid Unicode text", f"input[{index}]")
+    return texts
+
+
+def _is_token_ids(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _not_text(texts: list[Any], index: int) -> ApiError:
+    # OpenAI's API also takes token ids (a list of ints, or a list of such lists); say so plainly.
+    if _is_token_ids(texts) or _is_token_ids(texts[index]):
+        return _bad("token ids as input are not supported: this server tokenizes text with the model's own "
+                    "tokenizer. Send the text as a string.", "input" if _is_token_ids(texts) else f"input[{index}]",
+                    "unsupported_value")
+    return _bad(f"input[{index}] is {_json_type(texts[index])}, not a string; every element of 'input' must be a "
+                "string", f"input[{index}]")
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def shape_vectors(vectors: np.ndarray, *, dimensions: int | None, normalize: bool) -> np.ndarray:
+    """Keeps the first ``dimensions`` values of each row (Matryoshka truncation), then L2-normalises if asked."""
+    if dimensions is not None:
+        vectors = vectors[:, :dimensions]
+    return normalize_rows(vectors) if normalize else vectors
+
+
+def embedding_response(
+    vectors: np.ndarray, *, token_counts: Sequence[int], encoding_format: str, model: str
+) -> dict[str, Any]:
+    """The response body of ``POST /v1/embeddings``, in OpenAI's shape.
+
+    ``base64`` carries each vector as its little-endian float32 bytes, as OpenAI's API does.
+    """
+    rows = np.ascontiguousarray(vectors, dtype="<f4")
+    if encoding_format == "base64":
+        embeddings: list[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
+    else:
+        embeddings = rows.tolist()
+    tokens = int(sum(token_counts))
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(embeddings)],
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }

@@ -1,0 +1,74 @@
+"""``ServerConfig``: how ``deberta-onnx serve`` listens, batches and limits. Standard library only, so that the
+CLI can show its defaults without the server extra installed."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["ServerConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """How ``deberta-onnx serve`` listens, batches and limits. CLI flags map one-to-one onto these fields.
+
+    Attributes:
+        host: address to listen on; keep the loopback default unless a proxy or firewall fronts the server.
+        port: TCP port; 0 picks a free one (printed at start).
+        max_batch_size: the most texts merged into one ``Encoder.encode`` call (whole requests are merged).
+        batch_size: rows per model run inside that call (``Encoder.encode``'s ``batch_size``): the merged
+            texts are sorted by length and run in groups of this many, so little padding is computed.
+        max_wait_ms: how long the oldest queued request waits for others to join its batch.
+        max_queue: the most texts waiting for the model; a request that would pass it gets 429 at once.
+        max_request_bytes: the largest request body; larger ones get 413.
+        max_inputs: the most texts in one request; more get 413. At most ``max_queue``.
+        timeout_s: how long a request may wait for its vectors (queue and model time); then 504.
+        normalize: L2-normalise the vectors (after ``dimensions`` truncation), as OpenAI's embeddings are.
+        model_name: the model id ``/health`` and ``/v1/models`` report, and responses carry when a request
+            names none; default the model folder's name.
+        access_log: log one line per request (uvicorn's access log).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 32
+    batch_size: int = 8
+    max_wait_ms: float = 5.0
+    max_queue: int = 4096
+    max_request_bytes: int = 4 << 20
+    max_inputs: int = 2048
+    timeout_s: float = 30.0
+    normalize: bool = True
+    model_name: str | None = None
+    access_log: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ValueError(f"host must be a non-empty address such as 127.0.0.1, got {self.host!r}")
+        _check_int("port", self.port, 0)
+        if self.port > 65535:
+            raise ValueError(f"port must be between 0 and 65535, got {self.port}")
+        for name in ("max_batch_size", "batch_size", "max_queue", "max_request_bytes", "max_inputs"):
+            _check_int(name, getattr(self, name), 1)
+        if self.max_inputs > self.max_queue:
+            raise ValueError(
+                f"max_inputs ({self.max_inputs}) must not exceed max_queue ({self.max_queue}): a request of "
+                "max_inputs texts could never be queued. Raise max_queue or lower max_inputs."
+            )
+        _check_float("max_wait_ms", self.max_wait_ms, allow_zero=True)
+        _check_float("timeout_s", self.timeout_s, allow_zero=False)
+        if self.model_name is not None and (not isinstance(self.model_name, str) or not self.model_name):
+            raise ValueError(f"model_name must be a non-empty string or None, got {self.model_name!r}")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value: object, *, allow_zero: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):  # type: ignore[operator]
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")

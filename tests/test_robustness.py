@@ -1,0 +1,206 @@
+"""Bad input, broken model folders and concurrent use: clear errors, and the same vectors every time."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deberta_onnx.runtime import (
+    ChecksumMismatchError,
+    ContractMismatchError,
+    Encoder,
+    ManifestError,
+    ModelFolderError,
+    ProviderUnavailableError,
+)
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model: Path) -> Encoder:
+    return Encoder(tiny_model)
+
+
+# --- inputs -------------------------------------------------------------------------------------------------
+
+
+def test_empty_and_whitespace_texts_give_finite_vectors(encoder: Encoder) -> None:
+    out = encoder.encode(["", " ", "\t\n  ", "\x00", "a\x00b", "real text"])
+    assert out.shape == (6, encoder.hidden_size)
+    assert np.isfinite(out).all()
+    # Empty and whitespace-only texts are [CLS] [SEP] alone: the same vector.
+    np.testing.assert_array_equal(out[0], out[1])
+    np.testing.assert_array_equal(out[0], out[2])
+
+
+def test_non_strings_are_a_type_error_naming_the_index(encoder: Encoder) -> None:
+    with pytest.raises(TypeError, match=r"texts\[1\] is NoneType"):
+        encoder.encode(["fine", None])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"texts\[2\] is int"):
+        encoder.encode(["a", "b", 3])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="list of str"):
+        encoder.encode(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="batch_size"):
+        encoder.encode(["a"], batch_size=0)
+
+
+def test_lone_surrogate_is_a_value_error_naming_the_index(encoder: Encoder) -> None:
+    with pytest.raises(ValueError, match=r"texts\[2\] is not valid Unicode: a lone surrogate U\+D800 at character 4"):
+        encoder.encode(["ok", "fine", "bad \ud800 text"])
+
+
+def test_100kb_text_is_truncated_or_refused(encoder: Encoder) -> None:
+    huge = "lorem ipsum dolor sit amet " * 4000  # ~108 kB
+    assert len(huge.encode()) > 100_000
+    vector = encoder.encode([huge])
+    prefix = encoder.encode([" ".join(huge.split()[:2000])])  # far more than 512 tokens as well
+    np.testing.assert_allclose(vector, prefix, atol=1e-6)  # both cut at the same 512 tokens
+    with pytest.raises(ValueError, match=r"texts\[0\] is longer than the model's maximum"):
+        encoder.encode([huge], truncate=False)
+
+
+def test_100k_texts_stream_in_bounded_memory(tiny_model: Path) -> None:
+    # Peak RSS after 20,000 texts and after 100,000 texts in one process: streaming keeps the growth to about
+    # the output array (100,000 x 32 float32 = 12.8 MB), where holding every tokenized text would cost far more.
+    code = textwrap.dedent(
+        """
+        import resource, sys
+        from deberta_onnx.runtime import Encoder
+        encoder = Encoder(sys.argv[1])
+        texts = [f"sentence number {i} with some words" for i in range(100_000)]
+        encoder.encode(texts[:20_000], batch_size=64)
+        small = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = encoder.encode(texts, batch_size=64)
+        big = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(small, big, out.shape[0])
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tiny_model)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    small_kb, big_kb, rows = map(int, result.stdout.split())
+    assert rows == 100_000
+    assert big_kb - small_kb < 60_000, f"peak RSS grew by {(big_kb - small_kb) / 1024:.0f} MB"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=60), max_size=6))
+def test_random_unicode_shape_finite_deterministic(encoder: Encoder, texts: list[str]) -> None:
+    first = encoder.encode(texts, batch_size=4)
+    second = encoder.encode(list(texts), batch_size=3)
+    assert first.shape == (len(texts), encoder.hidden_size) and first.dtype == np.float32
+    assert np.isfinite(first).all()
+    np.testing.assert_allclose(first, second, atol=1e-6, rtol=0)
+    ids = encoder.tokenizer.encode(texts)
+    assert all(1 <= len(row) <= encoder.max_length for row in ids)
+
+
+# --- model folders ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def folder_copy(tiny_model: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_model, tmp_path / "model"))
+
+
+def _edit_manifest(folder: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    path = folder / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_missing_model_file(folder_copy: Path) -> None:
+    (folder_copy / "model.onnx").unlink()
+    with pytest.raises(ModelFolderError, match="model.onnx is missing"):
+        Encoder(folder_copy)
+
+
+def test_corrupted_model_file(folder_copy: Path) -> None:
+    data = bytearray((folder_copy / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder_copy / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatchError, match="model.onnx is corrupted or was replaced"):
+        Encoder(folder_copy)
+
+
+def test_unknown_manifest_version(folder_copy: Path) -> None:
+    _edit_manifest(folder_copy, lambda m: m.update(manifest_version=2))
+    with pytest.raises(ManifestError, match="manifest_version 2"):
+        Encoder(folder_copy)
+
+
+def test_manifest_disagrees_with_graph(folder_copy: Path) -> None:
+    _edit_manifest(folder_copy, lambda m: m["graph"]["outputs"][0].update(dims=["batch", 64]))
+    with pytest.raises(ContractMismatchError, match="last dimension 32, the manifest declares 64"):
+        Encoder(folder_copy)
+
+
+def test_manifest_declares_wrong_input_dtype(folder_copy: Path) -> None:
+    _edit_manifest(folder_copy, lambda m: m["graph"]["inputs"][0].update(dtype="int32"))
+    with pytest.raises(ContractMismatchError, match="needs input_ids"):
+        Encoder(folder_copy)
+
+
+def test_tokenizer_larger_than_embedding_table(folder_copy: Path) -> None:
+    _edit_manifest(folder_copy, lambda m: m["model"].update(vocab_size=100))
+    with pytest.raises(ContractMismatchError, match="embedding table has 100 rows"):
+        Encoder(folder_copy)
+
+
+def test_missing_tokenizer(folder_copy: Path) -> None:
+    (folder_copy / "tokenizer.json").unlink()
+    with pytest.raises(ModelFolderError, match="tokenizer.json is missing"):
+        Encoder(folder_copy)
+
+
+def test_unknown_precision_lists_what_exists(tiny_model: Path) -> None:
+    from deberta_onnx.runtime import EncoderConfig
+
+    with pytest.raises(ValueError, match=r"precision 'int4' is not in .* it holds \['fp32'\]"):
+        Encoder(tiny_model, config=EncoderConfig(precision="int4"))
+
+
+def test_cuda_requested_without_it_is_an_error_not_a_cpu_run(tiny_model: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(ProviderUnavailableError, match="onnxruntime-gpu"):
+        Encoder(tiny_model, providers=["CUDAExecutionProvider"])
+
+
+# --- concurrency --------------------------------------------------------------------------------------------
+
+
+def test_one_encoder_shared_by_8_threads(encoder: Encoder, corpus: list[str]) -> None:
+    rng = np.random.default_rng(7)
+    calls = [[corpus[i] for i in rng.choice(len(corpus), size=int(rng.integers(1, 9)))] for _ in range(1000)]
+    expected = [encoder.encode(texts) for texts in calls]
+    results: list[np.ndarray | None] = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        try:
+            for index in range(worker, len(calls), 8):
+                results[index] = encoder.encode(calls[index])
+        except BaseException as exc:  # collected and re-raised in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for got, want in zip(results, expected):
+        assert got is not None
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
