@@ -371,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deberta-onnx",
         description="Export DeBERTa checkpoints to ONNX with fused pooling, and run them without PyTorch: "
                     "`export` writes a model folder (needs the export extra); `embed`, `search`, `classify` and "
-                    "`info` use it with the base install, `serve` with the server extra.",
+                    "`info` use it with the base install, `serve` with the server extra, `bench` (against "
+                    "PyTorch) with the export and bench extras.",
         epilog="Run `deberta-onnx COMMAND --help` for a command's options.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
