@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -41,6 +41,7 @@ from ._checkpoint import (
 )
 from ._errors import CheckpointError, ExportError, OutputExistsError
 from ._graph import POOLINGS, ClassifierGraph, EmbeddingGraph, export_onnx
+from ._optimize import apply_ort_fusions, folded_relative_attention
 from ._sentence_transformers import SentenceTransformerSpec, read_sentence_transformer
 from ._tokenizer import TOKENIZER_SOURCES, build_tokenizer
 from ._triton import triton_name, write_triton_repository
@@ -84,6 +85,9 @@ class ExportConfig:
         triton_max_batch_size: Triton's ``max_batch_size``: the largest batch its dynamic batcher forms.
         triton_max_queue_delay_us: how long Triton may hold a request to batch it with others.
         opset: ONNX opset of the graph.
+        optimize: apply DeBERTa-specific graph speed-ups (see ``export/_optimize.py``): relative-position
+            projections folded into per-layer constants, no per-batch repeat, position bias computed only for
+            the distances a sequence can use. Recorded in the manifest; validated like the plain graph.
         seed: seeds the validation inputs.
         quiet: no progress bars or report on stderr.
         precisions: the variants to write (``"fp32"``, ``"fp16"``, ``"int8-dynamic"``, ``"int8-static"``); fp32
@@ -111,6 +115,7 @@ class ExportConfig:
     triton_max_batch_size: int = 64
     triton_max_queue_delay_us: int = 1000
     opset: int = OPSET
+    optimize: bool = True
     seed: int = 0
     quiet: bool = False
     precisions: tuple[str, ...] = ("fp32",)
@@ -293,7 +298,14 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, *, 
     _say(config, f"exporting {checkpoint.source['architecture']} ({checkpoint.source['parameters'] / 1e6:.0f}M "
                  f"parameters{', RANDOM weights' if checkpoint.source['random_weights'] else ''}) to ONNX")
     model_path = folder / MODEL_FILE
-    export_onnx(graph, model_path, opset=config.opset)
+    with folded_relative_attention(checkpoint.model) if config.optimize else nullcontext(0) as folded:
+        export_onnx(graph, model_path, opset=config.opset)
+    optimization: dict[str, Any] = {"enabled": config.optimize, "relative_attention_layers_folded": folded}
+    if config.optimize:
+        _say(config, "applying ONNX Runtime's transformer fusions")
+        optimization["fused_operators"] = apply_ort_fusions(
+            model_path, num_heads=int(model_config.num_attention_heads), hidden_size=int(model_config.hidden_size),
+            external_data=(folder / f"{MODEL_FILE}.data").exists())
     fast_tokenizer.save(str(folder / TOKENIZER_FILE))
 
     report = None
@@ -342,6 +354,7 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, *, 
             "inputs": [spec.to_dict() for spec in inputs],
             "outputs": [spec.to_dict() for spec in outputs],
         },
+        "optimization": optimization,
         "default_variant": "fp32",
         "variants": {
             "fp32": {
@@ -376,9 +389,13 @@ def _max_length(checkpoint: LoadedCheckpoint, config: ExportConfig,
     return min(int(declared), limit) if declared and declared < 1_000_000 else limit
 
 
-def _versions() -> dict[str, str]:
+_VERSIONED = ("deberta-onnx", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers")
+
+
+def _versions(names: tuple[str, ...] = _VERSIONED) -> dict[str, str]:
+    """Python's version and each installed package's (missing ones left out)."""
     out = {"python": sys.version.split()[0]}
-    for name in ("deberta-onnx", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers"):
+    for name in names:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -1,4 +1,5 @@
-"""Checks for the optional parts of the package (``export``, ``server``) before they import their extras."""
+"""Checks for the optional parts of the package (``export``, ``server``, ``benchmarks``) before they import
+their extras."""
 
 from __future__ import annotations
 

@@ -50,6 +50,7 @@ def _export_config(args: argparse.Namespace) -> Any:
         validate=not args.no_validate,
         atol=args.atol,
         tokenizer=args.tokenizer,
+        optimize=not args.no_optimize,
         triton=args.triton,
         triton_name=args.triton_name,
         triton_max_batch_size=args.triton_max_batch_size,
@@ -67,6 +68,37 @@ def _precision_list(values: list[str] | None) -> tuple[str, ...]:
     """``--precision fp16,int8-static --precision int8-dynamic`` -> ("fp16", "int8-static", "int8-dynamic")."""
     names = [name.strip() for value in values or ["fp32"] for name in value.split(",") if name.strip()]
     return tuple(dict.fromkeys(names))
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from deberta_onnx.benchmarks import BenchConfig, ModelSpec, ThreadSetting, parse_shapes, run_benchmark
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    fields = {
+        "models": tuple(ModelSpec.parse(text) for text in args.models),
+        "out_dir": Path(args.out),
+        "reference": args.reference,
+        "device": args.device,
+        "precisions": tuple(args.precisions.split(",")) if args.precisions else None,
+        "paths": tuple(args.paths.split(",")) if args.paths else None,
+        "threads": args.threads,
+        "ort_threads": tuple(ThreadSetting.parse(t) for t in args.ort_threads.split(",")) if args.ort_threads else None,
+        "plot": not args.no_plot,
+        "seed": args.seed,
+        "progress": not args.quiet,
+    }
+    # Flags left unset keep the mode's defaults (full or --quick).
+    optional = {"shapes": parse_shapes(args.shapes) if args.shapes is not None else None, "corpus_size": args.corpus_size,
+                "corpus_batch_size": args.corpus_batch_size, "warmup": args.warmup, "min_time_s": args.min_time,
+                "min_calls": args.min_calls, "max_calls": args.max_calls, "rounds": args.rounds,
+                "corpus_rounds": args.corpus_rounds, "corpus_slices": args.corpus_slices}
+    fields.update({name: value for name, value in optional.items() if value is not None})
+    config = BenchConfig.quick(**fields) if args.quick else BenchConfig(**fields)
+    run_benchmark(config)
+    print(Path(args.out) / "results.md")
+    return 0
 
 
 def _read_lines(source: str) -> list[str]:
@@ -180,6 +212,14 @@ def _info(args: argparse.Namespace) -> int:
         else:
             check = f"max|diff| {worst:.1e} vs PyTorch" if worst is not None else "not validated"
         print(f"variant:    {name:<14} {variant['file']:<24} {size / 1e6:8.1f} MB   {check}")
+    optimization = data.get("optimization") or {}
+    if optimization.get("enabled"):
+        fused = ", ".join(f"{k} {v}" for k, v in sorted(optimization.get("fused_operators", {}).items()))
+        print(f"speed-ups:  optimised ({optimization.get('relative_attention_layers_folded', 0)} attention layers "
+              f"folded{'; fused ' + fused if fused else ''})")
+    else:
+        print("speed-ups:  none, attention as transformers writes it (exported with --no-optimize)" if optimization
+              else "speed-ups:  not recorded (exported before graph optimisation)")
     print(f"exported:   {data.get('created_at')} with {', '.join(f'{k} {v}' for k, v in data.get('versions', {}).items())}")
     return 0
 
@@ -348,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deberta-onnx",
         description="Export DeBERTa checkpoints to ONNX with fused pooling, and run them without PyTorch: "
                     "`export` writes a model folder (needs the export extra); `embed`, `search`, `classify` and "
-                    "`info` use it with the base install, `serve` with the server extra.",
+                    "`info` use it with the base install, `serve` with the server extra, `bench` (against "
+                    "PyTorch) with the export and bench extras.",
         epilog="Run `deberta-onnx COMMAND --help` for a command's options.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -383,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tokenizer", default="sentencepiece", choices=["sentencepiece", "transformers"],
                         help="tokenizer.json from the checkpoint's spm.model (ids as SentencePiece's, default) or "
                              "from the installed transformers' fast tokenizer")
+    export.add_argument("--no-optimize", action="store_true",
+                        help="export DeBERTa's attention as transformers writes it, without the graph speed-ups")
     export.add_argument("--triton", action="store_true",
                         help="also write a Triton Inference Server model repository to OUT_DIR/triton/NAME/ "
                              "(config.pbtxt with dynamic batching, the model under version 1); clients tokenize "
@@ -424,6 +467,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_flags(embed)
     embed.set_defaults(run=_embed)
 
+    bench = commands.add_parser(
+        "bench", help="compare the runtime with PyTorch: latency, throughput, memory, parity (needs the export and "
+                      "bench extras)",
+        description="Benchmark model folders against the PyTorch reference (transformers eager + masked mean), "
+                    "interleaved in one process: a batch x sequence grid with half the rows padded, and a corpus of "
+                    "texts of 5 to 250 tokens encoded end to end. Every precision variant in each folder and every "
+                    "run path the runtime offers is measured. Writes results.json, results.md and throughput.png "
+                    "to --out. Needs `pip install torch==2.13.0 && pip install 'deberta-onnx[export,bench]'`.",
+    )
+    bench.add_argument("models", nargs="+", metavar="MODEL_DIR",
+                       help="model folders (LABEL=DIR to name a row); folders from one source share one reference")
+    bench.add_argument("--out", required=True, help="folder for results.json, results.md and throughput.png")
+    bench.add_argument("--quick", action="store_true",
+                       help="CI mode: shapes 1x32 and 8x128, a 200-text corpus, few calls")
+    bench.add_argument("--reference", default=None,
+                       help="PyTorch checkpoint to compare with (default: the manifest's source; random:SHAPE "
+                            "sources are rebuilt)")
+    bench.add_argument("--shapes", default=None, help="grid as BATCHxSEQ,... (default 1x32,8x128,32x128,128x128,64x512); none: corpus only")
+    bench.add_argument("--corpus-size", type=int, default=None, help="texts in the corpus (default 10000; 0 skips)")
+    bench.add_argument("--corpus-batch-size", type=int, default=None, help="texts per call on the corpus (default 32)")
+    bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                       help="auto: the CPU, and CUDA too where onnxruntime-gpu and torch see a GPU")
+    bench.add_argument("--precisions", default=None, help="variants to run, comma-separated (default all)")
+    bench.add_argument("--paths", default=None, help="runtime run paths: plain,iobinding (default all offered)")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="intra-op threads for ONNX Runtime and PyTorch (default: each library's own)")
+    bench.add_argument("--ort-threads", default=None,
+                       help="ONNX Runtime thread settings to compare, comma-separated: default, N, N:spin, N:nospin")
+    bench.add_argument("--warmup", type=int, default=None, help="untimed calls per configuration and shape (2)")
+    bench.add_argument("--min-time", type=float, default=None, help="timed seconds to aim for per configuration "
+                                                                     "and shape (3.0)")
+    bench.add_argument("--min-calls", type=int, default=None, help="fewest timed calls per configuration and shape (3)")
+    bench.add_argument("--max-calls", type=int, default=None, help="most timed calls per configuration and shape (200)")
+    bench.add_argument("--rounds", type=int, default=None, help="interleaved rounds the timed calls are split into (3)")
+    bench.add_argument("--corpus-rounds", type=int, default=None, help="timed corpus passes per configuration (1)")
+    bench.add_argument("--corpus-slices", type=int, default=None,
+                       help="the corpus is timed in slices, each run by every configuration in turn (10)")
+    bench.add_argument("--no-plot", action="store_true", help="skip throughput.png")
+    bench.add_argument("--seed", type=int, default=0, help="seeds the grid's ids and the corpus")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.set_defaults(run=_bench)
     serve = commands.add_parser(
         "serve", help="serve a model folder over HTTP (OpenAI-compatible /v1/embeddings; needs the server extra)",
         description="Serve MODEL_DIR over HTTP: POST /v1/embeddings (OpenAI's request and response shape), "

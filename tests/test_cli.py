@@ -85,11 +85,12 @@ def test_info_describes_the_folder(tiny_model: Path, capsys) -> None:  # type: i
     assert main(["info", str(tiny_model)]) == 0
     out = capsys.readouterr().out
     assert "RANDOM weights" in out and "fp32" in out and "hidden:     32" in out
+    assert "speed-ups:  optimised (2 attention layers folded; fused " in out
 
 
 def test_help_lists_commands() -> None:
     result = subprocess.run([sys.executable, "-m", "deberta_onnx.runtime.cli", "--help"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0
-    for command in ("export", "embed", "info"):
+    for command in ("export", "embed", "bench", "info"):
         assert command in result.stdout

@@ -16,7 +16,7 @@ from deberta_onnx.runtime.cli import _export_config, build_parser, main
 
 from .test_cli import _run
 
-COMMANDS = ("export", "embed", "search", "classify", "info")
+COMMANDS = ("export", "embed", "search", "classify", "bench", "info")
 
 
 def test_help_explains_every_command() -> None:
