@@ -34,8 +34,9 @@ _PROTOBUF_LIMIT = 2**31 - 1
 # Constant nodes that only copy or broadcast are left to the session: folding them would store a larger tensor.
 _NO_FOLD = {"Expand", "Tile", "ConstantOfShape", "Range"}
 # Kept in fp32 in the fp16 graph: normalisation statistics, softmax, and reductions (ReduceMean, Pow and Sqrt
-# are DeBERTa v1's hand-written LayerNorm).
-_FP16_KEEP_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt")
+# are DeBERTa v1's hand-written LayerNorm). SkipLayerNormalization is the export's fused residual add + LayerNorm:
+# keeping it fp32 keeps the residual stream fp32 too.
+_FP16_KEEP_OPS = ("LayerNormalization", "SkipLayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt")
 _ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Where", "Neg", "Clip")
 _INT8_MATMUL_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulIntegerToFloat"}
 
