@@ -13,15 +13,14 @@ tokens). Absolute times depend on what else the machine runs; compare ratios.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from deberta_onnx.benchmarks.timing import Timer
 from deberta_onnx.runtime import Encoder, EncoderConfig
 from deberta_onnx.runtime._iobinding import IOBindingRunner
 from deberta_onnx.runtime._session import SessionRunner
@@ -50,16 +49,16 @@ def build_models(workdir: Path) -> dict[str, Path]:
 
 def alternate(first: Callable[[], object], second: Callable[[], object], seconds: float) -> tuple[float, float]:
     """Median seconds per call of each, calling them in turn for about ``seconds`` (at least 5 calls each)."""
-    times: tuple[list[float], list[float]] = ([], [])
-    for fn in (first, second, first, second):  # warm-up: buffers allocated, arena grown
-        fn()
-    deadline = time.perf_counter() + seconds
-    while len(times[0]) < 5 or time.perf_counter() < deadline:
-        for fn, sink in ((first, times[0]), (second, times[1])):
-            start = time.perf_counter()
-            fn()
-            sink.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    timers = (Timer(), Timer())
+    for fn, timer in ((first, timers[0]), (second, timers[1])):  # warm-up: buffers allocated, arena grown
+        timer.warm_up(fn, 2)
+    def spent() -> float:
+        return sum(sum(timer.samples.seconds) for timer in timers)
+
+    while len(timers[0].samples.seconds) < 5 or spent() < seconds:
+        for fn, timer in ((first, timers[0]), (second, timers[1])):
+            timer.call(fn, 1)
+    return timers[0].samples.summary()["p50_ms"] / 1e3, timers[1].samples.summary()["p50_ms"] / 1e3
 
 
 def bench(name: str, folder: Path, args: argparse.Namespace, texts: list[str]) -> None:

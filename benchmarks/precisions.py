@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from deberta_onnx.benchmarks.timing import Timer
 from deberta_onnx.export import ExportConfig, build_random_checkpoint, export_model
 from deberta_onnx.export._checkpoint import sentences
 from deberta_onnx.export._graph import masked_mean
@@ -81,9 +81,9 @@ def main() -> None:
         vectors: dict[str, np.ndarray] = {}
         for _ in range(args.rounds):
             for name, encode in engines.items():
-                started = time.perf_counter()
-                vectors[name] = encode(texts)
-                best[name] = min(best[name], time.perf_counter() - started)
+                timer = Timer()
+                vectors[name] = timer.call(lambda encode=encode: encode(texts), len(texts))
+                best[name] = min(best[name], timer.samples.seconds[0])
 
     manifest = json.loads((args.out / "manifest.json").read_text())
     size = {p: sum(f.stat().st_size for f in args.out.glob(f"{manifest['variants'][p]['file']}*")) for p in PRECISIONS}

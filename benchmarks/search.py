@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -22,15 +21,16 @@ from typing import Any
 
 import numpy as np
 
+from deberta_onnx.benchmarks.timing import Timer
 from deberta_onnx.runtime import semantic_search
 
 
 def _measure(run: Callable[[], Any]) -> tuple[Any, float, int]:
     tracemalloc.start()
-    started = time.perf_counter()
+    timer = Timer()
     try:
-        result = run()
-        seconds = time.perf_counter() - started
+        result = timer.call(run, 1)
+        seconds = timer.samples.seconds[0]
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

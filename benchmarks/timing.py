@@ -2,7 +2,8 @@
 
 Scripts in this folder time their calls with ``time_calls`` (or ``Timer`` when they interleave several
 configurations and collect samples round by round) and never call ``perf_counter`` themselves, so every figure
-in ``benchmarks/results/`` is measured the same way.
+in ``benchmarks/results/`` is measured the same way. The one exception is ``load.py``, a load generator that
+times each HTTP request inside its asyncio client, from send to answer.
 """
 
 from __future__ import annotations

@@ -212,6 +212,7 @@ def build_variant(
                             extra_options={"MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": ["MatMul"]})
             model = onnx.load(str(out_path))
             _float_for_float_consumers(model, set(nodes))
+            _gather_before_dequantize(model)
             _save(model, out_path)
     return _matmul_summary(onnx.load(str(out_path), load_external_data=False))
 
@@ -236,6 +237,55 @@ def _float_for_float_consumers(model: onnx.ModelProto, quantized: set[str]) -> N
             if quantize is not None and quantize.op_type == "QuantizeLinear":
                 node.input[i] = quantize.input[0]
     _prune(model)
+
+
+def _gather_before_dequantize(model: onnx.ModelProto) -> None:
+    """Swaps ``Gather(DequantizeLinear(table), ids)`` into ``DequantizeLinear(Gather(table, ids))``.
+
+    The QDQ quantizer writes the int8 word-embedding table followed by its DequantizeLinear, which ONNX Runtime
+    runs at every call: the whole table (128,100 x 768 floats, 393 MB, on deberta-v3-base) is dequantized to
+    look up a few rows. With one scale for the table (per-tensor) the two commute exactly, so the rows are
+    gathered in int8 and only they are dequantized, as the dynamic quantizer's graph does.
+    """
+    initializers = {init.name for init in model.graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    sizes = {init.name: int(np.prod(init.dims)) for init in model.graph.initializer}
+    moved: dict[str, str] = {}  # Gather name -> Dequantize name
+    for dequantize in model.graph.node:
+        if dequantize.op_type != "DequantizeLinear" or dequantize.input[0] not in initializers:
+            continue
+        scale_and_zero = dequantize.input[1:]
+        if any(sizes.get(name, 0) != 1 for name in scale_and_zero if name):
+            continue  # per-axis scales do not commute with a Gather along that axis
+        users = readers.get(dequantize.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Gather" or users[0].input[0] != dequantize.output[0]:
+            continue
+        gather = users[0]
+        if any(a.name == "axis" and a.i != 0 for a in gather.attribute):
+            continue
+        rows, out = f"{dequantize.input[0]}_rows", gather.output[0]
+        gather.input[0] = dequantize.input[0]
+        gather.output[0] = rows
+        dequantize.input[0] = rows
+        dequantize.output[0] = out
+        moved[gather.name] = dequantize.name
+    if not moved:
+        return
+    # Each Dequantize node now reads its Gather's output: it moves to just after it.
+    by_name = {node.name: node for node in model.graph.node}
+    order: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        if node.name in moved.values():
+            continue
+        order.append(node)
+        if node.name in moved:
+            order.append(by_name[moved[node.name]])
+    copies = [onnx.NodeProto.FromString(node.SerializeToString()) for node in order]
+    model.graph.ClearField("node")
+    model.graph.node.extend(copies)
 
 
 def _prune(model: onnx.ModelProto) -> None:

@@ -105,11 +105,29 @@ def test_fp16_graph_loads_on_cpu_keeps_fp32_io_and_has_no_constant_matmul(every_
     types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
     initializers = {i.name for i in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type in ("LayerNormalization", "Softmax", "ReduceSum"):
+        if node.op_type in ("LayerNormalization", "SkipLayerNormalization", "Softmax", "ReduceSum"):
             assert types[node.output[0]] == onnx.TensorProto.FLOAT, node.name
         # The relative-position projections were folded at export: no MatMul is left with constant operands.
         if node.op_type == "MatMul":
             assert not all(name in initializers for name in node.input), node.name
+
+
+@pytest.mark.parametrize("precision", ["int8-dynamic", "int8-static"])
+def test_int8_looks_up_embedding_rows_before_dequantizing(every_precision: tuple[Path, Path], precision: str) -> None:
+    # Dequantizing the whole int8 word-embedding table to read a few rows of it cost more than the rest of a
+    # batch-1 call on deberta-v3-base; the rows are gathered in int8 and only they are dequantized.
+    _, folder = every_precision
+    model = onnx.load(str(folder / variant_file(precision)))
+    int8_tables = {i.name for i in model.graph.initializer if i.data_type in (onnx.TensorProto.INT8,
+                                                                                onnx.TensorProto.UINT8)}
+    readers = {name: node for node in model.graph.node for name in node.input}
+    lookups = [node for node in model.graph.node if node.op_type == "Gather" and node.input[0] in int8_tables]
+    assert lookups, "the word embeddings should be looked up in int8"
+    for gather in lookups:
+        assert readers[gather.output[0]].op_type == "DequantizeLinear"
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in int8_tables:
+            assert readers[node.output[0]].op_type != "Gather", node.name
 
 
 def test_static_int8_is_batch_invariant(every_precision: tuple[Path, Path], corpus: list[str]) -> None:
