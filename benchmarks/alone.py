@@ -1,0 +1,83 @@
+"""One configuration alone in this process, on one batch x sequence shape: for shapes too large to hold every
+configuration of ``deberta-onnx bench`` in memory at once (64 x 512 on a 24 GB machine).
+
+    python benchmarks/alone.py pytorch models/base --shape 64x512             # PyTorch, the folder's source
+    python benchmarks/alone.py fp32 models/base --shape 64x512                # the runtime, one precision
+    python benchmarks/alone.py fp32 models/base --shape 64x512 --max-tokens 8192  # Encoder.encode, full texts
+
+Same batch as the harness's grid (``grid_batch``: the second half of the rows padded), same helpers
+(``Timer``, ``RssSampler``); with ``--max-tokens``, ``batch`` texts cut at the model's length go through
+``Encoder.encode`` with that token budget. Prints one JSON line: each call's seconds (the first call
+included: the ones after it are the figure) and the process's peak RSS; ``--save`` writes the pooled vectors
+for a parity check.
+Configurations run in separate processes are not interleaved: read their ratios loosely.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from deberta_onnx.benchmarks.backends import OrtBackend, ThreadSetting, TorchBackend
+from deberta_onnx.benchmarks.timing import RssSampler, Timer
+from deberta_onnx.benchmarks.workloads import grid_batch, parse_shapes
+from deberta_onnx.runtime import Encoder, EncoderConfig, load_manifest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("configuration", help="pytorch, or a precision of the folder (fp32, int8-static)")
+    parser.add_argument("model", type=Path, help="model folder written by deberta-onnx export")
+    parser.add_argument("--shape", default="64x512", help="BATCHxSEQ (default 64x512)")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads, either engine (default 2)")
+    parser.add_argument("--calls", type=int, default=2, help="calls, the first included (default 2)")
+    parser.add_argument("--max-tokens", type=int, help="run through Encoder.encode with this token budget")
+    parser.add_argument("--save", type=Path, help="write the pooled vectors of the last call here (.npy)")
+    args = parser.parse_args()
+    (shape,) = parse_shapes(args.shape)
+    model = load_manifest(args.model).model
+    ids, mask = grid_batch(shape, vocab=int(model["vocab_size"]), pad_id=int(model["pad_token_id"]), seed=0)
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.configuration == "pytorch":
+            import torch
+
+            from deberta_onnx.benchmarks.run import _reference_checkpoint
+
+            torch.set_num_threads(args.threads)
+            source = str(load_manifest(args.model).data["source"]["model"])
+            backend = TorchBackend(_reference_checkpoint(source, Path(scratch)), args.model, model="pytorch",
+                                   max_length=int(model["max_sequence_length"]))
+            work = lambda: backend.run(ids, mask)  # noqa: E731
+        elif args.max_tokens:
+            if shape.sequence != int(model["max_sequence_length"]):
+                limit = model["max_sequence_length"]
+                parser.error(f"--max-tokens encodes texts truncated to the model's {limit} tokens: "
+                             f"give --shape {shape.batch}x{limit}")
+            config = EncoderConfig(precision=args.configuration, max_tokens=args.max_tokens,
+                                   intra_op_threads=args.threads, verify_checksums=False)
+            encoder = Encoder(args.model, config=config)
+            texts = [f"word{i} " * (2 * shape.sequence) for i in range(shape.batch)]  # each cut at the limit
+            work = lambda: encoder.encode(texts, batch_size=shape.batch)  # noqa: E731
+        else:
+            threads = ThreadSetting(intra_op_threads=args.threads)
+            backend = OrtBackend(args.model, model=args.model.name, precision=args.configuration,
+                                 device="cpu", path="plain", config_fields={}, threads=threads)
+            work = lambda: backend.run(ids, mask)  # noqa: E731
+        timer = Timer()
+        with RssSampler() as rss:
+            for _ in range(args.calls):
+                out = timer.call(work, shape.batch)
+    if args.save:
+        np.save(args.save, np.asarray(out))
+    print(json.dumps({"configuration": args.configuration, "model": str(args.model), "shape": str(shape),
+                      "threads": args.threads, "max_tokens": args.max_tokens,
+                      "seconds": timer.samples.seconds, "peak_rss_gb": rss.peak / 2**30}))
+
+
+if __name__ == "__main__":
+    main()
