@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from deberta_onnx.benchmarks.backends import OrtBackend, ThreadSetting, TorchBackend
+from deberta_onnx.benchmarks.run import _fit_vocab, _reference_checkpoint
 from deberta_onnx.benchmarks.timing import RssSampler, Timer
-from deberta_onnx.benchmarks.workloads import grid_batch, parse_shapes
+from deberta_onnx.benchmarks.workloads import parse_shapes
 from deberta_onnx.runtime import Encoder, EncoderConfig, load_manifest
 
 
@@ -40,22 +41,20 @@ def main() -> None:
     parser.add_argument("--save", type=Path, help="write the pooled vectors of the last call here (.npy)")
     args = parser.parse_args()
     (shape,) = parse_shapes(args.shape)
-    model = load_manifest(args.model).model
-    ids, mask = grid_batch(shape, vocab=int(model["vocab_size"]), pad_id=int(model["pad_token_id"]), seed=0)
+    manifest = load_manifest(args.model)
+    model, limit = manifest.model, manifest.max_sequence_length
+    ids, mask = _fit_vocab(shape, model, seed=0)
     with tempfile.TemporaryDirectory() as scratch:
         if args.configuration == "pytorch":
             import torch
 
-            from deberta_onnx.benchmarks.run import _reference_checkpoint
-
             torch.set_num_threads(args.threads)
-            source = str(load_manifest(args.model).data["source"]["model"])
+            source = str(manifest.data["source"]["model"])
             backend = TorchBackend(_reference_checkpoint(source, Path(scratch)), args.model, model="pytorch",
-                                   max_length=int(model["max_sequence_length"]))
+                                   max_length=limit)
             work = lambda: backend.run(ids, mask)  # noqa: E731
         elif args.max_tokens:
-            if shape.sequence != int(model["max_sequence_length"]):
-                limit = model["max_sequence_length"]
+            if shape.sequence != limit:
                 parser.error(f"--max-tokens encodes texts truncated to the model's {limit} tokens: "
                              f"give --shape {shape.batch}x{limit}")
             config = EncoderConfig(precision=args.configuration, max_tokens=args.max_tokens,

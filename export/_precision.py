@@ -247,15 +247,14 @@ def _gather_before_dequantize(model: onnx.ModelProto) -> None:
     look up a few rows. With one scale for the table (per-tensor) the two commute exactly, so the rows are
     gathered in int8 and only they are dequantized, as the dynamic quantizer's graph does.
     """
-    initializers = {init.name for init in model.graph.initializer}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    sizes = {init.name: int(np.prod(init.dims)) for init in model.graph.initializer}
+    sizes = {init.name: int(np.prod(init.dims)) for init in model.graph.initializer}  # initializer -> elements
     moved: dict[str, str] = {}  # Gather name -> Dequantize name
     for dequantize in model.graph.node:
-        if dequantize.op_type != "DequantizeLinear" or dequantize.input[0] not in initializers:
+        if dequantize.op_type != "DequantizeLinear" or dequantize.input[0] not in sizes:
             continue
         scale_and_zero = dequantize.input[1:]
         if any(sizes.get(name, 0) != 1 for name in scale_and_zero if name):
