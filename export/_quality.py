@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from deberta_onnx.runtime._tokenize import TextTokenizer
+from deberta_onnx.runtime.tokenization import TextTokenizer
 from deberta_onnx.runtime.contract import ATTENTION_MASK, INPUT_IDS, SENTENCE_EMBEDDING
 
 __all__ = ["BATCH_INVARIANCE", "GATE_BATCH", "HELD_OUT_STRIDE", "HeldOut", "format_quality", "gate_failure",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from deberta_onnx.runtime._tokenize import TextTokenizer
+from deberta_onnx.runtime.tokenization import TextTokenizer
 from deberta_onnx.runtime.contract import (
     ATTENTION_MASK,
     INPUT_IDS,

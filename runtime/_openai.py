@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ._tokenize import _lone_surrogate
+from .tokenization import _lone_surrogate
 from .encoder import normalize_rows
 
 ENCODING_FORMATS = ("float", "base64")

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._session import SessionRunner
-from ._tokenize import check_pairs, check_texts
+from .tokenization import check_pairs, check_texts
 from .contract import LOGITS, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
 from .encoder import _OnnxModel
 from .similarity import Hit

@@ -24,7 +24,7 @@ from ._session import (
     resolve_providers,
     session_device,
 )
-from ._tokenize import TextTokenizer, check_texts
+from .tokenization import TextTokenizer, check_texts
 from .contract import (
     PRECISIONS,
     REQUIRED_OUTPUT,

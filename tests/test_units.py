@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from deberta_onnx.runtime import EncoderConfig, ManifestError, ModelFolderError, load_manifest, normalize_rows
-from deberta_onnx.runtime._tokenize import check_texts
+from deberta_onnx.runtime.tokenization import check_texts
 from deberta_onnx.runtime.contract import INPUTS, MANIFEST_VERSION, SENTENCE_OUTPUT, TensorSpec
 from deberta_onnx.runtime.manifest import sha256_file
 

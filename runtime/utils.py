@@ -1,0 +1,174 @@
+"""Small helpers every part of the package shares: optional extras, atomic writes, quiet loggers, versions and
+argument checks. Standard library only."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import IO
+
+__all__ = [
+    "DISTRIBUTION",
+    "atomic_write",
+    "check_positive_int",
+    "fsync_dir",
+    "installed_versions",
+    "missing_extra",
+    "quiet_loggers",
+    "require_extra",
+]
+
+DISTRIBUTION = "deberta-onnx"
+
+# Distributions whose import name is not their name with dashes turned into underscores.
+_IMPORT_NAMES = {"protobuf": "google.protobuf", "onnxruntime-gpu": "onnxruntime", "pyyaml": "yaml"}
+_EXTRA_MARKER = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
+_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+def _extra_requirements(extra: str) -> list[str]:
+    """The distribution names ``pyproject.toml`` lists under ``extra``, read from the installed metadata."""
+    try:
+        lines = metadata.requires(DISTRIBUTION) or []
+    except metadata.PackageNotFoundError:
+        return []  # running from a source tree that was never installed: nothing to check against
+    names = []
+    for line in lines:
+        requirement, _, marker = line.partition(";")
+        if extra in _EXTRA_MARKER.findall(marker):
+            match = _NAME.match(requirement)
+            if match:
+                names.append(match.group(1))
+    return names
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package is missing, or the module is blocked in sys.modules
+        return False
+
+
+def missing_extra(extra: str) -> list[str]:
+    """The distributions of the ``extra`` (``"export"``, ``"server"``, ...) that cannot be imported here.
+
+    The list of what the extra holds comes from the package's own metadata, so ``pyproject.toml`` is the one
+    place that names it.
+    """
+    return [name for name in _extra_requirements(extra)
+            if not _importable(_IMPORT_NAMES.get(name.lower(), name.replace("-", "_").lower()))]
+
+
+def require_extra(extra: str, package: str, *, note: str = "") -> None:
+    """Raises ``ImportError`` naming the extra to install if any of its distributions is missing.
+
+    Args:
+        extra: the optional-dependency group, e.g. ``"export"``.
+        package: the subpackage that needs it, for the message (``"deberta_onnx.export"``).
+        note: more advice to append (e.g. how to install torch's CPU build first).
+    """
+    missing = missing_extra(extra)
+    if missing:
+        raise ImportError(
+            f"{package} needs {', '.join(missing)}, which the base install leaves out. Install the {extra} "
+            f"extra: `pip install '{DISTRIBUTION}[{extra}]'`.{' ' + note if note else ''}"
+        )
+
+
+def installed_versions(names: Iterable[str]) -> dict[str, str]:
+    """Python's version and each installed distribution's, by name (missing ones left out)."""
+    out = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+@contextmanager
+def quiet_loggers(*names: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Raises the named loggers to ``level`` for the duration and restores them after.
+
+    Libraries this package drives (transformers, torch.onnx, ONNX Runtime's tools) log advice that the export
+    and benchmarks replace with their own report. The root logger is never touched: a caller's logging stays theirs.
+    """
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, previous in zip(loggers, levels):
+            logger.setLevel(previous)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object], *, durable: bool = False) -> Path:
+    """Writes a file through ``write(handle)`` beside ``path`` and renames it into place.
+
+    A failed or interrupted write never leaves a truncated file at ``path``; the file gets the usual
+    permissions (0666 less the umask), not the private 0600 of a temporary file.
+
+    Args:
+        path: the file to write; its folder is created if needed.
+        write: called with the open binary handle.
+        durable: fsync the file and its folder, so that the rename survives a power cut.
+
+    Returns:
+        ``path``.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            write(out)
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+        if durable:
+            fsync_dir(target.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Flushes a folder's entries (renames, new files) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_positive_int(name: str, value: object, *, optional: bool = False, minimum: int = 1) -> None:
+    """Raises ``ValueError`` unless ``value`` is an int (not a bool) >= ``minimum`` (or ``None`` if ``optional``)."""
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {kind}{' or None' if optional else ''}, got {value!r}")
