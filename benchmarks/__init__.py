@@ -8,28 +8,29 @@ or ``deberta-onnx bench models/base --out bench-out``. ``timing`` is the one tim
 
 from __future__ import annotations
 
-from deberta_onnx.runtime._extras import missing_modules
+from deberta_onnx.runtime.utils import DISTRIBUTION, missing_extra
 
 # The PyTorch reference needs the export extra; the report needs the bench extra.
-_REQUIRED = {"torch": "export", "transformers": "export", "onnx": "export", "psutil": "bench", "matplotlib": "bench",
-             "tqdm": "export"}
+_EXTRAS = ("export", "bench")
 
 
 def _check_imports() -> None:
-    missing = {name: _REQUIRED[name] for name in missing_modules(_REQUIRED)}
-    if missing:
-        extras = ",".join(sorted(set(missing.values())))
+    missing = {extra: missing_extra(extra) for extra in _EXTRAS}
+    lacking = [extra for extra in _EXTRAS if missing[extra]]
+    if lacking:
+        names = sorted({name for extra in lacking for name in missing[extra]})
         raise ImportError(
-            f"the benchmarks need {', '.join(missing)}, which the base install leaves out: they run the PyTorch "
+            f"the benchmarks need {', '.join(names)}, which the base install leaves out: they run the PyTorch "
             f"reference beside the runtime. Install `pip install torch==2.13.0` (a CPU build; or any torch you "
-            f"already have) and then `pip install 'deberta-onnx[{extras}]'`."
+            f"already have) and then `pip install '{DISTRIBUTION}[{','.join(lacking)}]'`."
         )
 
 
 _check_imports()
 
 from .backends import ThreadSetting  # noqa: E402
-from .run import BenchConfig, ModelSpec, run_benchmark  # noqa: E402
+from .config import BenchConfig, ModelSpec  # noqa: E402
+from .run import run_benchmark  # noqa: E402
 from .workloads import DEFAULT_GRID, QUICK_GRID, Shape, parse_shapes  # noqa: E402
 
 __all__ = ["DEFAULT_GRID", "QUICK_GRID", "BenchConfig", "ModelSpec", "Shape", "ThreadSetting", "parse_shapes",

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from deberta_onnx.benchmarks.backends import OrtBackend, ThreadSetting, TorchBackend
-from deberta_onnx.benchmarks.run import _fit_vocab, _reference_checkpoint
+from deberta_onnx.benchmarks.backends import Backend, OrtBackend, ThreadSetting, TorchBackend
+from deberta_onnx.benchmarks.run import reference_checkpoint
 from deberta_onnx.benchmarks.timing import RssSampler, Timer
-from deberta_onnx.benchmarks.workloads import parse_shapes
-from deberta_onnx.runtime import Encoder, EncoderConfig, load_manifest
+from deberta_onnx.benchmarks.workloads import fit_vocab, parse_shapes
+from deberta_onnx.runtime import Encoder, EncoderConfig
+from deberta_onnx.runtime.manifest import load_manifest
 
 
 def main() -> None:
@@ -43,15 +44,15 @@ def main() -> None:
     (shape,) = parse_shapes(args.shape)
     manifest = load_manifest(args.model)
     model, limit = manifest.model, manifest.max_sequence_length
-    ids, mask = _fit_vocab(shape, model, seed=0)
+    ids, mask = fit_vocab(shape, model, seed=0)
     with tempfile.TemporaryDirectory() as scratch:
         if args.configuration == "pytorch":
             import torch
 
             torch.set_num_threads(args.threads)
-            source = str(manifest.data["source"]["model"])
-            backend = TorchBackend(_reference_checkpoint(source, Path(scratch)), args.model, model="pytorch",
-                                   max_length=limit)
+            source = manifest.source.model
+            backend: Backend = TorchBackend(reference_checkpoint(source, Path(scratch)), args.model, model="pytorch",
+                                            max_length=limit)
             work = lambda: backend.run(ids, mask)  # noqa: E731
         elif args.max_tokens:
             if shape.sequence != limit:

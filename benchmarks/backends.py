@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from deberta_onnx.runtime import Encoder, EncoderConfig
-from deberta_onnx.runtime._session import cuda_available
 from deberta_onnx.runtime.contract import TOKENIZER_FILE
+from deberta_onnx.runtime.session import cuda_available
 
 from .timing import cuda_synchronizer
 
@@ -159,7 +159,7 @@ class OrtBackend(Backend):
         self.encoder = Encoder(model_dir, providers, config=config)
 
     def run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return self.encoder.runner.run(ids, mask)[0]
+        return self.encoder.loaded.runner.run(ids, mask)[0]
 
     def encode(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
         return self.encoder.encode(list(texts), batch_size=batch_size)

@@ -13,6 +13,7 @@ tokens). Absolute times depend on what else the machine runs; compare ratios.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 from collections.abc import Callable
@@ -22,8 +23,8 @@ import numpy as np
 
 from deberta_onnx.benchmarks.timing import Timer
 from deberta_onnx.runtime import Encoder, EncoderConfig
-from deberta_onnx.runtime._iobinding import IOBindingRunner
-from deberta_onnx.runtime._session import SessionRunner
+from deberta_onnx.runtime.iobinding import IOBindingRunner
+from deberta_onnx.runtime.runners import SessionRunner
 
 # A two-layer, 32-wide DeBERTa-v3: where per-call overhead, not arithmetic, dominates.
 TINY = {
@@ -68,14 +69,15 @@ def bench(name: str, folder: Path, args: argparse.Namespace, texts: list[str]) -
     plain = SessionRunner(encoder.session)
     bound = IOBindingRunner(encoder.session, hidden_size=encoder.hidden_size, device=device, device_id=int(index or 0))
     rng = np.random.default_rng(0)
-    vocab = int(encoder.manifest.model["vocab_size"])
+    vocab = encoder.manifest.model.vocab_size
     print(f"\n{name} ({folder}, hidden {encoder.hidden_size}, {encoder.device}, "
           f"{args.threads or 'default'} thread(s))")
     print(f"{'batch x seq':>12} {'plain ms':>10} {'IO-bind ms':>11} {'ratio':>7}")
     for rows, width in SHAPES:
         ids = rng.integers(5, vocab, size=(rows, width), dtype=np.int64)
         mask = np.ones((rows, width), dtype=np.int64)
-        a, b = alternate(lambda: plain.run(ids, mask), lambda: bound.run(ids, mask), args.seconds)
+        a, b = alternate(functools.partial(plain.run, ids, mask), functools.partial(bound.run, ids, mask),
+                         args.seconds)
         print(f"{rows:>5} x {width:<5} {a * 1e3:>10.3f} {b * 1e3:>11.3f} {a / b:>7.3f}")
     io_encoder = Encoder(folder, config=EncoderConfig(**load, io_binding=True))
     a, b = alternate(lambda: encoder.encode(texts), lambda: io_encoder.encode(texts), args.seconds * 2)

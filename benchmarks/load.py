@@ -46,7 +46,8 @@ class ServerProcess:
         self.flags = list(flags)
         self.start_timeout_s = start_timeout_s
         self.url = ""
-        self._log = tempfile.NamedTemporaryFile(prefix="deberta-onnx-serve-", suffix=".log", delete=False)
+        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - open while the server runs; closed in stop()
+            prefix="deberta-onnx-serve-", suffix=".log", delete=False)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property

@@ -11,6 +11,7 @@ depend on the machine and its load; compare the ratios.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 from collections.abc import Callable
@@ -43,13 +44,13 @@ def _pytorch(checkpoint: Path, encoder: Encoder, batch_size: int) -> Callable[[l
 
     def encode(texts: list[str]) -> np.ndarray:
         # The same tokenizer and length-sorted batches as the runtime, so only the model differs.
-        ids = encoder.tokenizer.encode(texts)
+        ids = encoder.loaded.tokenizer.encode(texts)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         out = np.empty((len(texts), encoder.hidden_size), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                input_ids, mask = (torch.from_numpy(a) for a in encoder.tokenizer.pad([ids[i] for i in rows]))
+                input_ids, mask = (torch.from_numpy(a) for a in encoder.loaded.tokenizer.pad([ids[i] for i in rows]))
                 hidden = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
                 out[rows] = masked_mean(hidden, mask).numpy()
         return out
@@ -76,13 +77,13 @@ def main() -> None:
         checkpoint = build_random_checkpoint(args.shape, Path(scratch) / args.shape)  # seed 0, as the export's
         engines: dict[str, Callable[[list[str]], np.ndarray]] = {"pytorch": _pytorch(checkpoint, encoders["fp32"],
                                                                                      args.batch_size)}
-        engines.update({p: (lambda t, e=e: e.encode(t, batch_size=args.batch_size)) for p, e in encoders.items()})
+        engines.update({p: functools.partial(e.encode, batch_size=args.batch_size) for p, e in encoders.items()})
         best = {name: float("inf") for name in engines}
         vectors: dict[str, np.ndarray] = {}
         for _ in range(args.rounds):
             for name, encode in engines.items():
                 timer = Timer()
-                vectors[name] = timer.call(lambda encode=encode: encode(texts), len(texts))
+                vectors[name] = timer.call(functools.partial(encode, texts), len(texts))
                 best[name] = min(best[name], timer.samples.seconds[0])
 
     manifest = json.loads((args.out / "manifest.json").read_text())
@@ -90,7 +91,8 @@ def main() -> None:
     reference = vectors["pytorch"].astype(np.float64)
     print(f"{args.shape}, random weights, {len(texts)} texts, batch {args.batch_size}, {args.threads} threads, "
           f"best of {args.rounds} rounds\n")
-    print("| engine | file MB | size vs fp32 | encode s | time vs fp32 ONNX | time vs PyTorch | min cosine vs PyTorch |")
+    print("| engine | file MB | size vs fp32 | encode s | time vs fp32 ONNX | time vs PyTorch "
+          "| min cosine vs PyTorch |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in engines:
         got = vectors[name].astype(np.float64)

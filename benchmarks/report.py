@@ -58,7 +58,8 @@ def markdown(document: dict[str, Any]) -> str:
                  + (f"; GPU {hardware['gpu']}" if hardware.get("gpu") else "") + busy)
     lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
     settings = env["settings"]
-    lines.append(f"- threads: {settings.get('threads') or 'library defaults'} (torch uses {settings.get('torch_threads')}); "
+    lines.append(f"- threads: {settings.get('threads') or 'library defaults'} "
+                 f"(torch uses {settings.get('torch_threads')}); "
                  f"runtime paths offered: {', '.join(settings.get('runtime_paths', []))}")
     if env.get("command"):
         lines.append(f"- command: `{env['command']}`")
@@ -74,7 +75,8 @@ def markdown(document: dict[str, Any]) -> str:
         lines.append(
             f"| {row['model']} | {row['shape']} | {row['label']} | {_fmt(row['p50_ms'], '.2f')} | "
             f"{_fmt(row['p95_ms'], '.2f')} | {_fmt(row['sentences_per_s'], '.1f')} | "
-            f"{_fmt(row['vs_pytorch'], '.2f')} | {_fmt(row['min_cosine'], '.6f')} | {_fmt(row['max_abs_diff'], '.1e')} | "
+            f"{_fmt(row['vs_pytorch'], '.2f')} | {_fmt(row['min_cosine'], '.6f')} | "
+            f"{_fmt(row['max_abs_diff'], '.1e')} | "
             f"{_fmt(row['rss_peak_mb'], '.0f')} | {_fmt(row['rss_load_mb'], '.0f')} | {_fmt(row['gpu_mb'], '.0f')} |"
         )
     corpus = next((row["corpus"] for row in document["rows"] if row["workload"] == "corpus"), None)

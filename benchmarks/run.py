@@ -6,132 +6,29 @@ configurations alike, so the ratios against PyTorch hold even when absolute time
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
-import os
-import platform
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from deberta_onnx.runtime import load_manifest
 from deberta_onnx.runtime.contract import TOKENIZER_FILE
+from deberta_onnx.runtime.manifest import load_manifest
 
-from .backends import Backend, ThreadSetting, devices, runtime_backends, runtime_paths, torch_backends
+from .backends import Backend, ThreadSetting, devices, runtime_backends, torch_backends
+from .config import BenchConfig, ModelSpec
+from .environment import describe_environment, load_average
 from .timing import RssSampler, Timer, rss_bytes
-from .workloads import DEFAULT_GRID, QUICK_GRID, Shape, build_corpus, token_lengths
+from .workloads import Shape, build_corpus, fit_vocab, token_lengths
 
-__all__ = ["BenchConfig", "ModelSpec", "run_benchmark"]
+__all__ = ["reference_checkpoint", "run_benchmark"]
 
 _RANDOM = "random:"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model folder to benchmark, and the label its rows carry (default: the folder's name)."""
-
-    folder: Path
-    label: str
-
-    @classmethod
-    def parse(cls, text: str) -> ModelSpec:
-        """``DIR`` or ``LABEL=DIR``."""
-        label, sep, folder = text.partition("=")
-        if not sep:
-            label, folder = Path(text).name, text
-        if not label or not folder:
-            raise ValueError(f"model {text!r}: give a folder, or LABEL=FOLDER")
-        return cls(folder=Path(folder), label=label)
-
-
-@dataclass(frozen=True, kw_only=True)
-class BenchConfig:
-    """Options of ``run_benchmark``; the flags of ``deberta-onnx bench`` map one-to-one onto these fields.
-
-    Attributes:
-        models: model folders written by ``deberta-onnx export``. Folders exported from the same source share
-            one PyTorch reference, so an optimised and a plain export of one checkpoint sit in one table.
-        out_dir: where ``results.json``, ``results.md`` and ``throughput.png`` go.
-        reference: the PyTorch checkpoint every model is compared with, in one table (the parity columns show
-            whether they really hold its weights); default each manifest's source (``random:SHAPE`` sources are
-            rebuilt: they are deterministic), one table per source.
-        shapes: the batch x sequence grid; the second half of each batch's rows is padded.
-        corpus_size: texts in the realistic corpus (0 skips it).
-        corpus_batch_size: texts per model call when encoding the corpus, for every backend.
-        device: ``cpu``, ``cuda`` or ``auto`` (CUDA too where onnxruntime-gpu and torch see a GPU).
-        precisions: variants of the model folders to run (default all of them).
-        paths: runtime run paths to run (``plain``, ``iobinding``; default all the runtime offers).
-        threads: intra-op threads for both ONNX Runtime and PyTorch (default: ONNX Runtime's and torch's own).
-        ort_threads: ONNX Runtime thread settings to compare, each a configuration of its own (default: one,
-            from ``threads``); see ``ThreadSetting.parse``.
-        warmup: untimed calls per configuration and shape before timing.
-        min_time_s: seconds of timed calls to aim for per configuration and shape (within min/max calls).
-        min_calls / max_calls: bounds on the timed calls per configuration and shape.
-        rounds: the timed calls are split into this many interleaved rounds.
-        corpus_rounds: timed passes over the corpus per configuration.
-        corpus_slices: the corpus is timed in this many slices, each encoded by every configuration in turn
-            (p50/p95 of corpus rows are per slice).
-        plot: write the PNG (needs matplotlib).
-        seed: seeds the grid's ids and the corpus.
-        progress: show progress bars.
-    """
-
-    models: tuple[ModelSpec, ...]
-    out_dir: Path
-    reference: str | None = None
-    shapes: tuple[Shape, ...] = DEFAULT_GRID
-    corpus_size: int = 10_000
-    corpus_batch_size: int = 32
-    device: str = "auto"
-    precisions: tuple[str, ...] | None = None
-    paths: tuple[str, ...] | None = None
-    threads: int | None = None
-    ort_threads: tuple[ThreadSetting, ...] | None = None
-    warmup: int = 2
-    min_time_s: float = 3.0
-    min_calls: int = 3
-    max_calls: int = 200
-    rounds: int = 3
-    corpus_rounds: int = 1
-    corpus_slices: int = 10
-    plot: bool = True
-    seed: int = 0
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.models:
-            raise ValueError("give at least one model folder to benchmark")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
-        for name in ("corpus_size", "warmup"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("corpus_batch_size", "min_calls", "rounds", "corpus_rounds", "corpus_slices"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.max_calls < self.min_calls:
-            raise ValueError(f"max_calls ({self.max_calls}) must be >= min_calls ({self.min_calls})")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads!r}")
-        if self.paths is not None:
-            unknown = set(self.paths) - {"plain", "iobinding"}
-            if unknown:
-                raise ValueError(f"unknown run path(s) {sorted(unknown)}; choose from plain, iobinding")
-        if not self.shapes and not self.corpus_size:
-            raise ValueError("nothing to run: give at least one shape or a corpus size > 0")
-
-    @classmethod
-    def quick(cls, **overrides: Any) -> BenchConfig:
-        """The CI mode: two small shapes, a 200-text corpus, few calls; seconds on a tiny model."""
-        settings: dict[str, Any] = {"shapes": QUICK_GRID, "corpus_size": 200, "warmup": 1, "min_time_s": 0.2,
-                                    "min_calls": 3, "max_calls": 10, "rounds": 2, "corpus_slices": 4}
-        settings.update(overrides)
-        return cls(**settings)
 
 
 @dataclass
@@ -164,7 +61,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    load_at_start = _load_average()
+    load_at_start = load_average()
     with tempfile.TemporaryDirectory(prefix="deberta-onnx-bench-") as scratch:
         groups = _groups(config, Path(scratch))
         device_list = devices(config.device)
@@ -188,9 +85,10 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
                     rows += _corpus(group, corpus, config, bar, first / TOKENIZER_FILE)
             for backend in group.backends:
                 backend.close()
-        document = {"environment": _environment(config, groups, device_list), "rows": rows}
+        environment = describe_environment(config, groups, device_list)
         # Other processes' load makes absolute times drift; the 1-minute load average says how busy it was.
-        document["environment"]["hardware"]["load_average"] = {"start": load_at_start, "end": _load_average()}
+        environment["hardware"]["load_average"] = {"start": load_at_start, "end": load_average()}
+        document: dict[str, Any] = {"environment": environment, "rows": rows}
     write_reports(document, config.out_dir, plot=config.plot)
     return document
 
@@ -200,16 +98,16 @@ def _groups(config: BenchConfig, scratch: Path) -> list[_Group]:
     by_source: dict[str, _Group] = {}
     for spec in config.models:
         manifest = load_manifest(spec.folder)
-        source = config.reference or str(manifest.data["source"]["model"])
+        source = config.reference or manifest.source.model
         if source not in by_source:
             by_source[source] = _Group(source=source, checkpoint="", specs=[], manifest=manifest)
         by_source[source].specs.append(spec)
     for group in by_source.values():
-        group.checkpoint = _reference_checkpoint(group.source, scratch)
+        group.checkpoint = reference_checkpoint(group.source, scratch)
     return list(by_source.values())
 
 
-def _reference_checkpoint(source: str, scratch: Path) -> str:
+def reference_checkpoint(source: str, scratch: Path) -> str:
     """The manifest's source as a loadable checkpoint; ``random:SHAPE`` is rebuilt (seeded, so identical)."""
     if source.startswith(_RANDOM):
         from deberta_onnx.export import build_random_checkpoint
@@ -223,11 +121,12 @@ def _reference_checkpoint(source: str, scratch: Path) -> str:
 def _load_backends(group: _Group, config: BenchConfig, device_list: list[str]) -> None:
     manifest = group.manifest
     max_length = manifest.max_sequence_length
-    shape_name = manifest.data["source"].get("shape") or group.source
+    shape_name = manifest.source.shape or group.source
     for device in device_list:
         before = rss_bytes()
-        for backend in torch_backends(group.checkpoint, group.specs[0].folder, model=f"pytorch ({shape_name})",
-                                      device=device, max_length=max_length):
+        references: Sequence[Backend] = torch_backends(group.checkpoint, group.specs[0].folder, device=device,
+                                                   model=f"pytorch ({shape_name})", max_length=max_length)
+        for backend in references:
             group.load_mb[id(backend)] = (rss_bytes() - before) / 2**20
             group.backends.append(backend)
             before = rss_bytes()
@@ -250,7 +149,7 @@ def _reference_of(group: _Group, backend: Backend) -> Backend | None:
     torch_rows = [b for b in group.backends if b.engine == "pytorch" and b.device == backend.device]
     same = [b for b in torch_rows if b.precision == backend.precision]
     fp32 = [b for b in torch_rows if b.precision == "fp32"]
-    return (same or fp32 or [None])[0]
+    return next(iter(same or fp32), None)
 
 
 def _parity(actual: np.ndarray, expected: np.ndarray) -> dict[str, float]:
@@ -293,8 +192,8 @@ def _interleaved(group: _Group, rounds: int, bar: Any, calls: dict[int, int],
 
 def _grid(group: _Group, shape: Shape, config: BenchConfig, bar: Any) -> list[dict[str, Any]]:
     model = group.manifest.model
-    ids, mask = _fit_vocab(shape, model, config.seed)
-    work = {id(b): (lambda b=b: b.run(ids, mask)) for b in group.backends}
+    ids, mask = fit_vocab(shape, model, config.seed)
+    work: dict[int, Callable[[], Any]] = {id(b): functools.partial(b.run, ids, mask) for b in group.backends}
     outputs: dict[int, np.ndarray] = {}
     calls: dict[int, int] = {}
     for backend in group.backends:
@@ -322,8 +221,9 @@ def _corpus(group: _Group, corpus: list[str], config: BenchConfig, bar: Any, tok
     # and a shared machine's load changes over minutes. Each slice is a random sample of the corpus (its texts
     # are in random order), so batching by length within a slice works as it would on the whole.
     bounds = np.linspace(0, len(corpus), min(config.corpus_slices, len(corpus)) + 1).astype(int)
-    units = [({id(b): (lambda b=b, lo=lo, hi=hi: b.encode(corpus[lo:hi], config.corpus_batch_size))
-               for b in group.backends}, int(hi - lo)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    units: list[tuple[dict[int, Callable[[], Any]], int]] = [
+        ({id(b): functools.partial(b.encode, corpus[lo:hi], config.corpus_batch_size) for b in group.backends},
+         int(hi - lo)) for lo, hi in itertools.pairwise(bounds)]
     calls = {id(b): 1 for b in group.backends}
     timers, peaks, sliced = _interleaved(group, config.corpus_rounds, bar, calls, units)
     outputs = {key: np.concatenate(parts) for key, parts in sliced.items()}
@@ -337,12 +237,6 @@ def _corpus(group: _Group, corpus: list[str], config: BenchConfig, bar: Any, tok
                  "sequence": None, "corpus": stats}
         rows.append(_row(group, backend, timers, peaks, outputs, extra, key="sentences_per_s"))
     return rows
-
-
-def _fit_vocab(shape: Shape, model: dict[str, Any], seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from .workloads import grid_batch
-
-    return grid_batch(shape, vocab=int(model["vocab_size"]), pad_id=int(model["pad_token_id"]), seed=seed)
 
 
 def _row(group: _Group, backend: Backend, timers: dict[int, Timer], peaks: dict[int, RssSampler],
@@ -368,7 +262,7 @@ def _row(group: _Group, backend: Backend, timers: dict[int, Timer], peaks: dict[
     row["rss_load_mb"] = group.load_mb.get(id(backend))
     row["gpu_mb"] = _gpu_peak_mb(backend)
     row["source"] = group.source
-    row["random_weights"] = bool(group.manifest.data["source"].get("random_weights"))
+    row["random_weights"] = group.manifest.source.random_weights
     return row
 
 
@@ -390,62 +284,3 @@ def _gpu_peak_mb(backend: Backend) -> float | None:
         return torch.cuda.max_memory_allocated() / 2**20
     free, total = torch.cuda.mem_get_info()
     return (total - free) / 2**20
-
-
-def _environment(config: BenchConfig, groups: Sequence[_Group], device_list: list[str]) -> dict[str, Any]:
-    import onnxruntime as ort
-    import psutil
-    import torch
-
-    from deberta_onnx.export._export import _versions
-
-    versions = _versions(("deberta-onnx", "torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tokenizers",
-                          "numpy"))
-    hardware: dict[str, Any] = {
-        "cpu": _cpu_name(),
-        "logical_cores": os.cpu_count(),
-        "physical_cores": psutil.cpu_count(logical=False),
-        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "platform": platform.platform(),
-    }
-    if "cuda" in device_list:
-        hardware["gpu"] = torch.cuda.get_device_name(0)
-    models = []
-    for group in groups:
-        source = group.manifest.data["source"]
-        for spec in group.specs:
-            manifest = load_manifest(spec.folder)
-            models.append({"label": spec.label, "folder": str(spec.folder), "source": group.source,
-                           "shape": source.get("shape"), "random_weights": bool(source.get("random_weights")),
-                           "variants": sorted(manifest.variants),
-                           "optimization": manifest.data.get("optimization")})
-    settings = {k: v for k, v in config.__dict__.items() if k not in ("models", "out_dir", "shapes", "ort_threads")}
-    settings["shapes"] = [str(s) for s in config.shapes]
-    settings["ort_threads"] = [str(t) for t in config.ort_threads] if config.ort_threads else None
-    settings["torch_threads"] = torch.get_num_threads()
-    settings["runtime_paths"] = sorted(runtime_paths())
-    return {
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["deberta-onnx", *sys.argv[1:]]) if sys.argv and "deberta-onnx" in sys.argv[0] else None,
-        "versions": versions,
-        "onnxruntime_providers": ort.get_available_providers(),
-        "hardware": hardware,
-        "devices": device_list,
-        "models": models,
-        "random_weights": any(m["random_weights"] for m in models),
-        "settings": settings,
-    }
-
-
-def _load_average() -> float | None:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"

@@ -9,7 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DEFAULT_GRID", "QUICK_GRID", "Shape", "build_corpus", "grid_batch", "parse_shapes", "token_lengths"]
+from deberta_onnx.runtime.manifest import ModelInfo
+
+__all__ = [
+    "DEFAULT_GRID", "QUICK_GRID", "Shape", "build_corpus", "fit_vocab", "grid_batch", "parse_shapes", "token_lengths",
+]
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,8 @@ def build_corpus(sentences: Sequence[str], tokenizer_file: str | Path, *, size: 
     # Word costs taken one by one are off by a piece now and then; put stray texts back into the range.
     for _ in range(8):
         lengths = token_lengths(tokenizer_file, [" ".join(words[i] for i in run) for run in runs])
-        stray = np.flatnonzero((lengths < min_tokens) | ((lengths > max_tokens) & (np.array([len(r) for r in runs]) > 1)))
+        several = np.array([len(r) for r in runs]) > 1
+        stray = np.flatnonzero((lengths < min_tokens) | ((lengths > max_tokens) & several))
         if not stray.size:
             break
         for index in stray:
@@ -124,3 +129,8 @@ def build_corpus(sentences: Sequence[str], tokenizer_file: str | Path, *, size: 
             else:
                 run.pop()
     return [" ".join(words[i] for i in run) for run in runs]
+
+
+def fit_vocab(shape: Shape, model: ModelInfo, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``grid_batch`` for a model: ids drawn from its vocabulary, padding with its pad id."""
+    return grid_batch(shape, vocab=model.vocab_size, pad_id=model.pad_token_id, seed=seed)

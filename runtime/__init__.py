@@ -2,51 +2,38 @@
 
     from deberta_onnx.runtime import Encoder
     vectors = Encoder("out/deberta-v3-base").encode(["A sentence.", "Another one."])
+
+The names here are the everyday API. The layers beneath, each a module importing only the ones below it:
+``contract`` (tensor names, dtypes, axes, the session check), ``manifest`` (the folder's record, typed), ``config``,
+``tokenization`` and ``batching`` (stage one), ``runners`` and ``iobinding`` (stage two), ``postprocess`` (stage
+three), ``session`` and ``loader`` (folder -> loaded model), ``errors``, ``similarity``, ``server``, ``cli``.
 """
 
 from __future__ import annotations
 
-from .classifier import CrossEncoder, Prediction, SequenceClassifier, Span, TokenClassifier
-from .encoder import PREFERRED_PRECISIONS, Encoder, EncoderConfig, TokenEmbeddings, best_precision, normalize_rows
-from .errors import (
-    ChecksumMismatchError,
-    ContractMismatchError,
-    CudaGraphError,
-    DebertaOnnxError,
-    ManifestError,
-    ModelFolderError,
-    NotExportedError,
-    ProviderUnavailableError,
-    TaskMismatchError,
-)
-from .manifest import Manifest, load_manifest
-from .similarity import Hit, cos_sim, dot_score, semantic_search
+from importlib import metadata
+
+from .classifier import CrossEncoder, SequenceClassifier, TokenClassifier
+from .config import EncoderConfig
+from .encoder import Encoder
+from .errors import DebertaOnnxError
+from .similarity import Hit, cos_sim, semantic_search
+from .utils import DISTRIBUTION
+
+try:
+    __version__ = metadata.version(DISTRIBUTION)
+except metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
-    "ChecksumMismatchError",
-    "ContractMismatchError",
     "CrossEncoder",
-    "CudaGraphError",
     "DebertaOnnxError",
     "Encoder",
     "EncoderConfig",
     "Hit",
-    "Manifest",
-    "ManifestError",
-    "ModelFolderError",
-    "NotExportedError",
-    "PREFERRED_PRECISIONS",
-    "Prediction",
-    "ProviderUnavailableError",
     "SequenceClassifier",
-    "Span",
-    "TaskMismatchError",
     "TokenClassifier",
-    "TokenEmbeddings",
-    "best_precision",
+    "__version__",
     "cos_sim",
-    "dot_score",
-    "load_manifest",
-    "normalize_rows",
     "semantic_search",
 ]

@@ -10,33 +10,23 @@ as NER, aggregated to word spans).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from pathlib import Path
+from typing import NamedTuple, overload
 
 import numpy as np
 
-from ._session import SessionRunner
-from .tokenization import check_pairs, check_texts
+from .batching import token_batches
+from .config import EncoderConfig
 from .contract import LOGITS, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
-from .encoder import _OnnxModel
+from .loader import LoadedAttributes, LoadedModel, load_model, loaded_property
+from .postprocess import AGGREGATIONS, Span, aggregate_spans, classifier_scores, cross_encoder_scores, softmax
+from .runners import SessionRunner
+from .session import ProviderList
 from .similarity import Hit
+from .tokenization import check_pairs, check_texts
+from .utils import check_positive_int
 
-__all__ = [
-    "AGGREGATIONS",
-    "CrossEncoder",
-    "Prediction",
-    "SequenceClassifier",
-    "Span",
-    "TokenClassifier",
-    "aggregate_spans",
-    "sigmoid",
-    "softmax",
-]
-
-# How token labels become spans, as in transformers' token-classification pipeline: "none" (one span per
-# token), "simple" (neighbouring tokens of one entity merged), and the word-level ones, which first give each
-# word one label from its first token, the average of its tokens' probabilities, or its most confident token.
-AGGREGATIONS = ("none", "simple", "first", "average", "max")
-
+__all__ = ["CrossEncoder", "Prediction", "SequenceClassifier", "Span", "TokenClassifier"]
 
 # A text, a (text, text_pair) pair, or a list of either.
 _Inputs = str | tuple[str, str] | Sequence[str | tuple[str, str]]
@@ -49,56 +39,34 @@ class Prediction(NamedTuple):
     score: float
 
 
-class Span(NamedTuple):
-    """A labelled piece of a text: ``text[start:end]``, without surrounding whitespace."""
-
-    label: str
-    score: float
-    start: int
-    end: int
-    text: str
+def _load(model_dir: str | Path, providers: ProviderList | None, config: EncoderConfig | None, task: str,
+          user: str) -> tuple[EncoderConfig, LoadedModel]:
+    chosen = config or EncoderConfig()
+    return chosen, load_model(model_dir, providers, chosen, tasks=(task,), user=user)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, computed stably."""
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
+def _one_or_many(inputs: object, *, texts_allowed: bool) -> tuple[list[str | tuple[str, str]], bool]:
+    """(items, whether one input was given rather than a list)."""
+    if isinstance(inputs, str) and texts_allowed:
+        return [inputs], True
+    if isinstance(inputs, tuple) and len(inputs) == 2 and all(isinstance(x, str) for x in inputs):
+        return [inputs], True
+    return check_pairs(inputs, texts_allowed=texts_allowed), False
 
 
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """Elementwise logistic function, without overflow warnings for large negative logits."""
-    return 0.5 * (1.0 + np.tanh(0.5 * logits))
+def _sequence_logits(loaded: LoadedModel, items: list[str | tuple[str, str]], batch_size: int | None,
+                     truncate: bool, show_progress: bool) -> np.ndarray:
+    out = np.empty((len(items), len(loaded.labels)), dtype=np.float32)
+    for batch in token_batches(loaded.tokenizer, items, loaded.policy, batch_size, truncate=truncate,
+                               show_progress=show_progress):
+        (logits,) = loaded.runner.run(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        out[batch.rows] = logits
+    return out
 
 
-class _SequenceModel(_OnnxModel):
-    """Loading and logits shared by ``SequenceClassifier`` and ``CrossEncoder``."""
+_LABELS_DOC = "Label names in logit order (the checkpoint's ``id2label``)."
 
-    _TASKS = (TASK_SEQUENCE_CLASSIFICATION,)
-    _TEXTS_ALLOWED = True
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        """Label names in logit order (the checkpoint's ``id2label``)."""
-        return self.manifest.labels
-
-    def _inputs(self, inputs: object) -> tuple[list[str | tuple[str, str]], bool]:
-        """(items, whether one input was given rather than a list)."""
-        if isinstance(inputs, str) and self._TEXTS_ALLOWED:
-            return [inputs], True
-        if isinstance(inputs, tuple) and len(inputs) == 2 and all(isinstance(x, str) for x in inputs):
-            return [inputs], True
-        return check_pairs(inputs, texts_allowed=self._TEXTS_ALLOWED), False
-
-    def _logits(self, items: list[str | tuple[str, str]], batch_size: int | None, truncate: bool,
-                show_progress: bool) -> np.ndarray:
-        out = np.empty((len(items), len(self.labels)), dtype=np.float32)
-        for batch in self._batches(items, batch_size, truncate=truncate, show_progress=show_progress):
-            (logits,) = self.runner.run(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-            out[batch.rows] = logits
-        return out
-
-
-class SequenceClassifier(_SequenceModel):
+class SequenceClassifier(LoadedAttributes):
     """Classifies texts or text pairs with an exported ``...ForSequenceClassification`` model folder.
 
     An input is a text (``str``) or a pair (``(text, text_pair)`` tuple, e.g. premise and hypothesis for
@@ -106,6 +74,13 @@ class SequenceClassifier(_SequenceModel):
     options and errors are those of ``Encoder``; ``TaskMismatchError`` if the folder holds another kind of
     model.
     """
+
+    def __init__(self, model_dir: str | Path, providers: ProviderList | None = None, *,
+                 config: EncoderConfig | None = None) -> None:
+        self.config, self.loaded = _load(model_dir, providers, config, TASK_SEQUENCE_CLASSIFICATION,
+                                         type(self).__name__)
+
+    labels = loaded_property(lambda m: m.labels, _LABELS_DOC)
 
     def logits(self, inputs: _Inputs, batch_size: int | None = None, *, truncate: bool = True,
                show_progress: bool = False) -> np.ndarray:
@@ -115,8 +90,8 @@ class SequenceClassifier(_SequenceModel):
             TypeError: an input is neither a str nor a pair of str (the message names its index).
             ValueError: ``batch_size`` < 1, or ``truncate`` is false and an input is too long.
         """
-        items, single = self._inputs(inputs)
-        out = self._logits(items, batch_size, truncate, show_progress)
+        items, single = _one_or_many(inputs, texts_allowed=True)
+        out = _sequence_logits(self.loaded, items, batch_size, truncate, show_progress)
         return out[0] if single else out
 
     def probabilities(self, inputs: _Inputs, batch_size: int | None = None, *, truncate: bool = True,
@@ -124,12 +99,7 @@ class SequenceClassifier(_SequenceModel):
         """Scores per label, as transformers' text-classification pipeline gives them: softmax over the
         labels; the sigmoid of each logit for one-label and multi-label models; raw logits for regression."""
         logits = self.logits(inputs, batch_size, truncate=truncate, show_progress=show_progress)
-        problem = self.manifest.model.get("problem_type")
-        if problem == "regression":
-            return logits
-        if problem == "multi_label_classification" or len(self.labels) == 1:
-            return sigmoid(logits)
-        return softmax(logits)
+        return classifier_scores(logits, problem_type=self.manifest.model.problem_type, labels=len(self.labels))
 
     def predict(self, inputs: _Inputs, batch_size: int | None = None, *, truncate: bool = True,
                 show_progress: bool = False) -> Prediction | list[Prediction]:
@@ -141,14 +111,14 @@ class SequenceClassifier(_SequenceModel):
         Raises:
             TypeError / ValueError: as ``logits``.
         """
-        items, single = self._inputs(inputs)
+        items, single = _one_or_many(inputs, texts_allowed=True)
         scores = self.probabilities(items, batch_size, truncate=truncate, show_progress=show_progress)
         best = scores.argmax(axis=1)
         out = [Prediction(self.labels[int(i)], float(row[i])) for i, row in zip(best, scores)]
         return out[0] if single else out
 
 
-class CrossEncoder(_SequenceModel):
+class CrossEncoder(LoadedAttributes):
     """Scores (query, document) pairs with an exported cross-encoder (a ``...ForSequenceClassification``
     model), as sentence-transformers' ``CrossEncoder.predict`` does.
 
@@ -156,16 +126,12 @@ class CrossEncoder(_SequenceModel):
     one-label models and none for several labels. Loading options and errors are those of ``Encoder``.
     """
 
-    _TEXTS_ALLOWED = False
+    def __init__(self, model_dir: str | Path, providers: ProviderList | None = None, *,
+                 config: EncoderConfig | None = None) -> None:
+        self.config, self.loaded = _load(model_dir, providers, config, TASK_SEQUENCE_CLASSIFICATION,
+                                         type(self).__name__)
 
-    def _activate(self, logits: np.ndarray) -> np.ndarray:
-        default = "sigmoid" if len(self.labels) == 1 else "identity"
-        activation = self.manifest.model.get("score_activation") or default
-        if activation == "sigmoid":
-            return sigmoid(logits)
-        if activation == "tanh":
-            return np.tanh(logits)
-        return logits
+    labels = loaded_property(lambda m: m.labels, _LABELS_DOC)
 
     def predict(self, pairs: tuple[str, str] | Sequence[tuple[str, str]], batch_size: int | None = None, *,
                 activation: bool = True, truncate: bool = True, show_progress: bool = False) -> np.ndarray | float:
@@ -186,10 +152,10 @@ class CrossEncoder(_SequenceModel):
             TypeError: an item is not a pair of str.
             ValueError: ``batch_size`` < 1, or ``truncate`` is false and a pair is too long.
         """
-        items, single = self._inputs(pairs)
-        scores = self._logits(items, batch_size, truncate, show_progress)
+        items, single = _one_or_many(pairs, texts_allowed=False)
+        scores = _sequence_logits(self.loaded, items, batch_size, truncate, show_progress)
         if activation:
-            scores = self._activate(scores)
+            scores = cross_encoder_scores(scores, self.manifest.model.score_activation, labels=len(self.labels))
         if scores.shape[1] == 1:
             scores = scores[:, 0]
         return float(scores[0]) if single and scores.ndim == 1 else (scores[0] if single else scores)
@@ -210,8 +176,7 @@ class CrossEncoder(_SequenceModel):
             raise ValueError(f"rank needs a one-label cross-encoder; {self.model_dir} has labels {list(self.labels)}")
         if not isinstance(query, str):
             raise TypeError(f"query must be a str, got {type(query).__name__}")
-        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        check_positive_int("top_k", top_k, optional=True)
         docs = check_texts(documents)
         scores = np.asarray(self.predict([(query, d) for d in docs], batch_size, truncate=truncate,
                                          show_progress=show_progress))
@@ -219,16 +184,16 @@ class CrossEncoder(_SequenceModel):
         return [Hit(int(i), float(scores[i])) for i in order]
 
 
-class TokenClassifier(_OnnxModel):
+class TokenClassifier(LoadedAttributes):
     """Labels each token of a text with an exported ``...ForTokenClassification`` model folder (e.g. NER)
     and aggregates the labels into spans of the text. Loading options and errors are those of ``Encoder``."""
 
-    _TASKS = (TASK_TOKEN_CLASSIFICATION,)
+    def __init__(self, model_dir: str | Path, providers: ProviderList | None = None, *,
+                 config: EncoderConfig | None = None) -> None:
+        self.config, self.loaded = _load(model_dir, providers, config, TASK_TOKEN_CLASSIFICATION,
+                                         type(self).__name__)
 
-    @property
-    def labels(self) -> tuple[str, ...]:
-        """Label names in logit order (the checkpoint's ``id2label``)."""
-        return self.manifest.labels
+    labels = loaded_property(lambda m: m.labels, _LABELS_DOC)
 
     def logits(self, texts: str | Sequence[str], batch_size: int | None = None, *, truncate: bool = True,
                show_progress: bool = False) -> np.ndarray | list[np.ndarray]:
@@ -244,13 +209,24 @@ class TokenClassifier(_OnnxModel):
 
     def _run(self, items: list[str], batch_size: int | None, truncate: bool, show_progress: bool
              ) -> list[tuple[np.ndarray, object]]:
-        runner = SessionRunner(self.session, (LOGITS,))
+        loaded = self.loaded
+        runner = SessionRunner(loaded.session, (LOGITS,))
         out: list[tuple[np.ndarray, object] | None] = [None] * len(items)
-        for batch in self._batches(items, batch_size, truncate=truncate, show_progress=show_progress, details=True):
+        for batch in token_batches(loaded.tokenizer, items, loaded.policy, batch_size, truncate=truncate,
+                                   show_progress=show_progress, details=True):
             (logits,) = runner.run(batch.input_ids, batch.attention_mask, batch.token_type_ids)
             for row, (index, encoding) in enumerate(zip(batch.rows, batch.encodings)):
                 out[index] = (logits[row, : len(encoding.ids)].copy(), encoding)
         return [item for item in out if item is not None]
+
+    @overload
+    def predict(self, texts: str, batch_size: int | None = ..., *,  # type: ignore[overload-overlap]
+                aggregation: str = ..., ignore_labels: Sequence[str] = ..., truncate: bool = ...,
+                show_progress: bool = ...) -> list[Span]: ...
+    @overload
+    def predict(self, texts: Sequence[str], batch_size: int | None = ..., *, aggregation: str = ...,
+                ignore_labels: Sequence[str] = ..., truncate: bool = ..., show_progress: bool = ...
+                ) -> list[list[Span]]: ...
 
     def predict(self, texts: str | Sequence[str], batch_size: int | None = None, *, aggregation: str = "first",
                 ignore_labels: Sequence[str] = ("O",), truncate: bool = True, show_progress: bool = False
@@ -276,7 +252,7 @@ class TokenClassifier(_OnnxModel):
             raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
         if isinstance(texts, str):
             return self.predict([texts], batch_size, aggregation=aggregation, ignore_labels=ignore_labels,
-                                truncate=truncate, show_progress=show_progress)[0]  # type: ignore[return-value]
+                                truncate=truncate, show_progress=show_progress)[0]
         items = check_texts(texts)
         out: list[list[Span]] = []
         for text, (logits, encoding) in zip(items, self._run(items, batch_size, truncate, show_progress)):
@@ -284,111 +260,3 @@ class TokenClassifier(_OnnxModel):
                                        softmax(logits), self.labels, aggregation=aggregation,
                                        ignore_labels=ignore_labels))
         return out
-
-
-def _entity(label: str) -> tuple[str, str]:
-    """("B" or "I", entity type) of an IOB label; a label without a prefix continues its entity."""
-    if len(label) > 2 and label[1] in "-_" and label[0] in "BI":
-        return label[0], label[2:]
-    return "I", label
-
-
-def _trim(text: str, start: int, end: int) -> tuple[int, int]:
-    while start < end and text[start].isspace():
-        start += 1
-    while end > start and text[end - 1].isspace():
-        end -= 1
-    return start, end
-
-
-def aggregate_spans(
-    text: str,
-    offsets: Sequence[tuple[int, int]],
-    word_ids: Sequence[int | None],
-    probabilities: np.ndarray,
-    labels: Sequence[str],
-    *,
-    aggregation: str = "first",
-    ignore_labels: Sequence[str] = ("O",),
-) -> list[Span]:
-    """Turns per-token label probabilities into labelled spans of ``text``.
-
-    Tokens without a word (``None`` in ``word_ids``: [CLS], [SEP], padding) are skipped, and so, in the
-    token-level modes, are tokens without characters of their own. ``"none"`` gives one span per token with
-    its full label; ``"simple"`` merges neighbouring tokens of one entity; ``"first"``,
-    ``"average"`` and ``"max"`` first give each word (the tokenizer's word ids) one probability vector, from
-    its first token, the mean over its tokens, or its most confident token, then merge neighbouring words.
-    Merging follows IOB tags: ``B-X`` starts an entity X, ``I-X`` (or a bare ``X``) continues an X entity and
-    starts one after anything else; a span's score is the mean of its parts' scores and its label is X.
-
-    Args:
-        text: the text the offsets point into.
-        offsets: ``(start, end)`` character span of each token.
-        word_ids: each token's word index, ``None`` for special tokens.
-        probabilities: ``[tokens, len(labels)]``, e.g. the softmax of the logits.
-        labels: label names in column order.
-        aggregation: one of ``AGGREGATIONS``.
-        ignore_labels: labels that end an entity and give no span (default ``("O",)``).
-
-    Returns:
-        Spans in text order, with whitespace trimmed from their ends.
-
-    Raises:
-        ValueError: unknown aggregation, or the lengths of offsets, word_ids and probabilities differ.
-    """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
-    if not len(offsets) == len(word_ids) == len(probabilities):
-        raise ValueError(f"offsets ({len(offsets)}), word_ids ({len(word_ids)}) and probabilities "
-                         f"({len(probabilities)}) must have one entry per token")
-    tokens = [i for i, word in enumerate(word_ids) if word is not None]
-    units: list[tuple[int, int, np.ndarray]] = []  # (start, end, probabilities)
-    if aggregation in ("none", "simple"):
-        # A word-start marker with no character of its own (SentencePiece's lone "▁" at the start of a text)
-        # borrows the next token's span; it gives no span of its own, or the two would overlap.
-        units = [(offsets[i][0], offsets[i][1], probabilities[i]) for i in tokens
-                 if not (i + 1 < len(offsets) and word_ids[i + 1] == word_ids[i] and offsets[i + 1] == offsets[i])
-                 and offsets[i][1] > offsets[i][0]]
-    else:
-        words: list[list[int]] = []
-        for i in tokens:
-            if words and word_ids[words[-1][-1]] == word_ids[i]:
-                words[-1].append(i)
-            else:
-                words.append([i])
-        for word in words:
-            if aggregation == "first":
-                chosen = probabilities[word[0]]
-            elif aggregation == "average":
-                chosen = probabilities[word].mean(axis=0)
-            else:
-                chosen = probabilities[max(word, key=lambda i: float(probabilities[i].max()))]
-            units.append((offsets[word[0]][0], offsets[word[-1]][1], chosen))
-    ignored = set(ignore_labels)
-    spans: list[Span] = []
-    current: tuple[str, int, int, list[float]] | None = None  # (entity, start, end, scores)
-
-    def close() -> None:
-        if current is not None:
-            start, end = _trim(text, current[1], current[2])
-            spans.append(Span(current[0], float(np.mean(current[3])), start, end, text[start:end]))
-
-    for start, end, probs in units:
-        best = int(np.argmax(probs))
-        label, score = labels[best], float(probs[best])
-        if label in ignored:
-            close()
-            current = None
-            continue
-        if aggregation == "none":
-            s, e = _trim(text, start, end)
-            spans.append(Span(label, score, s, e, text[s:e]))
-            continue
-        prefix, entity = _entity(label)
-        if current is not None and prefix == "I" and current[0] == entity:
-            current = (entity, current[1], max(current[2], end), [*current[3], score])
-        else:
-            close()
-            current = (entity, start, end, [score])
-    close()
-    return spans

@@ -6,13 +6,20 @@ against it. No other module hard-codes a tensor name.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import ContractMismatchError
 
 __all__ = [
     "ATTENTION_MASK",
+    "BATCH_AXIS",
+    "HIDDEN_AXIS",
     "INPUTS",
     "INPUT_IDS",
+    "LABELS_AXIS",
     "LOGITS",
     "MANIFEST_FILE",
     "MANIFEST_FORMAT",
@@ -20,11 +27,13 @@ __all__ = [
     "MODEL_FILE",
     "OPSET",
     "OPTIONAL_INPUTS",
+    "ORT_TYPES",
     "POOLINGS",
     "PRECISIONS",
     "REQUIRED_OUTPUT",
     "SENTENCE_EMBEDDING",
     "SENTENCE_OUTPUT",
+    "SEQUENCE_AXIS",
     "SEQUENCE_LOGITS_OUTPUT",
     "TASKS",
     "TASK_EMBEDDING",
@@ -37,6 +46,7 @@ __all__ = [
     "TOKEN_TYPE_IDS",
     "TOKEN_TYPE_INPUT",
     "TensorSpec",
+    "check_session",
     "graph_inputs",
     "graph_outputs",
     "variant_file",
@@ -154,5 +164,108 @@ def graph_outputs(task: str, *, token_embeddings: bool = False) -> tuple[TensorS
         raise ValueError(f"token embeddings are an output of embedding graphs only, not of {task}")
     return (SEQUENCE_LOGITS_OUTPUT,) if task == TASK_SEQUENCE_CLASSIFICATION else (TOKEN_LOGITS_OUTPUT,)
 
+
 # ONNX Runtime reports tensor types as strings like "tensor(int64)"; the manifest uses numpy-style names.
-ORT_TYPES = {"int64": "tensor(int64)", "int32": "tensor(int32)", "float32": "tensor(float)", "float16": "tensor(float16)"}
+ORT_TYPES = {
+    "int64": "tensor(int64)", "int32": "tensor(int32)", "float32": "tensor(float)", "float16": "tensor(float16)",
+}
+
+
+class _NodeArg(Protocol):
+    name: str
+    type: str
+    shape: Sequence[Any] | None
+
+
+class _Session(Protocol):
+    """What the check reads of an ``onnxruntime.InferenceSession``."""
+
+    def get_inputs(self) -> Sequence[_NodeArg]: ...
+    def get_outputs(self) -> Sequence[_NodeArg]: ...
+
+
+def check_session(
+    session: _Session,
+    *,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    task: str,
+    model_path: Path,
+    manifest_path: Path,
+) -> None:
+    """Checks a manifest's declared graph against this contract, and a loaded session against the manifest.
+
+    Args:
+        session: the ONNX Runtime session of ``model_path``.
+        inputs: the inputs the manifest declares.
+        outputs: the outputs the manifest declares.
+        task: the manifest's task.
+        model_path: the graph file, for messages.
+        manifest_path: the manifest, for messages.
+
+    Raises:
+        ContractMismatchError: names, dtypes or fixed dimensions disagree; says which and where.
+    """
+    declared_inputs = {spec.name: spec for spec in inputs}
+    for spec in INPUTS:
+        if spec.name not in declared_inputs or declared_inputs[spec.name].dtype != spec.dtype:
+            raise ContractMismatchError(
+                f"{manifest_path} declares inputs {sorted(declared_inputs)} but this runtime "
+                f"needs {spec.name} ({spec.dtype}); re-export the model with this deberta-onnx version."
+            )
+    known = {spec.name: spec for spec in (*INPUTS, *OPTIONAL_INPUTS)}
+    for name, spec in declared_inputs.items():
+        if name not in known or known[name].dtype != spec.dtype:
+            raise ContractMismatchError(
+                f"{manifest_path} declares input {name} ({spec.dtype}), which this runtime does "
+                f"not know (it feeds {', '.join(sorted(known))}); install the deberta-onnx release that wrote it."
+            )
+    session_inputs = {node.name: node.type for node in session.get_inputs()}
+    for spec in declared_inputs.values():
+        if session_inputs.get(spec.name) != ORT_TYPES[spec.dtype]:
+            raise ContractMismatchError(
+                f"{model_path} does not match its manifest: input {spec.name} should be {ORT_TYPES[spec.dtype]}, "
+                f"the graph has {session_inputs.get(spec.name, 'no such input')} (graph inputs: "
+                f"{sorted(session_inputs)}). The model file was replaced or the manifest edited; re-export."
+            )
+    extra = sorted(set(session_inputs) - set(declared_inputs))
+    if extra:
+        raise ContractMismatchError(
+            f"{model_path} has input(s) {extra} that its manifest does not declare; the model file was replaced "
+            "or the manifest edited. Re-export the model."
+        )
+    session_outputs = {node.name: node for node in session.get_outputs()}
+    for spec in outputs:
+        node = session_outputs.get(spec.name)
+        if node is None:
+            raise ContractMismatchError(
+                f"{model_path} has no output {spec.name!r} though its manifest declares it (graph outputs: "
+                f"{sorted(session_outputs)}); re-export the model."
+            )
+        if node.type != ORT_TYPES.get(spec.dtype):
+            raise ContractMismatchError(
+                f"{model_path}: output {spec.name} is {node.type}, the manifest declares {spec.dtype}; re-export."
+            )
+        shape = list(node.shape or [])
+        if shape and len(shape) != len(spec.dims):
+            raise ContractMismatchError(
+                f"{model_path}: output {spec.name} has {len(shape)} dimensions, the manifest declares "
+                f"{len(spec.dims)} ({list(spec.dims)}); re-export."
+            )
+        for axis, (got, want) in enumerate(zip(shape, spec.dims)):
+            if isinstance(got, int) and isinstance(want, int) and got != want:
+                where = "last dimension" if axis == len(shape) - 1 else f"dimension {axis}"
+                raise ContractMismatchError(
+                    f"{model_path}: output {spec.name} has {where} {got}, the manifest declares {want}; the model "
+                    "file belongs to another checkpoint. Re-export."
+                )
+    if task not in REQUIRED_OUTPUT:
+        raise ContractMismatchError(
+            f"{manifest_path} declares task {task!r}, which this runtime does not know "
+            f"({', '.join(REQUIRED_OUTPUT)}); install the deberta-onnx release that wrote it."
+        )
+    required = REQUIRED_OUTPUT[task]
+    if required not in session_outputs or not any(spec.name == required for spec in outputs):
+        raise ContractMismatchError(
+            f"{model_path} has no {required} output, which a {task} model needs; re-export the model."
+        )

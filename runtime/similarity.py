@@ -13,7 +13,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .encoder import normalize_rows
+from .postprocess import normalize_rows
+from .utils import check_positive_int
 
 __all__ = ["SCORES", "Hit", "cos_sim", "dot_score", "semantic_search"]
 
@@ -23,7 +24,7 @@ SCORES = ("cosine", "dot")
 class Hit(NamedTuple):
     """One search result: the row ``index`` in the corpus and its ``score`` (higher is more similar)."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # the field shadows tuple.index, as in the name users expect
     score: float
 
 
@@ -84,12 +85,6 @@ def dot_score(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return _float(left, "a") @ _float(right, "b").T
 
 
-def _positive(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _top_columns(scores: np.ndarray, k: int) -> np.ndarray:
     """Column indices ``[rows, k]`` of each row's ``k`` highest scores, unordered; among equal scores at the
     cut, the lowest columns win (``argpartition`` alone would pick any of them)."""
@@ -142,9 +137,9 @@ def semantic_search(
     """
     if score not in SCORES:
         raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
-    top_k = _positive(top_k, "top_k")
-    query_chunk_size = _positive(query_chunk_size, "query_chunk_size")
-    corpus_chunk_size = _positive(corpus_chunk_size, "corpus_chunk_size")
+    for name, value in (("top_k", top_k), ("query_chunk_size", query_chunk_size),
+                        ("corpus_chunk_size", corpus_chunk_size)):
+        check_positive_int(name, value)
     query_rows, corpus_rows = _matrix(queries, "queries"), _matrix(corpus, "corpus")
     _check_dims(query_rows, corpus_rows, ("queries", "corpus"))
     prepared = _float(query_rows, "queries")

@@ -1,4 +1,5 @@
-"""Stage one of three: text -> token ids. Wraps a ``tokenizers.Tokenizer`` loaded from ``tokenizer.json``."""
+"""Stage one of three, first half: text -> token ids, and padding. Wraps a ``tokenizers.Tokenizer`` loaded from
+``tokenizer.json``."""
 
 from __future__ import annotations
 
@@ -8,8 +9,16 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from ._batching import bucket_width
 from .errors import ContractMismatchError, ModelFolderError
+
+__all__ = ["TextTokenizer", "bucket_width", "check_pairs", "check_texts", "lone_surrogate"]
+
+
+def bucket_width(longest: int, multiple_of: int, max_length: int) -> int:
+    """The padded width of a batch whose longest row has ``longest`` tokens: rounded up to ``multiple_of``,
+    but never past ``max_length`` (nor below ``longest``), and at least one token."""
+    longest = max(longest, 1)
+    return min(-(-longest // multiple_of) * multiple_of, max(max_length, longest))
 
 
 def check_texts(texts: object) -> list[str]:
@@ -25,7 +34,7 @@ def check_texts(texts: object) -> list[str]:
     return out
 
 
-def _lone_surrogate(text: str) -> int | None:
+def lone_surrogate(text: str) -> int | None:
     """Index of the first lone surrogate code point in ``text``, or ``None``."""
     try:
         text.encode("utf-8")
@@ -104,7 +113,7 @@ class TextTokenizer:
             # The tokenizer cannot take a str with a lone surrogate (not valid Unicode); name the culprit.
             for index, item in enumerate(items):
                 for text in (item,) if isinstance(item, str) else item:
-                    position = _lone_surrogate(text)
+                    position = lone_surrogate(text)
                     if position is not None:
                         raise ValueError(
                             f"texts[{index + offset}] is not valid Unicode: a lone surrogate "

@@ -50,7 +50,7 @@ TINY_CONFIGS = {
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    from deberta_onnx.runtime._session import cuda_available
+    from deberta_onnx.runtime.session import cuda_available
 
     skip_gpu = pytest.mark.skip(reason="needs onnxruntime-gpu with a working CUDA device")
     for item in items:

@@ -53,7 +53,8 @@ def test_runtime_imports_and_embeds_without_torch(tiny_model: Path, tmp_path: Pa
 
 
 def test_export_without_torch_names_the_extra(tmp_path: Path) -> None:
-    code = "import sys\nfrom deberta_onnx.runtime.cli import main\nsys.exit(main(['export', 'random:deberta-v3-xsmall', sys.argv[1]]))"
+    code = ("import sys\nfrom deberta_onnx.runtime.cli import main\n"
+            "sys.exit(main(['export', 'random:deberta-v3-xsmall', sys.argv[1]]))")
     result = _run(code, str(tmp_path / "out"))
     assert result.returncode == 3
     assert "pip install 'deberta-onnx[export]'" in result.stderr

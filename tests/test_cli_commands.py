@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from deberta_onnx.runtime import Encoder, SequenceClassifier, TokenClassifier, semantic_search
-from deberta_onnx.runtime.cli import _export_config, build_parser, main
+from deberta_onnx.runtime.cli import build_parser, main
+from deberta_onnx.runtime.cli.export import config_from_args as _export_config
 
 from .test_cli import _run
 

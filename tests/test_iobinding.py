@@ -12,11 +12,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from deberta_onnx.runtime import CudaGraphError, Encoder, EncoderConfig, ProviderUnavailableError
-from deberta_onnx.runtime._batching import plan_batches
-from deberta_onnx.runtime._iobinding import GRAPH_ID_OPTION, CudaGraphRegistry, IOBindingRunner
-from deberta_onnx.runtime._session import SessionRunner, SessionSettings, create_session, resolve_providers
+from deberta_onnx.runtime import Encoder, EncoderConfig
+from deberta_onnx.runtime.batching import plan_batches
 from deberta_onnx.runtime.cli import main
+from deberta_onnx.runtime.errors import CudaGraphError, ProviderUnavailableError
+from deberta_onnx.runtime.iobinding import GRAPH_ID_OPTION, CudaGraphRegistry, IOBindingRunner
+from deberta_onnx.runtime.runners import SessionRunner
+from deberta_onnx.runtime.session import SessionSettings, create_session, resolve_providers
 
 from .conftest import HARD_TEXTS
 from .reference import reference_embeddings
@@ -30,11 +32,11 @@ def _texts(corpus: list[str], count: int, seed: int) -> list[str]:
 
 def _ragged_batch(encoder: Encoder, texts: list[str], width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Real token ids for ``texts``, right-padded (to ``width`` when given): rows of different lengths."""
-    ids = encoder.tokenizer.encode(texts)
-    input_ids, mask = encoder.tokenizer.pad(ids)
+    ids = encoder.loaded.tokenizer.encode(texts)
+    input_ids, mask = encoder.loaded.tokenizer.pad(ids)
     if width is not None and width > input_ids.shape[1]:
         extra = width - input_ids.shape[1]
-        input_ids = np.pad(input_ids, ((0, 0), (0, extra)), constant_values=encoder.tokenizer.pad_id)
+        input_ids = np.pad(input_ids, ((0, 0), (0, extra)), constant_values=encoder.loaded.tokenizer.pad_id)
         mask = np.pad(mask, ((0, 0), (0, extra)))
     return input_ids, mask
 
@@ -94,10 +96,10 @@ def test_padding_rows_and_columns_leave_real_rows_unchanged(tiny_model: Path, co
     """What a sequence bucket and a graph-filled batch do: extra padding columns, extra all-padding rows."""
     encoder = Encoder(tiny_model)
     runner = IOBindingRunner(encoder.session, hidden_size=encoder.hidden_size)
-    ids = encoder.tokenizer.encode(corpus[10:15])
-    (tight,) = runner.run(*encoder.tokenizer.pad(ids))
-    (bucketed,) = runner.run(*encoder.tokenizer.pad(ids, multiple_of=32))
-    (filled,) = runner.run(*encoder.tokenizer.pad(ids + [[]] * 3, multiple_of=32))
+    ids = encoder.loaded.tokenizer.encode(corpus[10:15])
+    (tight,) = runner.run(*encoder.loaded.tokenizer.pad(ids))
+    (bucketed,) = runner.run(*encoder.loaded.tokenizer.pad(ids, multiple_of=32))
+    (filled,) = runner.run(*encoder.loaded.tokenizer.pad(ids + [[]] * 3, multiple_of=32))
     np.testing.assert_allclose(bucketed, tight, atol=1e-5, rtol=0)
     np.testing.assert_allclose(filled[:5], tight, atol=1e-5, rtol=0)
 
@@ -108,7 +110,7 @@ def test_encoder_io_binding_matches_plain_path_and_pytorch(exported: tuple[Path,
     plain = Encoder(folder).encode(texts, batch_size=8)
     bucketed_plain = Encoder(folder, config=EncoderConfig(sequence_bucket=16)).encode(texts, batch_size=8)
     bound = Encoder(folder, config=EncoderConfig(io_binding=True))
-    assert isinstance(bound.runner, IOBindingRunner) and bound.sequence_bucket == 16
+    assert isinstance(bound.loaded.runner, IOBindingRunner) and bound.loaded.policy.sequence_bucket == 16
     by_rows = bound.encode(texts, batch_size=8)
     by_tokens = Encoder(folder, config=EncoderConfig(io_binding=True, max_tokens=200)).encode(texts)
     # Same padded batches, same session kernels: the same bits.
@@ -121,7 +123,7 @@ def test_encoder_io_binding_matches_plain_path_and_pytorch(exported: tuple[Path,
 
 def test_token_budget_batches_by_length(tiny_model: Path, corpus: list[str]) -> None:
     encoder = Encoder(tiny_model, config=EncoderConfig(io_binding=True, max_tokens=256, sequence_bucket=16))
-    runner = encoder.runner
+    runner = encoder.loaded.runner
     assert isinstance(runner, IOBindingRunner)
     texts = corpus[:120]
     np.testing.assert_allclose(encoder.encode(texts), Encoder(tiny_model).encode(texts), atol=1e-5, rtol=0)
@@ -170,7 +172,7 @@ def test_buffers_are_reused_over_1000_calls(tiny_model: Path, corpus: list[str])
         ids = rng.integers(5, 1000, size=(rows, width), dtype=np.int64)
         lengths = rng.integers(1, width + 1, size=rows)
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-        return np.where(mask == 1, ids, encoder.tokenizer.pad_id), mask
+        return np.where(mask == 1, ids, encoder.loaded.tokenizer.pad_id), mask
 
     for _ in range(3):  # warm-up: buckets allocated, ONNX Runtime's arena grown to its working size
         for shape in shapes:
@@ -234,7 +236,8 @@ def test_graph_registry_refuses_another_shape_or_buffer() -> None:
     registry = CudaGraphRegistry(limit=2)
     first = registry.register((8, 32), (0x1000, 0x2000))
     registry.check(first, (8, 32), (0x1000, 0x2000))
-    with pytest.raises(CudaGraphError, match=r"captured for shape \(8, 32\).*refusing to replay it for shape \(8, 48\)"):
+    replay = r"captured for shape \(8, 32\).*refusing to replay it for shape \(8, 48\)"
+    with pytest.raises(CudaGraphError, match=replay):
         registry.check(first, (8, 48), (0x1000, 0x2000))
     with pytest.raises(CudaGraphError, match="captured for shape"):
         registry.check(first, (8, 32), (0x1000, 0x3000))
@@ -370,7 +373,7 @@ def test_cuda_io_binding_equals_cpu(exported: tuple[Path, Path], corpus: list[st
     cpu = Encoder(folder).encode(texts)
     encoder = Encoder(folder, config=EncoderConfig(device="cuda"))
     assert encoder.session.get_providers()[0] == "CUDAExecutionProvider" and encoder.device == "cuda:0"
-    assert isinstance(encoder.runner, IOBindingRunner) and encoder.runner.device == "cuda"
+    assert isinstance(encoder.loaded.runner, IOBindingRunner) and encoder.loaded.runner.device == "cuda"
     bound = encoder.encode(texts, batch_size=16)
     plain = Encoder(folder, config=EncoderConfig(device="cuda", io_binding=False)).encode(texts, batch_size=16)
     # TF32 matrix products (ONNX Runtime's CUDA default) keep about three decimal digits.
@@ -384,7 +387,7 @@ def test_cuda_io_binding_equals_cpu(exported: tuple[Path, Path], corpus: list[st
 def test_cuda_graph_replay_equals_eager(tiny_model: Path, corpus: list[str]) -> None:
     eager = Encoder(tiny_model, config=EncoderConfig(device="cuda"))
     graphed = Encoder(tiny_model, config=EncoderConfig(device="cuda", cuda_graph=True))
-    runner = graphed.runner
+    runner = graphed.loaded.runner
     assert isinstance(runner, IOBindingRunner) and runner.graphs is not None
     # Two sets of texts with the same batch shapes: a replay must read the new inputs, not the captured ones.
     first, second = corpus[:48], corpus[48:96]

@@ -71,7 +71,7 @@ def test_unknown_pooling_is_refused() -> None:
 
 
 def test_matryoshka_truncation_renormalises(pooled_model: tuple[str, bool, Path], corpus: list[str]) -> None:
-    from deberta_onnx.runtime import normalize_rows
+    from deberta_onnx.runtime.postprocess import normalize_rows
 
     _, graph_normalizes, folder = pooled_model
     encoder = Encoder(folder)

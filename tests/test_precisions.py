@@ -14,7 +14,8 @@ import pytest
 from deberta_onnx.export import RECIPES, ExportConfig, QualityGateError, export_model
 from deberta_onnx.export._precision import fold_constants
 from deberta_onnx.export._quality import split_sentences
-from deberta_onnx.runtime import Encoder, EncoderConfig, best_precision
+from deberta_onnx.runtime import Encoder, EncoderConfig
+from deberta_onnx.runtime.loader import best_precision
 from deberta_onnx.runtime.contract import PRECISIONS, variant_file
 from deberta_onnx.runtime.manifest import sha256_file
 

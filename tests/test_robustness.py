@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deberta_onnx.runtime import (
+from deberta_onnx.runtime import Encoder
+from deberta_onnx.runtime.errors import (
     ChecksumMismatchError,
     ContractMismatchError,
-    Encoder,
     ManifestError,
     ModelFolderError,
     ProviderUnavailableError,
@@ -99,7 +99,7 @@ def test_random_unicode_shape_finite_deterministic(encoder: Encoder, texts: list
     assert first.shape == (len(texts), encoder.hidden_size) and first.dtype == np.float32
     assert np.isfinite(first).all()
     np.testing.assert_allclose(first, second, atol=1e-6, rtol=0)
-    ids = encoder.tokenizer.encode(texts)
+    ids = encoder.loaded.tokenizer.encode(texts)
     assert all(1 <= len(row) <= encoder.max_length for row in ids)
 
 
@@ -194,7 +194,7 @@ def test_one_encoder_shared_by_8_threads(encoder: Encoder, corpus: list[str]) ->
         try:
             for index in range(worker, len(calls), 8):
                 results[index] = encoder.encode(calls[index])
-        except BaseException as exc:  # collected and re-raised in the main thread
+        except BaseException as exc:  # noqa: BLE001 - collected and re-raised in the main thread
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(w,)) for w in range(8)]

@@ -23,11 +23,12 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from benchmarks.load import ServerProcess, decode_embeddings, run_load
-from deberta_onnx.runtime import Encoder, normalize_rows
-from deberta_onnx.runtime._microbatch import MicroBatcher
-from deberta_onnx.runtime._openai import ApiError, parse_embedding_request
+from deberta_onnx.benchmarks.load import ServerProcess, decode_embeddings, run_load
+from deberta_onnx.runtime import Encoder
+from deberta_onnx.runtime.postprocess import normalize_rows
 from deberta_onnx.runtime.server import ServerConfig
+from deberta_onnx.runtime.server.microbatch import MicroBatcher
+from deberta_onnx.runtime.server.openai_api import ApiError, parse_embedding_request
 
 from .conftest import HARD_TEXTS
 
@@ -54,8 +55,8 @@ def server(tiny_model: Path) -> Iterator[ServerProcess]:
 def tight_server(tiny_model: Path) -> Iterator[ServerProcess]:
     """Batches of 4 texts (run 2 rows at a time), a queue of 4 texts, requests held until a batch is full; raw
     (unnormalised) vectors."""
-    flags = ("--max-batch-size", "4", "--batch-size", "2", "--max-queue", "4", "--max-inputs", "4", *_HOLD, "--timeout-s", "600",
-             "--no-normalize", "--model-name", "tiny-raw")
+    flags = ("--max-batch-size", "4", "--batch-size", "2", "--max-queue", "4", "--max-inputs", "4", *_HOLD,
+             "--timeout-s", "600", "--no-normalize", "--model-name", "tiny-raw")
     with ServerProcess(tiny_model, *_THREADS, *flags) as process:
         yield process
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deberta_onnx.runtime import Hit, cos_sim, dot_score, semantic_search
+from deberta_onnx.runtime import Hit, cos_sim, semantic_search
+from deberta_onnx.runtime.similarity import dot_score
 
 
 def _brute_force(queries: np.ndarray, corpus: np.ndarray, top_k: int, score: str) -> list[list[tuple[int, float]]]:

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deberta_onnx.runtime import Encoder, NotExportedError, TokenEmbeddings
+from deberta_onnx.runtime import Encoder
+from deberta_onnx.runtime.encoder import TokenEmbeddings
+from deberta_onnx.runtime.errors import NotExportedError
 
 from .conftest import HARD_TEXTS
 from .reference import reference_embeddings, reference_hidden
@@ -84,7 +86,7 @@ def test_io_binding_and_token_budget_leave_both_outputs_alone(token_model: Path,
     to encode_tokens, and token-budget batching gives the same per-token vectors."""
     from deberta_onnx.runtime import EncoderConfig
 
-    texts = corpus[:20] + ["word " * 300]
+    texts = [*corpus[:20], "word " * 300]
     plain = Encoder(token_model)
     bound = Encoder(token_model, config=EncoderConfig(io_binding=True, max_tokens=256))
     np.testing.assert_allclose(bound.encode(texts), plain.encode(texts), atol=1e-5, rtol=0)

@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deberta_onnx.runtime import EncoderConfig, ManifestError, ModelFolderError, load_manifest, normalize_rows
-from deberta_onnx.runtime.tokenization import check_texts
+from deberta_onnx.runtime import EncoderConfig
 from deberta_onnx.runtime.contract import INPUTS, MANIFEST_VERSION, SENTENCE_OUTPUT, TensorSpec
-from deberta_onnx.runtime.manifest import sha256_file
+from deberta_onnx.runtime.errors import ManifestError, ModelFolderError
+from deberta_onnx.runtime.manifest import load_manifest, sha256_file
+from deberta_onnx.runtime.postprocess import normalize_rows
+from deberta_onnx.runtime.tokenization import check_texts
 
 
 def test_normalize_rows_unit_length_and_zero_row_stays_zero() -> None:
@@ -35,7 +37,7 @@ def test_check_texts_names_the_bad_index() -> None:
 def test_pad_right_pads_and_masks(tiny_model: Path) -> None:
     from deberta_onnx.runtime import Encoder
 
-    tokenizer = Encoder(tiny_model).tokenizer
+    tokenizer = Encoder(tiny_model).loaded.tokenizer
     ids, mask = tokenizer.pad([[1, 7, 2], [1, 2], [1, 9, 9, 9, 2]])
     assert ids.dtype == np.int64 and mask.dtype == np.int64
     assert ids.tolist() == [[1, 7, 2, 0, 0], [1, 2, 0, 0, 0], [1, 9, 9, 9, 2]]

@@ -24,6 +24,9 @@ import onnxruntime as ort
 
 from .contract import ATTENTION_MASK, INPUT_IDS, ORT_TYPES, SENTENCE_EMBEDDING
 from .errors import ContractMismatchError, CudaGraphError
+from .utils import check_positive_int
+
+__all__ = ["EAGER_GRAPH_ID", "GRAPH_ID_OPTION", "CudaGraphRegistry", "IOBindingRunner"]
 
 Shape = tuple[int, int]
 
@@ -103,7 +106,7 @@ class _Bucket:
 class IOBindingRunner:
     """Runs the model through ONNX Runtime's IO binding with buffers reused per (batch, sequence) shape.
 
-    Same interface as ``SessionRunner``: ``run(input_ids, attention_mask) -> [vectors]``.
+    A ``Runner`` for embedding graphs: ``run(input_ids, attention_mask) -> [vectors]``.
 
     Args:
         session: the model's session; its graph must follow the contract (checked by ``check_contract``).
@@ -129,8 +132,7 @@ class IOBindingRunner:
     ) -> None:
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        if not isinstance(max_buckets, int) or isinstance(max_buckets, bool) or max_buckets < 1:
-            raise ValueError(f"max_buckets must be a positive int, got {max_buckets!r}")
+        check_positive_int("max_buckets", max_buckets)
         outputs = {node.name: node.type for node in session.get_outputs()}
         if outputs.get(SENTENCE_EMBEDDING) not in _NUMPY_TYPES:
             raise ContractMismatchError(
@@ -159,21 +161,25 @@ class IOBindingRunner:
         """The shapes whose buffers are held, pinned ones first, then least to most recently used."""
         return [*self._pinned, *self._buckets]
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None
+            ) -> list[np.ndarray]:
         """Runs one padded batch.
 
         Args:
             input_ids: ``[batch, sequence]`` integer token ids.
             attention_mask: same shape, 1 for tokens and 0 for padding.
+            token_type_ids: must be ``None``: embedding graphs take no segment ids.
 
         Returns:
             ``[vectors]``, float32 ``[batch, hidden]``, a fresh array the caller owns.
 
         Raises:
-            ValueError: the arrays are not 2-D of one shape, or are empty.
+            ValueError: the arrays are not 2-D of one shape, or are empty, or token type ids were given.
             TypeError: the arrays do not hold integers.
             CudaGraphError: the CUDA graph guard found a graph about to be replayed for another shape.
         """
+        if token_type_ids is not None:
+            raise ValueError("IO binding runs embedding graphs, which take no token_type_ids")
         if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape or 0 in input_ids.shape:
             raise ValueError(
                 f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must be non-empty "

@@ -1,12 +1,4 @@
-"""An OpenAI-compatible embeddings server on Starlette + uvicorn (needs the ``server`` extra).
-
-    deberta-onnx serve models/deberta-v3-base --port 8000
-
-or from Python::
-
-    from deberta_onnx.runtime import Encoder
-    from deberta_onnx.runtime.server import ServerConfig, serve
-    serve(Encoder("models/deberta-v3-base"), ServerConfig(port=8000))
+"""The HTTP app: routes, error handlers and the uvicorn runner (needs the ``server`` extra).
 
 Routes: ``POST /v1/embeddings`` (OpenAI's request and response shape), ``GET /health`` (readiness, model,
 limits and counters), ``GET /v1/models``. Concurrent requests are merged into one model call (micro-batching).
@@ -24,25 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from ._microbatch import BatcherClosedError, MicroBatcher, QueueFullError
-from ._extras import missing_modules
-from ._openai import ApiError, embedding_response, parse_embedding_request, shape_vectors
-from ._server_config import ServerConfig
-from .encoder import Encoder
+from ..encoder import Encoder
+from ..postprocess import truncate_dimensions
+from ..utils import require_extra
+from .config import ServerConfig
+from .microbatch import BatcherClosedError, MicroBatcher, QueueFullError
+from .openai_api import ApiError, embedding_response, parse_embedding_request
 
-_REQUIRED = ("starlette", "uvicorn")
-
-
-def _check_imports() -> None:
-    missing = missing_modules(_REQUIRED)
-    if missing:
-        raise ImportError(
-            f"deberta_onnx.runtime.server needs {', '.join(missing)}, which the base install leaves out. Install "
-            "the server extra: `pip install 'deberta-onnx[server]'`."
-        )
-
-
-_check_imports()
+require_extra("server", "deberta_onnx.runtime.server")
 
 import uvicorn  # noqa: E402
 from starlette.applications import Starlette  # noqa: E402
@@ -52,7 +33,7 @@ from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
-__all__ = ["ServerConfig", "create_app", "serve"]
+__all__ = ["create_app", "serve"]
 
 # Above this many floats a JSON body is serialised in a worker thread, so that one large response does not hold
 # the event loop (and every other request) while it is written.
@@ -78,7 +59,7 @@ class _Service:
     def _encode(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         # Runs in the batcher's worker thread. Token counts (for `usage`) come from a separate tokenizer pass;
         # vectors are left unnormalised here because `dimensions` truncation, per request, comes first.
-        counts = [len(ids) for ids in self.encoder.tokenizer.encode(texts)]
+        counts = self.encoder.token_count(texts)
         vectors = self.encoder.encode(texts, batch_size=self.config.batch_size)
         return vectors, counts
 
@@ -110,7 +91,8 @@ class _Service:
                      f"{len(parsed.texts)} texts; retry later or send fewer texts per request",
                 type="timeout_error", code="timeout",
             ) from exc
-        vectors = shape_vectors(vectors, dimensions=parsed.dimensions, normalize=self.config.normalize)
+        vectors = truncate_dimensions(vectors, parsed.dimensions, normalize=self.config.normalize,
+                                      graph_normalizes=self.encoder.manifest.normalize)
         payload = embedding_response(vectors, token_counts=counts, encoding_format=parsed.encoding_format,
                                      model=parsed.model or self.model_name)
         if parsed.encoding_format == "float" and vectors.size > _LARGE_RESPONSE_FLOATS:

@@ -8,6 +8,7 @@ the call with its own threads). While one batch runs, the next one gathers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -16,7 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import DebertaOnnxError
+from ..errors import DebertaOnnxError
+
+__all__ = ["BatchStats", "BatcherClosedError", "EncodeFn", "MicroBatcher", "QueueFullError"]
 
 logger = logging.getLogger("deberta_onnx")
 
@@ -107,10 +110,8 @@ class MicroBatcher:
         self._queued_texts = 0
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         self._executor.shutdown(wait=True)
 
     async def submit(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
@@ -154,10 +155,8 @@ class MicroBatcher:
                 continue
             remaining = self._queue[0].arrived + self.max_wait_s - loop.time()
             if self._queued_texts < self.max_batch_size and remaining > 0:
-                try:
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(wakeup.wait(), remaining)
-                except asyncio.TimeoutError:
-                    pass
                 continue
             await self._run_batch(self._take(), loop)
 

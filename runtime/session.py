@@ -1,27 +1,32 @@
-"""Stage two of three: token ids -> pooled vectors, on an ONNX Runtime session checked against the contract."""
+"""ONNX Runtime sessions: execution providers (checked before and after the session is made), devices, and the
+session options the runtime sets."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
-from .contract import (
-    ATTENTION_MASK,
-    INPUT_IDS,
-    INPUTS,
-    OPTIONAL_INPUTS,
-    ORT_TYPES,
-    REQUIRED_OUTPUT,
-    SENTENCE_EMBEDDING,
-    TOKEN_TYPE_IDS,
-)
-from .errors import ContractMismatchError, CudaGraphError, ProviderUnavailableError
-from .manifest import Manifest
+from .config import parse_device
+from .errors import CudaGraphError, ProviderUnavailableError
+from .utils import installed_versions
+
+__all__ = [
+    "CPU_PROVIDER",
+    "CUDA_PROVIDER",
+    "ProviderList",
+    "SessionSettings",
+    "create_session",
+    "cuda_available",
+    "gpu_install_hint",
+    "installed_onnxruntime",
+    "parse_device",
+    "provider_names",
+    "resolve_providers",
+    "session_device",
+]
 
 ProviderList = Sequence[str | tuple[str, dict[str, object]]]
 
@@ -55,6 +60,7 @@ def cuda_available() -> bool:
 
 
 def provider_names(providers: ProviderList) -> list[str]:
+    """The providers' names, without their options."""
     return [p if isinstance(p, str) else p[0] for p in providers]
 
 
@@ -64,12 +70,8 @@ def installed_onnxruntime() -> dict[str, str]:
     ``onnxruntime`` and ``onnxruntime-gpu`` both install the one ``onnxruntime`` import package; with both,
     whichever was installed last decides which build ``import onnxruntime`` gets.
     """
-    found: dict[str, str] = {}
-    for name in _ORT_DISTRIBUTIONS:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
+    found = installed_versions(_ORT_DISTRIBUTIONS)
+    del found["python"]
     return found
 
 
@@ -83,20 +85,6 @@ def gpu_install_hint() -> str:
             f"package, and the import got the {'GPU' if cuda_available() else 'CPU'} build. {_GPU_RECIPE}"
         )
     return _GPU_RECIPE
-
-
-def parse_device(device: str) -> tuple[str, int]:
-    """Splits ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` into (kind, device id).
-
-    Raises:
-        ValueError: any other string.
-    """
-    kind, _, index = device.partition(":")
-    if kind == "cpu" and not index:
-        return "cpu", 0
-    if kind == "cuda" and (not index or index.isdigit()):
-        return "cuda", int(index or 0)
-    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (N a GPU index), got {device!r}")
 
 
 def resolve_providers(
@@ -201,93 +189,5 @@ def create_session(path: Path, providers: ProviderList, settings: SessionSetting
 
 
 def _wants_cuda_graph(providers: ProviderList) -> bool:
-    return any(
-        not isinstance(p, str) and p[0] == CUDA_PROVIDER and str(p[1].get("enable_cuda_graph", "0")) in ("1", "true", "True")
-        for p in providers
-    )
-
-
-def check_contract(session: ort.InferenceSession, manifest: Manifest, model_path: Path) -> None:
-    """Checks the manifest against this runtime's contract and the session against the manifest.
-
-    Raises:
-        ContractMismatchError: names, dtypes or fixed dimensions disagree; says which and where.
-    """
-    declared_inputs = {spec.name: spec for spec in manifest.inputs}
-    for spec in INPUTS:
-        if spec.name not in declared_inputs or declared_inputs[spec.name].dtype != spec.dtype:
-            raise ContractMismatchError(
-                f"{manifest.folder}/manifest.json declares inputs {sorted(declared_inputs)} but this runtime "
-                f"needs {spec.name} ({spec.dtype}); re-export the model with this deberta-onnx version."
-            )
-    known = {spec.name: spec for spec in (*INPUTS, *OPTIONAL_INPUTS)}
-    for name, spec in declared_inputs.items():
-        if name not in known or known[name].dtype != spec.dtype:
-            raise ContractMismatchError(
-                f"{manifest.folder}/manifest.json declares input {name} ({spec.dtype}), which this runtime does "
-                f"not know (it feeds {', '.join(sorted(known))}); install the deberta-onnx release that wrote it."
-            )
-    session_inputs = {node.name: node.type for node in session.get_inputs()}
-    for spec in declared_inputs.values():
-        if session_inputs.get(spec.name) != ORT_TYPES[spec.dtype]:
-            raise ContractMismatchError(
-                f"{model_path} does not match its manifest: input {spec.name} should be {ORT_TYPES[spec.dtype]}, "
-                f"the graph has {session_inputs.get(spec.name, 'no such input')} (graph inputs: "
-                f"{sorted(session_inputs)}). The model file was replaced or the manifest edited; re-export."
-            )
-    extra = sorted(set(session_inputs) - set(declared_inputs))
-    if extra:
-        raise ContractMismatchError(
-            f"{model_path} has input(s) {extra} that its manifest does not declare; the model file was replaced "
-            "or the manifest edited. Re-export the model."
-        )
-    session_outputs = {node.name: node for node in session.get_outputs()}
-    for spec in manifest.outputs:
-        node = session_outputs.get(spec.name)
-        if node is None:
-            raise ContractMismatchError(
-                f"{model_path} has no output {spec.name!r} though its manifest declares it (graph outputs: "
-                f"{sorted(session_outputs)}); re-export the model."
-            )
-        if node.type != ORT_TYPES.get(spec.dtype):
-            raise ContractMismatchError(
-                f"{model_path}: output {spec.name} is {node.type}, the manifest declares {spec.dtype}; re-export."
-            )
-        shape = list(node.shape or [])
-        if shape and len(shape) != len(spec.dims):
-            raise ContractMismatchError(
-                f"{model_path}: output {spec.name} has {len(shape)} dimensions, the manifest declares "
-                f"{len(spec.dims)} ({list(spec.dims)}); re-export."
-            )
-        for axis, (got, want) in enumerate(zip(shape, spec.dims)):
-            if isinstance(got, int) and isinstance(want, int) and got != want:
-                where = "last dimension" if axis == len(shape) - 1 else f"dimension {axis}"
-                raise ContractMismatchError(
-                    f"{model_path}: output {spec.name} has {where} {got}, the manifest declares {want}; the model "
-                    "file belongs to another checkpoint. Re-export."
-                )
-    if manifest.task not in REQUIRED_OUTPUT:
-        raise ContractMismatchError(
-            f"{manifest.folder}/manifest.json declares task {manifest.task!r}, which this runtime does not know "
-            f"({', '.join(REQUIRED_OUTPUT)}); install the deberta-onnx release that wrote it."
-        )
-    required = REQUIRED_OUTPUT[manifest.task]
-    if required not in session_outputs or not manifest.has_output(required):
-        raise ContractMismatchError(
-            f"{model_path} has no {required} output, which a {manifest.task} model needs; re-export the model."
-        )
-
-
-class SessionRunner:
-    """Runs the plain ``session.run`` path: numpy in, numpy out, ONNX Runtime allocating per call."""
-
-    def __init__(self, session: ort.InferenceSession, outputs: Sequence[str] = (SENTENCE_EMBEDDING,)) -> None:
-        self.session = session
-        self.outputs = list(outputs)
-
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None
-            ) -> list[np.ndarray]:
-        feed = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask}
-        if token_type_ids is not None:
-            feed[TOKEN_TYPE_IDS] = token_type_ids
-        return self.session.run(self.outputs, feed)
+    return any(not isinstance(p, str) and p[0] == CUDA_PROVIDER
+               and str(p[1].get("enable_cuda_graph", "0")) in ("1", "true", "True") for p in providers)

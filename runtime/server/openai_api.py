@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from .tokenization import _lone_surrogate
-from .encoder import normalize_rows
+from ..tokenization import lone_surrogate
+
+__all__ = ["ENCODING_FORMATS", "ApiError", "EmbeddingRequest", "embedding_response", "parse_embedding_request"]
 
 ENCODING_FORMATS = ("float", "base64")
 _FIELDS = ("input", "model", "encoding_format", "dimensions", "user")
@@ -132,7 +133,7 @@ def _parse_input(value: object, max_inputs: int) -> list[str]:
             raise _not_text(texts, index)
         # Lone surrogates survive JSON decoding ("\ud800") but no tokenizer can take them; refusing them here
         # names this request's index, and keeps them out of batches merged with other requests.
-        position = None if text.isascii() else _lone_surrogate(text)
+        position = None if text.isascii() else lone_surrogate(text)
         if position is not None:
             raise _bad(f"input[{index}] holds an unpaired surrogate (U+{ord(text[position]):04X} at character "
                        f"{position}); send valid Unicode text", f"input[{index}]")
@@ -165,13 +166,6 @@ def _json_type(value: object) -> str:
     if isinstance(value, list):
         return "an array"
     return "an object"
-
-
-def shape_vectors(vectors: np.ndarray, *, dimensions: int | None, normalize: bool) -> np.ndarray:
-    """Keeps the first ``dimensions`` values of each row (Matryoshka truncation), then L2-normalises if asked."""
-    if dimensions is not None:
-        vectors = vectors[:, :dimensions]
-    return normalize_rows(vectors) if normalize else vectors
 
 
 def embedding_response(

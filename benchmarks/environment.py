@@ -1,0 +1,84 @@
+"""What a benchmark's report says about where it ran: versions, hardware, models, settings, load."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from deberta_onnx.runtime.manifest import Manifest, load_manifest
+from deberta_onnx.runtime.utils import installed_versions
+
+from .backends import runtime_paths
+from .config import BenchConfig, ModelSpec
+
+__all__ = ["describe_environment", "load_average"]
+
+_VERSIONED = ("deberta-onnx", "torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tokenizers", "numpy")
+
+
+class _Group(Protocol):
+    source: str
+    specs: list[ModelSpec]
+    manifest: Manifest
+
+
+def describe_environment(config: BenchConfig, groups: Sequence[_Group], device_list: list[str]) -> dict[str, Any]:
+    """The report's ``environment`` section."""
+    import onnxruntime as ort
+    import psutil
+    import torch
+
+    versions = installed_versions(_VERSIONED)
+    hardware: dict[str, Any] = {
+        "cpu": _cpu_name(),
+        "logical_cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+    }
+    if "cuda" in device_list:
+        hardware["gpu"] = torch.cuda.get_device_name(0)
+    models = []
+    for group in groups:
+        source = group.manifest.source
+        for spec in group.specs:
+            manifest = load_manifest(spec.folder)
+            models.append({"label": spec.label, "folder": str(spec.folder), "source": group.source,
+                           "shape": source.shape, "random_weights": source.random_weights,
+                           "variants": sorted(manifest.variants), "optimization": manifest.optimization})
+    settings = {k: v for k, v in config.__dict__.items() if k not in ("models", "out_dir", "shapes", "ort_threads")}
+    settings["shapes"] = [str(s) for s in config.shapes]
+    settings["ort_threads"] = [str(t) for t in config.ort_threads] if config.ort_threads else None
+    settings["torch_threads"] = torch.get_num_threads()
+    settings["runtime_paths"] = sorted(runtime_paths())
+    return {
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["deberta-onnx", *sys.argv[1:]]) if sys.argv and "deberta-onnx" in sys.argv[0] else None,
+        "versions": versions,
+        "onnxruntime_providers": ort.get_available_providers(),
+        "hardware": hardware,
+        "devices": device_list,
+        "models": models,
+        "random_weights": any(m["random_weights"] for m in models),
+        "settings": settings,
+    }
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, where the platform has one."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

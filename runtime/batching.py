@@ -1,0 +1,173 @@
+"""Stage one, second half: tokenized inputs -> padded batches of neighbours in token length.
+
+Inputs are tokenized chunk by chunk, sorted longest first, and cut into batches by a row cap or a token budget;
+each batch is padded to a multiple of the sequence bucket, so that few shapes occur.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+from tokenizers import Encoding
+
+from .config import DEFAULT_BATCH_SIZE
+from .tokenization import TextTokenizer, bucket_width
+from .utils import check_positive_int
+
+__all__ = ["Batch", "BatchPolicy", "TokenBatch", "batch_capacity", "bucket_width", "plan_batches", "token_batches"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Batch:
+    """Rows ``start:stop`` of a longest-first ordering, padded to ``width`` tokens.
+
+    ``capacity`` is how many rows a batch of this width may hold; a batch that ends the ordering may hold
+    fewer, and callers that need fixed shapes (CUDA graphs) pad it up to ``capacity`` with empty rows.
+    """
+
+    start: int
+    stop: int
+    width: int
+    capacity: int
+
+
+def batch_capacity(width: int, *, batch_size: int | None, max_tokens: int | None) -> int:
+    """Rows per batch at a given width: ``batch_size``, or as many as fit ``max_tokens`` padded tokens (at
+    least one), capped at ``batch_size`` when both are given."""
+    if max_tokens is None:
+        if batch_size is None:
+            raise ValueError("give batch_size, max_tokens or both")
+        return batch_size
+    rows = max(1, max_tokens // width)
+    return rows if batch_size is None else min(rows, batch_size)
+
+
+def plan_batches(
+    lengths: Sequence[int], *, batch_size: int | None, max_tokens: int | None, multiple_of: int, max_length: int
+) -> Iterator[Batch]:
+    """Cuts token lengths sorted longest first into consecutive batches.
+
+    Each batch takes its width from its first (longest) row, so every row fits; with a token budget the row
+    count follows the width, which keeps the set of (rows, width) shapes small: one per width, plus the last
+    batch.
+
+    Args:
+        lengths: token counts, non-increasing.
+        batch_size: most rows per batch (``None``: no cap beyond ``max_tokens``).
+        max_tokens: most padded tokens (rows x width) per batch (``None``: rows are ``batch_size``).
+        multiple_of: the sequence bucket; widths are multiples of it (capped at ``max_length``).
+        max_length: the model's longest input.
+    """
+    start = 0
+    while start < len(lengths):
+        width = bucket_width(lengths[start], multiple_of, max_length)
+        capacity = batch_capacity(width, batch_size=batch_size, max_tokens=max_tokens)
+        stop = min(start + capacity, len(lengths))
+        yield Batch(start=start, stop=stop, width=width, capacity=capacity)
+        start = stop
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchPolicy:
+    """How a loaded model cuts inputs into model calls.
+
+    Attributes:
+        max_tokens: padded tokens per batch (rows x width); ``None``: rows are the call's ``batch_size``.
+        sequence_bucket: widths are padded to a multiple of this.
+        fill_rows: pad a short batch with empty rows up to its capacity (CUDA graphs replay fixed shapes).
+        token_types: the graph takes ``token_type_ids``.
+    """
+
+    max_tokens: int | None = None
+    sequence_bucket: int = 1
+    fill_rows: bool = False
+    token_types: bool = False
+
+
+class TokenBatch(NamedTuple):
+    """One model call's inputs and where its rows go."""
+
+    rows: list[int]  # positions in the caller's input list
+    encodings: list[Encoding]
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray | None  # only for graphs that take segment ids
+
+
+def token_batches(
+    tokenizer: TextTokenizer,
+    items: Sequence[str | tuple[str, str]],
+    policy: BatchPolicy,
+    batch_size: int | None,
+    *,
+    truncate: bool,
+    details: bool = False,
+    show_progress: bool = False,
+) -> Iterator[TokenBatch]:
+    """Tokenizes ``items`` chunk by chunk and yields padded batches of neighbours in token length.
+
+    Each batch is padded to a multiple of ``policy.sequence_bucket`` tokens; with ``policy.max_tokens`` it holds
+    as many inputs as fit that many padded tokens (``batch_size`` then caps the rows). With ``fill_rows`` a short
+    batch is filled with empty rows up to a full one (``rows`` names only the real ones).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        items: texts, or ``(text, text_pair)`` tuples.
+        policy: the loaded model's batching.
+        batch_size: most rows per call; ``None``: 32, or no cap beyond ``policy.max_tokens`` when set.
+        truncate: cut inputs longer than the model's maximum; if false, raise instead.
+        details: keep token strings and character offsets in the encodings.
+        show_progress: show a progress bar (tqdm) over the inputs.
+
+    Raises:
+        ValueError: ``batch_size`` is neither None nor a positive int, or ``truncate`` is false and an
+            input is too long.
+    """
+    check_positive_int("batch_size", batch_size, optional=True)
+    max_tokens = policy.max_tokens
+    rows_cap = batch_size if batch_size is not None or max_tokens is not None else DEFAULT_BATCH_SIZE
+    bucket = policy.sequence_bucket
+    progress = _progress(len(items), show_progress)
+    widest_batch = batch_capacity(bucket, batch_size=rows_cap, max_tokens=max_tokens)
+    try:
+        for start, stop in _chunks(len(items), widest_batch):
+            encodings = tokenizer.encodings(items[start:stop], truncate=truncate, offset=start, details=details)
+            # Longest first: the first batch shows at once whether memory suffices.
+            order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i].ids))
+            plan = plan_batches([len(encodings[i].ids) for i in order], batch_size=rows_cap,
+                                max_tokens=max_tokens, multiple_of=bucket, max_length=tokenizer.max_length)
+            for planned in plan:
+                rows = order[planned.start : planned.stop]
+                chosen = [encodings[i] for i in rows]
+                sequences = [e.ids for e in chosen]
+                if policy.fill_rows:
+                    sequences += [[]] * (planned.capacity - len(rows))
+                input_ids, mask = tokenizer.pad(sequences, multiple_of=bucket)
+                types = None
+                if policy.token_types:
+                    types = tokenizer.pad([e.type_ids for e in chosen], multiple_of=bucket, fill=0)[0]
+                yield TokenBatch([start + i for i in rows], chosen, input_ids, mask, types)
+                if progress is not None:
+                    progress.update(len(rows))
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def _chunks(total: int, batch_size: int) -> Iterator[tuple[int, int]]:
+    """Splits ``range(total)`` into tokenization chunks of many batches each: large enough for length
+    sorting to pay off, small enough that 100,000 texts never sit tokenized in memory at once."""
+    step = min(max(batch_size * 64, 4096), 65536)
+    for start in range(0, total, step):
+        yield start, min(start + step, total)
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm  # tokenizers depends on tqdm (through huggingface_hub); imported only when asked
+
+    return tqdm(total=total, unit="text", desc="encode")

@@ -1,0 +1,70 @@
+"""``deberta-onnx classify``: labels for texts or text pairs (sequence classifiers), or labelled spans (token
+classifiers), one JSON object per input line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ..classifier import SequenceClassifier, TokenClassifier
+from ..contract import TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
+from ..errors import TaskMismatchError
+from ..manifest import load_manifest
+from ..postprocess import AGGREGATIONS
+from .common import add_load_flags, add_progress_flags, load, read_lines, show_progress, write_text
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(commands: Any) -> None:
+    classify = commands.add_parser(
+        "classify", help="label texts or text pairs with an exported classifier (JSON lines out)",
+        description="Run a sequence classifier (one label per text, or per TEXT<TAB>TEXT_PAIR line with --pairs: "
+                    "NLI, rerankers) or a token classifier (labelled spans, e.g. NER) over a file of lines; "
+                    "prints one JSON object per line.",
+    )
+    classify.add_argument("model_dir", help="a folder exported from a ...ForSequenceClassification or "
+                                            "...ForTokenClassification checkpoint")
+    classify.add_argument("--input", required=True, help="text file, one input per line; - for stdin")
+    classify.add_argument("--pairs", action="store_true", help="each line is TEXT<TAB>TEXT_PAIR (sequence classifiers)")
+    classify.add_argument("--aggregation", default="first", choices=list(AGGREGATIONS),
+                          help="how token labels become spans (token classifiers; default first)")
+    classify.add_argument("--output", default=None, help="write the JSON lines here instead of stdout")
+    classify.add_argument("--batch-size", type=int, default=None,
+                          help="inputs per model call (default 32; with --max-tokens, a cap on rows)")
+    add_progress_flags(classify)
+    add_load_flags(classify)
+    classify.set_defaults(run=run)
+
+
+def _pair(line: str, number: int) -> tuple[str, str]:
+    if "\t" not in line:
+        raise ValueError(f"line {number} has no tab; with --pairs each line is TEXT<TAB>TEXT_PAIR")
+    first, second = line.split("\t", 1)
+    return first, second
+
+
+def run(args: argparse.Namespace) -> int:
+    task = load_manifest(args.model_dir).task
+    lines = read_lines(args.input)
+    rows: list[dict[str, Any]]
+    if task == TASK_SEQUENCE_CLASSIFICATION:
+        classifier = load(args, SequenceClassifier)
+        inputs = [_pair(line, n) for n, line in enumerate(lines, 1)] if args.pairs else lines
+        scores = classifier.probabilities(inputs, batch_size=args.batch_size, show_progress=show_progress(args))
+        labels = classifier.labels
+        rows = [{"label": labels[int(row.argmax())], "score": float(row.max()),
+                 "scores": {label: float(value) for label, value in zip(labels, row)}} for row in scores]
+    elif task == TASK_TOKEN_CLASSIFICATION:
+        if args.pairs:
+            raise ValueError("--pairs is for sequence classifiers; a token classifier labels single texts")
+        tagger = load(args, TokenClassifier)
+        spans = tagger.predict(lines, batch_size=args.batch_size, aggregation=args.aggregation,
+                              show_progress=show_progress(args))
+        rows = [{"text": text, "spans": [span._asdict() for span in found]} for text, found in zip(lines, spans)]
+    else:
+        raise TaskMismatchError(f"{args.model_dir} holds an embedding model; use `deberta-onnx embed` or "
+                                "`deberta-onnx search` with it")
+    write_text((json.dumps(row, ensure_ascii=False) for row in rows), args.output)
+    return 0

@@ -1,0 +1,123 @@
+"""What the commands share: the load flags (``EncoderConfig``'s fields), reading input lines, writing outputs,
+progress bars, and flag defaults read from the config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ..config import EncoderConfig
+from ..contract import PRECISIONS
+from ..utils import atomic_write
+
+__all__ = [
+    "add_load_flags",
+    "add_progress_flags",
+    "config_defaults",
+    "default_note",
+    "load",
+    "read_lines",
+    "save_npy",
+    "show_progress",
+    "write_text",
+]
+
+M = TypeVar("M")
+
+
+def config_defaults(cls: Any) -> dict[str, Any]:
+    """``{field: default}`` of a config dataclass: the one place a flag's default comes from."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def default_note(defaults: dict[str, Any], name: str, shown: str | None = None) -> str:
+    """`` (default X)`` for a help text, or nothing when the default is not known here."""
+    if name not in defaults:
+        return ""
+    return f" (default {shown if shown is not None else defaults[name]})"
+
+
+def read_lines(source: str) -> list[str]:
+    """The lines of a UTF-8 text file (or stdin for ``-``), one text per line.
+
+    Raises:
+        ValueError: the file does not exist.
+    """
+    if source == "-":
+        return sys.stdin.read().splitlines()
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"--input {source}: no such file (give a text file with one text per line, or - for stdin)")
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def save_npy(array: np.ndarray, destination: str) -> None:
+    """Writes a ``.npy`` atomically: a failed run never leaves a truncated file behind."""
+    atomic_write(destination, lambda handle: np.save(handle, array))
+
+
+def write_text(lines: Iterable[str], destination: str | None) -> None:
+    """Writes lines to a file (atomically) or, for ``None``, to stdout."""
+    if destination is None:
+        for line in lines:
+            sys.stdout.write(line + "\n")
+        return
+    text = "".join(line + "\n" for line in lines)
+    atomic_write(destination, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def add_progress_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
+                       help="show a progress bar (default: when stderr is a terminal)")
+    group.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """--progress / --no-progress; by default a bar only when stderr is a terminal."""
+    return bool(args.progress) if args.progress is not None else sys.stderr.isatty()
+
+
+def add_load_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags that map onto ``EncoderConfig``, with its defaults."""
+    defaults = config_defaults(EncoderConfig)
+    parser.add_argument("--precision", default=defaults["precision"], choices=list(PRECISIONS),
+                        help="which exported variant to load (default: the best in the folder for the provider: "
+                             "int8-static, then int8-dynamic, then fp32 on CPU)")
+    parser.add_argument("--threads", type=int, default=defaults["intra_op_threads"],
+                        help="ONNX Runtime intra-op threads (default: cores)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the model files at load")
+    parser.add_argument("--device", default=defaults["device"], help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--io-binding", action=argparse.BooleanOptionalAction, default=defaults["io_binding"],
+                        help="reuse bound device buffers per batch shape (default: on with CUDA, off on the CPU)")
+    parser.add_argument("--sequence-bucket", type=int, default=defaults["sequence_bucket"],
+                        help="pad batch lengths to a multiple of N tokens (default: 16 with IO binding, else 1)")
+    parser.add_argument("--max-tokens", type=int, default=defaults["max_tokens"],
+                        help="token budget per batch (rows x padded length) instead of a fixed batch size")
+    parser.add_argument("--max-buckets", type=int, default=defaults["max_buckets"],
+                        help="most batch shapes whose IO-binding buffers (and CUDA graphs) are kept "
+                             f"{default_note(defaults, 'max_buckets').strip()}")
+    parser.add_argument("--cuda-graph", action="store_true", default=defaults["cuda_graph"],
+                        help="capture and replay one CUDA graph per batch shape (CUDA, IO binding)")
+
+
+def load(args: argparse.Namespace, kind: Callable[..., M]) -> M:
+    """An ``Encoder`` or classifier (``kind``) loaded as the load flags say."""
+    config = EncoderConfig(
+        precision=args.precision,
+        intra_op_threads=args.threads,
+        verify_checksums=not args.no_verify,
+        device=args.device,
+        io_binding=args.io_binding,
+        sequence_bucket=args.sequence_bucket,
+        max_tokens=args.max_tokens,
+        max_buckets=args.max_buckets,
+        cuda_graph=args.cuda_graph,
+    )
+    return kind(args.model_dir, config=config)

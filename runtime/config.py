@@ -1,0 +1,85 @@
+"""``EncoderConfig``: how a model folder is loaded and run. Standard library only; the CLI's load flags read
+their defaults from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .contract import PRECISIONS
+from .utils import check_positive_int
+
+__all__ = ["DEFAULT_BATCH_SIZE", "EncoderConfig", "parse_device"]
+
+# Rows per model call when neither a batch size nor a token budget is given.
+DEFAULT_BATCH_SIZE = 32
+# Sequence bucket with IO binding: few enough widths (32 up to 512 tokens) that buffers are reused, at most 15
+# padding tokens a row.
+DEFAULT_IO_BINDING_BUCKET = 16
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """Splits ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` into (kind, device id).
+
+    Raises:
+        ValueError: any other string.
+    """
+    kind, _, index = device.partition(":")
+    if kind == "cpu" and not index:
+        return "cpu", 0
+    if kind == "cuda" and (not index or index.isdigit()):
+        return "cuda", int(index or 0)
+    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (N a GPU index), got {device!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncoderConfig:
+    """How an ``Encoder`` (or a classifier) loads and runs its model. The CLI's load flags map onto these fields.
+
+    Attributes:
+        precision: which exported variant to load (``"fp32"``, ``"fp16"``, ``"int8-dynamic"``, ``"int8-static"``);
+            ``None`` picks the best one the folder holds for the first provider (see
+            ``deberta_onnx.runtime.loader.PREFERRED_PRECISIONS``).
+        intra_op_threads: ONNX Runtime threads inside one operator; ``None`` uses one per physical core.
+        inter_op_threads: threads across operators; ``None`` keeps ONNX Runtime's default.
+        allow_spinning: let idle ONNX Runtime threads spin (lower latency, busier cores); ``None`` keeps the default.
+        verify_checksums: check every file's sha256 against the manifest at load (costs about 1 s per GB).
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; short for a provider list (CUDA, then CPU for the few
+            host-side nodes). ``None``: the ``providers`` argument decides, else the CPU.
+        io_binding: run through IO binding, with device buffers reused per (batch, sequence) shape; ``None``:
+            on with CUDA, off on the CPU. Embedding models only: classifiers and ``encode_tokens`` run
+            through ``session.run``.
+        sequence_bucket: pad each batch's length up to a multiple of this many tokens, so that few shapes
+            occur; ``None``: 16 with IO binding, 1 (no extra padding) without.
+        max_tokens: a token budget per batch (rows x padded length) instead of a fixed row count; a
+            ``batch_size`` given to ``encode`` then caps the rows as well. ``None``: rows are ``batch_size``.
+        max_buckets: most (batch, sequence) shapes whose IO-binding buffers are kept (least recently used
+            freed first); with CUDA graphs, also the most graphs captured.
+        cuda_graph: capture one CUDA graph per shape and replay it (needs CUDA and IO binding); batches are
+            then padded to full rows so that few shapes occur.
+    """
+
+    precision: str | None = None
+    intra_op_threads: int | None = None
+    inter_op_threads: int | None = None
+    allow_spinning: bool | None = None
+    verify_checksums: bool = True
+    device: str | None = None
+    io_binding: bool | None = None
+    sequence_bucket: int | None = None
+    max_tokens: int | None = None
+    max_buckets: int = 64
+    cuda_graph: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} or None, got {self.precision!r}")
+        for name in ("intra_op_threads", "inter_op_threads"):
+            check_positive_int(name, getattr(self, name), optional=True, minimum=0)
+        for name in ("sequence_bucket", "max_tokens"):
+            check_positive_int(name, getattr(self, name), optional=True)
+        check_positive_int("max_buckets", self.max_buckets)
+        if self.device is not None:
+            parse_device(self.device)
+        if self.cuda_graph and self.io_binding is False:
+            raise ValueError("cuda_graph needs io_binding (a graph replays fixed device buffers); "
+                             "drop io_binding=False")

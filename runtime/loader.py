@@ -1,0 +1,230 @@
+"""A model folder -> everything needed to run it: manifest, precision, checksums, tokenizer, session (checked
+against the contract), the runner and the batching policy. ``Encoder`` and the classifiers each load one."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar, overload
+
+import onnxruntime as ort
+
+from .batching import BatchPolicy
+from .config import DEFAULT_IO_BINDING_BUCKET, EncoderConfig
+from .contract import (
+    REQUIRED_OUTPUT,
+    TASK_EMBEDDING,
+    TASK_SEQUENCE_CLASSIFICATION,
+    TASK_TOKEN_CLASSIFICATION,
+    TOKEN_TYPE_IDS,
+    TOKENIZER_FILE,
+    check_session,
+)
+from .errors import ModelFolderError, TaskMismatchError
+from .iobinding import IOBindingRunner
+from .manifest import Manifest, load_manifest
+from .runners import Runner, SessionRunner
+from .session import ProviderList, SessionSettings, create_session, provider_names, resolve_providers, session_device
+from .tokenization import TextTokenizer
+
+__all__ = ["PREFERRED_PRECISIONS", "LoadedAttributes", "LoadedModel", "best_precision", "load_model", "loaded_property"]
+
+logger = logging.getLogger("deberta_onnx")
+T = TypeVar("T")
+
+# The variant a model loads when none is asked for, by first execution provider, best first. On CPU, int8 runs on
+# integer kernels and static int8 gives the same vector whatever the batch; fp16 has no fast CPU kernels. On
+# CUDA, fp16 runs on tensor cores, while int8 graphs would dequantize back to float. Other providers get the
+# manifest's ``default_variant``.
+PREFERRED_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "CPUExecutionProvider": ("int8-static", "int8-dynamic", "fp32"),
+    "CUDAExecutionProvider": ("fp16", "fp32"),
+}
+
+# Which class loads which task, for the error that names the right one.
+_LOADERS = {
+    TASK_EMBEDDING: "Encoder",
+    TASK_SEQUENCE_CLASSIFICATION: "SequenceClassifier or CrossEncoder",
+    TASK_TOKEN_CLASSIFICATION: "TokenClassifier",
+}
+
+
+def best_precision(variants: Iterable[str], provider: str, default: str = "fp32") -> tuple[str, str]:
+    """The variant a model loads on ``provider`` when none is asked for, and why.
+
+    Args:
+        variants: the precisions a model folder holds.
+        provider: the first execution provider of the session.
+        default: the manifest's ``default_variant``, used for providers without a preference.
+
+    Returns:
+        ``(precision, reason)``.
+    """
+    held = list(variants)
+    for name in PREFERRED_PRECISIONS.get(provider, ()):
+        if name in held:
+            return name, f"the best variant in the folder for {provider}"
+    return (default if default in held else held[0]), "the manifest's default"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadedModel:
+    """A model folder, loaded and checked: what ``Encoder`` and the classifiers run on."""
+
+    manifest: Manifest
+    config: EncoderConfig
+    providers: list[str | tuple[str, dict[str, object]]]
+    precision: str
+    precision_reason: str
+    session: ort.InferenceSession
+    tokenizer: TextTokenizer
+    runner: Runner  # for the task's required output
+    device: str  # "cpu" or "cuda:N"
+    io_binding: bool
+    policy: BatchPolicy
+
+    @property
+    def model_dir(self) -> Path:
+        return self.manifest.folder
+
+    @property
+    def hidden_size(self) -> int:
+        return self.manifest.hidden_size
+
+    @property
+    def max_length(self) -> int:
+        return self.tokenizer.max_length
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.manifest.labels
+
+
+class loaded_property(Generic[T]):
+    """A read-only attribute computed from the instance's ``loaded`` model: how ``Encoder`` and the classifiers
+    expose what they loaded, typed, without a shared base class.
+
+        hidden_size = loaded_property(lambda loaded: loaded.hidden_size, "Length of each sentence vector.")
+    """
+
+    def __init__(self, getter: Callable[[LoadedModel], T], doc: str) -> None:
+        self._getter = getter
+        self.__doc__ = doc
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> loaded_property[T]: ...
+    @overload
+    def __get__(self, instance: object, owner: type) -> T: ...
+
+    def __get__(self, instance: object, owner: type) -> T | loaded_property[T]:
+        if instance is None:
+            return self
+        return self._getter(instance.loaded)  # type: ignore[attr-defined]
+
+
+class LoadedAttributes:
+    """Read-only attributes of what a model class loaded (``self.loaded``). It holds no state and does no work:
+    loading is ``load_model``'s job, running the stages' modules'."""
+
+    loaded: LoadedModel
+
+    manifest = loaded_property(lambda m: m.manifest, "The folder's parsed ``manifest.json``.")
+    model_dir = loaded_property(lambda m: m.model_dir, "The model folder.")
+    precision = loaded_property(lambda m: m.precision, "The variant loaded (``fp32``, ``int8-static``, ...).")
+    precision_reason = loaded_property(lambda m: m.precision_reason, "Why that variant was chosen.")
+    providers = loaded_property(lambda m: m.providers, "The execution providers the session was made with.")
+    session = loaded_property(lambda m: m.session, "The ONNX Runtime session.")
+    device = loaded_property(lambda m: m.device, "Where the session keeps its tensors: ``cpu`` or ``cuda:N``.")
+    max_length = loaded_property(lambda m: m.max_length,
+                                 "Longest input in tokens (special tokens included); longer inputs are truncated.")
+
+
+def _check_task(manifest: Manifest, tasks: tuple[str, ...], user: str) -> None:
+    task = manifest.task
+    if task not in tasks:
+        loader = _LOADERS.get(task, "a newer deberta-onnx")
+        raise TaskMismatchError(
+            f"{manifest.folder} holds a model of task {task!r}, which {user} cannot run; load it with {loader} "
+            f"(from deberta_onnx.runtime), or export the checkpoint with --task {' or '.join(tasks)}."
+        )
+
+
+def _pick_precision(manifest: Manifest, requested: str | None, providers: ProviderList) -> tuple[str, str]:
+    variants = manifest.variants
+    if requested is not None:
+        if requested not in variants:
+            raise ValueError(
+                f"precision {requested!r} is not in {manifest.folder}; it holds {sorted(variants)}. Export "
+                f"the folder again with every precision you need: `deberta-onnx export SRC {manifest.folder} "
+                f"--overwrite --precision {','.join(sorted({*variants, requested}))}`."
+            )
+        return requested, "requested"
+    return best_precision(variants, provider_names(providers)[0], manifest.default_variant)
+
+
+def load_model(model_dir: str | Path, providers: ProviderList | None, config: EncoderConfig, *,
+               tasks: tuple[str, ...], user: str) -> LoadedModel:
+    """Loads a model folder for one of ``tasks``.
+
+    Args:
+        model_dir: a folder written by ``deberta-onnx export``.
+        providers: ONNX Runtime execution providers, or ``None`` for ``config.device`` (else the CPU).
+        config: loading, device, batching and threading options.
+        tasks: the tasks the caller runs.
+        user: the caller's class name, for messages.
+
+    Raises:
+        ModelFolderError: (or a subclass) the folder is missing, corrupted, or disagrees with its manifest.
+        TaskMismatchError: the folder holds a model of another task.
+        ProviderUnavailableError: a requested provider is not installed or ONNX Runtime fell back from it.
+        CudaGraphError: ``config.cuda_graph`` is set and ONNX Runtime refused CUDA graphs for this model.
+        ValueError: ``providers`` and ``config.device`` both given, an option that does not apply to the task,
+            or a precision the folder does not hold.
+    """
+    manifest = load_manifest(model_dir)
+    folder = manifest.folder
+    _check_task(manifest, tasks, user)
+    task = manifest.task
+    if config.cuda_graph and task != TASK_EMBEDDING:
+        raise ValueError(f"cuda_graph runs embedding graphs through IO binding; {folder} holds a {task} model. "
+                         "Leave cuda_graph off.")
+    if config.io_binding and task != TASK_EMBEDDING:
+        raise ValueError(f"io_binding runs embedding graphs; {folder} holds a {task} model. Leave io_binding "
+                         "unset (None) or False.")
+    chosen = resolve_providers(providers, config.device, cuda_graph=config.cuda_graph)
+    precision, reason = _pick_precision(manifest, config.precision, chosen)
+    variant = manifest.variants[precision]
+    model_path = folder / variant.file
+    if config.verify_checksums:
+        manifest.verify_files([*variant.files, TOKENIZER_FILE])
+    elif not model_path.is_file():
+        raise ModelFolderError(f"{model_path} is missing; re-export the model folder.")
+    tokenizer = TextTokenizer(folder / TOKENIZER_FILE, max_length=manifest.max_sequence_length,
+                              pad_id=manifest.model.pad_token_id, vocab_limit=manifest.model.vocab_size)
+    settings = SessionSettings(intra_op_threads=config.intra_op_threads, inter_op_threads=config.inter_op_threads,
+                               allow_spinning=config.allow_spinning)
+    session = create_session(model_path, chosen, settings)
+    check_session(session, inputs=manifest.inputs, outputs=manifest.outputs, task=task, model_path=model_path,
+                  manifest_path=manifest.path)
+    kind, device_id = session_device(session)
+    io_binding = task == TASK_EMBEDDING and (config.io_binding if config.io_binding is not None else kind == "cuda")
+    runner: Runner
+    if io_binding:
+        runner = IOBindingRunner(session, hidden_size=manifest.hidden_size, device=kind, device_id=device_id,
+                                 max_buckets=config.max_buckets, cuda_graph=config.cuda_graph)
+    else:
+        runner = SessionRunner(session, (REQUIRED_OUTPUT[task],))
+    policy = BatchPolicy(
+        max_tokens=config.max_tokens,
+        sequence_bucket=config.sequence_bucket or (DEFAULT_IO_BINDING_BUCKET if io_binding else 1),
+        # CUDA graphs replay fixed shapes: a short last batch is padded with empty rows to a full one.
+        fill_rows=config.cuda_graph,
+        token_types=any(spec.name == TOKEN_TYPE_IDS for spec in manifest.inputs),
+    )
+    logger.info("loaded %s: precision %s (%s) on %s, %s", model_path, precision, reason, session.get_providers()[0],
+                "IO binding" if io_binding else "session.run")
+    return LoadedModel(manifest=manifest, config=config, providers=chosen, precision=precision,
+                       precision_reason=reason, session=session, tokenizer=tokenizer, runner=runner,
+                       device=kind if kind == "cpu" else f"{kind}:{device_id}", io_binding=io_binding, policy=policy)
