@@ -50,6 +50,9 @@ def test_runtime_imports_and_embeds_without_torch(tiny_model: Path, tmp_path: Pa
     assert "LOADED []" in result.stdout
     vectors = np.load(out)
     np.testing.assert_allclose(vectors, Encoder(tiny_model).encode(texts), atol=1e-6, rtol=0)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by others, as any file the user writes
 
 
 def test_export_without_torch_names_the_extra(tmp_path: Path) -> None:

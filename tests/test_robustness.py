@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -160,6 +161,35 @@ def test_missing_tokenizer(folder_copy: Path) -> None:
     (folder_copy / "tokenizer.json").unlink()
     with pytest.raises(ModelFolderError, match="tokenizer.json is missing"):
         Encoder(folder_copy)
+
+
+@pytest.mark.parametrize(("edit", "field"), [
+    (lambda d: d["model"].pop("hidden_size"), "model.hidden_size"),
+    (lambda d: d["model"].update(max_sequence_length="512"), "model.max_sequence_length"),
+    (lambda d: d["model"].update(pooling="median"), "model.pooling"),
+    (lambda d: d.update(variants={}), "variants"),
+    (lambda d: d.update(variants=["fp32"]), "variants"),
+    (lambda d: d["variants"]["fp32"].update(file="../model.onnx"), "variants.fp32.file"),
+    (lambda d: d["variants"]["fp32"].update(file="/etc/passwd"), "variants.fp32.file"),
+    (lambda d: d["graph"].update(inputs="input_ids"), "graph.inputs"),
+    (lambda d: d["files"]["model.onnx"].update(sha256="xyz"), "files.model.onnx.sha256"),
+    (lambda d: d.update(default_variant="fp16"), "default_variant"),
+])
+def test_a_mistyped_or_escaping_manifest_field_is_named(folder_copy: Path, edit, field: str) -> None:  # type: ignore[no-untyped-def]
+    _edit_manifest(folder_copy, edit)
+    with pytest.raises(ManifestError, match=re.escape(field)):
+        Encoder(folder_copy)
+
+
+def test_the_export_cannot_write_a_manifest_the_runtime_refuses(folder_copy: Path) -> None:
+    from deberta_onnx.runtime.manifest import load_manifest, write_manifest
+
+    data = load_manifest(folder_copy).to_dict()
+    data["variants"]["fp32"]["file"] = "../elsewhere.onnx"
+    before = (folder_copy / "manifest.json").read_bytes()
+    with pytest.raises(ManifestError, match="outside the model folder"):
+        write_manifest(folder_copy, data)
+    assert (folder_copy / "manifest.json").read_bytes() == before
 
 
 def test_unknown_precision_lists_what_exists(tiny_model: Path) -> None:

@@ -77,3 +77,18 @@ def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
     data = np.random.default_rng(0).bytes(3 << 20)
     (tmp_path / "blob").write_bytes(data)
     assert sha256_file(tmp_path / "blob") == hashlib.sha256(data).hexdigest()
+
+
+def test_truncate_dimensions_keeps_a_normalising_graphs_promise() -> None:
+    from deberta_onnx.runtime.postprocess import truncate_dimensions
+
+    vectors = normalize_rows(np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32))
+    # A graph that normalises promises unit vectors: truncation renormalises even when normalize is off.
+    kept = truncate_dimensions(vectors, 4, normalize=False, graph_normalizes=True)
+    np.testing.assert_allclose(np.linalg.norm(kept, axis=1), 1.0, atol=1e-6)
+    raw = truncate_dimensions(vectors, 4, normalize=False, graph_normalizes=False)
+    np.testing.assert_array_equal(raw, vectors[:, :4])
+    assert truncate_dimensions(vectors, None, normalize=False, graph_normalizes=True) is vectors
+    np.testing.assert_allclose(np.linalg.norm(truncate_dimensions(vectors * 3, 8, normalize=True,
+                                                                  graph_normalizes=False), axis=1), 1.0, atol=1e-6)
+
