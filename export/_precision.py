@@ -9,10 +9,8 @@ exact and computed by no session.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from deberta_onnx.runtime.contract import INPUT_IDS
 
 from ._errors import ExportError
+from ._quiet import quiet_quantization
 
 __all__ = ["RECIPES", "Recipe", "build_variant", "fold_constants", "prepare_base"]
 
@@ -175,7 +174,7 @@ def build_variant(
     model = onnx.load(str(base_path), load_external_data=False)
     nodes = _int8_nodes(model, recipe)
     external = base_path.stat().st_size > _EXTERNAL_DATA_BYTES
-    with _quiet_quantization():
+    with quiet_quantization():
         from onnxruntime.quantization import (
             CalibrationDataReader,
             CalibrationMethod,
@@ -346,7 +345,7 @@ def _to_fp16(model: onnx.ModelProto, recipe: Recipe) -> tuple[onnx.ModelProto, d
     kept = Counter(node.op_type for node in model.graph.node
                    if (node.op_type in ops or node.name in names) and node.op_type not in ("Shape", "Size")
                    and types.get(node.output[0]) == TensorProto.FLOAT)
-    with _quiet_quantization():
+    with quiet_quantization():
         converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
                                              op_block_list=sorted(ops), node_block_list=sorted(names))
     _drop_cast_pairs(converted)
@@ -449,16 +448,3 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
                   location=f"{path.name}.data")
     else:
         onnx.save(model, str(path))
-
-
-@contextmanager
-def _quiet_quantization() -> Iterator[None]:
-    """ONNX Runtime's quantization and fp16 tools log advice through the root logger ("consider
-    pre-processing", ...); the export prints its own report, so they are silenced for the duration."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)

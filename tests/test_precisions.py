@@ -292,3 +292,47 @@ def test_classifiers_refuse_lower_precisions(tiny_checkpoint: Path, tmp_path: Pa
     with pytest.raises(ExportError, match="--precision int8-dynamic appl.* to embedding graphs"):
         export_model(src, tmp_path / "out", ExportConfig(precisions=("int8-dynamic",), quiet=True))
     assert not (tmp_path / "out").exists()
+
+
+def test_quantization_advice_is_silenced_but_the_callers_logging_is_not(tiny_checkpoint: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # ONNX Runtime's quantizer logs its advice ("Please consider to run pre-processing ...") with module-level
+    # logging calls, through the root logger. The export drops those records by the file that made them; the
+    # root logger's level stays the caller's, and so do the caller's own records.
+    import logging
+
+    import onnxruntime.quantization as quantization
+
+    records: list[logging.LogRecord] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    root = logging.getLogger()
+    levels: list[int] = []
+    real = quantization.quantize_dynamic
+
+    def quantize_dynamic(*args: object, **kwargs: object) -> object:
+        levels.append(root.level)
+        logging.warning("the caller's own warning")
+        logging.getLogger("caller").info("and its own logger's note")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quantization, "quantize_dynamic", quantize_dynamic)
+    handler, level, filters = _Keep(logging.DEBUG), root.level, list(root.filters)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        export_model(tiny_checkpoint, tmp_path / "model", ExportConfig(precisions=("fp16", "int8-dynamic"),
+                                                                       optimize=False, validate=False, quiet=True))
+        assert root.level == logging.DEBUG and root.filters == filters
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert levels == [logging.DEBUG]
+    messages = {(r.name, r.getMessage()) for r in records}
+    assert {("root", "the caller's own warning"), ("caller", "and its own logger's note")} <= messages
+    tools = tuple(str(Path(ort.__file__).parent / name) for name in ("quantization", "transformers"))
+    assert [r.getMessage() for r in records if r.pathname.startswith(tools) and r.levelno < logging.ERROR] == []
+    assert not any("pre-processing" in message for _, message in messages)
