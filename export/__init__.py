@@ -33,7 +33,7 @@ from ._errors import (  # noqa: E402
     ValidationError,
 )
 from ._export import ExportConfig, ExportResult, export_model  # noqa: E402
-from ._precision import RECIPES, Recipe  # noqa: E402
+from ._recipes import RECIPES, Recipe  # noqa: E402
 from ._validate import DEFAULT_VALIDATION_SHAPES  # noqa: E402
 
 __all__ = [

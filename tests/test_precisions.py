@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from deberta_onnx.export import RECIPES, ExportConfig, QualityGateError, export_model
-from deberta_onnx.export._precision import fold_constants
+from deberta_onnx.export._graph_edit import fold_constants
 from deberta_onnx.export._quality import split_sentences
 from deberta_onnx.runtime import Encoder, EncoderConfig, best_precision
 from deberta_onnx.runtime.contract import PRECISIONS, variant_file
