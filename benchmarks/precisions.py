@@ -20,9 +20,8 @@ import numpy as np
 import torch
 
 from deberta_onnx.benchmarks.timing import Timer
-from deberta_onnx.export import ExportConfig, build_random_checkpoint, export_model
-from deberta_onnx.export._checkpoint import sentences
-from deberta_onnx.export._graph import masked_mean
+from deberta_onnx.export import ExportConfig, build_random_checkpoint, export_model, masked_mean
+from deberta_onnx.export import shipped_sentences as sentences
 from deberta_onnx.runtime import Encoder, EncoderConfig
 from deberta_onnx.runtime.contract import PRECISIONS
 

@@ -174,7 +174,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
             first = group.specs[0].folder
             corpus: list[str] = []
             if config.corpus_size:
-                from deberta_onnx.export._checkpoint import sentences
+                from deberta_onnx.export import shipped_sentences as sentences
 
                 corpus = build_corpus(sentences(), first / TOKENIZER_FILE, size=config.corpus_size, seed=config.seed)
             steps = len(config.shapes) * config.rounds * len(group.backends)
@@ -212,8 +212,7 @@ def _groups(config: BenchConfig, scratch: Path) -> list[_Group]:
 def _reference_checkpoint(source: str, scratch: Path) -> str:
     """The manifest's source as a loadable checkpoint; ``random:SHAPE`` is rebuilt (seeded, so identical)."""
     if source.startswith(_RANDOM):
-        from deberta_onnx.export import build_random_checkpoint
-        from deberta_onnx.export._checkpoint import quiet_libraries
+        from deberta_onnx.export import build_random_checkpoint, quiet_libraries
 
         with quiet_libraries():
             return str(build_random_checkpoint(source[len(_RANDOM):], scratch / source[len(_RANDOM):]))

@@ -23,7 +23,6 @@ def _check_imports() -> None:
 
 _check_imports()
 
-from ._checkpoint import RANDOM_SHAPES, build_random_checkpoint, train_sentencepiece  # noqa: E402
 from ._errors import (  # noqa: E402
     CheckpointError,
     ExportError,
@@ -33,6 +32,9 @@ from ._errors import (  # noqa: E402
     ValidationError,
 )
 from ._export import ExportConfig, ExportResult, export_model  # noqa: E402
+from ._graph import masked_mean  # noqa: E402
+from ._quiet import quiet_libraries  # noqa: E402
+from ._random import RANDOM_SHAPES, build_random_checkpoint, shipped_sentences, train_sentencepiece  # noqa: E402
 from ._recipes import RECIPES, Recipe  # noqa: E402
 from ._validate import DEFAULT_VALIDATION_SHAPES  # noqa: E402
 
@@ -51,5 +53,8 @@ __all__ = [
     "ValidationError",
     "build_random_checkpoint",
     "export_model",
+    "masked_mean",
+    "quiet_libraries",
+    "shipped_sentences",
     "train_sentencepiece",
 ]

@@ -31,17 +31,12 @@ from deberta_onnx.runtime.contract import (
 )
 from deberta_onnx.runtime.manifest import sha256_file, write_manifest
 
-from ._checkpoint import (
-    RANDOM_PREFIX,
-    LoadedCheckpoint,
-    load_checkpoint,
-    quiet_libraries,
-    random_source,
-    scratch_dir,
-)
+from ._checkpoint import LoadedCheckpoint, load_checkpoint, scratch_dir
 from ._errors import CheckpointError, ExportError, OutputExistsError
 from ._graph import POOLINGS, ClassifierGraph, EmbeddingGraph, export_onnx
 from ._optimize import apply_ort_fusions, folded_relative_attention
+from ._quiet import quiet_libraries
+from ._random import RANDOM_PREFIX, random_source
 from ._sentence_transformers import SentenceTransformerSpec, read_sentence_transformer
 from ._tokenizer import TOKENIZER_SOURCES, build_tokenizer
 from ._triton import triton_name, write_triton_repository

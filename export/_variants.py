@@ -20,7 +20,6 @@ from deberta_onnx.runtime.contract import (
     variant_file,
 )
 
-from ._checkpoint import sentences
 from ._errors import ExportError, QualityGateError
 from ._fp16 import build_fp16
 from ._graph_edit import prepare_base
@@ -34,6 +33,7 @@ from ._quality import (
     measure,
     split_sentences,
 )
+from ._random import shipped_sentences
 from ._recipes import RECIPES, Recipe
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ def derive_variants(
     if not derived:
         return None, {}
     tokenizer = TextTokenizer(folder / TOKENIZER_FILE, max_length=max_length, pad_id=pad_id)
-    default_calibration, held_texts = split_sentences(sentences())
+    default_calibration, held_texts = split_sentences(shipped_sentences())
     fp32_path = folder / MODEL_FILE
     held = fp32_report = None
     base_bytes = sum(p.stat().st_size for p in folder.glob(f"{MODEL_FILE}*"))

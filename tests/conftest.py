@@ -60,9 +60,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def corpus() -> list[str]:
-    from deberta_onnx.export._checkpoint import sentences
+    from deberta_onnx.export import shipped_sentences
 
-    return sentences()
+    return shipped_sentences()
 
 
 @pytest.fixture(scope="session")
