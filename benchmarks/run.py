@@ -396,7 +396,7 @@ def _environment(config: BenchConfig, groups: Sequence[_Group], device_list: lis
     import psutil
     import torch
 
-    from deberta_onnx.export._export import _versions
+    from deberta_onnx.runtime.utils import installed_versions as _versions
 
     versions = _versions(("deberta-onnx", "torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tokenizers",
                           "numpy"))

@@ -31,23 +31,24 @@ from ._errors import (  # noqa: E402
     UnsupportedModelError,
     ValidationError,
 )
-from ._export import ExportConfig, ExportResult, export_model  # noqa: E402
+from ._export import export_model  # noqa: E402
 from ._graph import masked_mean  # noqa: E402
 from ._quiet import quiet_libraries  # noqa: E402
 from ._random import RANDOM_SHAPES, build_random_checkpoint, shipped_sentences, train_sentencepiece  # noqa: E402
 from ._recipes import RECIPES, Recipe  # noqa: E402
 from ._validate import DEFAULT_VALIDATION_SHAPES  # noqa: E402
+from .config import ExportConfig, ExportResult  # noqa: E402
 
 __all__ = [
     "DEFAULT_VALIDATION_SHAPES",
     "RANDOM_SHAPES",
+    "RECIPES",
     "CheckpointError",
     "ExportConfig",
     "ExportError",
     "ExportResult",
     "OutputExistsError",
     "QualityGateError",
-    "RECIPES",
     "Recipe",
     "UnsupportedModelError",
     "ValidationError",

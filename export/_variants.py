@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from deberta_onnx.runtime.tokenization import TextTokenizer
 from deberta_onnx.runtime.contract import (
     ATTENTION_MASK,
     INPUT_IDS,
@@ -19,6 +18,7 @@ from deberta_onnx.runtime.contract import (
     TOKENIZER_FILE,
     variant_file,
 )
+from deberta_onnx.runtime.tokenization import TextTokenizer
 
 from ._errors import ExportError, QualityGateError
 from ._fp16 import build_fp16
@@ -35,9 +35,7 @@ from ._quality import (
 )
 from ._random import shipped_sentences
 from ._recipes import RECIPES, Recipe
-
-if TYPE_CHECKING:
-    from ._export import ExportConfig
+from .config import ExportConfig
 
 __all__ = ["build_variant", "derive_variants", "read_calibration"]
 
