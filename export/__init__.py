@@ -6,22 +6,14 @@
 
 from __future__ import annotations
 
-from deberta_onnx.runtime._extras import missing_modules
+from deberta_onnx.runtime.utils import require_extra
 
-_REQUIRED = ("torch", "transformers", "onnx", "onnxscript", "sentencepiece", "safetensors")
-
-
-def _check_imports() -> None:
-    missing = missing_modules(_REQUIRED)
-    if missing:
-        raise ImportError(
-            f"deberta_onnx.export needs {', '.join(missing)}, which the base install leaves out. Install the "
-            "export extra: `pip install torch==2.13.0` (a CPU build; or any torch you already have) and then "
-            "`pip install 'deberta-onnx[export]'`. The runtime (deberta_onnx.runtime) works without them."
-        )
-
-
-_check_imports()
+require_extra(
+    "export",
+    "deberta_onnx.export",
+    note="Install torch's CPU build before it, `pip install torch==2.13.0` (or keep any torch you already have), "
+         "so that the extra does not pull a CUDA build. The runtime (deberta_onnx.runtime) works without them.",
+)
 
 from ._errors import (  # noqa: E402
     CheckpointError,

@@ -125,3 +125,29 @@ def test_deberta_v1_exports_and_validates(tiny_checkpoint: Path, tmp_path: Path)
     assert result.manifest["source"]["architecture"] == "DebertaModel"
     assert result.manifest["variants"]["fp32"]["validation"]["passed"] is True
     assert control_flow_nodes(onnx.load(str(tmp_path / "out" / "model.onnx"))) == []
+
+
+def test_missing_extra_module_is_named_from_the_package_metadata() -> None:
+    # The export extra's list comes from pyproject.toml (through the installed metadata), so a missing module
+    # that no hand-written list named (tqdm, used by validation) is reported before anything else is imported.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys
+        class _Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "tqdm":
+                    raise ImportError(f"blocked: {name}")
+                return None
+        sys.meta_path.insert(0, _Block())
+        import deberta_onnx.export
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("ImportError: deberta_onnx.export needs tqdm,"), message
+    assert "pip install 'deberta-onnx[export]'" in message and "pip install torch==2.13.0" in message
