@@ -43,9 +43,8 @@ def relative_attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     for module in model.modules():
         if type(module).__name__ != "DisentangledSelfAttention" or not getattr(module, "relative_attention", False):
             continue
-        if not hasattr(module, "disentangled_attention_bias") or not set(module.pos_att_type) <= _TERMS:
-            continue
-        layers.append(module)
+        if hasattr(module, "disentangled_attention_bias") and set(getattr(module, "pos_att_type", ())) <= _TERMS:
+            layers.append(module)
     return layers
 
 
@@ -130,7 +129,7 @@ def folded_relative_attention(model: torch.nn.Module) -> Iterator[int]:
     module docstring); on exit they are restored exactly. Yields how many layers were rewritten (0 for models
     this rewrite does not cover, which then export as they are)."""
     encoder = _encoder_of(model)
-    layers = relative_attention_layers(model) if encoder is not None else []
+    layers: list[Any] = relative_attention_layers(model) if encoder is not None else []
     if not layers:
         yield 0
         return

@@ -11,8 +11,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from deberta_onnx.runtime.tokenization import TextTokenizer
 from deberta_onnx.runtime.contract import ATTENTION_MASK, INPUT_IDS, SENTENCE_EMBEDDING
+from deberta_onnx.runtime.tokenization import TextTokenizer
 
 __all__ = ["BATCH_INVARIANCE", "GATE_BATCH", "HELD_OUT_STRIDE", "HeldOut", "format_quality", "gate_failure",
            "held_out_set", "measure", "split_sentences"]
