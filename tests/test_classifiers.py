@@ -3,6 +3,7 @@ and without token_type_ids), cross-encoder scores against sentence-transformers,
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -163,7 +164,7 @@ def test_token_spans_follow_the_pytorch_labels(ner: tuple[Path, Path]) -> None:
     for aggregation in ("simple", "first", "average", "max"):
         for text, spans in zip(TEXTS, classifier.predict(TEXTS, aggregation=aggregation)):
             assert all(s.label in {"PER", "LOC"} and 0 < s.score <= 1 for s in spans)
-            assert all(a.end <= b.start for a, b in zip(spans, spans[1:]))  # in order, not overlapping
+            assert all(a.end <= b.start for a, b in itertools.pairwise(spans))  # in order, not overlapping
             assert all(s.text == text[s.start : s.end] for s in spans)
     assert classifier.predict("Ada Lovelace.") == classifier.predict(["Ada Lovelace."])[0]
 
@@ -245,8 +246,9 @@ def test_export_refuses_a_head_the_checkpoint_lacks(tiny_checkpoint: Path, nli: 
 
 
 def test_task_embedding_exports_the_encoder_of_a_classifier(nli: tuple[Path, Path], tmp_path: Path) -> None:
-    from deberta_onnx.export import ExportConfig, export_model
     from transformers import AutoModel
+
+    from deberta_onnx.export import ExportConfig, export_model
 
     src, _ = nli
     export_model(src, tmp_path / "enc", ExportConfig(quiet=True, task="embedding", tokenizer="transformers",

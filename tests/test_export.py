@@ -37,7 +37,7 @@ def test_graph_has_no_control_flow_and_dynamic_axes(exported: tuple[Path, Path])
 
 
 def test_manifest_records_contract_checksums_and_validation(exported: tuple[Path, Path]) -> None:
-    checkpoint, folder = exported
+    _, folder = exported
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["format"] == "deberta-onnx"
     assert manifest["source"]["random_weights"] is True
@@ -83,7 +83,8 @@ def test_failed_validation_leaves_nothing(tiny_checkpoint: Path, tmp_path: Path)
 def test_unsupported_architecture_lists_supported(tmp_path: Path) -> None:
     from transformers import GPT2Config, GPT2Model
 
-    GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(tmp_path / "gpt2")
+    gpt2 = GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32))
+    gpt2.save_pretrained(tmp_path / "gpt2")
     with pytest.raises(UnsupportedModelError, match="'gpt2' model .*DebertaV2Model"):
         export_model(tmp_path / "gpt2", tmp_path / "out", ExportConfig(quiet=True))
     assert not (tmp_path / "out").exists()

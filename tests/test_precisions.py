@@ -143,7 +143,8 @@ def test_static_int8_is_batch_invariant(every_precision: tuple[Path, Path], corp
 def test_fold_constants_keeps_the_outputs(tiny_checkpoint: Path, tmp_path: Path) -> None:
     # An export without the graph speed-ups still projects the relative-position embeddings in the graph; the
     # precisions fold that constant part before converting (the default export folds it already, in PyTorch).
-    plain = export_model(tiny_checkpoint, tmp_path / "plain", ExportConfig(optimize=False, validate=False, quiet=True)).out_dir
+    config = ExportConfig(optimize=False, validate=False, quiet=True)
+    plain = export_model(tiny_checkpoint, tmp_path / "plain", config).out_dir
     model = onnx.load(str(plain / "model.onnx"))
     before = sum(n.op_type == "LayerNormalization" for n in model.graph.node)
     folded = fold_constants(onnx.load(str(plain / "model.onnx")))

@@ -84,7 +84,7 @@ def test_io_binding_and_token_budget_leave_both_outputs_alone(token_model: Path,
     to encode_tokens, and token-budget batching gives the same per-token vectors."""
     from deberta_onnx.runtime import EncoderConfig
 
-    texts = corpus[:20] + ["word " * 300]
+    texts = [*corpus[:20], "word " * 300]
     plain = Encoder(token_model)
     bound = Encoder(token_model, config=EncoderConfig(io_binding=True, max_tokens=256))
     np.testing.assert_allclose(bound.encode(texts), plain.encode(texts), atol=1e-5, rtol=0)
