@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,19 +20,23 @@ import numpy as np
 import torch
 
 from deberta_onnx.benchmarks.timing import Timer
-from deberta_onnx.export import ExportConfig, build_random_checkpoint, export_model
-from deberta_onnx.export._checkpoint import sentences
-from deberta_onnx.export._graph import masked_mean
+from deberta_onnx.export import ExportConfig, build_random_checkpoint, export_model, masked_mean
+from deberta_onnx.export import shipped_sentences as sentences
 from deberta_onnx.runtime import Encoder, EncoderConfig
 from deberta_onnx.runtime.contract import PRECISIONS
+from deberta_onnx.runtime.errors import ModelFolderError
+from deberta_onnx.runtime.manifest import load_manifest
+from deberta_onnx.runtime.postprocess import row_cosine
 
 
 def _export(shape: str, out: Path) -> None:
-    manifest = out / "manifest.json"
-    if manifest.is_file():
-        data = json.loads(manifest.read_text())
-        if set(data["variants"]) == set(PRECISIONS) and data["source"]["model"] == f"random:{shape}":
-            return
+    try:
+        manifest = load_manifest(out)
+    except ModelFolderError:  # not exported yet, or an unreadable folder: export it again
+        manifest = None
+    wanted = f"random:{shape}"
+    if manifest is not None and set(manifest.variants) == set(PRECISIONS) and manifest.source.model == wanted:
+        return
     export_model(f"random:{shape}", out, ExportConfig(precisions=PRECISIONS, overwrite=True))
 
 
@@ -86,8 +89,8 @@ def main() -> None:
                 vectors[name] = timer.call(functools.partial(encode, texts), len(texts))
                 best[name] = min(best[name], timer.samples.seconds[0])
 
-    manifest = json.loads((args.out / "manifest.json").read_text())
-    size = {p: sum(f.stat().st_size for f in args.out.glob(f"{manifest['variants'][p]['file']}*")) for p in PRECISIONS}
+    variants = load_manifest(args.out).variants
+    size = {p: sum(f.stat().st_size for f in args.out.glob(f"{variants[p].file}*")) for p in PRECISIONS}
     reference = vectors["pytorch"].astype(np.float64)
     print(f"{args.shape}, random weights, {len(texts)} texts, batch {args.batch_size}, {args.threads} threads, "
           f"best of {args.rounds} rounds\n")
@@ -96,7 +99,7 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in engines:
         got = vectors[name].astype(np.float64)
-        cosine = ((got * reference).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1))).min()
+        cosine = row_cosine(got, reference).min()
         file_mb = f"{size[name] / 1e6:.0f}" if name in size else "-"
         ratio = f"{size[name] / size['fp32']:.2f}" if name in size else "-"
         print(f"| {name} | {file_mb} | {ratio} | {best[name]:.1f} | {best[name] / best['fp32']:.2f} | "

@@ -19,6 +19,7 @@ import numpy as np
 
 from deberta_onnx.runtime.contract import TOKENIZER_FILE
 from deberta_onnx.runtime.manifest import load_manifest
+from deberta_onnx.runtime.postprocess import row_cosine
 
 from .backends import Backend, ThreadSetting, devices, runtime_backends, torch_backends
 from .config import BenchConfig, ModelSpec
@@ -71,7 +72,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
             first = group.specs[0].folder
             corpus: list[str] = []
             if config.corpus_size:
-                from deberta_onnx.export._checkpoint import sentences
+                from deberta_onnx.export import shipped_sentences as sentences
 
                 corpus = build_corpus(sentences(), first / TOKENIZER_FILE, size=config.corpus_size, seed=config.seed)
             steps = len(config.shapes) * config.rounds * len(group.backends)
@@ -110,8 +111,7 @@ def _groups(config: BenchConfig, scratch: Path) -> list[_Group]:
 def reference_checkpoint(source: str, scratch: Path) -> str:
     """The manifest's source as a loadable checkpoint; ``random:SHAPE`` is rebuilt (seeded, so identical)."""
     if source.startswith(_RANDOM):
-        from deberta_onnx.export import build_random_checkpoint
-        from deberta_onnx.export._checkpoint import quiet_libraries
+        from deberta_onnx.export import build_random_checkpoint, quiet_libraries
 
         with quiet_libraries():
             return str(build_random_checkpoint(source[len(_RANDOM):], scratch / source[len(_RANDOM):]))
@@ -155,9 +155,8 @@ def _reference_of(group: _Group, backend: Backend) -> Backend | None:
 def _parity(actual: np.ndarray, expected: np.ndarray) -> dict[str, float]:
     a = actual.astype(np.float64)
     e = expected.astype(np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(e, axis=1)
-    live = norms > 0  # all-padding rows are zero vectors on both sides
-    cosine = (a * e).sum(1)[live] / norms[live]
+    live = np.abs(a).sum(1) + np.abs(e).sum(1) > 0  # all-padding rows are zero vectors on both sides
+    cosine = row_cosine(a[live], e[live])
     return {"min_cosine": float(cosine.min()) if cosine.size else 1.0,
             "max_abs_diff": float(np.abs(a - e).max()) if a.size else 0.0}
 

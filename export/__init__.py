@@ -6,24 +6,15 @@
 
 from __future__ import annotations
 
-from deberta_onnx.runtime._extras import missing_modules
+from deberta_onnx.runtime.utils import require_extra
 
-_REQUIRED = ("torch", "transformers", "onnx", "onnxscript", "sentencepiece", "safetensors")
+require_extra(
+    "export",
+    "deberta_onnx.export",
+    note="Install torch's CPU build before it, `pip install torch==2.13.0` (or keep any torch you already have), "
+         "so that the extra does not pull a CUDA build. The runtime (deberta_onnx.runtime) works without them.",
+)
 
-
-def _check_imports() -> None:
-    missing = missing_modules(_REQUIRED)
-    if missing:
-        raise ImportError(
-            f"deberta_onnx.export needs {', '.join(missing)}, which the base install leaves out. Install the "
-            "export extra: `pip install torch==2.13.0` (a CPU build; or any torch you already have) and then "
-            "`pip install 'deberta-onnx[export]'`. The runtime (deberta_onnx.runtime) works without them."
-        )
-
-
-_check_imports()
-
-from ._checkpoint import RANDOM_SHAPES, build_random_checkpoint, train_sentencepiece  # noqa: E402
 from ._errors import (  # noqa: E402
     CheckpointError,
     ExportError,
@@ -32,24 +23,31 @@ from ._errors import (  # noqa: E402
     UnsupportedModelError,
     ValidationError,
 )
-from ._export import ExportConfig, ExportResult, export_model  # noqa: E402
-from ._precision import RECIPES, Recipe  # noqa: E402
+from ._export import export_model  # noqa: E402
+from ._graph import masked_mean  # noqa: E402
+from ._quiet import quiet_libraries  # noqa: E402
+from ._random import RANDOM_SHAPES, build_random_checkpoint, shipped_sentences, train_sentencepiece  # noqa: E402
+from ._recipes import RECIPES, Recipe  # noqa: E402
 from ._validate import DEFAULT_VALIDATION_SHAPES  # noqa: E402
+from .config import ExportConfig, ExportResult  # noqa: E402
 
 __all__ = [
     "DEFAULT_VALIDATION_SHAPES",
     "RANDOM_SHAPES",
+    "RECIPES",
     "CheckpointError",
     "ExportConfig",
     "ExportError",
     "ExportResult",
     "OutputExistsError",
     "QualityGateError",
-    "RECIPES",
     "Recipe",
     "UnsupportedModelError",
     "ValidationError",
     "build_random_checkpoint",
     "export_model",
+    "masked_mean",
+    "quiet_libraries",
+    "shipped_sentences",
     "train_sentencepiece",
 ]

@@ -20,7 +20,6 @@ PyTorch model like any other.
 
 from __future__ import annotations
 
-import logging
 import math
 import types
 from collections.abc import Iterator
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from deberta_onnx.runtime.utils import quiet_loggers
 
 __all__ = ["apply_ort_fusions", "folded_relative_attention", "relative_attention_layers"]
 
@@ -42,9 +43,8 @@ def relative_attention_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     for module in model.modules():
         if type(module).__name__ != "DisentangledSelfAttention" or not getattr(module, "relative_attention", False):
             continue
-        if not hasattr(module, "disentangled_attention_bias") or not set(module.pos_att_type) <= _TERMS:
-            continue
-        layers.append(module)
+        if hasattr(module, "disentangled_attention_bias") and set(getattr(module, "pos_att_type", ())) <= _TERMS:
+            layers.append(module)
     return layers
 
 
@@ -129,7 +129,7 @@ def folded_relative_attention(model: torch.nn.Module) -> Iterator[int]:
     module docstring); on exit they are restored exactly. Yields how many layers were rewritten (0 for models
     this rewrite does not cover, which then export as they are)."""
     encoder = _encoder_of(model)
-    layers = relative_attention_layers(model) if encoder is not None else []
+    layers: list[Any] = relative_attention_layers(model) if encoder is not None else []
     if not layers:
         yield 0
         return
@@ -181,18 +181,10 @@ def apply_ort_fusions(path: Path, *, num_heads: int, hidden_size: int, external_
             setattr(options, attribute, False)
     # Its shape inference warns about every symbolic Slice bound it cannot compare (the graph is validated anyway),
     # under two logger names: the optimizer imports that module both from the package and as a top-level module.
-    names = ("onnxruntime.transformers", "onnxruntime.tools.symbolic_shape_infer", "symbolic_shape_infer")
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
+    with quiet_loggers("onnxruntime.transformers", "onnxruntime.tools.symbolic_shape_infer", "symbolic_shape_infer"):
         optimized = optimize_model(str(path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
                                    optimization_options=options, opt_level=0)
         counts = {name: int(count) for name, count in optimized.get_fused_operator_statistics().items() if count}
         # The weights are in memory by now; the file is rewritten in place (inside the export's staging folder).
         optimized.save_model_to_file(str(path), use_external_data_format=external_data)
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
     return counts

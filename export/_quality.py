@@ -11,8 +11,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from deberta_onnx.runtime.tokenization import TextTokenizer
 from deberta_onnx.runtime.contract import ATTENTION_MASK, INPUT_IDS, SENTENCE_EMBEDDING
+from deberta_onnx.runtime.postprocess import row_cosine
+from deberta_onnx.runtime.tokenization import TextTokenizer
 
 __all__ = ["BATCH_INVARIANCE", "GATE_BATCH", "HELD_OUT_STRIDE", "HeldOut", "format_quality", "gate_failure",
            "held_out_set", "measure", "split_sentences"]
@@ -74,7 +75,7 @@ def measure(model_path: Path, held: HeldOut) -> dict[str, Any]:
 
     alone, batched = run(held.alone), run(held.batches)
     finite = bool(np.isfinite(alone).all() and np.isfinite(batched).all())
-    cosines = {"alone": _cosine(alone, held.reference), "batched": _cosine(batched, held.reference)}
+    cosines = {"alone": row_cosine(alone, held.reference), "batched": row_cosine(batched, held.reference)}
     run_name, scores = min(cosines.items(), key=lambda item: item[1].min())
     index = int(scores.argmin())
     both = np.concatenate(list(cosines.values()))
@@ -84,7 +85,7 @@ def measure(model_path: Path, held: HeldOut) -> dict[str, Any]:
         "min_cosine": float(both.min()),
         "mean_cosine": float(both.mean()),
         "max_abs_diff": float(diff.max()) if finite else float("inf"),
-        "batch_invariance": float(_cosine(alone, batched).min()),
+        "batch_invariance": float(row_cosine(alone, batched).min()),
         "worst": {"index": index, "text": held.texts[index], "cosine": float(scores[index]), "run": run_name},
         "finite": finite,
         "bytes": sum(p.stat().st_size for p in model_path.parent.glob(f"{model_path.name}*")),
@@ -116,9 +117,3 @@ def format_quality(precision: str, recipe: str, report: dict[str, Any], base_byt
     return (f"{precision:<13} {recipe:<17} cosine min {report['min_cosine']:.6f} mean {report['mean_cosine']:.6f}, "
             f"max|diff| {report['max_abs_diff']:.1e}, alone vs batched {report['batch_invariance']:.6f}, "
             f"{report['bytes'] / 1e6:.1f} MB ({report['bytes'] / base_bytes:.2f}x fp32){verdict}")
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    tiny = np.finfo(np.float64).tiny
-    norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), tiny)
-    return np.nan_to_num((a * b).sum(axis=1) / norms, nan=-1.0)

@@ -24,7 +24,8 @@ class _SentencePieceConverter(DebertaV2Converter):
 
     def decoder(self, replacement: str, add_prefix_space: bool) -> Any:
         # Byte pieces (<0xF0> ...) back to characters before the metaspace is turned into spaces.
-        return decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(), super().decoder(replacement, add_prefix_space)])
+        return decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(),
+                                  super().decoder(replacement, add_prefix_space)])
 
 
 class _SpmSource:

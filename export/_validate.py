@@ -99,15 +99,15 @@ def validate(
         expected = [t.numpy() for t in (result if isinstance(result, tuple) else (result,))]
         actual = session.run([spec.name for spec in outputs], feed)
         compared = [_compare(a, e, spec, mask) for a, e, spec in zip(actual, expected, outputs)]
-        worst = max(range(len(compared)), key=lambda i: compared[i][1])
-        finite, max_diff, worst_row = compared[worst]
+        worst_output = max(range(len(compared)), key=lambda i: compared[i][1])
+        _, max_diff, worst_row = compared[worst_output]
         rows.append({
             "batch": batch,
             "sequence": sequence,
             "padded_rows": int((mask.sum(1) < sequence).sum()),
             "max_abs_diff": max_diff if all(c[0] for c in compared) else float("inf"),
             "worst_row": worst_row,
-            "worst_output": outputs[worst].name,
+            "worst_output": outputs[worst_output].name,
             "finite": all(c[0] for c in compared),
         })
     worst = max(rows, key=lambda r: r["max_abs_diff"])

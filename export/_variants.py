@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from deberta_onnx.runtime.tokenization import TextTokenizer
 from deberta_onnx.runtime.contract import (
     ATTENTION_MASK,
     INPUT_IDS,
@@ -19,10 +18,12 @@ from deberta_onnx.runtime.contract import (
     TOKENIZER_FILE,
     variant_file,
 )
+from deberta_onnx.runtime.tokenization import TextTokenizer
 
-from ._checkpoint import sentences
 from ._errors import ExportError, QualityGateError
-from ._precision import RECIPES, Recipe, build_variant, prepare_base
+from ._fp16 import build_fp16
+from ._graph_edit import prepare_base
+from ._int8 import build_int8
 from ._quality import (
     BATCH_INVARIANCE,
     HeldOut,
@@ -32,11 +33,11 @@ from ._quality import (
     measure,
     split_sentences,
 )
+from ._random import shipped_sentences
+from ._recipes import RECIPES, Recipe
+from .config import ExportConfig
 
-if TYPE_CHECKING:
-    from ._export import ExportConfig
-
-__all__ = ["derive_variants", "read_calibration"]
+__all__ = ["build_variant", "derive_variants", "read_calibration"]
 
 
 def read_calibration(path: str | Path) -> list[str]:
@@ -55,6 +56,24 @@ def read_calibration(path: str | Path) -> list[str]:
         raise ValueError(f"calibration file {source} has no text; give one sentence per line (a few hundred "
                          "sentences like the ones you will embed).")
     return lines
+
+
+def build_variant(recipe: Recipe, base_path: Path, out_path: Path, *,
+                  calibration: Sequence[dict[str, np.ndarray]] = ()) -> dict[str, Any]:
+    """Builds ``recipe``'s graph from the folded fp32 graph at ``base_path`` and writes it to ``out_path``.
+
+    Args:
+        recipe: what to build (see ``RECIPES``).
+        base_path: the fp32 graph after ``prepare_base``.
+        out_path: where to write the new graph (``FILE.data`` beside it when over 2 GB).
+        calibration: int8-static only: the inputs (one feed per text) whose activation ranges fix the scales.
+
+    Returns:
+        A summary of the graph's nodes by precision, for the manifest.
+    """
+    if recipe.precision == "fp16":
+        return build_fp16(recipe, base_path, out_path)
+    return build_int8(recipe, base_path, out_path, calibration=calibration)
 
 
 def derive_variants(
@@ -83,7 +102,7 @@ def derive_variants(
     if not derived:
         return None, {}
     tokenizer = TextTokenizer(folder / TOKENIZER_FILE, max_length=max_length, pad_id=pad_id)
-    default_calibration, held_texts = split_sentences(sentences())
+    default_calibration, held_texts = split_sentences(shipped_sentences())
     fp32_path = folder / MODEL_FILE
     held = fp32_report = None
     base_bytes = sum(p.stat().st_size for p in folder.glob(f"{MODEL_FILE}*"))

@@ -60,9 +60,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def corpus() -> list[str]:
-    from deberta_onnx.export._checkpoint import sentences
+    from deberta_onnx.export import shipped_sentences
 
-    return sentences()
+    return shipped_sentences()
 
 
 @pytest.fixture(scope="session")
@@ -128,8 +128,9 @@ def build_classifier_checkpoint(tiny_checkpoint: Path, out: Path, *, task: str, 
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, DebertaV2ForTokenClassification
 
     config = DebertaV2Config(**{**TINY_CONFIGS["v3-shared"], "type_vocab_size": type_vocab_size},
-                             id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
-    loader = DebertaV2ForSequenceClassification if task == "sequence-classification" else DebertaV2ForTokenClassification
+                             id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
+    sequence = task == "sequence-classification"
+    loader = DebertaV2ForSequenceClassification if sequence else DebertaV2ForTokenClassification
     torch.manual_seed(seed)
     model = loader(config).eval()
     with torch.no_grad():

@@ -37,7 +37,7 @@ def test_graph_has_no_control_flow_and_dynamic_axes(exported: tuple[Path, Path])
 
 
 def test_manifest_records_contract_checksums_and_validation(exported: tuple[Path, Path]) -> None:
-    checkpoint, folder = exported
+    _, folder = exported
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["format"] == "deberta-onnx"
     assert manifest["source"]["random_weights"] is True
@@ -83,7 +83,8 @@ def test_failed_validation_leaves_nothing(tiny_checkpoint: Path, tmp_path: Path)
 def test_unsupported_architecture_lists_supported(tmp_path: Path) -> None:
     from transformers import GPT2Config, GPT2Model
 
-    GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(tmp_path / "gpt2")
+    gpt2 = GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32))
+    gpt2.save_pretrained(tmp_path / "gpt2")
     with pytest.raises(UnsupportedModelError, match="'gpt2' model .*DebertaV2Model"):
         export_model(tmp_path / "gpt2", tmp_path / "out", ExportConfig(quiet=True))
     assert not (tmp_path / "out").exists()
@@ -125,3 +126,29 @@ def test_deberta_v1_exports_and_validates(tiny_checkpoint: Path, tmp_path: Path)
     assert result.manifest["source"]["architecture"] == "DebertaModel"
     assert result.manifest["variants"]["fp32"]["validation"]["passed"] is True
     assert control_flow_nodes(onnx.load(str(tmp_path / "out" / "model.onnx"))) == []
+
+
+def test_missing_extra_module_is_named_from_the_package_metadata() -> None:
+    # The export extra's list comes from pyproject.toml (through the installed metadata), so a missing module
+    # that no hand-written list named (tqdm, used by validation) is reported before anything else is imported.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys
+        class _Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "tqdm":
+                    raise ImportError(f"blocked: {name}")
+                return None
+        sys.meta_path.insert(0, _Block())
+        import deberta_onnx.export
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("ImportError: deberta_onnx.export needs tqdm,"), message
+    assert "pip install 'deberta-onnx[export]'" in message and "pip install torch==2.13.0" in message

@@ -12,11 +12,11 @@ import onnxruntime as ort
 import pytest
 
 from deberta_onnx.export import RECIPES, ExportConfig, QualityGateError, export_model
-from deberta_onnx.export._precision import fold_constants
+from deberta_onnx.export._graph_edit import fold_constants
 from deberta_onnx.export._quality import split_sentences
 from deberta_onnx.runtime import Encoder, EncoderConfig
-from deberta_onnx.runtime.loader import best_precision
 from deberta_onnx.runtime.contract import PRECISIONS, variant_file
+from deberta_onnx.runtime.loader import best_precision
 from deberta_onnx.runtime.manifest import sha256_file
 
 from .conftest import HARD_TEXTS
@@ -144,7 +144,8 @@ def test_static_int8_is_batch_invariant(every_precision: tuple[Path, Path], corp
 def test_fold_constants_keeps_the_outputs(tiny_checkpoint: Path, tmp_path: Path) -> None:
     # An export without the graph speed-ups still projects the relative-position embeddings in the graph; the
     # precisions fold that constant part before converting (the default export folds it already, in PyTorch).
-    plain = export_model(tiny_checkpoint, tmp_path / "plain", ExportConfig(optimize=False, validate=False, quiet=True)).out_dir
+    config = ExportConfig(optimize=False, validate=False, quiet=True)
+    plain = export_model(tiny_checkpoint, tmp_path / "plain", config).out_dir
     model = onnx.load(str(plain / "model.onnx"))
     before = sum(n.op_type == "LayerNormalization" for n in model.graph.node)
     folded = fold_constants(onnx.load(str(plain / "model.onnx")))
@@ -293,3 +294,47 @@ def test_classifiers_refuse_lower_precisions(tiny_checkpoint: Path, tmp_path: Pa
     with pytest.raises(ExportError, match="--precision int8-dynamic appl.* to embedding graphs"):
         export_model(src, tmp_path / "out", ExportConfig(precisions=("int8-dynamic",), quiet=True))
     assert not (tmp_path / "out").exists()
+
+
+def test_quantization_advice_is_silenced_but_the_callers_logging_is_not(tiny_checkpoint: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # ONNX Runtime's quantizer logs its advice ("Please consider to run pre-processing ...") with module-level
+    # logging calls, through the root logger. The export drops those records by the file that made them; the
+    # root logger's level stays the caller's, and so do the caller's own records.
+    import logging
+
+    import onnxruntime.quantization as quantization
+
+    records: list[logging.LogRecord] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    root = logging.getLogger()
+    levels: list[int] = []
+    real = quantization.quantize_dynamic
+
+    def quantize_dynamic(*args: object, **kwargs: object) -> object:
+        levels.append(root.level)
+        logging.warning("the caller's own warning")
+        logging.getLogger("caller").info("and its own logger's note")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quantization, "quantize_dynamic", quantize_dynamic)
+    handler, level, filters = _Keep(logging.DEBUG), root.level, list(root.filters)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        export_model(tiny_checkpoint, tmp_path / "model", ExportConfig(precisions=("fp16", "int8-dynamic"),
+                                                                       optimize=False, validate=False, quiet=True))
+        assert root.level == logging.DEBUG and root.filters == filters
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert levels == [logging.DEBUG]
+    messages = {(r.name, r.getMessage()) for r in records}
+    assert {("root", "the caller's own warning"), ("caller", "and its own logger's note")} <= messages
+    tools = tuple(str(Path(ort.__file__).parent / name) for name in ("quantization", "transformers"))
+    assert [r.getMessage() for r in records if r.pathname.startswith(tools) and r.levelno < logging.ERROR] == []
+    assert not any("pre-processing" in message for _, message in messages)

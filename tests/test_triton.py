@@ -26,7 +26,7 @@ def _model_config_pb2() -> ModuleType:
     tritonclient.grpc's __init__, which needs the grpc extra (see pyproject.toml)."""
     package = importlib.util.find_spec("tritonclient")
     assert package is not None and package.submodule_search_locations, "install the dev extra (tritonclient)"
-    path = Path(list(package.submodule_search_locations)[0]) / "grpc" / "model_config_pb2.py"
+    path = Path(next(iter(package.submodule_search_locations))) / "grpc" / "model_config_pb2.py"
     spec = importlib.util.spec_from_file_location("_triton_model_config_pb2", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -94,7 +94,7 @@ def test_client_side_tokenization_as_documented(triton_export: Path, corpus: lis
     ONNX Runtime standing in for the server: the same vectors as the runtime."""
     from tokenizers import Tokenizer
 
-    texts = corpus[:6] + ["x", "a longer text " * 30]
+    texts = [*corpus[:6], "x", "a longer text " * 30]
     tokenizer = Tokenizer.from_file(str(triton_export / "tokenizer.json"))
     tokenizer.enable_truncation(512)
     tokenizer.enable_padding(pad_id=0, pad_token="[PAD]", pad_to_multiple_of=32)

@@ -1,0 +1,94 @@
+"""The fp16 variant: ONNX Runtime's float16 converter, with what would lose accuracy or overflow in fp16 kept in
+fp32 (normalisation, softmax, reductions, the relative-position bucket arithmetic and the pooling)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import TensorProto
+
+from ._errors import ExportError
+from ._graph_edit import ancestors, matmul_summary, producers, prune, save
+from ._quiet import quiet_quantization
+from ._recipes import Recipe
+
+__all__ = ["build_fp16"]
+
+_PROTOBUF_LIMIT = 2**31 - 1
+# Kept in fp32 in the fp16 graph: normalisation statistics, softmax, and reductions (ReduceMean, Pow and Sqrt
+# are DeBERTa v1's hand-written LayerNorm). SkipLayerNormalization is the export's fused residual add + LayerNorm:
+# keeping it fp32 keeps the residual stream fp32 too.
+_FP16_KEEP_OPS = ("LayerNormalization", "SkipLayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt")
+_ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Where", "Neg", "Clip")
+
+
+def build_fp16(recipe: Recipe, base_path: Path, out_path: Path) -> dict[str, Any]:
+    """Converts the folded fp32 graph at ``base_path`` to fp16 (fp32 inputs and output) and writes it to
+    ``out_path``; returns the count of fp32 nodes by op type and of MatMuls by precision, for the manifest."""
+    converted, kept = _to_fp16(onnx.load(str(base_path)), recipe)
+    save(converted, out_path)
+    return {"fp32_nodes": kept, **matmul_summary(converted)}
+
+
+def _to_fp16(model: onnx.ModelProto, recipe: Recipe) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """Converts to fp16 with fp32 inputs and output; returns the model and the count of fp32 nodes by op type."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    if model.ByteSize() > _PROTOBUF_LIMIT:
+        raise ExportError("fp16 conversion needs the fp32 graph in one protobuf (under 2 GB); this checkpoint is "
+                          "larger. Export fp32 and int8 variants only.")
+    # Type entries for initializers would be rewritten to fp16 even where the initializer stays fp32.
+    initializers = {init.name for init in model.graph.initializer}
+    value_info = [info for info in model.graph.value_info if info.name not in initializers]
+    model.graph.ClearField("value_info")
+    model.graph.value_info.extend(value_info)
+    model = onnx.shape_inference.infer_shapes(model)
+    ops = {*DEFAULT_OP_BLOCK_LIST, *_FP16_KEEP_OPS, *(() if recipe.fp16_elementwise else _ELEMENTWISE)}
+    names = _index_nodes(model) | _pooling_nodes(model)
+    types = {info.name: info.type.tensor_type.elem_type for info in model.graph.value_info}
+    kept = Counter(node.op_type for node in model.graph.node
+                   if (node.op_type in ops or node.name in names) and node.op_type not in ("Shape", "Size")
+                   and types.get(node.output[0]) == TensorProto.FLOAT)
+    with quiet_quantization():
+        converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
+                                             op_block_list=sorted(ops), node_block_list=sorted(names))
+    _drop_cast_pairs(converted)
+    return converted, dict(sorted(kept.items()))
+
+
+def _index_nodes(model: onnx.ModelProto) -> set[str]:
+    """Nodes that compute gather indices: DeBERTa's relative-position buckets, computed with a float log.
+    In fp16 a bucket could round to its neighbour, so they stay fp32."""
+    gathers = [node.input[1] for node in model.graph.node if node.op_type in ("Gather", "GatherElements", "GatherND")]
+    return ancestors(model, gathers)
+
+
+def _pooling_nodes(model: onnx.ModelProto) -> set[str]:
+    """Nodes after the encoder's last MatMul on the way to the output: the last residual add and LayerNorm and
+    the masked-mean pooling, whose sum over up to 512 tokens could overflow fp16."""
+    matmuls = [node for node in model.graph.node if node.op_type == "MatMul"]
+    encoder = ancestors(model, [name for node in matmuls for name in node.input]) | {node.name for node in matmuls}
+    return ancestors(model, [out.name for out in model.graph.output]) - encoder
+
+
+def _drop_cast_pairs(model: onnx.ModelProto) -> None:
+    """Between two fp32 nodes the converter puts a Cast to fp16 and one back; bypass such pairs so the value
+    stays fp32 (only pairs the converter made, recognised by their names, are touched)."""
+    made_by = producers(model)
+    rename: dict[str, str] = {}
+    dropped: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type == "Cast" and node.name.endswith("_cast_to_fp32_node"):
+            parent = made_by.get(node.input[0])
+            if parent is not None and parent.op_type == "Cast" and parent.name.endswith("_cast_to_fp16_node"):
+                rename[node.output[0]] = parent.input[0]
+                dropped.add(node.name)
+    for node in model.graph.node:
+        if node.name not in dropped:
+            for i, name in enumerate(node.input):
+                node.input[i] = rename.get(name, name)
+    # The bypassed pairs (and any Cast to fp16 that only they read) are dead now.
+    prune(model)
