@@ -17,6 +17,7 @@ from typing import IO
 
 __all__ = [
     "DISTRIBUTION",
+    "MissingExtraError",
     "atomic_write",
     "check_positive_int",
     "fsync_dir",
@@ -32,6 +33,10 @@ DISTRIBUTION = "deberta-onnx"
 _IMPORT_NAMES = {"protobuf": "google.protobuf", "onnxruntime-gpu": "onnxruntime", "pyyaml": "yaml"}
 _EXTRA_MARKER = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+class MissingExtraError(ImportError):
+    """An optional part of the package was used without its extra installed; the message names the pip command."""
 
 
 def _extra_requirements(extra: str) -> list[str]:
@@ -68,7 +73,8 @@ def missing_extra(extra: str) -> list[str]:
 
 
 def require_extra(extra: str, package: str, *, note: str = "") -> None:
-    """Raises ``ImportError`` naming the extra to install if any of its distributions is missing.
+    """Raises ``MissingExtraError`` (an ``ImportError``) naming the extra to install if any of its distributions is
+    missing.
 
     Args:
         extra: the optional-dependency group, e.g. ``"export"``.
@@ -77,7 +83,7 @@ def require_extra(extra: str, package: str, *, note: str = "") -> None:
     """
     missing = missing_extra(extra)
     if missing:
-        raise ImportError(
+        raise MissingExtraError(
             f"{package} needs {', '.join(missing)}, which the base install leaves out. Install the {extra} "
             f"extra: `pip install '{DISTRIBUTION}[{extra}]'`.{' ' + note if note else ''}"
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 import threading
 from typing import Any
 
@@ -59,11 +58,8 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        from ..server.app import serve
-    except ImportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+    from ..server.app import serve
+
     config = ServerConfig(**{name: getattr(args, name) for name in _FIELDS})
     encoder = load(args, Encoder)
     if threading.current_thread() is threading.main_thread():
