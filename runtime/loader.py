@@ -139,6 +139,7 @@ class LoadedAttributes:
     device = loaded_property(lambda m: m.device, "Where the session keeps its tensors: ``cpu`` or ``cuda:N``.")
     max_length = loaded_property(lambda m: m.max_length,
                                  "Longest input in tokens (special tokens included); longer inputs are truncated.")
+    max_seq_length = loaded_property(lambda m: m.max_length, "``max_length``, by sentence-transformers' name.")
 
 
 def _check_task(manifest: Manifest, tasks: tuple[str, ...], user: str) -> None:

@@ -30,7 +30,8 @@ __all__ = [
 DISTRIBUTION = "deberta-onnx"
 
 # Distributions whose import name is not their name with dashes turned into underscores.
-_IMPORT_NAMES = {"protobuf": "google.protobuf", "onnxruntime-gpu": "onnxruntime", "pyyaml": "yaml"}
+_IMPORT_NAMES = {"protobuf": "google.protobuf", "onnxruntime-gpu": "onnxruntime", "pyyaml": "yaml",
+                 "llama-index-core": "llama_index.core"}
 _EXTRA_MARKER = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
