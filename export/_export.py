@@ -131,6 +131,9 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, *, 
     graph = _graph_module(checkpoint, config, pooling=pooling, normalize=normalize)
     model_path = folder / MODEL_FILE
     optimization = _export_graph(graph, checkpoint, model_path, config)
+    # The file declares the model's maximum (a checksummed bound the runtime checks the manifest against), and
+    # clients that tokenize with it directly (Triton) truncate as the runtime does.
+    fast_tokenizer.enable_truncation(max_length)
     fast_tokenizer.save(str(folder / TOKENIZER_FILE))
 
     report = None

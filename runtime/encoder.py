@@ -52,6 +52,8 @@ class Encoder(LoadedAttributes):
         TaskMismatchError: the folder holds a classifier, not an embedding model.
         ProviderUnavailableError: a requested provider is not installed or ONNX Runtime fell back from it.
         CudaGraphError: ``config.cuda_graph`` is set and ONNX Runtime refused CUDA graphs for this model.
+        MemoryLimitError: one input of the folder's maximum length would need more than
+            ``config.max_call_memory_mb``.
         ValueError: ``providers`` and ``config.device`` both given, or ``cuda_graph`` without CUDA.
 
     One ``Encoder`` may be shared by threads: ONNX Runtime sessions and the tokenizer are thread-safe,
