@@ -6,7 +6,7 @@ each batch is padded to a multiple of the sequence bucket, so that few shapes oc
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -21,6 +21,7 @@ __all__ = [
     "ATTENTION_TENSORS",
     "Batch",
     "BatchPolicy",
+    "ModelCall",
     "TokenBatch",
     "batch_capacity",
     "bucket_width",
@@ -131,6 +132,20 @@ class TokenBatch(NamedTuple):
     input_ids: np.ndarray
     attention_mask: np.ndarray
     token_type_ids: np.ndarray | None  # only for graphs that take segment ids
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """One model call of a plan, not yet run: which of the caller's inputs it computes, their token counts
+    (special tokens included, after truncation), and ``run()``, which computes their outputs in that order.
+
+    A caller that runs a plan call by call (the server) can stop between calls, or skip a call whose inputs
+    nobody waits for any more.
+    """
+
+    rows: list[int]
+    token_counts: list[int]
+    run: Callable[[], np.ndarray]
 
 
 def token_batches(
