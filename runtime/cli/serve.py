@@ -60,7 +60,8 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--keep-alive-s", type=float, default=d.keep_alive_s,
                        help="seconds an idle keep-alive connection stays open (default %(default)s)")
     parser.add_argument("--max-connections", type=int, default=d.max_connections,
-                       help="most open connections; a request on one more gets 503 (default %(default)s)")
+                       help="a request arriving while this many connections are open (its own included) gets "
+                            "503 (default %(default)s)")
     parser.add_argument("--shutdown-timeout-s", type=float, default=d.shutdown_timeout_s,
                        help="after SIGTERM or Ctrl+C, seconds requests in flight may take to finish; /health says "
                             "503 meanwhile (default %(default)s)")

@@ -31,7 +31,8 @@ class ServerConfig:
         read_timeout_s: how long a client has to send a request's headers (from the connection's start, or the
             end of the previous response on it; then the connection is closed), and again its body (then 408).
         keep_alive_s: how long an idle keep-alive connection stays open between requests.
-        max_connections: the most open connections; a request arriving on one more gets 503 at once.
+        max_connections: a request arriving while this many connections are open (its own included) gets 503 at
+            once (uvicorn's ``limit_concurrency``).
         shutdown_timeout_s: after SIGTERM (or Ctrl+C), how long requests in flight may take to finish; then they
             are cancelled and the server exits.
         allowed_hosts: ``Host`` header values accepted besides the address the server listens on (and
