@@ -197,7 +197,10 @@ def test_sigterm_exits_0_within_the_shutdown_timeout_despite_a_stuck_client(tiny
         stuck = _raw(server, _request(b'{"input": ["never fin', declared=100))
         _reading(server, 1)
         assert server.stop(signal.SIGTERM, timeout_s=120) == 0, server.log
+        answer = _read_all(stuck).decode()  # told why, rather than cut off
+        assert answer.startswith("HTTP/1.1 503") and "shutting_down" in answer
         stuck.close()
+        assert "cancelled at the shutdown deadline" in server.log and "Traceback" not in server.log
 
 
 # --- 7. hostile JSON, 500s -----------------------------------------------------------------------------------

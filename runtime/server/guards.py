@@ -55,8 +55,9 @@ def error_response(error: ApiError) -> Response:
 
 def guarded(route: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
     """Wraps a route so that nothing escapes it: an ``ApiError`` is answered and logged as one line (client
-    errors at INFO, without a traceback), a client that left is logged at DEBUG only, and anything else is logged
-    once with its traceback and answered with a generic 500 that reveals nothing of the server's internals."""
+    errors at INFO, without a traceback), a client that left is logged at DEBUG only, a request cancelled at the
+    shutdown deadline gets 503, and anything else is logged once with its traceback and answered with a generic
+    500 that reveals nothing of the server's internals."""
 
     async def run(request: Request) -> Response:
         try:
@@ -66,6 +67,16 @@ def guarded(route: Callable[[Request], Awaitable[Response]]) -> Callable[[Reques
             log("%s %s from %s: %d %s: %s", request.method, request.url.path, _client(request), error.status,
                 error.code, error.message[:300])
             return error_response(error)
+        except asyncio.CancelledError:
+            # uvicorn cancels the requests still running at the shutdown deadline (and nothing else cancels a
+            # request's task): answer them, instead of a traceback in the log and a bare 500 to the client.
+            task = asyncio.current_task()
+            if task is not None and hasattr(task, "uncancel"):
+                task.uncancel()
+            logger.info("%s %s from %s: cancelled at the shutdown deadline", request.method, request.url.path,
+                        _client(request))
+            return error_response(ApiError(503, "the server is shutting down; retry on another instance",
+                                           type="unavailable_error", code="shutting_down"))
         except ClientGone:
             logger.debug("%s %s from %s: the client left before its answer", request.method, request.url.path,
                          _client(request))
