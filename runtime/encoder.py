@@ -3,14 +3,15 @@ runner) and stage three (post-processing) are modules of their own; the encoder 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, overload
 
 import numpy as np
 
-from .batching import token_batches
+from .batching import ModelCall, TokenBatch, token_batches
 from .compat import EncodeKeywords, alias, check_embedding_precision, check_keywords, with_prompt
 from .config import EncoderConfig
 from .contract import TASK_EMBEDDING, TOKEN_EMBEDDINGS
@@ -21,6 +22,7 @@ from .runners import SessionRunner
 from .session import ProviderList
 from .similarity import cos_sim
 from .tokenization import check_texts
+from .utils import check_positive_int
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -57,6 +59,8 @@ class Encoder(LoadedAttributes):
         TaskMismatchError: the folder holds a classifier, not an embedding model.
         ProviderUnavailableError: a requested provider is not installed or ONNX Runtime fell back from it.
         CudaGraphError: ``config.cuda_graph`` is set and ONNX Runtime refused CUDA graphs for this model.
+        MemoryLimitError: one input of the folder's maximum length would need more than
+            ``config.max_call_memory_mb``.
         ValueError: ``providers`` and ``config.device`` both given, or ``cuda_graph`` without CUDA.
 
     One ``Encoder`` may be shared by threads: ONNX Runtime sessions and the tokenizer are thread-safe,
@@ -217,16 +221,38 @@ class Encoder(LoadedAttributes):
                              f"got {dimensions!r}")
         single = isinstance(texts, str)
         items = with_prompt([texts] if isinstance(texts, str) else check_texts(texts), prompt)
-        loaded = self.loaded
         out = np.empty((len(items), self.hidden_size), dtype=np.float32)
-        for batch in token_batches(loaded.tokenizer, items, loaded.policy, batch_size, truncate=truncate,
-                                   show_progress=show_progress):
-            (vectors,) = loaded.runner.run(batch.input_ids, batch.attention_mask)
-            out[batch.rows] = vectors[: len(batch.rows)]
+        for call in self.plan(items, batch_size, truncate=truncate, show_progress=show_progress):
+            out[call.rows] = call.run()
         out = truncate_dimensions(out, dimensions, normalize=normalize, graph_normalizes=self.manifest.normalize)
         if precision != "float32":
             out = quantize_embeddings(out, precision)
         return out[0] if single else out
+
+    def plan(self, texts: Sequence[str], batch_size: int | None = None, *, truncate: bool = True,
+             show_progress: bool = False) -> Iterator[ModelCall]:
+        """``encode``'s work as separate model calls, tokenized and batched as ``encode`` does, run one by one by
+        the caller: each ``call.run()`` gives the raw (unnormalised) vectors of ``call.rows``, which are positions
+        in ``texts``. ``encode`` runs exactly these calls, so the vectors are the same.
+
+        Tokenization happens as the iterator advances, a chunk at a time; nothing runs until ``run()`` is called.
+
+        Raises:
+            TypeError: ``texts`` is not a list of str.
+            ValueError: ``batch_size`` < 1 (at once), or ``truncate`` is false and a text is too long (when its
+                chunk is tokenized).
+        """
+        items = check_texts(texts)
+        check_positive_int("batch_size", batch_size, optional=True)
+        loaded = self.loaded
+        batches = token_batches(loaded.tokenizer, items, loaded.policy, batch_size, truncate=truncate,
+                                show_progress=show_progress)
+        return (ModelCall(rows=batch.rows, token_counts=[len(e.ids) for e in batch.encodings],
+                          run=partial(self._run_batch, batch)) for batch in batches)
+
+    def _run_batch(self, batch: TokenBatch) -> np.ndarray:
+        (vectors,) = self.loaded.runner.run(batch.input_ids, batch.attention_mask)
+        return vectors[: len(batch.rows)]
 
     @overload
     def encode_tokens(self, texts: str, batch_size: int | None = ..., *,  # type: ignore[overload-overlap]

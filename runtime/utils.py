@@ -25,6 +25,7 @@ __all__ = [
     "missing_extra",
     "quiet_loggers",
     "require_extra",
+    "text_lines",
 ]
 
 DISTRIBUTION = "deberta-onnx"
@@ -170,6 +171,19 @@ def fsync_dir(folder: str | Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def text_lines(text: str) -> list[str]:
+    """One text per ``\\n``-terminated line, a trailing ``\\r`` (Windows line ends) stripped.
+
+    Unlike ``str.splitlines``, no other character ends a line: ``\\v``, ``\\f``, ``\\x1c``-``\\x1e``, U+0085,
+    U+2028, U+2029 and a lone ``\\r`` stay inside their text, so that row N of an output is line N of the input.
+    A final ``\\n`` ends the last line rather than starting an empty one; an empty string has no lines.
+    """
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def check_positive_int(name: str, value: object, *, optional: bool = False, minimum: int = 1) -> None:
