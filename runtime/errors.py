@@ -9,6 +9,7 @@ __all__ = [
     "DebertaOnnxError",
     "ManifestError",
     "ModelFolderError",
+    "ModelLoadError",
     "NotExportedError",
     "ProviderUnavailableError",
     "TaskMismatchError",
@@ -33,6 +34,11 @@ class ChecksumMismatchError(ModelFolderError):
 
 class ContractMismatchError(ModelFolderError):
     """The ONNX graph or tokenizer does not match the contract the manifest declares."""
+
+
+class ModelLoadError(ModelFolderError):
+    """ONNX Runtime could not load a model file (a corrupt or truncated graph, an operator it lacks, out of
+    memory): the message names the file and ONNX Runtime's own cause."""
 
 
 class ProviderUnavailableError(DebertaOnnxError):
