@@ -77,8 +77,9 @@ def markdown(document: dict[str, Any]) -> str:
               "over PyTorch's (same device; fp16 against PyTorch fp16 where it ran). Parity against PyTorch fp32 on "
               "the same inputs. RSS: peak of the whole process while the row ran (all models stay loaded); load: "
               "what loading this configuration added. GPU MB, per configuration: PyTorch, the peak its allocator "
-              "reached during its own calls; ONNX Runtime, the device memory its session added at load and at its "
-              "first calls of each shape so far (its arena keeps what it grew to), measured while nothing else ran.",
+              "reached during its own calls of this workload; ONNX Runtime, the device memory its session added "
+              "at load and at its first calls of each shape so far (its arena keeps what it grew to), measured "
+              "while nothing else ran.",
               ""]
     fp16 = any(row.get("vs_pytorch_fp16") is not None for row in document["rows"])
     header = ("| model | workload | configuration | p50 ms | p95 ms | sent/s | x PyTorch "

@@ -45,6 +45,8 @@ class _Group:
     # ONNX Runtime on CUDA: device memory each session added, at load and at its first calls of each shape (its
     # arena keeps what it grew to). Measured while nothing else runs, so it is this configuration's alone.
     gpu_held_mb: dict[int, float] = field(default_factory=dict)
+    # PyTorch on CUDA: the peak its allocator reached during the current workload's own blocks of calls.
+    torch_peak_mb: dict[int, float] = field(default_factory=dict)
 
 
 def run_benchmark(config: BenchConfig) -> dict[str, Any]:
@@ -191,6 +193,7 @@ def _interleaved(group: _Group, rounds: int, bar: Any, calls: dict[int, int],
     highest RSS per backend, and each backend's last output per unit."""
     timers = {id(b): Timer(b.sync) for b in group.backends}
     peaks: dict[int, RssSampler] = {}
+    group.torch_peak_mb.clear()
     outputs: dict[int, list[Any]] = {id(b): [None] * len(units) for b in group.backends}
     backends = group.backends
     step = 0
@@ -285,7 +288,8 @@ def _row(group: _Group, backend: Backend, timers: dict[int, Timer], peaks: dict[
         row.update({"min_cosine": None, "max_abs_diff": None})
     row["rss_peak_mb"] = peaks[id(backend)].peak / 2**20
     row["rss_load_mb"] = group.load_mb.get(id(backend))
-    row["gpu_mb"] = group.gpu_held_mb.get(id(backend)) if backend.device == "cuda" else None
+    held = group.torch_peak_mb if backend.engine == "pytorch" else group.gpu_held_mb
+    row["gpu_mb"] = held.get(id(backend)) if backend.device == "cuda" else None
     fp16 = next((b for b in group.backends if b.engine == "pytorch" and b.precision == "fp16"
                  and b.device == backend.device), None)
     if fp16 is None:
@@ -327,10 +331,10 @@ def _reset_torch_peak(backend: Backend) -> None:
 
 def _keep_torch_peak(group: _Group, backend: Backend) -> None:
     """PyTorch on CUDA: the peak its caching allocator reached during this block of its own calls (reset just
-    before it), kept as the configuration's largest over its blocks."""
+    before it), kept as the configuration's largest over the workload's blocks."""
     if backend.device == "cuda" and backend.engine == "pytorch":
         import torch
 
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20
-        group.gpu_held_mb[id(backend)] = max(group.gpu_held_mb.get(id(backend), 0.0), peak)
+        group.torch_peak_mb[id(backend)] = max(group.torch_peak_mb.get(id(backend), 0.0), peak)

@@ -21,8 +21,8 @@ class Recipe:
             outliers live).
         fp16_elementwise: fp16: run elementwise ops (bias and residual adds, GELU, scaling) in fp16 too.
         fp16_normalization: fp16: run LayerNorm, the fused residual add + LayerNorm and softmax in fp16 too
-            (ONNX Runtime's CUDA kernels for them take fp16 and accumulate in fp32, so no cast is needed around
-            them; its CPU kernels are another matter).
+            (ONNX Runtime's CUDA kernels take them in fp16, LayerNorm and softmax accumulating in fp32, and its own
+            fp16 conversion of BERT-like models leaves them in fp16: no cast around them).
     """
 
     precision: str
