@@ -133,7 +133,7 @@ fi
 # 3. The gpu-marked tests and the two base-shape exports, side by side (the exports use the CPU, the tests the GPU).
 failed=0
 run_step tests "$LIMIT_TESTS" "$OUT/tests.log" "$PY" -m pytest -q -ra -m gpu -p no:cacheprovider \
-  tests/test_iobinding.py tests/test_cuda_placement.py &
+  tests/test_iobinding.py tests/test_cuda_graphs.py tests/test_cuda_placement.py &
 tests=$!
 export_one() {  # export_one RECIPE FOLDER
   run_step "export-$1" "$LIMIT_EXPORT" "$OUT/export-$1.log" "$PY" -m deberta_onnx.runtime.cli export \
