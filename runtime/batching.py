@@ -26,6 +26,7 @@ __all__ = [
     "batch_capacity",
     "bucket_width",
     "call_memory",
+    "filled_rows",
     "plan_batches",
     "token_batches",
 ]
@@ -41,7 +42,7 @@ class Batch:
     """Rows ``start:stop`` of a longest-first ordering, padded to ``width`` tokens.
 
     ``capacity`` is how many rows a batch of this width may hold; a batch that ends the ordering may hold
-    fewer, and callers that need fixed shapes (CUDA graphs) pad it up to ``capacity`` with empty rows.
+    fewer, and callers that need few shapes (CUDA graphs) pad it with empty rows (see ``filled_rows``).
     """
 
     start: int
@@ -72,6 +73,19 @@ def batch_capacity(width: int, *, batch_size: int | None, max_tokens: int | None
     if max_call_bytes is not None:
         rows = min(rows, max(1, max_call_bytes // call_memory(1, width, heads)))
     return rows
+
+
+def filled_rows(rows: int, capacity: int) -> int:
+    """Rows a batch of ``rows`` real rows is padded to when shapes must repeat (CUDA graphs replay one shape
+    each): the next power of two, at most ``capacity``. A batch size of 32 gives the row counts 1, 2, 4, 8, 16
+    and 32, so one text runs a 1-row graph while a corpus needs at most six graphs per width.
+
+    Raises:
+        ValueError: ``rows`` is not between 1 and ``capacity``.
+    """
+    if not 1 <= rows <= capacity:
+        raise ValueError(f"rows must be between 1 and the capacity {capacity}, got {rows}")
+    return min(capacity, 1 << (rows - 1).bit_length())
 
 
 def plan_batches(
@@ -110,7 +124,8 @@ class BatchPolicy:
     Attributes:
         max_tokens: padded tokens per batch (rows x width); ``None``: rows are the call's ``batch_size``.
         sequence_bucket: widths are padded to a multiple of this.
-        fill_rows: pad a short batch with empty rows up to its capacity (CUDA graphs replay fixed shapes).
+        fill_rows: pad a short batch with empty rows to the next power of two, at most its capacity (CUDA graphs
+            replay fixed shapes; few row counts keep few graphs).
         token_types: the graph takes ``token_type_ids``.
         max_call_bytes: most estimated memory per model call (``call_memory``); ``None``: no cap.
         heads: the model's attention heads, for that estimate.
@@ -162,7 +177,8 @@ def token_batches(
 
     Each batch is padded to a multiple of ``policy.sequence_bucket`` tokens; with ``policy.max_tokens`` it holds
     as many inputs as fit that many padded tokens (``batch_size`` then caps the rows). With ``fill_rows`` a short
-    batch is filled with empty rows up to a full one (``rows`` names only the real ones).
+    batch is filled with empty rows to the next power of two, at most a full batch (``rows`` names only the real
+    ones).
 
     Args:
         tokenizer: the model's tokenizer.
@@ -196,7 +212,7 @@ def token_batches(
                 chosen = [encodings[i] for i in rows]
                 sequences = [e.ids for e in chosen]
                 if policy.fill_rows:
-                    sequences += [[]] * (planned.capacity - len(rows))
+                    sequences += [[]] * (filled_rows(len(rows), planned.capacity) - len(rows))
                 input_ids, mask = tokenizer.pad(sequences, multiple_of=bucket)
                 types = None
                 if policy.token_types:

@@ -64,7 +64,8 @@ class Encoder(LoadedAttributes):
         ValueError: ``providers`` and ``config.device`` both given, or ``cuda_graph`` without CUDA.
 
     One ``Encoder`` may be shared by threads: ONNX Runtime sessions and the tokenizer are thread-safe,
-    ``encode`` keeps no state between calls, and the IO-binding runner serialises model calls with a lock.
+    ``encode`` keeps no state between calls, and the IO-binding runner serialises model calls with a lock (with
+    CUDA graphs, on one thread of its own: ONNX Runtime keeps captured graphs per thread).
     """
 
     def __init__(self, model_dir: str | Path, providers: ProviderList | None = None, *,

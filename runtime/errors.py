@@ -38,10 +38,8 @@ class ContractMismatchError(ModelFolderError):
 
 
 class ModelLoadError(ModelFolderError):
-    """ONNX Runtime cannot load a graph file of the folder (truncated, corrupted, not ONNX, or needing external
-    data that is missing); the message names the file and ONNX Runtime's reason."""
-
-
+    """ONNX Runtime could not load a model file (a corrupt or truncated graph, an operator it lacks, out of
+    memory): the message names the file and ONNX Runtime's own cause."""
 class MemoryLimitError(DebertaOnnxError):
     """One model call of the longest input the folder allows would need more memory than
     ``EncoderConfig.max_call_memory_mb`` permits; raised at load, before any allocation."""

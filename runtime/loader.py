@@ -26,7 +26,15 @@ from .errors import ContractMismatchError, MemoryLimitError, ModelFolderError, T
 from .iobinding import IOBindingRunner
 from .manifest import Manifest, load_manifest
 from .runners import Runner, SessionRunner
-from .session import ProviderList, SessionSettings, create_session, provider_names, resolve_providers, session_device
+from .session import (
+    CudaSettings,
+    ProviderList,
+    SessionSettings,
+    create_session,
+    provider_names,
+    resolve_providers,
+    session_device,
+)
 from .tokenization import TextTokenizer
 
 __all__ = [
@@ -235,7 +243,7 @@ def load_model(model_dir: str | Path, providers: ProviderList | None, config: En
     if config.io_binding and task != TASK_EMBEDDING:
         raise ValueError(f"io_binding runs embedding graphs; {folder} holds a {task} model. Leave io_binding "
                          "unset (None) or False.")
-    chosen = resolve_providers(providers, config.device, cuda_graph=config.cuda_graph)
+    chosen = resolve_providers(providers, config.device, cuda=CudaSettings.from_config(config))
     precision, reason = _pick_precision(manifest, config.precision, chosen)
     variant = manifest.variants[precision]
     model_path = folder / variant.file
@@ -262,7 +270,7 @@ def load_model(model_dir: str | Path, providers: ProviderList | None, config: En
     policy = BatchPolicy(
         max_tokens=config.max_tokens,
         sequence_bucket=config.sequence_bucket or (DEFAULT_IO_BINDING_BUCKET if io_binding else 1),
-        # CUDA graphs replay fixed shapes: a short last batch is padded with empty rows to a full one.
+        # CUDA graphs replay fixed shapes: a short batch is padded with empty rows to a power of two.
         fill_rows=config.cuda_graph,
         token_types=any(spec.name == TOKEN_TYPE_IDS for spec in manifest.inputs),
         max_call_bytes=None if config.max_call_memory_mb is None else config.max_call_memory_mb << 20,

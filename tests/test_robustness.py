@@ -224,7 +224,7 @@ def test_a_truncated_graph_is_a_model_load_error(folder_copy: Path) -> None:
 
     graph = folder_copy / "model.onnx"
     graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
-    with pytest.raises(ModelLoadError, match=r"cannot load .*model.onnx: .*truncated, corrupted or not an ONNX"):
+    with pytest.raises(ModelLoadError, match=r"could not load .*model.onnx: .*truncated, corrupted or not an ONNX"):
         Encoder(folder_copy, config=EncoderConfig(verify_checksums=False))
 
 

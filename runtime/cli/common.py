@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..config import EncoderConfig
+from ..config import CUDA_ARENA_STRATEGIES, EncoderConfig
 from ..contract import PRECISIONS
 from ..utils import atomic_write, text_lines
 
@@ -117,6 +117,15 @@ def add_load_flags(parser: argparse.ArgumentParser) -> None:
                              f"{default_note(defaults, 'max_buckets').strip()}")
     parser.add_argument("--cuda-graph", action="store_true", default=defaults["cuda_graph"],
                         help="capture and replay one CUDA graph per batch shape (CUDA, IO binding)")
+    parser.add_argument("--cuda-arena-extend-strategy", default=defaults["cuda_arena_extend_strategy"],
+                        choices=list(CUDA_ARENA_STRATEGIES),
+                        help="how the CUDA provider's memory arena grows (default: kSameAsRequested with "
+                             "--cuda-graph, else ONNX Runtime's kNextPowerOfTwo)")
+    parser.add_argument("--gpu-mem-limit", type=int, default=defaults["gpu_mem_limit"],
+                        help="most bytes the CUDA provider's arena may hold (default: no limit)")
+    parser.add_argument("--tf32", dest="use_tf32", action=argparse.BooleanOptionalAction,
+                        default=defaults["use_tf32"],
+                        help="run fp32 matrix products on TF32 tensor cores on CUDA (default: off, as PyTorch fp32)")
 
 
 def load(args: argparse.Namespace, kind: Callable[..., M]) -> M:
@@ -131,5 +140,8 @@ def load(args: argparse.Namespace, kind: Callable[..., M]) -> M:
         max_tokens=args.max_tokens,
         max_buckets=args.max_buckets,
         cuda_graph=args.cuda_graph,
+        cuda_arena_extend_strategy=args.cuda_arena_extend_strategy,
+        gpu_mem_limit=args.gpu_mem_limit,
+        use_tf32=args.use_tf32,
     )
     return kind(args.model_dir, config=config)

@@ -83,6 +83,9 @@ def add_parser(commands: Any, *, with_defaults: bool) -> None:
         help=f"quality gate: the same for int8-dynamic and int8-static{default_note(d, 'min_cosine_int8')}")
     add("--fallback", action="store_true", default=unset,
         help="when a precision fails the quality gate, try its safer recipes instead of failing")
+    add("--fp16-recipe", default=unset, choices=["cuda", "standard", "elementwise-fp32"],
+        help="how fp16 is built: standard keeps LayerNorm and softmax in fp32; cuda runs them in fp16 as ONNX "
+             f"Runtime's CUDA kernels do (fewer casts){default_note(d, 'fp16_recipe')}")
     add("--quiet", action="store_true", default=unset, help="no progress bars or report")
     parser.set_defaults(run=run)
 
