@@ -64,6 +64,10 @@ def _sequence_logits(loaded: LoadedModel, items: list[str | tuple[str, str]], ba
     return out
 
 
+def _token_count(loaded: LoadedModel, items: list[str | tuple[str, str]]) -> list[int]:
+    return [len(encoding.ids) for encoding in loaded.tokenizer.encodings(items)]
+
+
 _LABELS_DOC = "Label names in logit order (the checkpoint's ``id2label``)."
 
 class SequenceClassifier(LoadedAttributes):
@@ -81,6 +85,10 @@ class SequenceClassifier(LoadedAttributes):
                                          type(self).__name__)
 
     labels = loaded_property(lambda m: m.labels, _LABELS_DOC)
+
+    def token_count(self, inputs: _Inputs) -> list[int]:
+        """Tokens the model sees per input (special tokens included, after truncation); errors as ``logits``."""
+        return _token_count(self.loaded, _one_or_many(inputs, texts_allowed=True)[0])
 
     def logits(self, inputs: _Inputs, batch_size: int | None = None, *, truncate: bool = True,
                show_progress: bool = False) -> np.ndarray:
@@ -132,6 +140,10 @@ class CrossEncoder(LoadedAttributes):
                                          type(self).__name__)
 
     labels = loaded_property(lambda m: m.labels, _LABELS_DOC)
+
+    def token_count(self, pairs: tuple[str, str] | Sequence[tuple[str, str]]) -> list[int]:
+        """Tokens the model sees per pair (special tokens included, after truncation); errors as ``predict``."""
+        return _token_count(self.loaded, _one_or_many(pairs, texts_allowed=False)[0])
 
     def predict(self, pairs: tuple[str, str] | Sequence[tuple[str, str]], batch_size: int | None = None, *,
                 activation: bool = True, truncate: bool = True, show_progress: bool = False) -> np.ndarray | float:
@@ -194,6 +206,10 @@ class TokenClassifier(LoadedAttributes):
                                          type(self).__name__)
 
     labels = loaded_property(lambda m: m.labels, _LABELS_DOC)
+
+    def token_count(self, texts: str | Sequence[str]) -> list[int]:
+        """Tokens the model sees per text (special tokens included, after truncation); errors as ``logits``."""
+        return _token_count(self.loaded, [texts] if isinstance(texts, str) else list(check_texts(texts)))
 
     def logits(self, texts: str | Sequence[str], batch_size: int | None = None, *, truncate: bool = True,
                show_progress: bool = False) -> np.ndarray | list[np.ndarray]:
