@@ -17,7 +17,8 @@ from .config import DEFAULT_BATCH_SIZE
 from .tokenization import TextTokenizer, bucket_width
 from .utils import check_positive_int
 
-__all__ = ["Batch", "BatchPolicy", "TokenBatch", "batch_capacity", "bucket_width", "plan_batches", "token_batches"]
+__all__ = ["Batch", "BatchPolicy", "TokenBatch", "batch_capacity", "bucket_width", "padded_tokens", "plan_batches",
+           "token_batches"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,12 +129,11 @@ def token_batches(
     """
     check_positive_int("batch_size", batch_size, optional=True)
     max_tokens = policy.max_tokens
-    rows_cap = batch_size if batch_size is not None or max_tokens is not None else DEFAULT_BATCH_SIZE
+    rows_cap = _rows_cap(batch_size, policy)
     bucket = policy.sequence_bucket
     progress = _progress(len(items), show_progress)
-    widest_batch = batch_capacity(bucket, batch_size=rows_cap, max_tokens=max_tokens)
     try:
-        for start, stop in _chunks(len(items), widest_batch):
+        for start, stop in _chunks(len(items), batch_capacity(bucket, batch_size=rows_cap, max_tokens=max_tokens)):
             encodings = tokenizer.encodings(items[start:stop], truncate=truncate, offset=start, details=details)
             # Longest first: the first batch shows at once whether memory suffices.
             order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i].ids))
@@ -155,6 +155,31 @@ def token_batches(
     finally:
         if progress is not None:
             progress.close()
+
+
+def padded_tokens(lengths: Sequence[int], policy: BatchPolicy, batch_size: int | None, *, max_length: int) -> int:
+    """How many token positions (rows x padded width, padding included) ``token_batches`` runs for inputs of
+    these token counts, in any order: the cost of one call of ``Encoder.encode`` or a classifier on them.
+
+    Args:
+        lengths: tokens per input (``token_count``), in the order they would be passed.
+        policy, batch_size: as ``token_batches`` takes them.
+        max_length: the tokenizer's maximum length.
+    """
+    rows_cap = _rows_cap(batch_size, policy)
+    bucket = policy.sequence_bucket
+    total = 0
+    for start, stop in _chunks(len(lengths), batch_capacity(bucket, batch_size=rows_cap, max_tokens=policy.max_tokens)):
+        chunk = sorted(lengths[start:stop], reverse=True)
+        for planned in plan_batches(chunk, batch_size=rows_cap, max_tokens=policy.max_tokens, multiple_of=bucket,
+                                    max_length=max_length):
+            rows = planned.capacity if policy.fill_rows else planned.stop - planned.start
+            total += rows * planned.width
+    return total
+
+
+def _rows_cap(batch_size: int | None, policy: BatchPolicy) -> int | None:
+    return batch_size if batch_size is not None or policy.max_tokens is not None else DEFAULT_BATCH_SIZE
 
 
 def _chunks(total: int, batch_size: int) -> Iterator[tuple[int, int]]:
