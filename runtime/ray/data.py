@@ -153,7 +153,9 @@ def pending_shards(source: str | Path, output_dir: str | Path) -> tuple[list[tup
     if not inputs:
         raise FileNotFoundError(f"{root} holds no {' or '.join('*' + s for s in SHARD_SUFFIXES)} file")
     out = Path(output_dir)
-    pending, done, seen = [], [], {}
+    pending: list[tuple[Path, Path]] = []
+    done: list[Path] = []
+    seen: dict[Path, Path] = {}
     for shard in inputs:
         target = out / shard.relative_to(base).with_suffix(".parquet")
         if target in seen:

@@ -76,9 +76,9 @@ def deployment(model_dir: str | Path, *, num_replicas: int = 1, threads: int = 1
     if config.model_name is None:
         config = dataclasses.replace(config, model_name=folder.name)
     loading = dataclasses.replace(encoder_config or EncoderConfig(), intra_op_threads=threads)
-    options = serve.deployment(DebertaServer, name=name, num_replicas=num_replicas,
-                               ray_actor_options={"num_cpus": threads}, max_ongoing_requests=max_ongoing_requests)
-    return options.bind(str(folder), config, loading)
+    options = serve.deployment(name=name, num_replicas=num_replicas, ray_actor_options={"num_cpus": threads},
+                               max_ongoing_requests=max_ongoing_requests)
+    return options(DebertaServer).bind(str(folder), config, loading)
 
 
 _INT_ARGS = ("num_replicas", "threads", "max_ongoing_requests")
@@ -106,7 +106,7 @@ def app(args: dict[str, str]) -> Application:
         raise ValueError(f"unknown argument(s) {', '.join(unknown)}; accepted: model_dir, {', '.join(_INT_ARGS)}, "
                          f"name, and the ServerConfig fields {', '.join(server_fields)}")
     defaults = ServerConfig()
-    server = {name: _convert(value, getattr(defaults, name), name) for name, value in values.items()}
+    server: dict[str, Any] = {name: _convert(value, getattr(defaults, name), name) for name, value in values.items()}
     return deployment(model_dir, server_config=ServerConfig(**server), **kwargs)
 
 
