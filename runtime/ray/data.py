@@ -298,9 +298,21 @@ def embed_corpus(source: ray.data.Dataset | str | Path, model_dir: str | Path, o
     check_positive_int("chunk_rows", chunk_rows)
     check_positive_int("threads", threads)
     check_positive_int("concurrency", concurrency, optional=True)
-    ray.data.DataContext.get_current().enable_progress_bars = progress
+    context = ray.data.DataContext.get_current()
+    shown = context.enable_progress_bars
+    context.enable_progress_bars = progress
+    try:
+        return _embed(source, model_dir, Path(output_dir), text_column=text_column, id_column=id_column,
+                      threads=threads, concurrency=concurrency, chunk_rows=chunk_rows, batch_size=batch_size,
+                      normalize=normalize, dimensions=dimensions, encoder_config=encoder_config)
+    finally:
+        context.enable_progress_bars = shown
+
+
+def _embed(source: ray.data.Dataset | str | Path, model_dir: str | Path, out: Path, *, text_column: str,
+           id_column: str | None, threads: int, concurrency: int | None, chunk_rows: int, batch_size: int | None,
+           normalize: bool, dimensions: int | None, encoder_config: EncoderConfig | None) -> EmbedReport:
     started = time.perf_counter()
-    out = Path(output_dir)
     if isinstance(source, ray.data.Dataset):
         if out.exists() and any(out.iterdir()):
             raise ValueError(f"{out} is not empty; a dataset run is not resumable and would add files beside the old "
