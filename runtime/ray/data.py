@@ -14,7 +14,7 @@
   resumable: Ray Data does not promise the same blocks twice).
 
 Actors: ``concurrency`` (default: the cluster's CPUs divided by ``threads``), each with ``threads`` CPUs and one
-ONNX Runtime session of that many threads. Progress: Ray Data's progress bars, and one log line per shard.
+ONNX Runtime session of that many threads. Progress: Ray Data's progress bars, and one line on stderr per shard written.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -304,14 +305,15 @@ def embed_corpus(source: ray.data.Dataset | str | Path, model_dir: str | Path, o
     try:
         return _embed(source, model_dir, Path(output_dir), text_column=text_column, id_column=id_column,
                       threads=threads, concurrency=concurrency, chunk_rows=chunk_rows, batch_size=batch_size,
-                      normalize=normalize, dimensions=dimensions, encoder_config=encoder_config)
+                      normalize=normalize, dimensions=dimensions, encoder_config=encoder_config, progress=progress)
     finally:
         context.enable_progress_bars = shown
 
 
 def _embed(source: ray.data.Dataset | str | Path, model_dir: str | Path, out: Path, *, text_column: str,
            id_column: str | None, threads: int, concurrency: int | None, chunk_rows: int, batch_size: int | None,
-           normalize: bool, dimensions: int | None, encoder_config: EncoderConfig | None) -> EmbedReport:
+           normalize: bool, dimensions: int | None, encoder_config: EncoderConfig | None, progress: bool
+           ) -> EmbedReport:
     started = time.perf_counter()
     if isinstance(source, ray.data.Dataset):
         if out.exists() and any(out.iterdir()):
@@ -342,6 +344,9 @@ def _embed(source: ray.data.Dataset | str | Path, model_dir: str | Path, out: Pa
         )
         for row in results.iter_rows():
             report[str(row["shard"])] = {"rows": int(row["rows"]), "seconds": round(float(row["seconds"]), 3)}
+            if progress:  # streamed as shards complete, whichever actor wrote them
+                print(f"deberta-onnx: {len(report) + len(done)}/{len(pending) + len(done)} shards, {row['shard']}: "
+                      f"{int(row['rows'])} rows in {float(row['seconds']):.1f} s", file=sys.stderr, flush=True)
     return EmbedReport(output_dir=out, written=len(report), skipped=len(done),
                        rows=sum(int(r["rows"]) for r in report.values()),
                        seconds=round(time.perf_counter() - started, 3), shards=report)
