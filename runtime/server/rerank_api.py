@@ -14,9 +14,9 @@ Where the APIs differ: ``documents`` takes strings or ``{"text": ...}`` objects 
 takes strings only); ``return_documents`` defaults to false (Cohere, and text-embeddings-inference's
 ``return_text``; Jina defaults to true); ``usage`` counts the tokens the model saw (Jina's ``usage``, OpenAI's
 names; Cohere reports ``meta.billed_units`` instead). text-embeddings-inference's own ``/rerank`` (``texts``,
-``raw_scores``, a bare list of ``{index, score}``) is not followed: two clients of the Cohere/Jina shape exist for
-every one of it. ``relevance_score`` is ``CrossEncoder.predict``'s score: the model's saved activation, else the
-sigmoid of its one logit.
+``raw_scores``, a bare list of ``{index, score}``) is not followed: the Cohere/Jina shape is the one their
+clients, and the rerank integrations written against them, send and read. ``relevance_score`` is
+``CrossEncoder.predict``'s score: the model's saved activation, else the sigmoid of its one logit.
 """
 
 from __future__ import annotations
