@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deberta_onnx.runtime.utils import check_positive_int
+
 from .backends import ThreadSetting
 from .workloads import DEFAULT_GRID, QUICK_GRID, Shape
 
@@ -91,15 +93,12 @@ class BenchConfig:
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
         for name in ("corpus_size", "warmup"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("corpus_batch_size", "min_calls", "rounds", "corpus_rounds", "corpus_slices"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+            check_positive_int(name, getattr(self, name), minimum=0)
+        for name in ("corpus_batch_size", "min_calls", "max_calls", "rounds", "corpus_rounds", "corpus_slices"):
+            check_positive_int(name, getattr(self, name))
         if self.max_calls < self.min_calls:
             raise ValueError(f"max_calls ({self.max_calls}) must be >= min_calls ({self.min_calls})")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads!r}")
+        check_positive_int("threads", self.threads, optional=True)
         if self.paths is not None:
             unknown = set(self.paths) - {"plain", "iobinding"}
             if unknown:

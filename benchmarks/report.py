@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from deberta_onnx.runtime.utils import atomic_write
 
 __all__ = ["JSON_FILE", "MARKDOWN_FILE", "PLOT_FILE", "markdown", "plot", "write_reports"]
 
@@ -18,24 +18,11 @@ PLOT_FILE = "throughput.png"
 def write_reports(document: dict[str, Any], out_dir: Path, *, plot: bool = True) -> list[Path]:
     """Writes the three files into ``out_dir`` (each written beside its name and renamed into place)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [_atomic_text(out_dir / JSON_FILE, json.dumps(document, indent=2, sort_keys=True) + "\n"),
-               _atomic_text(out_dir / MARKDOWN_FILE, markdown(document))]
+    written = [_write_text(out_dir / JSON_FILE, json.dumps(document, indent=2, sort_keys=True) + "\n"),
+               _write_text(out_dir / MARKDOWN_FILE, markdown(document))]
     if plot:
         written.append(_plot_file(document, out_dir / PLOT_FILE))
     return written
-
-
-def _atomic_text(path: Path, text: str) -> Path:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -124,15 +111,11 @@ def _plot_file(document: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure = plot(document)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(handle)
     try:
-        figure.savefig(tmp, dpi=120)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return atomic_write(path, lambda handle: figure.savefig(handle, dpi=120, format="png"))
     finally:
         plt.close(figure)
-    return path
+
+
+def _write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))

@@ -19,6 +19,7 @@ from deberta_onnx.runtime.contract import (
     variant_file,
 )
 from deberta_onnx.runtime.tokenization import TextTokenizer
+from deberta_onnx.runtime.utils import text_lines
 
 from ._errors import ExportError, QualityGateError
 from ._fp16 import build_fp16
@@ -41,14 +42,14 @@ __all__ = ["build_variant", "derive_variants", "read_calibration"]
 
 
 def read_calibration(path: str | Path) -> list[str]:
-    """The non-empty lines of a UTF-8 text file, one calibration text each.
+    """The non-empty lines of a UTF-8 text file, one calibration text each (split as ``utils.text_lines`` does).
 
     Raises:
         ValueError: the file is missing, unreadable, or has no text.
     """
     source = Path(path)
     try:
-        lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in text_lines(source.read_bytes().decode("utf-8")) if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"calibration file {source} cannot be read ({exc}); give a UTF-8 text file with one "
                          "sentence per line.") from exc

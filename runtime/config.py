@@ -56,6 +56,10 @@ class EncoderConfig:
             freed first); with CUDA graphs, also the most graphs captured.
         cuda_graph: capture one CUDA graph per shape and replay it (needs CUDA and IO binding); batches are
             then padded to full rows so that few shapes occur.
+        max_call_memory_mb: the most memory one model call may take, as estimated from its attention score
+            tensors (``batching.call_memory``): batches hold fewer rows where more would pass it, and a folder
+            whose longest input (``max_sequence_length``) alone would pass it is refused at load with
+            ``MemoryLimitError``. ``None``: no limit.
     """
 
     precision: str | None = None
@@ -69,6 +73,7 @@ class EncoderConfig:
     max_tokens: int | None = None
     max_buckets: int = 64
     cuda_graph: bool = False
+    max_call_memory_mb: int | None = 8192
 
     def __post_init__(self) -> None:
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -78,6 +83,7 @@ class EncoderConfig:
         for name in ("sequence_bucket", "max_tokens"):
             check_positive_int(name, getattr(self, name), optional=True)
         check_positive_int("max_buckets", self.max_buckets)
+        check_positive_int("max_call_memory_mb", self.max_call_memory_mb, optional=True)
         if self.device is not None:
             parse_device(self.device)
         if self.cuda_graph and self.io_binding is False:

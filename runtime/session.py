@@ -10,7 +10,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from .config import parse_device
-from .errors import CudaGraphError, ProviderUnavailableError
+from .errors import CudaGraphError, ModelLoadError, ProviderUnavailableError
 from .utils import installed_versions
 
 __all__ = [
@@ -155,6 +155,7 @@ def create_session(path: Path, providers: ProviderList, settings: SessionSetting
     Raises:
         ProviderUnavailableError: a requested provider is not installed, or ONNX Runtime left it out.
         CudaGraphError: CUDA graphs were requested and ONNX Runtime refused them for this graph.
+        ModelLoadError: ONNX Runtime cannot load the file (truncated, corrupted, not ONNX).
     """
     check_providers_available(providers)
     options = ort.SessionOptions()
@@ -165,16 +166,19 @@ def create_session(path: Path, providers: ProviderList, settings: SessionSetting
         options.inter_op_num_threads = settings.inter_op_threads
     if settings.allow_spinning is not None:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0")
-    if _wants_cuda_graph(providers):
-        try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
-        except Exception as exc:  # onnxruntime raises its own pybind classes, not RuntimeError subclasses
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    except Exception as exc:  # onnxruntime raises its own pybind classes (InvalidProtobuf, Fail, ...)
+        if _wants_cuda_graph(providers):
             raise CudaGraphError(
                 f"ONNX Runtime refused CUDA graphs for {path} ({exc}). A CUDA graph needs every compute node on "
                 "the CUDA provider; run without cuda_graph (IO binding still keeps the work on the GPU)."
             ) from exc
-    else:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        raise ModelLoadError(
+            f"ONNX Runtime {ort.__version__} cannot load {path}: {_first_line(exc)}. The file is truncated, "
+            "corrupted or not an ONNX graph; load without --no-verify (verify_checksums=True) to check every file "
+            "against the manifest, or re-export the model folder."
+        ) from exc
     active = session.get_providers()
     missing = [name for name in provider_names(providers) if name not in active]
     if missing:
@@ -186,6 +190,12 @@ def create_session(path: Path, providers: ProviderList, settings: SessionSetting
             f"print(o.get_available_providers())\"` checks the setup). {hint}".strip()
         )
     return session
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    line = lines[0] if lines else type(exc).__name__
+    return line if len(line) <= 300 else line[:300] + "..."
 
 
 def _wants_cuda_graph(providers: ProviderList) -> bool:

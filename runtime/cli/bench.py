@@ -4,7 +4,6 @@ extras). Flags left unset keep the mode's defaults (``BenchConfig`` or ``BenchCo
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +75,8 @@ def add_parser(commands: Any, *, with_defaults: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        from deberta_onnx.benchmarks import BenchConfig, ModelSpec, ThreadSetting, parse_shapes, run_benchmark
-    except ImportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+    from deberta_onnx.benchmarks import BenchConfig, ModelSpec, ThreadSetting, parse_shapes, run_benchmark
+
     given = {name: value for name, value in vars(args).items()
              if name not in ("models", "out", "quick", "run", "command")}
     converters = {

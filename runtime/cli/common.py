@@ -14,7 +14,7 @@ import numpy as np
 
 from ..config import EncoderConfig
 from ..contract import PRECISIONS
-from ..utils import atomic_write
+from ..utils import atomic_write, text_lines
 
 __all__ = [
     "add_load_flags",
@@ -44,17 +44,29 @@ def default_note(defaults: dict[str, Any], name: str, shown: str | None = None) 
 
 
 def read_lines(source: str) -> list[str]:
-    """The lines of a UTF-8 text file (or stdin for ``-``), one text per line.
+    """The lines of a UTF-8 text file (or stdin for ``-``), one text per ``\\n``-terminated line.
+
+    A trailing ``\\r`` is stripped (Windows line ends); no other character splits a line (see
+    ``utils.text_lines``), so that output row N belongs to input line N. Read as bytes, so that stdin's
+    newline translation cannot split a lone ``\\r`` either.
 
     Raises:
-        ValueError: the file does not exist.
+        ValueError: the file does not exist, or is not UTF-8 (the message names the line).
     """
     if source == "-":
-        return sys.stdin.read().splitlines()
-    path = Path(source)
-    if not path.is_file():
-        raise ValueError(f"--input {source}: no such file (give a text file with one text per line, or - for stdin)")
-    return path.read_text(encoding="utf-8").splitlines()
+        data = sys.stdin.buffer.read()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"{source}: no such file (give a text file with one text per line, or - for stdin)")
+        data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{'stdin' if source == '-' else source} is not UTF-8 text: {exc.reason} at byte {exc.start} "
+                         f"(line {line}); convert it to UTF-8 first (e.g. with iconv)") from exc
+    return text_lines(text)
 
 
 def save_npy(array: np.ndarray, destination: str) -> None:

@@ -7,7 +7,6 @@ export extra is installed.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from ..contract import POOLINGS, PRECISIONS, TASKS
@@ -105,11 +104,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        from deberta_onnx.export import export_model
-    except ImportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+    from deberta_onnx.export import export_model
+
     result = export_model(args.src, args.out_dir, config_from_args(args))
     print(result.out_dir)
     return 0
