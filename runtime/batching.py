@@ -138,7 +138,10 @@ class TokenBatch(NamedTuple):
 @dataclass(frozen=True)
 class ModelCall:
     """One model call of a plan, not yet run: which of the caller's inputs it computes, their token counts
-    (special tokens included, after truncation), and ``run()``, which computes their outputs in that order.
+    (special tokens included, after truncation), the token positions the call runs (``padded_tokens``: rows x
+    width, padding and filler rows included), and ``run()``, which computes their outputs in that order: an array
+    whose first axis follows ``rows`` (vectors, logits), or a list of one output per row (a token classifier's
+    logits of each input's own length, with its encoding).
 
     A caller that runs a plan call by call (the server) can stop between calls, or skip a call whose inputs
     nobody waits for any more.
@@ -146,7 +149,8 @@ class ModelCall:
 
     rows: list[int]
     token_counts: list[int]
-    run: Callable[[], np.ndarray]
+    run: Callable[[], Any]
+    padded_tokens: int = 0
 
 
 def token_batches(

@@ -119,8 +119,9 @@ def add_load_flags(parser: argparse.ArgumentParser) -> None:
                         help="capture and replay one CUDA graph per batch shape (CUDA, IO binding)")
 
 
-def load(args: argparse.Namespace, kind: Callable[..., M]) -> M:
-    """An ``Encoder`` or classifier (``kind``) loaded as the load flags say."""
+def load(args: argparse.Namespace, kind: Callable[..., M], model_dir: str | None = None) -> M:
+    """An ``Encoder`` or classifier (``kind``) loaded from ``model_dir`` (default ``args.model_dir``) as the load
+    flags say."""
     config = EncoderConfig(
         precision=args.precision,
         intra_op_threads=args.threads,
@@ -132,4 +133,4 @@ def load(args: argparse.Namespace, kind: Callable[..., M]) -> M:
         max_buckets=args.max_buckets,
         cuda_graph=args.cuda_graph,
     )
-    return kind(args.model_dir, config=config)
+    return kind(args.model_dir if model_dir is None else model_dir, config=config)

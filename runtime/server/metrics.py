@@ -14,6 +14,7 @@ with ``deberta_onnx_``; the process's memory, CPU and open files come from prome
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -31,7 +32,8 @@ from prometheus_client import (  # noqa: E402
 )
 from prometheus_client.exposition import choose_encoder  # noqa: E402
 
-__all__ = ["LATENCY_BUCKETS", "SIZE_BUCKETS", "TOKEN_BUCKETS", "UNMATCHED_ROUTE", "ServerMetrics"]
+__all__ = ["LATENCY_BUCKETS", "SIZE_BUCKETS", "TOKEN_BUCKETS", "UNMATCHED_ROUTE", "ModelObserver", "RequestMetrics",
+           "ServerMetrics"]
 
 NAMESPACE = "deberta_onnx"
 # Seconds, from a cached short request on a fast machine to a large request on 2 slow cores.
@@ -160,3 +162,52 @@ class ServerMetrics:
         (the request's ``Accept`` header) asks for it, as Prometheus' scraper does."""
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
+
+
+class ModelObserver:
+    """The batcher's reports of one model (``microbatch.BatchObserver``) turned into ``ServerMetrics``."""
+
+    def __init__(self, metrics: ServerMetrics, model: str) -> None:
+        self.metrics = metrics
+        self.model = model
+
+    def queue_wait(self, seconds: float) -> None:
+        self.metrics.observe_queue_wait(self.model, seconds)
+
+    def model_call(self, call: Any, *, requests: int, seconds: float) -> None:
+        self.metrics.observe_batch(self.model, requests=requests, texts=len(call.rows),
+                                   tokens=int(sum(call.token_counts)), padded_tokens=int(call.padded_tokens),
+                                   seconds=seconds)
+
+    def failure(self) -> None:
+        self.metrics.observe_failure(self.model)
+
+
+class RequestMetrics:
+    """ASGI middleware: every HTTP request answered, by route and status, and its duration (a client that left
+    before its answer counts as status 499)."""
+
+    def __init__(self, app: Any, *, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 499
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except BaseException:
+            status = 500 if status == 499 else status
+            raise
+        finally:
+            self.metrics.observe_request(scope.get("path"), status, seconds=time.perf_counter() - start)
