@@ -92,3 +92,43 @@ def test_lookahead_bounds_the_scan() -> None:
 def test_bad_budgets_are_refused(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         _budget(**{field: value})
+
+
+def test_the_batcher_keeps_a_long_request_out_of_the_short_ones_batch(tiny_model: Path) -> None:
+    """The micro-batcher with a token budget, on the real encoder: a long request queued first runs alone, the
+    short ones queued behind it are merged into the next batch, and every vector is the encoder's."""
+    import asyncio
+    from typing import Any
+
+    from deberta_onnx.runtime.server.microbatch import MicroBatcher
+
+    encoder = Encoder(tiny_model)
+    long_text, shorts = "a long text " * 40, [["one"], ["two", "three"]]
+    every = [long_text, "one", "two", "three"]
+    lengths = dict(zip(every, encoder.token_count(every)))
+    merged: list[list[str]] = []
+
+    def plan(texts: list[str]) -> Any:
+        merged.append(list(texts))
+        return encoder.plan(texts, 8)
+
+    budget = TokenBudget(max_texts=32, max_padded_tokens=lengths[long_text], batch_size=8,
+                         policy=encoder.loaded.policy, max_length=encoder.max_length)
+
+    async def scenario() -> list[Any]:
+        batcher = MicroBatcher(plan, max_batch_size=32, max_wait_s=0.05, max_queue=64, budget=budget)
+        batcher.start()
+        try:
+            requests = [[long_text], *shorts]
+            calls = [batcher.submit(texts, [lengths[t] for t in texts]) for texts in requests]
+            answers = await asyncio.gather(*calls)
+            with pytest.raises(ValueError, match="token count per input"):
+                await batcher.submit(["one"])
+            return answers
+        finally:
+            await batcher.close()
+
+    answers = asyncio.run(scenario())
+    assert merged == [[long_text], ["one", "two", "three"]]
+    for (vectors, _), texts in zip(answers, [[long_text], *shorts]):
+        np.testing.assert_allclose(vectors, encoder.encode(texts), atol=1e-6, rtol=0)

@@ -241,3 +241,30 @@ def test_app_builder_reads_key_value_arguments(tiny_model: Path) -> None:
         app({})
     with pytest.raises(ValueError, match="normalize must be true or false"):
         app({"model_dir": str(tiny_model), "normalize": "maybe"})
+
+
+def test_serve_deployment_of_a_cross_encoder_reranks(cluster: str, reranker: tuple[Path, Path]) -> None:
+    """Whatever folder it is given, a replica serves the routes of its task: rerank scores equal
+    ``CrossEncoder.predict``, and the replica's ``/metrics`` parse."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+    from ray import serve
+
+    from deberta_onnx.runtime import CrossEncoder
+    from deberta_onnx.runtime.ray import deployment
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(deployment(reranker[1], num_replicas=1), name="deberta-rerank", route_prefix="/")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        query, documents = "which line goes to the coast", ["the coastal line", "a banana", "", "the station"]
+        expected = np.asarray(CrossEncoder(reranker[1]).predict([(query, d) for d in documents]))
+        body = httpx.post(f"{url}/v1/rerank", json={"query": query, "documents": documents}, timeout=60).json()
+        got = {r["index"]: r["relevance_score"] for r in body["results"]}
+        np.testing.assert_allclose([got[i] for i in range(len(documents))], expected, atol=1e-5)
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+        names = {family.name for family in text_string_to_metric_families(metrics)}
+        assert "deberta_onnx_requests" in names and "deberta_onnx_batch_texts" in names
+    finally:
+        serve.delete("deberta-rerank")

@@ -8,7 +8,8 @@ or from Python::
     from deberta_onnx.runtime.ray import deployment
     serve.run(deployment("models/deberta-v3-base", num_replicas=2), route_prefix="/")
 
-Each replica is a Ray actor holding its own ``Encoder`` (one ONNX Runtime session of ``threads`` threads, on
+Each replica is a Ray actor holding its own model (an ``Encoder``, ``SequenceClassifier`` or ``TokenClassifier``, as
+the folder's task says: ``server.models.load_folder``; one ONNX Runtime session of ``threads`` threads, on
 ``threads`` Ray CPUs) and serves the app of ``deberta_onnx.runtime.server.create_app`` as its ASGI ingress: the
 same routes, errors, limits and micro-batcher as ``deberta-onnx serve``, so whatever that app serves, the
 deployment serves too. Ray Serve's proxy spreads requests over the replicas; each replica merges the requests
@@ -26,8 +27,8 @@ from ray import serve
 from ray.serve import Application
 
 from ..config import EncoderConfig
-from ..encoder import Encoder
 from ..server import ServerConfig, create_app
+from ..server.models import load_folder
 from ..utils import check_positive_int
 
 __all__ = ["DebertaServer", "app", "deployment"]
@@ -38,11 +39,11 @@ class DebertaServer:
     """One replica: loads the folder, then hands Ray Serve the server app (``__serve_build_asgi_app__``)."""
 
     def __init__(self, model_dir: str, server_config: ServerConfig, encoder_config: EncoderConfig) -> None:
-        self.encoder = Encoder(model_dir, config=encoder_config)
+        self.model = load_folder(model_dir, encoder_config)
         self.server_config = server_config
 
     def __serve_build_asgi_app__(self) -> Any:
-        return create_app(self.encoder, self.server_config)
+        return create_app(self.model, self.server_config)
 
 
 def deployment(model_dir: str | Path, *, num_replicas: int = 1, threads: int = 1,
