@@ -13,8 +13,8 @@ the folder's task says: ``server.models.load_folder``; one ONNX Runtime session 
 ``threads`` Ray CPUs) and serves the app of ``deberta_onnx.runtime.server.create_app`` as its ASGI ingress: the
 same routes, errors, limits and micro-batcher as ``deberta-onnx serve``, so whatever that app serves, the
 deployment serves too. Ray Serve's proxy spreads requests over the replicas; each replica merges the requests
-it gets (the project's micro-batcher; Ray Serve's own ``@serve.batch`` measured no better, see
-``benchmarks/README.md``).
+it gets (the project's micro-batcher; ``benchmarks/ray_serve.py`` compares it with Ray Serve's own
+``@serve.batch`` on the same replicas).
 """
 
 from __future__ import annotations
