@@ -1,10 +1,13 @@
 """Load test of `deberta-onnx serve` on loopback: many concurrent clients, every response checked.
 
     python benchmarks/load.py MODEL_DIR --requests 2000 --concurrency 32 --output load.json
+    python benchmarks/load.py RERANKER_DIR --rerank --output load-rerank.json
 
 Starts the real server (a `deberta-onnx serve` subprocess on 127.0.0.1, a free port), computes the expected
 vector of every text locally with `Encoder.encode`, then sends the requests from `--concurrency` clients at
 once (1 to 4 texts each, float and base64 in turn) and compares each returned vector with its expected one.
+With ``--rerank`` (a cross-encoder folder) each request is ``POST /v1/rerank`` of one of 8 queries against 1 to 4
+texts, and every returned score is compared with ``CrossEncoder.predict`` of its pair, the order with the scores'.
 Reports lost responses (no answer or an error status), mismatched ones (a vector that is not its text's),
 throughput and latency percentiles, and the server's batching counters. Needs the server and dev extras.
 Absolute figures depend on the machine and on what else runs on it; compare runs made side by side.
@@ -30,7 +33,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-__all__ = ["LoadResult", "ServerProcess", "build_requests", "decode_embeddings", "run_load"]
+__all__ = ["RERANK_QUERIES", "LoadResult", "ServerProcess", "build_requests", "decode_embeddings", "rerank_scores",
+           "run_load"]
 
 _READY = re.compile(r"on http://(127\.0\.0\.1):(\d+)")
 
@@ -38,12 +42,15 @@ _READY = re.compile(r"on http://(127\.0\.0\.1):(\d+)")
 class ServerProcess:
     """`deberta-onnx serve MODEL_DIR --host 127.0.0.1 --port 0 FLAGS...` in a subprocess; a context manager.
 
-    ``url`` is set once the server printed its address and ``GET /health`` answers 200.
+    ``url`` is set once the server printed its address and ``GET /health`` answers 200. ``model_dir`` may be a
+    list of folders, served by one process.
     """
 
-    def __init__(self, model_dir: str | Path, *flags: str, start_timeout_s: float = 120.0,
+    def __init__(self, model_dir: str | Path | Sequence[str | Path], *flags: str, start_timeout_s: float = 120.0,
                  launcher: Sequence[str] = (sys.executable, "-m", "deberta_onnx.runtime.cli")) -> None:
-        self.model_dir = Path(model_dir)
+        dirs = [model_dir] if isinstance(model_dir, (str, Path)) else list(model_dir)
+        self.model_dirs = [Path(d) for d in dirs]
+        self.model_dir = self.model_dirs[0]
         self.flags = list(flags)
         self.launcher = list(launcher)  # what runs `deberta-onnx` with the arguments that follow
         self.start_timeout_s = start_timeout_s
@@ -58,7 +65,7 @@ class ServerProcess:
         return Path(self._log.name).read_text(encoding="utf-8", errors="replace")
 
     def start(self) -> ServerProcess:
-        command = [*self.launcher, "serve", str(self.model_dir),
+        command = [*self.launcher, "serve", *map(str, self.model_dirs),
                    "--host", "127.0.0.1", "--port", "0", *self.flags]
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.start_timeout_s
@@ -151,9 +158,29 @@ class LoadResult:
         return asdict(self)
 
 
+RERANK_QUERIES = 8  # queries of a rerank load test: the pool's first texts, request n asks query n % 8
+
+
+def _check_embeddings(body: dict[str, Any], indices: list[int], expected: np.ndarray, atol: float) -> bool:
+    vectors = decode_embeddings(body)
+    return vectors.shape == (len(indices), expected.shape[1]) and bool(
+        np.allclose(vectors, expected[indices], atol=atol, rtol=0))
+
+
+def _check_rerank(body: dict[str, Any], indices: list[int], expected: np.ndarray, atol: float) -> bool:
+    """Every document scored as its pair's expected score, each once, best first."""
+    results = body.get("results", [])
+    seen = [r["index"] for r in results]
+    if sorted(seen) != list(range(len(indices))):
+        return False
+    scores = np.asarray([r["relevance_score"] for r in results], dtype=np.float32)
+    wanted = expected[[indices[i] for i in seen]]
+    return bool(np.allclose(scores, wanted, atol=atol, rtol=0) and (np.diff(scores) <= 0).all())
+
+
 def _load(
     url: str, texts: Sequence[str], expected: np.ndarray, requests: list[tuple[list[int], str]], concurrency: int,
-    atol: float, timeout_s: float,
+    atol: float, timeout_s: float, rerank: bool = False, model: str | None = None,
 ) -> tuple[list[float], list[str], int]:
     # Threads with httpx's sync client: on a busy machine its AsyncClient spent several times more CPU per
     # request than the server did, and the test measured the client.
@@ -171,10 +198,15 @@ def _load(
     def worker(client: httpx.Client) -> None:
         while (n := take()) is not None:  # each request is sent exactly once
             indices, encoding_format = requests[n]
-            body = {"input": [texts[i] for i in indices], "encoding_format": encoding_format}
+            query = n % RERANK_QUERIES
+            documents = [texts[i] for i in indices]
+            route, body = (("/v1/rerank", {"query": texts[query], "documents": documents}) if rerank else
+                           ("/v1/embeddings", {"input": documents, "encoding_format": encoding_format}))
+            if model is not None:
+                body["model"] = model
             start = time.perf_counter()
             try:
-                response = client.post("/v1/embeddings", json=body)
+                response = client.post(route, json=body)
             except httpx.HTTPError as exc:
                 with lock:
                     failures.append(f"request {n}: {type(exc).__name__}: {exc}")
@@ -183,12 +215,10 @@ def _load(
             problem = None
             if response.status_code != 200:
                 problem = f"request {n}: HTTP {response.status_code}: {response.text[:200]}"
-            else:
-                vectors = decode_embeddings(response.json())
-                if vectors.shape != (len(indices), expected.shape[1]) or not np.allclose(
-                    vectors, expected[indices], atol=atol, rtol=0
-                ):
-                    problem = f"request {n}: vectors differ from their texts' expected vectors"
+            elif rerank and not _check_rerank(response.json(), indices, expected[query], atol):
+                problem = f"request {n}: rerank results differ from CrossEncoder.predict of their pairs"
+            elif not rerank and not _check_embeddings(response.json(), indices, expected, atol):
+                problem = f"request {n}: vectors differ from their texts' expected vectors"
             with lock:
                 latencies.append(elapsed)
                 if problem is not None:
@@ -206,19 +236,23 @@ def _load(
 
 def run_load(
     url: str, texts: Sequence[str], expected: np.ndarray, *, requests: int = 2000, concurrency: int = 32,
-    atol: float = 1e-5, timeout_s: float = 60.0, seed: int = 0,
+    atol: float = 1e-5, timeout_s: float = 60.0, seed: int = 0, rerank: bool = False, model: str | None = None,
 ) -> LoadResult:
-    """Sends ``requests`` embedding requests from ``concurrency`` concurrent clients and checks every vector.
+    """Sends ``requests`` embedding (or rerank) requests from ``concurrency`` concurrent clients and checks every
+    answer.
 
     Args:
         url: the server, e.g. ``http://127.0.0.1:8000``.
-        texts: the pool requests draw their texts from.
-        expected: ``[len(texts), dims]``, what the server should return for each text.
+        texts: the pool requests draw their texts (and rerank queries: the first ``RERANK_QUERIES``) from.
+        expected: ``[len(texts), dims]``, what the server should return for each text; for ``rerank``,
+            ``[RERANK_QUERIES, len(texts)]``, the score of (query, text).
         requests: how many requests in all.
         concurrency: clients sending at once (each waits for its answer before its next request).
         atol: largest |difference| allowed between a returned and an expected value.
         timeout_s: per-request client timeout; a request that runs past it counts as lost.
         seed: which texts each request carries.
+        rerank: send ``POST /v1/rerank`` (query ``n % RERANK_QUERIES``, the request's texts as documents).
+        model: the ``model`` each request names (a server of several models), or ``None``.
 
     Returns:
         Counts, wall time, throughput, latency percentiles and the server's ``/health`` counters after the run.
@@ -226,7 +260,7 @@ def run_load(
     plan = build_requests(requests, len(texts), seed)
     before = httpx.get(f"{url}/health", timeout=10).json()["stats"]
     start = time.perf_counter()
-    latencies, failures, mismatched = _load(url, texts, expected, plan, concurrency, atol, timeout_s)
+    latencies, failures, mismatched = _load(url, texts, expected, plan, concurrency, atol, timeout_s, rerank, model)
     wall = time.perf_counter() - start
     after = httpx.get(f"{url}/health", timeout=10).json()["stats"]
     served = after["requests_served"] - before["requests_served"]
@@ -250,9 +284,17 @@ def run_load(
     )
 
 
+def rerank_scores(cross_encoder: Any, texts: Sequence[str]) -> np.ndarray:
+    """``[RERANK_QUERIES, len(texts)]``: ``CrossEncoder.predict`` of (query, text) for the load test's queries."""
+    pairs = [(texts[q], text) for q in range(RERANK_QUERIES) for text in texts]
+    return np.asarray(cross_encoder.predict(pairs), dtype=np.float32).reshape(RERANK_QUERIES, len(texts))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", help="a folder written by `deberta-onnx export`")
+    parser.add_argument("--rerank", action="store_true", help="load POST /v1/rerank of a cross-encoder folder "
+                                                              "instead of embeddings")
     parser.add_argument("--requests", type=int, default=2000, help="requests in all (default 2000)")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent clients (default 32)")
     parser.add_argument("--texts", default=None, help="text file, one text per line (default: the shipped "
@@ -262,16 +304,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="extra `deberta-onnx serve` flag, repeatable (e.g. --server-flag=--max-wait-ms=2)")
     args = parser.parse_args(argv)
 
-    from deberta_onnx.runtime import Encoder
+    from deberta_onnx.runtime import CrossEncoder, Encoder
     from deberta_onnx.runtime.utils import text_lines
 
     source = Path(args.texts) if args.texts else Path(__file__).parents[1] / "export" / "data" / "sentences.txt"
     texts = text_lines(source.read_bytes().decode("utf-8"))
     with ServerProcess(args.model_dir, *args.server_flag) as server:
-        normalize = httpx.get(f"{server.url}/health", timeout=10).json()["normalize"]
-        expected = Encoder(args.model_dir).encode(texts, normalize=normalize)
-        result = run_load(server.url, texts, expected, requests=args.requests, concurrency=args.concurrency)
-    report = {"model_dir": str(args.model_dir), "server_flags": args.server_flag, **result.to_dict()}
+        if args.rerank:
+            expected = rerank_scores(CrossEncoder(args.model_dir), texts)
+        else:
+            normalize = httpx.get(f"{server.url}/health", timeout=10).json()["normalize"]
+            expected = Encoder(args.model_dir).encode(texts, normalize=normalize)
+        result = run_load(server.url, texts, expected, requests=args.requests, concurrency=args.concurrency,
+                          rerank=args.rerank)
+    report = {"model_dir": str(args.model_dir), "route": "/v1/rerank" if args.rerank else "/v1/embeddings",
+              "server_flags": args.server_flag, **result.to_dict()}
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:

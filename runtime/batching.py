@@ -27,6 +27,7 @@ __all__ = [
     "bucket_width",
     "call_memory",
     "filled_rows",
+    "padded_tokens",
     "plan_batches",
     "token_batches",
 ]
@@ -152,7 +153,10 @@ class TokenBatch(NamedTuple):
 @dataclass(frozen=True)
 class ModelCall:
     """One model call of a plan, not yet run: which of the caller's inputs it computes, their token counts
-    (special tokens included, after truncation), and ``run()``, which computes their outputs in that order.
+    (special tokens included, after truncation), the token positions the call runs (``padded_tokens``: rows x
+    width, padding and filler rows included), and ``run()``, which computes their outputs in that order: an array
+    whose first axis follows ``rows`` (vectors, logits), or a list of one output per row (a token classifier's
+    logits of each input's own length, with its encoding).
 
     A caller that runs a plan call by call (the server) can stop between calls, or skip a call whose inputs
     nobody waits for any more.
@@ -160,7 +164,8 @@ class ModelCall:
 
     rows: list[int]
     token_counts: list[int]
-    run: Callable[[], np.ndarray]
+    run: Callable[[], Any]
+    padded_tokens: int = 0
 
 
 def token_batches(
@@ -195,12 +200,11 @@ def token_batches(
     """
     check_positive_int("batch_size", batch_size, optional=True)
     max_tokens = policy.max_tokens
-    rows_cap = batch_size if batch_size is not None or max_tokens is not None else DEFAULT_BATCH_SIZE
+    rows_cap = _rows_cap(batch_size, policy)
     bucket = policy.sequence_bucket
     progress = _progress(len(items), show_progress)
-    widest_batch = batch_capacity(bucket, batch_size=rows_cap, max_tokens=max_tokens)
     try:
-        for start, stop in _chunks(len(items), widest_batch):
+        for start, stop in _chunks(len(items), batch_capacity(bucket, batch_size=rows_cap, max_tokens=max_tokens)):
             encodings = tokenizer.encodings(items[start:stop], truncate=truncate, offset=start, details=details)
             # Longest first: the first batch shows at once whether memory suffices.
             order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i].ids))
@@ -223,6 +227,31 @@ def token_batches(
     finally:
         if progress is not None:
             progress.close()
+
+
+def padded_tokens(lengths: Sequence[int], policy: BatchPolicy, batch_size: int | None, *, max_length: int) -> int:
+    """How many token positions (rows x padded width, padding included) ``token_batches`` runs for inputs of
+    these token counts, in any order: the cost of one call of ``Encoder.encode`` or a classifier on them.
+
+    Args:
+        lengths: tokens per input (``token_count``), in the order they would be passed.
+        policy, batch_size: as ``token_batches`` takes them.
+        max_length: the tokenizer's maximum length.
+    """
+    rows_cap = _rows_cap(batch_size, policy)
+    bucket = policy.sequence_bucket
+    total = 0
+    for start, stop in _chunks(len(lengths), batch_capacity(bucket, batch_size=rows_cap, max_tokens=policy.max_tokens)):
+        chunk = sorted(lengths[start:stop], reverse=True)
+        for planned in plan_batches(chunk, batch_size=rows_cap, max_tokens=policy.max_tokens, multiple_of=bucket,
+                                    max_length=max_length):
+            rows = planned.capacity if policy.fill_rows else planned.stop - planned.start
+            total += rows * planned.width
+    return total
+
+
+def _rows_cap(batch_size: int | None, policy: BatchPolicy) -> int | None:
+    return batch_size if batch_size is not None or policy.max_tokens is not None else DEFAULT_BATCH_SIZE
 
 
 def _chunks(total: int, batch_size: int) -> Iterator[tuple[int, int]]:

@@ -9,19 +9,20 @@ as NER, aggregated to word spans).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple, TypedDict, overload
 
 import numpy as np
 
-from .batching import token_batches
+from .batching import ModelCall, TokenBatch, token_batches
 from .compat import PredictKeywords, RankKeywords, alias, check_keywords, with_prompt
 from .config import EncoderConfig
 from .contract import LOGITS, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
 from .loader import LoadedAttributes, LoadedModel, load_model, loaded_property
 from .postprocess import AGGREGATIONS, Span, aggregate_spans, classifier_scores, cross_encoder_scores, softmax
-from .runners import SessionRunner
+from .runners import Runner, SessionRunner
 from .session import ProviderList
 from .similarity import Hit
 from .tokenization import check_pairs, check_texts
@@ -66,14 +67,37 @@ def _one_or_many(inputs: object, *, texts_allowed: bool) -> tuple[list[str | tup
     return check_pairs(inputs, texts_allowed=texts_allowed), False
 
 
+def _plan(loaded: LoadedModel, runner: Runner, items: Sequence[str | tuple[str, str]], batch_size: int | None,
+          truncate: bool, show_progress: bool, *, per_row: bool = False) -> Iterator[ModelCall]:
+    """The model calls of ``items``: raw logits ``[rows, labels]``, or per row (``per_row``, token classifiers)
+    ``(logits [tokens, labels], encoding)``."""
+    run = _run_per_row if per_row else _run_rows
+    for batch in token_batches(loaded.tokenizer, items, loaded.policy, batch_size, truncate=truncate,
+                               show_progress=show_progress, details=per_row):
+        yield ModelCall(rows=batch.rows, token_counts=[len(e.ids) for e in batch.encodings],
+                        run=partial(run, runner, batch), padded_tokens=batch.input_ids.size)
+
+
+def _run_rows(runner: Runner, batch: TokenBatch) -> np.ndarray:
+    (logits,) = runner.run(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+    return logits[: len(batch.rows)]
+
+
+def _run_per_row(runner: Runner, batch: TokenBatch) -> list[tuple[np.ndarray, object]]:
+    (logits,) = runner.run(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+    return [(logits[row, : len(encoding.ids)].copy(), encoding) for row, encoding in enumerate(batch.encodings)]
+
+
 def _sequence_logits(loaded: LoadedModel, items: list[str | tuple[str, str]], batch_size: int | None,
                      truncate: bool, show_progress: bool) -> np.ndarray:
     out = np.empty((len(items), len(loaded.labels)), dtype=np.float32)
-    for batch in token_batches(loaded.tokenizer, items, loaded.policy, batch_size, truncate=truncate,
-                               show_progress=show_progress):
-        (logits,) = loaded.runner.run(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-        out[batch.rows] = logits
+    for call in _plan(loaded, loaded.runner, items, batch_size, truncate, show_progress):
+        out[call.rows] = call.run()
     return out
+
+
+def _token_count(loaded: LoadedModel, items: list[str | tuple[str, str]]) -> list[int]:
+    return [len(encoding.ids) for encoding in loaded.tokenizer.encodings(items)]
 
 
 _LABELS_DOC = "Label names in logit order (the checkpoint's ``id2label``)."
@@ -93,6 +117,25 @@ class SequenceClassifier(LoadedAttributes):
                                          type(self).__name__)
 
     labels = loaded_property(lambda m: m.labels, _LABELS_DOC)
+
+    def token_count(self, inputs: _Inputs) -> list[int]:
+        """Tokens the model sees per input (special tokens included, after truncation); errors as ``logits``."""
+        return _token_count(self.loaded, _one_or_many(inputs, texts_allowed=True)[0])
+
+    def plan(self, inputs: Sequence[str | tuple[str, str]], batch_size: int | None = None, *,
+             truncate: bool = True) -> Iterator[ModelCall]:
+        """``logits``' work as separate model calls, run one by one by the caller (the server): each
+        ``call.run()`` gives the raw logits ``[len(call.rows), len(labels)]`` of ``call.rows``, positions in
+        ``inputs``. ``logits`` runs exactly these calls; ``probabilities`` and ``CrossEncoder.predict`` apply their
+        activation (``postprocess.classifier_scores``, ``postprocess.cross_encoder_scores``) to them.
+
+        Raises:
+            TypeError: an input is neither a str nor a pair of str (at once).
+            ValueError: ``batch_size`` < 1, or ``truncate`` is false and an input is too long.
+        """
+        items = check_pairs(inputs, texts_allowed=True)
+        check_positive_int("batch_size", batch_size, optional=True)
+        return _plan(self.loaded, self.loaded.runner, items, batch_size, truncate, False)
 
     def logits(self, inputs: _Inputs, batch_size: int | None = None, *, truncate: bool = True,
                show_progress: bool = False) -> np.ndarray:
@@ -146,6 +189,10 @@ class CrossEncoder(LoadedAttributes):
     labels = loaded_property(lambda m: m.labels, _LABELS_DOC)
 
     num_labels = loaded_property(lambda m: len(m.labels), "How many scores per pair (sentence-transformers' name).")
+
+    def token_count(self, pairs: tuple[str, str] | Sequence[tuple[str, str]]) -> list[int]:
+        """Tokens the model sees per pair (special tokens included, after truncation); errors as ``predict``."""
+        return _token_count(self.loaded, _one_or_many(pairs, texts_allowed=False)[0])
 
     def predict(self, pairs: tuple[str, str] | Sequence[tuple[str, str]], batch_size: int | None = None, *,
                 activation: bool = True, truncate: bool = True, show_progress: bool = False, prompt: str | None = None,
@@ -246,6 +293,10 @@ class TokenClassifier(LoadedAttributes):
 
     labels = loaded_property(lambda m: m.labels, _LABELS_DOC)
 
+    def token_count(self, texts: str | Sequence[str]) -> list[int]:
+        """Tokens the model sees per text (special tokens included, after truncation); errors as ``logits``."""
+        return _token_count(self.loaded, [texts] if isinstance(texts, str) else list(check_texts(texts)))
+
     def logits(self, texts: str | Sequence[str], batch_size: int | None = None, *, truncate: bool = True,
                show_progress: bool = False) -> np.ndarray | list[np.ndarray]:
         """Raw logits per text: float32 ``[tokens, len(labels)]``, padding removed (special tokens included).
@@ -258,16 +309,36 @@ class TokenClassifier(LoadedAttributes):
             return self.logits([texts], batch_size, truncate=truncate, show_progress=show_progress)[0]
         return [logits for logits, _ in self._run(check_texts(texts), batch_size, truncate, show_progress)]
 
+    def plan(self, texts: Sequence[str], batch_size: int | None = None, *, truncate: bool = True
+             ) -> Iterator[ModelCall]:
+        """``predict``'s work as separate model calls, run one by one by the caller (the server): each
+        ``call.run()`` gives, per row of ``call.rows`` (positions in ``texts``), ``(logits, encoding)``: the raw
+        logits ``[tokens, labels]`` of that text's own tokens and its tokenizer encoding, which ``spans`` turns
+        into ``predict``'s spans.
+
+        Raises:
+            TypeError: ``texts`` is not a list of str (at once).
+            ValueError: ``batch_size`` < 1, or ``truncate`` is false and a text is too long.
+        """
+        items = check_texts(texts)
+        check_positive_int("batch_size", batch_size, optional=True)
+        return _plan(self.loaded, SessionRunner(self.loaded.session, (LOGITS,)), items, batch_size, truncate, False,
+                     per_row=True)
+
+    def spans(self, text: str, output: tuple[np.ndarray, object], *, aggregation: str = "first",
+              ignore_labels: Sequence[str] = ("O",)) -> list[Span]:
+        """``predict``'s spans of ``text`` from one row's output of a ``plan`` call (``(logits, encoding)``)."""
+        logits, encoding = output
+        return aggregate_spans(text, encoding.offsets, encoding.word_ids,  # type: ignore[attr-defined]
+                               softmax(logits), self.labels, aggregation=aggregation, ignore_labels=ignore_labels)
+
     def _run(self, items: list[str], batch_size: int | None, truncate: bool, show_progress: bool
              ) -> list[tuple[np.ndarray, object]]:
-        loaded = self.loaded
-        runner = SessionRunner(loaded.session, (LOGITS,))
         out: list[tuple[np.ndarray, object] | None] = [None] * len(items)
-        for batch in token_batches(loaded.tokenizer, items, loaded.policy, batch_size, truncate=truncate,
-                                   show_progress=show_progress, details=True):
-            (logits,) = runner.run(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-            for row, (index, encoding) in enumerate(zip(batch.rows, batch.encodings)):
-                out[index] = (logits[row, : len(encoding.ids)].copy(), encoding)
+        for call in _plan(self.loaded, SessionRunner(self.loaded.session, (LOGITS,)), items, batch_size, truncate,
+                          show_progress, per_row=True):
+            for index, item in zip(call.rows, call.run()):
+                out[index] = item
         return [item for item in out if item is not None]
 
     @overload
@@ -306,8 +377,6 @@ class TokenClassifier(LoadedAttributes):
                                 truncate=truncate, show_progress=show_progress)[0]
         items = check_texts(texts)
         out: list[list[Span]] = []
-        for text, (logits, encoding) in zip(items, self._run(items, batch_size, truncate, show_progress)):
-            out.append(aggregate_spans(text, encoding.offsets, encoding.word_ids,  # type: ignore[attr-defined]
-                                       softmax(logits), self.labels, aggregation=aggregation,
-                                       ignore_labels=ignore_labels))
+        for text, output in zip(items, self._run(items, batch_size, truncate, show_progress)):
+            out.append(self.spans(text, output, aggregation=aggregation, ignore_labels=ignore_labels))
         return out

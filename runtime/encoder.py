@@ -249,7 +249,8 @@ class Encoder(LoadedAttributes):
         batches = token_batches(loaded.tokenizer, items, loaded.policy, batch_size, truncate=truncate,
                                 show_progress=show_progress)
         return (ModelCall(rows=batch.rows, token_counts=[len(e.ids) for e in batch.encodings],
-                          run=partial(self._run_batch, batch)) for batch in batches)
+                          run=partial(self._run_batch, batch), padded_tokens=batch.input_ids.size)
+                for batch in batches)
 
     def _run_batch(self, batch: TokenBatch) -> np.ndarray:
         (vectors,) = self.loaded.runner.run(batch.input_ids, batch.attention_mask)

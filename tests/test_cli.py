@@ -98,3 +98,32 @@ def test_help_lists_commands() -> None:
     assert result.returncode == 0
     for command in ("export", "embed", "bench", "info"):
         assert command in result.stdout
+
+
+def test_runtime_never_imports_ray(tiny_model: Path, tmp_path: Path) -> None:
+    """The runtime, the server modules and the CLI work with ray blocked; the ray package names its extra."""
+    code = textwrap.dedent("""
+        import sys
+        class _Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "ray":
+                    raise ImportError(f"blocked: {name}")
+        sys.meta_path.insert(0, _Block())
+        import deberta_onnx.runtime
+        import deberta_onnx.runtime.server.app, deberta_onnx.runtime.server.metrics
+        import deberta_onnx.runtime.server.rerank_api, deberta_onnx.runtime.server.classify_api
+        import deberta_onnx.runtime.server.budget
+        from deberta_onnx.runtime.cli import main
+        code = main(["embed", sys.argv[1], "--input", "-", "--output", sys.argv[2]])
+        print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] == "ray"))
+        try:
+            import deberta_onnx.runtime.ray
+        except ImportError as exc:
+            print("REFUSED", exc)
+        sys.exit(code)
+    """)
+    result = subprocess.run([sys.executable, "-c", code, str(tiny_model), str(tmp_path / "v.npy")], input="a\nb\n",
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "LOADED []" in result.stdout
+    assert "REFUSED" in result.stdout and "pip install 'deberta-onnx[ray]'" in result.stdout

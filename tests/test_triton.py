@@ -138,3 +138,76 @@ def test_bad_triton_settings_are_refused() -> None:
         ExportConfig(triton=True, triton_name="../escape")
     with pytest.raises(ValueError, match="triton_max_batch_size must be a positive int"):
         ExportConfig(triton=True, triton_max_batch_size=0)
+
+
+@pytest.fixture(scope="module")
+def triton_classifiers(reranker: tuple[Path, Path], ner: tuple[Path, Path],
+                       tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The reranker and the NER model exported again with their Triton repositories."""
+    from deberta_onnx.export import ExportConfig, export_model
+
+    out = {}
+    for name, (checkpoint, _) in (("reranker", reranker), ("ner", ner)):
+        target = tmp_path_factory.mktemp("triton-cls") / name
+        export_model(checkpoint, target, ExportConfig(quiet=True, tokenizer="transformers", triton=True,
+                                                      triton_max_batch_size=8, validation_shapes=((2, 9),)))
+        out[name] = target
+    return out
+
+
+def _client_inputs(folder: Path, items: list, token_types: bool) -> dict[str, np.ndarray]:  # type: ignore[type-arg]
+    """Tokenized as the README's Triton client does, pairs included (text, text_pair), segment ids if asked."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.enable_truncation(512)
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]", pad_to_multiple_of=32)
+    encodings = tokenizer.encode_batch(items)
+    feed = {"input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64)}
+    if token_types:
+        feed["token_type_ids"] = np.array([e.type_ids for e in encodings], dtype=np.int64)
+    return feed
+
+
+def test_exported_reranker_repository_scores_as_cross_encoder(
+        triton_classifiers: dict[str, Path], model_config_pb2: ModuleType) -> None:
+    """export --triton on a cross-encoder: config.pbtxt with logits, labels and token_type_ids, in the manifest;
+    fed as a Triton client would, its logits, through the sigmoid the README gives, are CrossEncoder.predict's."""
+    from deberta_onnx.runtime import CrossEncoder
+    from deberta_onnx.runtime.postprocess import sigmoid
+
+    folder = triton_classifiers["reranker"]
+    model_dir = folder / "triton" / "reranker"
+    config = _parse(model_dir / "config.pbtxt", model_config_pb2)
+    _check_against_graph(config, onnx.load(str(model_dir / "1" / "model.onnx")), model_config_pb2)
+    assert [i.name for i in config.input] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert [(o.name, list(o.dims), o.label_filename) for o in config.output] == [("logits", [1], "labels.txt")]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["triton"]["model_name"] == "reranker"
+    load_manifest(folder).verify_files(["triton/reranker/1/model.onnx", "triton/reranker/config.pbtxt",
+                                        "triton/reranker/labels.txt"])
+    pairs = [("what is the capital?", "Paris is the capital of France."), ("q", ""), ("long " * 300, "doc")]
+    session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], _client_inputs(folder, pairs, token_types=True))
+    model = CrossEncoder(folder)
+    np.testing.assert_allclose(logits[:, 0], model.predict(pairs, activation=False), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(sigmoid(logits[:, 0]), model.predict(pairs), atol=1e-6, rtol=0)
+
+
+def test_exported_token_classifier_repository_gives_token_logits(
+        triton_classifiers: dict[str, Path], model_config_pb2: ModuleType) -> None:
+    from deberta_onnx.runtime import TokenClassifier
+
+    folder = triton_classifiers["ner"]
+    model_dir = folder / "triton" / "ner"
+    config = _parse(model_dir / "config.pbtxt", model_config_pb2)
+    _check_against_graph(config, onnx.load(str(model_dir / "1" / "model.onnx")), model_config_pb2)
+    assert [(o.name, list(o.dims)) for o in config.output] == [("logits", [-1, 5])]
+    assert (model_dir / "labels.txt").read_text().splitlines() == list(load_manifest(folder).labels)
+    texts = ["Ada Lovelace lived in London.", "x", "Zürich 東京"]
+    feed = _client_inputs(folder, texts, token_types=False)
+    session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], feed)
+    for row, expected in enumerate(TokenClassifier(folder).logits(texts)):
+        np.testing.assert_allclose(logits[row, : len(expected)], expected, atol=1e-5, rtol=0)

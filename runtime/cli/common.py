@@ -128,8 +128,9 @@ def add_load_flags(parser: argparse.ArgumentParser) -> None:
                         help="run fp32 matrix products on TF32 tensor cores on CUDA (default: off, as PyTorch fp32)")
 
 
-def load(args: argparse.Namespace, kind: Callable[..., M]) -> M:
-    """An ``Encoder`` or classifier (``kind``) loaded as the load flags say."""
+def load(args: argparse.Namespace, kind: Callable[..., M], model_dir: str | None = None) -> M:
+    """An ``Encoder`` or classifier (``kind``) loaded from ``model_dir`` (default ``args.model_dir``) as the load
+    flags say."""
     config = EncoderConfig(
         precision=args.precision,
         intra_op_threads=args.threads,
@@ -144,4 +145,4 @@ def load(args: argparse.Namespace, kind: Callable[..., M]) -> M:
         gpu_mem_limit=args.gpu_mem_limit,
         use_tf32=args.use_tf32,
     )
-    return kind(args.model_dir, config=config)
+    return kind(args.model_dir if model_dir is None else model_dir, config=config)

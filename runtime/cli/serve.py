@@ -1,11 +1,11 @@
-"""``deberta-onnx serve``: the OpenAI-compatible HTTP server; flags map onto ``ServerConfig`` and its defaults."""
+"""``deberta-onnx serve``: the HTTP server of one or several model folders; flags map onto ``ServerConfig`` and its
+defaults."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from ..encoder import Encoder
 from ..server import ServerConfig
 from .common import add_load_flags, config_defaults, load
 
@@ -17,15 +17,22 @@ _FIELDS = tuple(config_defaults(ServerConfig))
 def add_parser(commands: Any) -> None:
     d = ServerConfig()
     parser = commands.add_parser(
-        "serve", help="serve a model folder over HTTP (OpenAI-compatible /v1/embeddings; needs the server extra)",
-        description="Serve MODEL_DIR over HTTP: POST /v1/embeddings (OpenAI's request and response shape), "
-                    "GET /health, GET /v1/models. Concurrent requests are merged into one model call. "
+        "serve", help="serve model folders over HTTP (/v1/embeddings, /v1/rerank, /v1/classify, /metrics; needs "
+                      "the server extra)",
+        description="Serve each MODEL_DIR over HTTP as its task allows: an embedding model on POST /v1/embeddings "
+                    "(OpenAI's request and response shape), a sequence classifier or cross-encoder on POST "
+                    "/v1/rerank (Cohere's and Jina's shape; one-label models) and POST /v1/classify, a token "
+                    "classifier on POST /v1/classify (spans). With several folders a request names its model in "
+                    "'model' (the folder's name; unknown: 404). GET /health, GET /v1/models, GET /metrics "
+                    "(Prometheus). Concurrent requests are merged into one model call. "
                     "Queue full: 429; body too large or too many inputs: 413; bad JSON or fields, or a Host "
                     "that is not this server: 400; not application/json: 415; body too slow: 408; timeout: 504. "
                     "Stop with Ctrl+C or SIGTERM: in-flight requests finish first (within --shutdown-timeout-s), "
                     "then SIGTERM exits 0.",
     )
-    parser.add_argument("model_dir", help="a folder written by `deberta-onnx export`")
+    parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
+                        help="one or more folders written by `deberta-onnx export` (embedding, sequence- or "
+                             "token-classification)")
     parser.add_argument("--host", default=d.host, help="address to listen on (default %(default)s: this "
                        "machine only; put a proxy or firewall in front before listening wider)")
     parser.add_argument("--port", type=int, default=d.port, help="TCP port (default %(default)s; 0 picks a "
@@ -36,6 +43,10 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--batch-size", type=int, default=d.batch_size,
                        help="rows per model run inside that call; the merged texts are sorted by length first "
                             "(default %(default)s)")
+    parser.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
+                       help="also cap a merged batch at this many padded tokens, so that short and long requests "
+                            "do not share a padded batch (default: none; costs one extra tokenization per "
+                            "request)")
     parser.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                        help="how long a queued request waits for others to join its batch (default %(default)s)")
     parser.add_argument("--max-queue", type=int, default=d.max_queue,
@@ -50,7 +61,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=d.normalize,
                        help="L2-normalise vectors, after `dimensions` truncation (default on, as OpenAI)")
     parser.add_argument("--model-name", default=d.model_name,
-                       help="model id to report (default: the folder's name)")
+                       help="model id to report, with one MODEL_DIR (default: the folder's name)")
     parser.add_argument("--access-log", action="store_true", default=d.access_log,
                        help="log one line per request")
     parser.add_argument("--read-timeout-s", type=float, default=d.read_timeout_s,
@@ -73,10 +84,14 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..server.app import serve
+    from ..server.models import load_folder
 
     values = {name: getattr(args, name) for name in _FIELDS}
     values["allowed_hosts"] = tuple(values["allowed_hosts"])
     config = ServerConfig(**values)
-    encoder = load(args, Encoder)
-    serve(encoder, config)  # SIGTERM drains and returns: exit 0
+    if config.model_name is not None and len(args.model_dirs) > 1:
+        raise ValueError("--model-name names the model of one MODEL_DIR; with several, each "
+                         "model is named after its folder")
+    models = [load(args, load_folder, model_dir) for model_dir in args.model_dirs]
+    serve(models, config)  # SIGTERM drains and returns: exit 0
     return 0

@@ -1,12 +1,13 @@
-"""An OpenAI-compatible embeddings server on Starlette + uvicorn.
+"""An HTTP server of exported folders on Starlette + uvicorn: OpenAI-compatible embeddings, Cohere/Jina-shaped
+rerank, classify, Prometheus metrics.
 
-    deberta-onnx serve models/deberta-v3-base --port 8000
+    deberta-onnx serve models/deberta-v3-base models/reranker --port 8000
 
 or from Python::
 
-    from deberta_onnx.runtime import Encoder
+    from deberta_onnx.runtime import CrossEncoder, Encoder, SequenceClassifier
     from deberta_onnx.runtime.server import ServerConfig, serve
-    serve(Encoder("models/deberta-v3-base"), ServerConfig(port=8000))
+    serve([Encoder("models/deberta-v3-base"), SequenceClassifier("models/reranker")], ServerConfig(port=8000))
 
 ``ServerConfig`` needs only the standard library; ``create_app`` and ``serve`` need the ``server`` extra
 (``pip install 'deberta-onnx[server]'``) and say so when it is missing.
@@ -14,6 +15,7 @@ or from Python::
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from .config import ServerConfig
@@ -21,24 +23,30 @@ from .config import ServerConfig
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
+    from ..classifier import SequenceClassifier, TokenClassifier
     from ..encoder import Encoder
+
+    _Model = Encoder | SequenceClassifier | TokenClassifier
+    _Models = _Model | Sequence[_Model] | Mapping[str, _Model]
 
 __all__ = ["ServerConfig", "create_app", "serve"]
 
 
-def create_app(encoder: Encoder, config: ServerConfig | None = None) -> Starlette:
-    """Builds the ASGI app around one ``Encoder``; run it with any ASGI server (see ``app.create_app``).
+def create_app(models: _Models, config: ServerConfig | None = None) -> Starlette:
+    """Builds the ASGI app around one or several loaded models (an ``Encoder``, ``SequenceClassifier`` or
+    ``TokenClassifier``, a list, or a ``{name: model}`` mapping); run it with any ASGI server (see
+    ``app.create_app``).
 
     Raises:
         ImportError: the server extra is not installed.
     """
     from .app import create_app as build
 
-    return build(encoder, config)
+    return build(models, config)
 
 
-def serve(encoder: Encoder, config: ServerConfig | None = None) -> None:
-    """Serves ``encoder`` over HTTP until interrupted (see ``app.serve``).
+def serve(models: _Models, config: ServerConfig | None = None) -> None:
+    """Serves ``models`` (as ``create_app`` takes them) over HTTP until interrupted (see ``app.serve``).
 
     Raises:
         ImportError: the server extra is not installed.
@@ -46,4 +54,4 @@ def serve(encoder: Encoder, config: ServerConfig | None = None) -> None:
     """
     from .app import serve as run
 
-    run(encoder, config)
+    run(models, config)

@@ -19,6 +19,10 @@ class ServerConfig:
         max_batch_size: the most texts merged into one ``Encoder.encode`` call (whole requests are merged).
         batch_size: rows per model run inside that call (``Encoder.encode``'s ``batch_size``): the merged
             texts are sorted by length and run in groups of this many, so little padding is computed.
+        max_batch_tokens: a budget of padded token positions per merged batch besides ``max_batch_size``
+            (``server.budget``): requests whose merged batch would pad past it wait for the next one, so short and
+            long requests do not share a padded batch. Costs one extra tokenization per request (the token counts
+            must be known before queueing). ``None`` (default): texts alone limit a batch.
         max_wait_ms: how long the oldest queued request waits for others to join its batch.
         max_queue: the most texts waiting for the model; a request that would pass it gets 429 at once.
         max_request_bytes: the largest request body; larger ones get 413.
@@ -26,7 +30,8 @@ class ServerConfig:
         timeout_s: how long a request may wait for its vectors (queue and model time); then 504.
         normalize: L2-normalise the vectors (after ``dimensions`` truncation), as OpenAI's embeddings are.
         model_name: the model id ``/health`` and ``/v1/models`` report, and responses carry when a request
-            names none; default the model folder's name.
+            names none; default the model folder's name. Only for a server of one model: with several, each is
+            named after its folder.
         access_log: log one line per request (uvicorn's access log).
         read_timeout_s: how long a client has to send a request's headers (from the connection's start, or the
             end of the previous response on it; then the connection is closed), and again its body (then 408).
@@ -45,6 +50,7 @@ class ServerConfig:
     port: int = 8000
     max_batch_size: int = 32
     batch_size: int = 8
+    max_batch_tokens: int | None = None
     max_wait_ms: float = 5.0
     max_queue: int = 4096
     max_request_bytes: int = 4 << 20
@@ -68,6 +74,8 @@ class ServerConfig:
         for name in ("max_batch_size", "batch_size", "max_queue", "max_request_bytes", "max_inputs",
                      "max_connections"):
             _check_int(name, getattr(self, name), 1)
+        if self.max_batch_tokens is not None:
+            _check_int("max_batch_tokens", self.max_batch_tokens, 1)
         if self.max_inputs > self.max_queue:
             raise ValueError(
                 f"max_inputs ({self.max_inputs}) must not exceed max_queue ({self.max_queue}): a request of "

@@ -9,6 +9,10 @@ A merged batch is worked through call by call (``Encoder.plan``: its texts sorte
 ``batch_size`` rows). Between two calls the batcher looks at who still waits: a request that timed out or whose
 client left has its future cancelled by its handler, and calls that would only compute texts of such requests
 are skipped, so the worker is free for the next batch at once instead of finishing work nobody reads.
+
+With a token budget (``TokenBudget``, ``server.budget``) a batch is chosen by ``plan_batch`` instead of by text
+count alone: whole requests whose merged call stays within a number of padded tokens, so that a long request
+does not make short ones pad to its length. Requests then carry their token counts (``submit(lengths=...)``).
 """
 
 from __future__ import annotations
@@ -16,22 +20,42 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
 from ..batching import ModelCall
 from ..errors import DebertaOnnxError
+from .budget import TokenBudget, plan_batch
 
-__all__ = ["BatchStats", "BatcherClosedError", "MicroBatcher", "PlanFn", "QueueFullError"]
+__all__ = ["BatchObserver", "BatchStats", "BatcherClosedError", "MicroBatcher", "Outputs", "PlanFn",
+           "QueueFullError"]
 
 logger = logging.getLogger("deberta_onnx")
 
-# texts -> the model calls that compute them (``Encoder.plan``); the iterator is advanced in the worker thread.
-PlanFn = Callable[[list[str]], Iterator[ModelCall]]
+# inputs (texts, or pairs) -> the model calls that compute them (``Encoder.plan``, ``SequenceClassifier.plan``,
+# ``TokenClassifier.plan``); the iterator is advanced in the worker thread.
+PlanFn = Callable[[list[Any]], Iterator[ModelCall]]
+# One request's outputs in input order: rows of an array (vectors, logits), or a list (one object per input).
+Outputs = np.ndarray | list[Any]
+
+
+class BatchObserver(Protocol):
+    """What the batcher reports, for metrics: called on the event loop."""
+
+    def queue_wait(self, seconds: float) -> None:
+        """A request's batch started ``seconds`` after the request arrived."""
+
+    def model_call(self, call: ModelCall, *, requests: int, seconds: float) -> None:
+        """``call`` ran in ``seconds``, computing rows of ``requests`` requests."""
+
+    def failure(self) -> None:
+        """A model call raised."""
 
 
 class QueueFullError(DebertaOnnxError):
@@ -68,9 +92,11 @@ class BatchStats:
 
 @dataclass(eq=False)
 class _Pending:
-    texts: list[str]
-    future: asyncio.Future[tuple[np.ndarray, list[int]]]
+    texts: list[Any]
+    future: asyncio.Future[tuple[Outputs, list[int]]]
     arrived: float
+    lengths: Sequence[int] = ()  # token counts per input, with a token budget
+    started: bool = False  # its first batch began (its queue wait was observed)
     queued: bool = field(default=True)
     computed: int = 0  # rows of this request a model call has computed
     dropped: bool = False  # its uncomputed rows are counted in texts_dropped
@@ -92,10 +118,17 @@ class MicroBatcher:
         max_batch_size: texts per merged batch.
         max_wait_s: how long the oldest request may wait for others to join its batch.
         max_queue: the most texts waiting (not counting the batch that is running).
+        budget: a token budget per batch (``TokenBudget``; its ``max_texts`` replaces ``max_batch_size``), or
+            ``None``: texts alone limit a batch. With a budget, ``submit`` needs each input's token count.
+        observer: told of queue waits, model calls and failures (metrics), or ``None``.
     """
 
-    def __init__(self, plan_fn: PlanFn, *, max_batch_size: int, max_wait_s: float, max_queue: int) -> None:
+    def __init__(self, plan_fn: PlanFn, *, max_batch_size: int, max_wait_s: float, max_queue: int,
+                 budget: TokenBudget | None = None, observer: BatchObserver | None = None) -> None:
         self._plan = plan_fn
+        self.budget = budget
+        self.observer = observer
+        self._queued_tokens = 0
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -141,26 +174,32 @@ class MicroBatcher:
             if not pending.future.done():
                 pending.future.set_exception(BatcherClosedError("the server is shutting down"))
         self._queued_texts = 0
+        self._queued_tokens = 0
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._executor.shutdown(wait=True)
 
-    async def submit(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-        """Queues ``texts`` and waits for their vectors and token counts, in order.
+    async def submit(self, texts: list[Any], lengths: Sequence[int] | None = None) -> tuple[Outputs, list[int]]:
+        """Queues ``texts`` (or pairs) and waits for their outputs and token counts, in order.
+
+        ``lengths`` (each input's token count, e.g. ``Encoder.token_count``) is needed with a token budget and
+        ignored without one.
 
         Cancelling the caller (on a timeout, or when its client left) takes the request out of the queue if it
         has not started, and out of the rest of its batch's model calls if it has.
 
         Raises:
-            ValueError: ``texts`` is empty.
+            ValueError: ``texts`` is empty, or ``lengths`` is missing or of another length with a token budget.
             QueueFullError: the queue cannot take ``len(texts)`` more texts.
             BatcherClosedError: the batcher is closed or was never started.
             Exception: whatever the model call raised for this request.
         """
         if not texts:
             raise ValueError("submit needs at least one text")
+        if self.budget is not None and (lengths is None or len(lengths) != len(texts)):
+            raise ValueError("a batcher with a token budget needs one token count per input (lengths=...)")
         if self._closed or self._wakeup is None:
             raise BatcherClosedError("the server is shutting down" if self._closed else "the batcher is not running")
         if self._queued_texts + len(texts) > self.max_queue:
@@ -170,9 +209,11 @@ class MicroBatcher:
                 f"{self.max_queue}; retry after a short wait"
             )
         loop = asyncio.get_running_loop()
-        pending = _Pending(texts=texts, future=loop.create_future(), arrived=loop.time())
+        pending = _Pending(texts=texts, future=loop.create_future(), arrived=loop.time(),
+                           lengths=lengths if self.budget is not None and lengths is not None else ())
         self._queue.append(pending)
         self._queued_texts += len(texts)
+        self._queued_tokens += sum(pending.lengths)
         self._wakeup.set()
         try:
             return await pending.future
@@ -181,6 +222,7 @@ class MicroBatcher:
             if pending.queued:
                 self._queue.remove(pending)
                 self._queued_texts -= len(texts)
+                self._queued_tokens -= sum(pending.lengths)
                 pending.dropped = True
                 self.stats.texts_dropped += len(texts)
                 self._wakeup.set()
@@ -194,7 +236,7 @@ class MicroBatcher:
                 await wakeup.wait()
                 continue
             remaining = self._queue[0].arrived + self.max_wait_s - loop.time()
-            if self._queued_texts < self.max_batch_size and remaining > 0 and not self._draining:
+            if not self._full() and remaining > 0 and not self._draining:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(wakeup.wait(), remaining)
                 continue
@@ -205,7 +247,16 @@ class MicroBatcher:
             finally:
                 self._running = 0
 
+    def _full(self) -> bool:
+        """Enough is queued to start a batch without waiting."""
+        if self.budget is None:
+            return self._queued_texts >= self.max_batch_size
+        limit = self.budget.max_padded_tokens
+        return self._queued_texts >= self.budget.max_texts or (limit is not None and self._queued_tokens >= limit)
+
     def _take(self) -> list[_Pending]:
+        if self.budget is not None:
+            return self._take_within_budget(self.budget)
         batch: list[_Pending] = []
         size = 0
         while self._queue and (not batch or size + len(self._queue[0].texts) <= self.max_batch_size):
@@ -216,12 +267,31 @@ class MicroBatcher:
         self._queued_texts -= size
         return batch
 
+    def _take_within_budget(self, budget: TokenBudget) -> list[_Pending]:
+        queued = list(self._queue)[: budget.lookahead + 1]
+        chosen = plan_batch([pending.lengths for pending in queued], budget)
+        batch = [queued[position] for position in chosen]
+        for pending in batch:
+            self._queue.remove(pending)
+            pending.queued = False
+            self._queued_texts -= len(pending.texts)
+            self._queued_tokens -= sum(pending.lengths)
+        return batch
+
     async def _run_batch(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
         texts = [text for pending in batch for text in pending.texts]
         sizes = [len(pending.texts) for pending in batch]
         owner = np.repeat(np.arange(len(batch)), sizes)  # row of the merged texts -> index of its request
         first = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-        vectors: list[np.ndarray | None] = [None] * len(batch)
+        vectors: list[Outputs | None] = [None] * len(batch)
+        observer = self.observer
+        if observer is not None:
+            now = loop.time()
+            for pending in batch:
+                if not pending.started:
+                    observer.queue_wait(now - pending.arrived)
+        for pending in batch:
+            pending.started = True
         counts = [[0] * size for size in sizes]
         calls: Iterator[ModelCall] = iter(())
         try:
@@ -233,11 +303,13 @@ class MicroBatcher:
                 step = await loop.run_in_executor(self._executor, _next_call, calls, waiting, owner)
                 if step is None:
                     break
-                call, out = step
+                call, out, seconds = step
                 if out is None:
                     self.stats.model_calls_skipped += 1
                     continue
                 self.stats.model_calls += 1
+                if observer is not None:
+                    observer.model_call(call, requests=len(set(owner[call.rows].tolist())), seconds=seconds)
                 for row, vector, count in zip(call.rows, out, call.token_counts):
                     index = int(owner[row])
                     pending = batch[index]
@@ -246,7 +318,8 @@ class MicroBatcher:
                         continue
                     local = row - int(first[index])
                     if vectors[index] is None:
-                        vectors[index] = np.empty((sizes[index], out.shape[1]), dtype=out.dtype)
+                        vectors[index] = (np.empty((sizes[index], *out.shape[1:]), dtype=out.dtype)
+                                          if isinstance(out, np.ndarray) else [None] * sizes[index])
                     vectors[index][local] = vector  # type: ignore[index]
                     counts[index][local] = count
                     if pending.computed == sizes[index]:
@@ -283,18 +356,22 @@ class MicroBatcher:
 
     def _fail(self, pending: _Pending, exc: Exception) -> None:
         self.stats.failed += 1
+        if self.observer is not None:
+            self.observer.failure()
         logger.error("encoding a request of %d texts failed: %r", len(pending.texts), exc)
         if not pending.future.done():
             pending.future.set_exception(exc)
 
 
 def _next_call(calls: Iterator[ModelCall], waiting: np.ndarray, owner: np.ndarray
-               ) -> tuple[ModelCall, np.ndarray | None] | None:
+               ) -> tuple[ModelCall, Any, float] | None:
     """In the worker thread: the plan's next call, run unless all its rows belong to requests nobody waits for
-    (then its output is None); None when the plan is done."""
+    (then its output is None), with the seconds it ran; None when the plan is done."""
     call = next(calls, None)
     if call is None:
         return None
     if not waiting[owner[call.rows]].any():
-        return call, None
-    return call, call.run()
+        return call, None, 0.0
+    start = time.perf_counter()
+    out = call.run()
+    return call, out, time.perf_counter() - start

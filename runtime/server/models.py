@@ -1,0 +1,200 @@
+"""The models one server serves: each exported folder loaded for its task, with its own micro-batcher, and what
+each route does with it (parse the body, name the inputs to run, shape the answer). Standard library + numpy
+above the runtime; no HTTP stack, so that it can be tested, and reused, without a server.
+
+Routes per task: an ``embedding`` model serves ``POST /v1/embeddings``; a ``sequence-classification`` model
+(classifier or cross-encoder) serves ``POST /v1/rerank`` (one-label models) and ``POST /v1/classify``; a
+``token-classification`` model serves ``POST /v1/classify`` with spans.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..classifier import SequenceClassifier, TokenClassifier
+from ..config import EncoderConfig
+from ..contract import TASK_EMBEDDING, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
+from ..encoder import Encoder
+from ..errors import TaskMismatchError
+from ..manifest import load_manifest
+from ..postprocess import classifier_scores, cross_encoder_scores, truncate_dimensions
+from .budget import TokenBudget
+from .classify_api import classify_response, parse_classify_request, token_classify_response
+from .config import ServerConfig
+from .microbatch import BatchObserver, MicroBatcher, Outputs
+from .openai_api import ApiError, embedding_response, parse_embedding_request
+from .rerank_api import parse_rerank_request, rerank_response
+
+__all__ = ["CLASSIFY", "EMBEDDINGS", "RERANK", "ROUTES", "Job", "Model", "ServedModel", "load_folder"]
+
+EMBEDDINGS = "/v1/embeddings"
+RERANK = "/v1/rerank"
+CLASSIFY = "/v1/classify"
+# The model routes each task serves.
+ROUTES = {
+    TASK_EMBEDDING: (EMBEDDINGS,),
+    TASK_SEQUENCE_CLASSIFICATION: (RERANK, CLASSIFY),
+    TASK_TOKEN_CLASSIFICATION: (CLASSIFY,),
+}
+_KINDS: dict[str, type[Encoder | SequenceClassifier | TokenClassifier]] = {
+    TASK_EMBEDDING: Encoder,
+    TASK_SEQUENCE_CLASSIFICATION: SequenceClassifier,
+    TASK_TOKEN_CLASSIFICATION: TokenClassifier,
+}
+
+Model = Encoder | SequenceClassifier | TokenClassifier
+
+
+def load_folder(model_dir: str | Path, config: EncoderConfig | None = None) -> Model:
+    """Loads an exported folder with the class of its task: ``Encoder``, ``SequenceClassifier`` (also what a
+    cross-encoder's rerank scores are computed from) or ``TokenClassifier``.
+
+    Raises:
+        ModelFolderError: the folder or its manifest is missing or bad (and the loading errors of ``Encoder``).
+        TaskMismatchError: the folder holds a task this server cannot serve.
+    """
+    manifest = load_manifest(model_dir)
+    kind = _KINDS.get(manifest.task)
+    if kind is None:
+        raise TaskMismatchError(f"{model_dir} holds a model of task {manifest.task!r}; the server serves "
+                                f"{', '.join(_KINDS)} models. Export the checkpoint with one of those --task values.")
+    return kind(model_dir, config=config or EncoderConfig())
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    """A checked request: the inputs to run through the model, and how to answer once their outputs are back.
+
+    Attributes:
+        items: texts, or ``(text, text_pair)`` pairs, as the model's ``plan`` takes them.
+        answer: (outputs in input order, token counts) -> the response body.
+        floats: how many floats the answer will hold, roughly (large ones are serialised off the event loop).
+    """
+
+    items: list[Any]
+    answer: Callable[[Outputs, list[int]], dict[str, Any]]
+    floats: int
+
+
+class ServedModel:
+    """One served folder: its model, its name, the routes it serves and its micro-batcher.
+
+    Args:
+        model: the loaded model (``load_folder``); only the batcher's worker thread runs it.
+        name: the model id the server reports and routes by.
+        config: batching and limits.
+        observer: told of the batcher's queue waits and model calls (metrics), or ``None``.
+    """
+
+    def __init__(self, model: Model, name: str, config: ServerConfig, observer: BatchObserver | None = None) -> None:
+        self.model = model
+        self.name = name
+        self.config = config
+        self.task = model.manifest.task
+        self.routes = ROUTES[self.task]
+        self.provider = model.session.get_providers()[0]
+        budget = None
+        if config.max_batch_tokens is not None:
+            budget = TokenBudget(max_texts=config.max_batch_size, max_padded_tokens=config.max_batch_tokens,
+                                 batch_size=config.batch_size, policy=model.loaded.policy,
+                                 max_length=model.max_length)
+        batch_size = config.batch_size
+        self.batcher = MicroBatcher(lambda items: model.plan(items, batch_size), max_batch_size=config.max_batch_size,
+                                    max_wait_s=config.max_wait_ms / 1000, max_queue=config.max_queue, budget=budget,
+                                    observer=observer)
+
+    def describe(self) -> dict[str, Any]:
+        """What ``/health`` and ``/v1/models`` say of this model."""
+        model = self.model
+        info: dict[str, Any] = {"model": self.name, "task": self.task, "routes": list(self.routes),
+                                "model_dir": str(model.model_dir), "precision": model.precision,
+                                "provider": self.provider, "max_length": model.max_length}
+        if isinstance(model, Encoder):
+            info["hidden_size"] = model.hidden_size
+        else:
+            info["labels"] = list(model.labels)
+        return info
+
+    def token_counts(self, items: list[Any]) -> list[int]:
+        """Tokens the model sees per input (for the token budget)."""
+        return self.model.token_count(items)
+
+    def job(self, route: str, body: bytes, *, echo: bool = False) -> Job:
+        """Parses ``body`` for ``route``.
+
+        Args:
+            route: one of ``self.routes``.
+            body: the raw request body.
+            echo: answer with the request's own ``model`` when it names one (a server of one model, as OpenAI's
+                clients expect); else with ``self.name``.
+
+        Raises:
+            ApiError: the body is malformed (400, naming the field), too large (413), or asks this model for what
+                it cannot give (rerank on a model of several labels: 400).
+        """
+        config = self.config
+        model = self.model
+        if isinstance(model, Encoder):
+            return self._embeddings(model, body, echo)
+        if route == RERANK and isinstance(model, SequenceClassifier):
+            return self._rerank(model, body, echo)
+        parsed = parse_classify_request(body, max_inputs=config.max_inputs, task=self.task)
+        name = self._name(parsed.model, echo)
+        if isinstance(model, TokenClassifier):
+            texts: list[str] = parsed.inputs  # type: ignore[assignment]  # the parser refuses pairs here
+
+            def spans(outputs: Outputs, counts: list[int]) -> dict[str, Any]:
+                found = [model.spans(text, output, aggregation=parsed.aggregation)
+                         for text, output in zip(texts, outputs)]
+                return token_classify_response(found, token_counts=counts, model=name)
+
+            return Job(items=texts, answer=spans, floats=0)
+        labels = list(model.labels)
+        problem_type = model.manifest.model.problem_type
+
+        def classes(outputs: Outputs, counts: list[int]) -> dict[str, Any]:
+            logits = np.asarray(outputs)
+            scores = logits if parsed.raw_scores else classifier_scores(logits, problem_type=problem_type,
+                                                                        labels=len(labels))
+            return classify_response(scores, labels=labels, top_k=parsed.top_k, token_counts=counts, model=name)
+
+        return Job(items=list(parsed.inputs), answer=classes, floats=len(parsed.inputs) * len(labels))
+
+    def _name(self, requested: str | None, echo: bool) -> str:
+        return requested if echo and requested else self.name
+
+    def _embeddings(self, model: Encoder, body: bytes, echo: bool) -> Job:
+        config = self.config
+        parsed = parse_embedding_request(body, max_inputs=config.max_inputs, hidden_size=model.hidden_size)
+        name = self._name(parsed.model, echo)
+        graph_normalizes = model.manifest.normalize
+
+        def answer(outputs: Outputs, counts: list[int]) -> dict[str, Any]:
+            vectors = truncate_dimensions(np.asarray(outputs), parsed.dimensions, normalize=config.normalize,
+                                          graph_normalizes=graph_normalizes)
+            return embedding_response(vectors, token_counts=counts, encoding_format=parsed.encoding_format,
+                                      model=name)
+
+        floats = len(parsed.texts) * (parsed.dimensions or model.hidden_size)
+        return Job(items=parsed.texts, answer=answer, floats=floats if parsed.encoding_format == "float" else 0)
+
+    def _rerank(self, model: SequenceClassifier, body: bytes, echo: bool) -> Job:
+        if len(model.labels) != 1:
+            raise ApiError(400, f"model {self.name!r} has {len(model.labels)} labels ({', '.join(model.labels)}); "
+                                "rerank needs a one-label cross-encoder. Use POST /v1/classify for this model.",
+                           param="model", code="unsupported_model")
+        parsed = parse_rerank_request(body, max_documents=self.config.max_inputs)
+        name = self._name(parsed.model, echo)
+        activation = model.manifest.model.score_activation
+
+        def answer(outputs: Outputs, counts: list[int]) -> dict[str, Any]:
+            # CrossEncoder.predict's scores: the saved activation of the one logit.
+            scores = cross_encoder_scores(np.asarray(outputs), activation, labels=1)[:, 0]
+            return rerank_response(scores, request=parsed, token_counts=counts, model=name)
+
+        return Job(items=parsed.pairs(), answer=answer, floats=0)
