@@ -4,6 +4,7 @@ fp32 (normalisation, softmax, reductions, the relative-position bucket arithmeti
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,16 @@ _FP16_KEEP_OPS = ("LayerNormalization", "SkipLayerNormalization", "Softmax", "Re
 _ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Where", "Neg", "Clip")
 
 
-def build_fp16(recipe: Recipe, base_path: Path, out_path: Path) -> dict[str, Any]:
+def build_fp16(recipe: Recipe, base_path: Path, out_path: Path, *, keep: Collection[str] = ()) -> dict[str, Any]:
     """Converts the folded fp32 graph at ``base_path`` to fp16 (fp32 inputs and output) and writes it to
-    ``out_path``; returns the count of fp32 nodes by op type and of MatMuls by precision, for the manifest."""
-    converted, kept = _to_fp16(onnx.load(str(base_path)), recipe)
+    ``out_path``; ``keep`` names nodes to leave in fp32 besides the recipe's (the range audit's). Returns the
+    count of fp32 nodes by op type and of MatMuls by precision, for the manifest."""
+    converted, kept = _to_fp16(onnx.load(str(base_path)), recipe, set(keep))
     save(converted, out_path)
     return {"fp32_nodes": kept, **matmul_summary(converted)}
 
 
-def _to_fp16(model: onnx.ModelProto, recipe: Recipe) -> tuple[onnx.ModelProto, dict[str, int]]:
+def _to_fp16(model: onnx.ModelProto, recipe: Recipe, keep: set[str]) -> tuple[onnx.ModelProto, dict[str, int]]:
     """Converts to fp16 with fp32 inputs and output; returns the model and the count of fp32 nodes by op type."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
@@ -47,7 +49,8 @@ def _to_fp16(model: onnx.ModelProto, recipe: Recipe) -> tuple[onnx.ModelProto, d
     model.graph.value_info.extend(value_info)
     model = onnx.shape_inference.infer_shapes(model)
     ops = {*DEFAULT_OP_BLOCK_LIST, *_FP16_KEEP_OPS, *(() if recipe.fp16_elementwise else _ELEMENTWISE)}
-    names = _index_nodes(model) | _pooling_nodes(model)
+    present = {node.name for node in model.graph.node}
+    names = _index_nodes(model) | _pooling_nodes(model) | (keep & present)
     types = {info.name: info.type.tensor_type.elem_type for info in model.graph.value_info}
     kept = Counter(node.op_type for node in model.graph.node
                    if (node.op_type in ops or node.name in names) and node.op_type not in ("Shape", "Size")
