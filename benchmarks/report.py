@@ -44,6 +44,15 @@ def markdown(document: dict[str, Any]) -> str:
     lines.append(f"- hardware: {hardware.get('cpu')}, {cores}, {hardware.get('memory_gb')} GB"
                  + (f"; GPU {hardware['gpu']}" if hardware.get("gpu") else "") + busy)
     lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
+    build = env.get("onnxruntime")
+    if build:
+        lines.append(f"- onnxruntime {build['version']} ({build['device']} build) from `{build['file']}`; providers: "
+                     f"{', '.join(build['providers'])}")
+    tf32 = env.get("tf32")
+    if tf32:
+        state = "on (opt-in, `--tf32`)" if tf32["runtime_use_tf32"] else "off (the default)"
+        lines.append(f"- TF32 for fp32 matrix products on CUDA: {state}; the runtime's use_tf32 = "
+                     f"{int(tf32['runtime_use_tf32'])}, PyTorch's allow_tf32 = {tf32['torch_matmul_allow_tf32']}")
     settings = env["settings"]
     lines.append(f"- threads: {settings.get('threads') or 'library defaults'} "
                  f"(torch uses {settings.get('torch_threads')}); "
@@ -54,15 +63,21 @@ def markdown(document: dict[str, Any]) -> str:
     lines += ["", "`x PyTorch`: grid rows, PyTorch's p50 latency over this row's; corpus rows, this row's sentences/s "
               "over PyTorch's (same device; fp16 against PyTorch fp16 where it ran). Parity against PyTorch fp32 on "
               "the same inputs. RSS: peak of the whole process while the row ran (all models stay loaded); load: "
-              "what loading this configuration added.", ""]
-    header = ("| model | workload | configuration | p50 ms | p95 ms | sent/s | x PyTorch | min cos | max abs diff "
-              "| RSS MB | load MB | GPU MB |")
-    lines += [header, "|" + " --- |" * 12]
+              "what loading this configuration added. GPU MB, per configuration: PyTorch, the peak its allocator "
+              "reached during its own calls of this workload; ONNX Runtime, the device memory its session added "
+              "at load and at its first calls of each shape so far (its arena keeps what it grew to), measured "
+              "while nothing else ran.",
+              ""]
+    fp16 = any(row.get("vs_pytorch_fp16") is not None for row in document["rows"])
+    header = ("| model | workload | configuration | p50 ms | p95 ms | sent/s | x PyTorch "
+              + ("| x PyTorch fp16 " if fp16 else "") + "| min cos | max abs diff | RSS MB | load MB | GPU MB |")
+    lines += [header, "|" + " --- |" * (13 if fp16 else 12)]
     for row in document["rows"]:
+        versus_fp16 = f"{_fmt(row.get('vs_pytorch_fp16'), '.2f')} | " if fp16 else ""
         lines.append(
             f"| {row['model']} | {row['shape']} | {row['label']} | {_fmt(row['p50_ms'], '.2f')} | "
             f"{_fmt(row['p95_ms'], '.2f')} | {_fmt(row['sentences_per_s'], '.1f')} | "
-            f"{_fmt(row['vs_pytorch'], '.2f')} | {_fmt(row['min_cosine'], '.6f')} | "
+            f"{_fmt(row['vs_pytorch'], '.2f')} | {versus_fp16}{_fmt(row['min_cosine'], '.6f')} | "
             f"{_fmt(row['max_abs_diff'], '.1e')} | "
             f"{_fmt(row['rss_peak_mb'], '.0f')} | {_fmt(row['rss_load_mb'], '.0f')} | {_fmt(row['gpu_mb'], '.0f')} |"
         )

@@ -21,6 +21,7 @@ from deberta_onnx.runtime.contract import (
     variant_file,
 )
 from deberta_onnx.runtime.tokenization import TextTokenizer
+from deberta_onnx.runtime.utils import text_lines
 
 from ._activations import ActivationStats, collect_activation_stats
 from ._errors import ExportError, QualityGateError
@@ -46,14 +47,14 @@ __all__ = ["build_variant", "derive_variants", "read_calibration"]
 
 
 def read_calibration(path: str | Path) -> list[str]:
-    """The non-empty lines of a UTF-8 text file, one calibration text each.
+    """The non-empty lines of a UTF-8 text file, one calibration text each (split as ``utils.text_lines`` does).
 
     Raises:
         ValueError: the file is missing, unreadable, or has no text.
     """
     source = Path(path)
     try:
-        lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in text_lines(source.read_bytes().decode("utf-8")) if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"calibration file {source} cannot be read ({exc}); give a UTF-8 text file with one "
                          "sentence per line.") from exc
@@ -65,7 +66,7 @@ def read_calibration(path: str | Path) -> list[str]:
 
 def build_variant(recipe: Recipe, base_path: Path, out_path: Path, *,
                   calibration: Sequence[dict[str, np.ndarray]] = (), stats: ActivationStats | None = None,
-                  keep_fp32: Collection[str] = ()) -> dict[str, Any]:
+                  keep_fp32: Collection[str] = (), fp16_keep: Collection[str] = ()) -> dict[str, Any]:
     """Builds ``recipe``'s graph from the folded fp32 graph at ``base_path`` and writes it to ``out_path``.
 
     Args:
@@ -76,6 +77,7 @@ def build_variant(recipe: Recipe, base_path: Path, out_path: Path, *,
         stats: the fp32 graph's tensors on the calibration texts: the int8 outlier split and the fp16 range
             audit read them (without them, neither runs).
         keep_fp32: int8: weight MatMuls to leave in fp32 (the mixed recipe's choice).
+        fp16_keep: fp16 only: nodes that stay fp32 whatever the recipe.
 
     Returns:
         A summary of the graph's nodes by precision, for the manifest; fp16 with the range audit's record
@@ -85,7 +87,8 @@ def build_variant(recipe: Recipe, base_path: Path, out_path: Path, *,
         audit = None
         if recipe.fp16_range_audit and stats is not None:
             audit = audit_fp16_range(onnx.load(str(base_path), load_external_data=False), stats)
-        nodes = build_fp16(recipe, base_path, out_path, keep=audit.keep if audit is not None else ())
+        keep = {*fp16_keep, *(audit.keep if audit is not None else ())}
+        nodes = build_fp16(recipe, base_path, out_path, keep_nodes=keep)
         if audit is not None:
             nodes["range_audit"] = audit.to_manifest()
         return nodes
@@ -173,7 +176,8 @@ class _Search:
         config, say = self.config, self.say
         threshold = config.min_cosine_fp16 if precision == "fp16" else config.min_cosine_int8
         invariance = BATCH_INVARIANCE if precision == "int8-static" else None
-        recipes = RECIPES[precision] if config.fallback else RECIPES[precision][:1]
+        chain = _recipe_chain(precision, config)
+        recipes = chain if config.fallback else chain[:1]
         path = self.folder / variant_file(precision)
         reports: list[dict[str, Any]] = []
         failure: str | None = None
@@ -209,7 +213,7 @@ class _Search:
             if number + 1 < len(recipes):
                 say(f"{precision}: recipe {recipe.name!r} failed the quality gate ({failure}); "
                     f"trying {recipes[number + 1].name!r}")
-        raise QualityGateError(_gate_message(precision, failure or "", recipes), precision, reports)
+        raise QualityGateError(_gate_message(precision, failure or "", recipes, chain), precision, reports)
 
     def _build(self, recipe: Recipe, path: Path, threshold: float, invariance: float | None,
                tried: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -248,9 +252,16 @@ class _Search:
         return nodes
 
 
-def _gate_message(precision: str, failure: str, tried: tuple[Recipe, ...]) -> str:
+def _recipe_chain(precision: str, config: ExportConfig) -> tuple[Recipe, ...]:
+    """The recipe the config asks for, then the safer ones (the order ``--fallback`` tries them in)."""
+    recipes = RECIPES[precision]
+    first = config.fp16_recipe if precision == "fp16" else recipes[0].name
+    return recipes[[recipe.name for recipe in recipes].index(first):]
+
+
+def _gate_message(precision: str, failure: str, tried: tuple[Recipe, ...], chain: tuple[Recipe, ...]) -> str:
     flag = "--min-cosine-fp16 (min_cosine_fp16)" if precision == "fp16" else "--min-cosine-int8 (min_cosine_int8)"
-    safer = [recipe.name for recipe in RECIPES[precision][len(tried):]]
+    safer = [recipe.name for recipe in chain[len(tried):]]
     hints = [f"drop --no-fallback (fallback=True) to try the safer recipe(s) {', '.join(safer)}"] if safer else []
     hints += [f"lower the threshold with {flag}", f"or leave {precision} out"]
     recipes = ", ".join(recipe.name for recipe in tried)

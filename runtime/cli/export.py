@@ -7,7 +7,6 @@ export extra is installed.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from ..contract import POOLINGS, PRECISIONS, TASKS
@@ -89,6 +88,9 @@ def add_parser(commands: Any, *, with_defaults: bool) -> None:
         help="when a precision fails the quality gate, try its safer recipes instead of failing (the default)")
     add("--no-fallback", dest="fallback", action="store_false", default=unset,
         help="fail as soon as a precision's first recipe fails the quality gate")
+    add("--fp16-recipe", default=unset, choices=["cuda", "standard", "elementwise-fp32"],
+        help="how fp16 is built: standard keeps LayerNorm and softmax in fp32; cuda runs them in fp16 as ONNX "
+             f"Runtime's CUDA kernels do (fewer casts){default_note(d, 'fp16_recipe')}")
     add("--quiet", action="store_true", default=unset, help="no progress bars or report")
     parser.set_defaults(run=run)
 
@@ -110,11 +112,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        from deberta_onnx.export import export_model
-    except ImportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+    from deberta_onnx.export import export_model
+
     result = export_model(args.src, args.out_dir, config_from_args(args))
     print(result.out_dir)
     return 0
