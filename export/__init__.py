@@ -25,6 +25,7 @@ from ._errors import (  # noqa: E402
 )
 from ._export import export_model  # noqa: E402
 from ._graph import masked_mean  # noqa: E402
+from ._outliers import OutlierSpec  # noqa: E402
 from ._quiet import quiet_libraries  # noqa: E402
 from ._random import RANDOM_SHAPES, build_random_checkpoint, shipped_sentences, train_sentencepiece  # noqa: E402
 from ._recipes import RECIPES, Recipe  # noqa: E402
@@ -39,6 +40,7 @@ __all__ = [
     "ExportConfig",
     "ExportError",
     "ExportResult",
+    "OutlierSpec",
     "OutputExistsError",
     "QualityGateError",
     "Recipe",

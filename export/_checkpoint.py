@@ -125,6 +125,7 @@ def load_checkpoint(src: str, task: str | None = None) -> LoadedCheckpoint:
         "architecture": type(model).__name__,
         "random_weights": bool(getattr(config, "deberta_onnx_random_weights", False)),
         "shape": getattr(config, "deberta_onnx_shape", None),
+        "outliers": getattr(config, "deberta_onnx_outliers", None),
         "parameters": int(sum(p.numel() for p in model.parameters())),
     }
     return LoadedCheckpoint(model=model, config=config, tokenizer=tokenizer, path=str(src), source=source, task=task)

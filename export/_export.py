@@ -59,7 +59,9 @@ def export_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], c
     with scratch_dir() as scratch, quiet_libraries():
         source = str(src)
         if source.startswith(RANDOM_PREFIX):
-            _say(config, f"building a {source[len(RANDOM_PREFIX):]} checkpoint with RANDOM weights")
+            shape, _, option = source[len(RANDOM_PREFIX):].partition("+")
+            _say(config, f"building a {shape} checkpoint with RANDOM weights"
+                         f"{' and activation outliers (' + option + ')' if option else ''}")
             source = random_source(source, scratch)
         sentence_transformer = read_sentence_transformer(source)
         pooling, normalize = _pooling(config, sentence_transformer, str(src))
@@ -140,7 +142,8 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, *, 
     report = None
     if config.validate:
         report = validate(graph, model_path, vocab=vocab, max_length=max_length, inputs=graph.inputs,
-                          outputs=graph.outputs, shapes=config.validation_shapes, atol=config.atol, seed=config.seed,
+                          outputs=graph.outputs, shapes=config.validation_shapes, atol=config.atol, rtol=config.rtol,
+                          seed=config.seed,
                           progress=not config.quiet)
         _say(config, format_report(report))
 

@@ -32,7 +32,7 @@ def build_fp16(recipe: Recipe, base_path: Path, out_path: Path, *, keep_nodes: I
     """Converts the folded fp32 graph at ``base_path`` to fp16 (fp32 inputs and output) and writes it to
     ``out_path``; returns the count of fp32 nodes by op type and of MatMuls by precision, for the manifest.
 
-    ``keep_nodes`` names nodes that stay fp32 whatever the recipe (those a range check finds near fp16's limits).
+    ``keep_nodes`` names nodes that stay fp32 whatever the recipe (the range audit's, and any asked for).
     """
     converted, kept = _to_fp16(onnx.load(str(base_path)), recipe, keep_nodes)
     save(converted, out_path)
@@ -55,7 +55,7 @@ def _to_fp16(model: onnx.ModelProto, recipe: Recipe, keep_nodes: Iterable[str] =
     model = onnx.shape_inference.infer_shapes(model)
     ops = {*DEFAULT_OP_BLOCK_LIST, *_FP16_KEEP_OPS, *(() if recipe.fp16_normalization else _NORMALIZATION_OPS),
            *(() if recipe.fp16_elementwise else _ELEMENTWISE)}
-    names = _index_nodes(model) | _pooling_nodes(model) | set(keep_nodes)
+    names = _index_nodes(model) | _pooling_nodes(model) | (set(keep_nodes) & {node.name for node in model.graph.node})
     types = {info.name: info.type.tensor_type.elem_type for info in model.graph.value_info}
     kept = Counter(node.op_type for node in model.graph.node
                    if (node.op_type in ops or node.name in names) and node.op_type not in ("Shape", "Size")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ._errors import CheckpointError
+from ._outliers import OutlierSpec, add_outliers, parse_outliers
 
 __all__ = [
     "RANDOM_PREFIX",
@@ -103,6 +104,7 @@ def build_random_checkpoint(
     seed: int = 0,
     texts: Iterable[str] | None = None,
     vocab_size: int = 2000,
+    outliers: OutlierSpec | None = None,
 ) -> Path:
     """Writes a Hugging Face DeBERTa-v2 checkpoint with **random weights** to ``out_dir``.
 
@@ -110,11 +112,15 @@ def build_random_checkpoint(
     ``deberta_onnx_random_weights: true`` so every later stage can label it as such.
 
     Args:
-        shape: a name from ``RANDOM_SHAPES`` (e.g. ``"deberta-v3-base"``) or ``DebertaV2Config`` keyword arguments.
+        shape: a name from ``RANDOM_SHAPES`` (e.g. ``"deberta-v3-base"``), optionally with ``+outliers`` or
+            ``+outliers=SCALE`` (``OutlierSpec()`` or ``OutlierSpec(scale=SCALE)``), or ``DebertaV2Config``
+            keyword arguments.
         out_dir: folder to write (``config.json``, ``model.safetensors``, ``spm.model``, ``tokenizer_config.json``).
         seed: seeds the weights and the tokenizer's training.
         texts: corpus for the SentencePiece tokenizer; default the sentences shipped with the package.
         vocab_size: upper bound on the tokenizer's pieces (never more than the model's embedding rows).
+        outliers: build in the activation outliers of trained encoders (see ``OutlierSpec``); recorded as
+            ``deberta_onnx_outliers`` in the config and from there in the manifest.
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -122,6 +128,11 @@ def build_random_checkpoint(
     from transformers import DebertaV2Config, DebertaV2Model
 
     if isinstance(shape, str):
+        shape, _, option = shape.partition("+")
+        if option:
+            if outliers is not None:
+                raise ValueError(f"outliers given twice: in the shape ('+{option}') and as outliers={outliers!r}")
+            outliers = parse_outliers(option)
         if shape not in RANDOM_SHAPES:
             raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(RANDOM_SHAPES)}")
         name, kwargs = shape, RANDOM_SHAPES[shape]
@@ -137,6 +148,11 @@ def build_random_checkpoint(
     model.save_pretrained(out)
     corpus = texts if texts is not None else shipped_sentences()
     train_sentencepiece(corpus, out, vocab_size=min(vocab_size, config.vocab_size), seed=seed)
+    if outliers is not None:
+        # Saved again: the tokenizer, trained only now, names the tokens whose embeddings are enlarged.
+        config.deberta_onnx_outliers = add_outliers(model, outliers, out / "spm.model", seed=seed,
+                                                    texts=shipped_sentences()[1::25])
+        model.save_pretrained(out)
     max_length = int(config.max_position_embeddings)
     (out / "tokenizer_config.json").write_text(
         json.dumps({"tokenizer_class": "DebertaV2Tokenizer", "model_max_length": max_length, "do_lower_case": False,
@@ -152,8 +168,13 @@ def build_random_checkpoint(
 
 
 def random_source(src: str, workdir: str | Path) -> str:
-    """For ``random:SHAPE`` sources, builds the checkpoint under ``workdir`` and returns its path."""
-    shape = src[len(RANDOM_PREFIX):]
+    """For ``random:SHAPE`` and ``random:SHAPE+outliers[=SCALE]`` sources, builds the checkpoint under
+    ``workdir`` and returns its path."""
+    shape, _, option = src[len(RANDOM_PREFIX):].partition("+")
     if shape not in RANDOM_SHAPES:
         raise CheckpointError(f"unknown random shape {shape!r}; choose one of: {', '.join(RANDOM_SHAPES)}")
-    return str(build_random_checkpoint(shape, Path(workdir) / shape))
+    try:
+        outliers = parse_outliers(option) if option else None
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
+    return str(build_random_checkpoint(shape, Path(workdir) / src[len(RANDOM_PREFIX):], outliers=outliers))

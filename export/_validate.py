@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,19 @@ from deberta_onnx.runtime.contract import ATTENTION_MASK, INPUT_IDS, SEQUENCE_AX
 
 from ._errors import ValidationError
 
-__all__ = ["DEFAULT_VALIDATION_SHAPES", "make_batch", "validate"]
+__all__ = ["DEFAULT_VALIDATION_SHAPES", "ROUNDING_FACTOR", "format_report", "make_batch", "validate"]
 
 # (batch, sequence) pairs, none equal to the export's dummy (2 x 8): single tokens, odd lengths, the
 # 512 maximum, and batches large enough to hold short, long and all-padding rows together.
 DEFAULT_VALIDATION_SHAPES: tuple[tuple[int, int], ...] = (
     (1, 1), (1, 512), (2, 7), (3, 64), (5, 200), (8, 128), (16, 33), (16, 512),
 )
+
+
+# Where the plain tolerance fails, ONNX Runtime may be this many times further from PyTorch's float64 result
+# than PyTorch's own fp32 result is, at worst over the shape's rows. Two fp32 computations in different orders
+# land about equally far from the exact result (measured: ONNX Runtime 0.8x to 2x PyTorch's distance).
+ROUNDING_FACTOR = 4.0
 
 
 def make_batch(batch: int, sequence: int, vocab: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -51,18 +58,42 @@ def _feed(inputs: Sequence[TensorSpec], ids: np.ndarray, mask: np.ndarray, rng: 
     return {spec.name: arrays[spec.name] for spec in inputs}
 
 
-def _compare(actual: np.ndarray, expected: np.ndarray, spec: TensorSpec, mask: np.ndarray
-             ) -> tuple[bool, float, int]:
-    """(finite, max |diff|, worst row). Per-token outputs are compared where the mask is 1: what sits at
-    padded positions is never read."""
+def _masked(value: np.ndarray, spec: TensorSpec, mask: np.ndarray) -> np.ndarray:
+    """``value`` in float64, per-token outputs zeroed where the mask is 0 (padded positions are never read)."""
+    value = value.astype(np.float64)
     if len(spec.dims) > 1 and spec.dims[1] == SEQUENCE_AXIS:
-        keep = mask.astype(bool)
-        actual, expected = np.where(keep[..., None], actual, 0), np.where(keep[..., None], expected, 0)
-    finite = bool(np.isfinite(actual).all())
-    if not finite:
-        return False, float("inf"), -1
-    diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64)).reshape(len(actual), -1)
-    return True, float(diff.max(initial=0.0)), int(diff.max(axis=1, initial=0.0).argmax())
+        value = np.where(mask.astype(bool)[..., None], value, 0.0)
+    return value
+
+
+def _compare(actual: np.ndarray, expected: np.ndarray, *, atol: float, rtol: float,
+             rounding: float = 0.0) -> dict[str, Any]:
+    """Compares one output, both masked (``_masked``). Each row (a sentence's vector, a token's vector or
+    logits: the last axis) may differ by ``atol + rtol * max|row|`` per element: fp32 rounding scales with the
+    largest values that went into a row, not with each element, so an element near zero in a row of large
+    values may differ as much as its neighbours. ``rounding`` is allowed besides (see ``validate``).
+
+    Returns ``finite``, ``max_abs_diff``, ``max_rel_diff`` (the largest |diff| over its row's max |value|),
+    ``excess`` (the largest |diff| over what its row allows: above 1 fails) and ``worst_row`` (the batch row).
+    """
+    if not np.isfinite(actual).all():
+        return {"finite": False, "max_abs_diff": float("inf"), "max_rel_diff": float("inf"),
+                "excess": float("inf"), "worst_row": -1}
+    row_diff = np.abs(actual - expected).max(axis=-1, initial=0.0)
+    row_scale = np.abs(expected).max(axis=-1, initial=0.0)
+    allowed = atol + rtol * row_scale + rounding
+    excess = row_diff / allowed
+    relative = row_diff / np.maximum(row_scale, np.finfo(np.float64).tiny)
+    by_batch_row = excess.reshape(len(actual), -1).max(axis=1, initial=0.0)
+    return {"finite": True, "max_abs_diff": float(row_diff.max(initial=0.0)),
+            "max_rel_diff": float(relative.max(initial=0.0)), "excess": float(excess.max(initial=0.0)),
+            "worst_row": int(by_batch_row.argmax()) if len(by_batch_row) else 0}
+
+
+def _run_module(module: torch.nn.Module, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    with torch.no_grad():
+        result = module(*(torch.from_numpy(array) for array in feed.values()))
+    return [t.numpy() for t in (result if isinstance(result, tuple) else (result,))]
 
 
 def validate(
@@ -75,15 +106,24 @@ def validate(
     outputs: Sequence[TensorSpec],
     shapes: Sequence[tuple[int, int]] = DEFAULT_VALIDATION_SHAPES,
     atol: float = 1e-4,
+    rtol: float = 1e-5,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Runs both on every shape (sequences capped at ``max_length``), compares every output, and returns the
     report. ``inputs`` and ``outputs`` are the graph's tensor specs, in the module's argument and return order.
 
+    An element passes when |diff| <= ``atol + rtol * max|row|`` (see ``_compare``). Where a shape does not,
+    the comparison is made again against PyTorch in float64, allowing besides ``ROUNDING_FACTOR`` times what
+    PyTorch's own fp32 result misses the float64 one by (at most, over the shape): a model with large
+    activations (trained encoders have them) loses digits to cancellation inside the network, in PyTorch as in
+    ONNX Runtime, and an fp32 graph is right when it is no further from the exact result than fp32 PyTorch is.
+    A wrong graph is wrong by far more than that.
+
     Raises:
-        ValidationError: any output is not finite, or max |diff| exceeds ``atol``; the message names the
-            worst shape and the report rides on the exception.
+        ValidationError: any output is not finite, or an element differs by more than its row allows; the
+            message names the worst shape, its absolute and relative difference, and the report rides on the
+            exception.
     """
     from tqdm.auto import tqdm
 
@@ -91,29 +131,49 @@ def validate(
     rng = np.random.default_rng(seed)
     rows: list[dict[str, Any]] = []
     grid = sorted({(b, min(s, max_length)) for b, s in shapes})
+    exact: torch.nn.Module | None = None
     for batch, sequence in tqdm(grid, desc="validate", unit="shape", disable=not progress):
         ids, mask = make_batch(batch, sequence, vocab, rng)
         feed = _feed(inputs, ids, mask, rng)
-        with torch.no_grad():
-            result = module(*(torch.from_numpy(array) for array in feed.values()))
-        expected = [t.numpy() for t in (result if isinstance(result, tuple) else (result,))]
-        actual = session.run([spec.name for spec in outputs], feed)
-        compared = [_compare(a, e, spec, mask) for a, e, spec in zip(actual, expected, outputs)]
-        worst_output = max(range(len(compared)), key=lambda i: compared[i][1])
-        _, max_diff, worst_row = compared[worst_output]
+        expected = [_masked(e, spec, mask) for e, spec in zip(_run_module(module, feed), outputs)]
+        actual = [_masked(a, spec, mask) for a, spec in zip(session.run([spec.name for spec in outputs], feed),
+                                                             outputs)]
+        compared = [_compare(a, e, atol=atol, rtol=rtol) for a, e in zip(actual, expected)]
+        row: dict[str, Any] = {}
+        if all(c["finite"] for c in compared) and max(c["excess"] for c in compared) > 1.0:
+            if exact is None:
+                exact = copy.deepcopy(module).double()
+            precise = [_masked(e, spec, mask) for e, spec in zip(_run_module(exact, feed), outputs)]
+            misses = [float(np.abs(e - p).max(initial=0.0)) for e, p in zip(expected, precise)]
+            compared = [_compare(a, p, atol=atol, rtol=rtol, rounding=ROUNDING_FACTOR * miss)
+                        for a, p, miss in zip(actual, precise, misses)]
+            row["float64_reference"] = True
+            row["pytorch_fp32_rounding"] = max(misses)
+        worst_output = max(range(len(compared)), key=lambda i: compared[i]["excess"])
         rows.append({
             "batch": batch,
             "sequence": sequence,
             "padded_rows": int((mask.sum(1) < sequence).sum()),
-            "max_abs_diff": max_diff if all(c[0] for c in compared) else float("inf"),
-            "worst_row": worst_row,
+            "max_abs_diff": max(c["max_abs_diff"] for c in compared),
+            "max_rel_diff": max(c["max_rel_diff"] for c in compared),
+            "excess": compared[worst_output]["excess"],
+            "worst_row": compared[worst_output]["worst_row"],
             "worst_output": outputs[worst_output].name,
-            "finite": all(c[0] for c in compared),
+            "finite": all(c["finite"] for c in compared),
+            **row,
         })
-    worst = max(rows, key=lambda r: r["max_abs_diff"])
-    report = {"atol": atol, "shapes": rows, "worst": worst, "passed": worst["max_abs_diff"] <= atol}
+    worst = max(rows, key=lambda r: r["excess"])
+    report = {"atol": atol, "rtol": rtol, "rounding_factor": ROUNDING_FACTOR, "shapes": rows, "worst": worst,
+              "max_abs_diff": max(r["max_abs_diff"] for r in rows),
+              "max_rel_diff": max(r["max_rel_diff"] for r in rows), "passed": worst["excess"] <= 1.0}
     if not report["passed"]:
-        what = "non-finite output" if not worst["finite"] else f"max |diff| {worst['max_abs_diff']:.3g} > atol {atol:g}"
+        allowed = f"atol {atol:g} + rtol {rtol:g} x max|row|"
+        if worst.get("float64_reference"):
+            allowed += (f" + {ROUNDING_FACTOR:g} x PyTorch fp32's own distance from float64 "
+                        f"({worst['pytorch_fp32_rounding']:.3g})")
+        what = "non-finite output" if not worst["finite"] else (
+            f"|diff| up to {worst['max_abs_diff']:.3g} ({worst['max_rel_diff']:.3g} of the row's largest value) "
+            f"exceeds {allowed} by {worst['excess']:.3g}x")
         raise ValidationError(
             f"ONNX Runtime and PyTorch disagree: {what} in {worst['worst_output']} at batch {worst['batch']} x "
             f"sequence {worst['sequence']} (row {worst['worst_row']}). Nothing was written.",
@@ -124,11 +184,15 @@ def validate(
 
 def format_report(report: dict[str, Any]) -> str:
     """The report as a small table for the terminal."""
-    lines = [f"{'batch':>5} {'seq':>5} {'padded':>6} {'max|diff|':>10}"]
+    lines = [f"{'batch':>5} {'seq':>5} {'padded':>6} {'max|diff|':>10} {'relative':>9} {'of limit':>8}"]
     for row in report["shapes"]:
-        lines.append(f"{row['batch']:>5} {row['sequence']:>5} {row['padded_rows']:>6} {row['max_abs_diff']:>10.2e}")
+        against = (f"  vs float64 (PyTorch fp32 off by {row['pytorch_fp32_rounding']:.1e})"
+                   if row.get("float64_reference") else "")
+        lines.append(f"{row['batch']:>5} {row['sequence']:>5} {row['padded_rows']:>6} {row['max_abs_diff']:>10.2e} "
+                     f"{row['max_rel_diff']:>9.1e} {row['excess']:>8.2f}{against}")
     worst = report["worst"]
     verdict = "passed" if report["passed"] else "FAILED"
-    lines.append(f"validation {verdict}: worst {worst['max_abs_diff']:.2e} at {worst['batch']}x{worst['sequence']} "
-                 f"(atol {report['atol']:g})")
+    lines.append(f"validation {verdict}: worst {worst['max_abs_diff']:.2e} ({worst['max_rel_diff']:.1e} relative) at "
+                 f"{worst['batch']}x{worst['sequence']}, {worst['excess']:.2f} of the limit (atol {report['atol']:g} + "
+                 f"rtol {report['rtol']:g} x max|row|)")
     return "\n".join(lines)

@@ -138,6 +138,7 @@ def source_fields(reader: Reader, data: Mapping[str, Any]) -> dict[str, Any]:
         shape=reader.text(source, "shape", "source.shape", optional=True),
         parameters=reader.maybe_integer(source, "parameters", "source.parameters", minimum=0),
         sentence_transformers=reader.report(source, "sentence_transformers", "source.sentence_transformers"),
+        outliers=reader.report(source, "outliers", "source.outliers"),
     )
 
 
@@ -163,6 +164,7 @@ def variant_fields(reader: Reader, data: Mapping[str, Any]) -> dict[str, dict[st
             quality=reader.report(entry, "quality", f"{field}.quality"),
             nodes=reader.report(entry, "nodes", f"{field}.nodes"),
             calibration=reader.report(entry, "calibration", f"{field}.calibration"),
+            range_audit=reader.report(entry, "range_audit", f"{field}.range_audit"),
         )
     return out
 

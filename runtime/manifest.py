@@ -82,6 +82,7 @@ class Source:
     shape: str | None
     parameters: int | None
     sentence_transformers: dict[str, Any] | None
+    outliers: dict[str, Any] | None = None  # random checkpoints built with activation outliers: how
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,7 +98,8 @@ class Variant:
     validation: dict[str, Any] | None  # fp32: the comparison with PyTorch over the shape grid
     quality: dict[str, Any] | None  # the quality gate's report
     nodes: dict[str, Any] | None  # which MatMuls run in which precision
-    calibration: dict[str, Any] | None  # int8-static: what fixed the activation scales
+    calibration: dict[str, Any] | None  # the calibration texts (int8-static: they fixed the activation scales)
+    range_audit: dict[str, Any] | None = None  # fp16: what stays fp32 near fp16's range, and why
 
     @property
     def files(self) -> tuple[str, ...]:

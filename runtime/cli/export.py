@@ -55,7 +55,10 @@ def add_parser(commands: Any, *, with_defaults: bool) -> None:
     add("--no-validate", dest="validate", action="store_false", default=unset,
         help="skip the comparison with PyTorch and the precisions' quality gate (not advised)")
     add("--atol", type=float, default=unset,
-        help=f"largest max |diff| allowed against PyTorch{default_note(d, 'atol')}")
+        help=f"validation: absolute part of the |diff| allowed against PyTorch{default_note(d, 'atol')}")
+    add("--rtol", type=float, default=unset,
+        help="validation: relative part, a fraction of each output row's largest |value| (an element may differ "
+             f"by atol + rtol x max|row|){default_note(d, 'rtol')}")
     add("--tokenizer", default=unset, choices=["sentencepiece", "transformers"],
         help="tokenizer.json from the checkpoint's spm.model (ids as SentencePiece's) or from the installed "
              f"transformers' fast tokenizer{default_note(d, 'tokenizer')}")
@@ -82,7 +85,9 @@ def add_parser(commands: Any, *, with_defaults: bool) -> None:
     add("--min-cosine-int8", type=float, default=unset, metavar="COSINE",
         help=f"quality gate: the same for int8-dynamic and int8-static{default_note(d, 'min_cosine_int8')}")
     add("--fallback", action="store_true", default=unset,
-        help="when a precision fails the quality gate, try its safer recipes instead of failing")
+        help="when a precision fails the quality gate, try its safer recipes instead of failing (the default)")
+    add("--no-fallback", dest="fallback", action="store_false", default=unset,
+        help="fail as soon as a precision's first recipe fails the quality gate")
     add("--fp16-recipe", default=unset, choices=["cuda", "standard", "elementwise-fp32"],
         help="how fp16 is built: standard keeps LayerNorm and softmax in fp32; cuda runs them in fp16 as ONNX "
              f"Runtime's CUDA kernels do (fewer casts){default_note(d, 'fp16_recipe')}")

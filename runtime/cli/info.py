@@ -29,6 +29,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     source = manifest.source
     weights = "RANDOM weights (for parity and speed only)" if source.random_weights else "trained weights"
+    if source.outliers:
+        ratio = source.outliers.get("measured_ratio")
+        weights = (f"RANDOM weights with activation outliers: {len(source.outliers.get('dims', []))} hidden dims at "
+                   f"{ratio:,.0f}x the median (for parity, precision and speed checks only)" if ratio else
+                   "RANDOM weights with activation outliers (for parity, precision and speed checks only)")
     print(f"model:      {source.model} ({source.architecture}, {weights})")
     print(f"hidden:     {manifest.hidden_size}   max length: {manifest.max_sequence_length} tokens   "
           f"pooling: {manifest.pooling}")
@@ -39,10 +44,13 @@ def run(args: argparse.Namespace) -> int:
         quality = variant.quality or {}
         worst = (variant.validation or {}).get("worst", {}).get("max_abs_diff")
         if quality and "threshold" in quality:
-            check = f"cosine to PyTorch >= {quality['min_cosine']:.5f} (gate {quality['threshold']:g})"
+            check = (f"cosine to PyTorch >= {quality['min_cosine']:.5f}, mean {quality['mean_cosine']:.5f} "
+                     f"(gate {quality['threshold']:g}, recipe {variant.recipe})")
         else:
             check = f"max|diff| {worst:.1e} vs PyTorch" if worst is not None else "not validated"
         print(f"variant:    {name:<14} {variant.file:<24} {size / 1e6:8.1f} MB   {check}")
+        for line in _precision_details(variant.nodes or {}, variant.range_audit):
+            print(f"            {line}")
     optimization = manifest.optimization
     if optimization.get("enabled"):
         fused = ", ".join(f"{k} {v}" for k, v in sorted(optimization.get("fused_operators", {}).items()))
@@ -53,6 +61,32 @@ def run(args: argparse.Namespace) -> int:
               else "speed-ups:  not recorded (exported before graph optimisation)")
     print(f"exported:   {manifest.created_at} with {', '.join(f'{k} {v}' for k, v in manifest.versions.items())}")
     return 0
+
+
+def _precision_details(nodes: dict[str, Any], audit: dict[str, Any] | None) -> list[str]:
+    """What runs in which precision in a derived variant: MatMuls by precision, outlier channels split off into
+    fp32, MatMuls kept fp32, and the fp16 range audit."""
+    lines = []
+    matmuls = nodes.get("matmuls") or {}
+    if matmuls:
+        counts = ", ".join(f"{count} {kind.replace('_', ' ')}" for kind, count in sorted(matmuls.items()))
+        lines.append(f"MatMuls: {counts}; word embeddings {nodes.get('embeddings', '?')}")
+    split = nodes.get("outlier_split") or {}
+    if split.get("matmuls_split"):
+        channels = sum(len(found) for found in split.get("tensors", {}).values())
+        lines.append(f"outlier channels: {channels} in {len(split.get('tensors', {}))} tensors computed in fp32 beside "
+                     f"{split['matmuls_split']} int8 MatMuls")
+    kept = nodes.get("kept_fp32") or []
+    if kept:
+        lines.append(f"kept fp32 by sensitivity: {len(kept)} weight MatMuls ({', '.join(kept[:4])}"
+                     f"{', ...' if len(kept) > 4 else ''})")
+    if audit:
+        held = audit.get("kept_fp32") or {}
+        largest = (audit.get("largest_tensors") or [{}])[0].get("max_abs")
+        lines.append(f"fp16 range audit: {len(held)} nodes kept fp32 near fp16's range (threshold "
+                     f"{audit.get('threshold', 0):.3g}; largest value {largest:.3g} on {audit.get('texts')} texts)"
+                     if largest is not None else f"fp16 range audit: {len(held)} nodes kept fp32")
+    return lines
 
 
 def _print_task(manifest: Manifest) -> None:
