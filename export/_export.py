@@ -22,7 +22,7 @@ from ._optimize import apply_ort_fusions, folded_relative_attention
 from ._quiet import quiet_libraries
 from ._random import RANDOM_PREFIX, random_source
 from ._sentence_transformers import SentenceTransformerSpec, read_sentence_transformer
-from ._staging import check_target, staging_folder
+from ._staging import check_target, recover, staging_folder
 from ._tokenizer import build_tokenizer
 from ._triton import write_triton_repository
 from ._validate import format_report, validate
@@ -36,8 +36,8 @@ def export_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], c
                  ) -> ExportResult:
     """Exports a DeBERTa checkpoint to ``out_dir``: one ONNX graph (encoder + pooling), tokenizer, manifest.
 
-    The folder is built beside ``out_dir`` and renamed into place at the end, so a failed or interrupted
-    export leaves no partial ``out_dir``.
+    The folder is built beside ``out_dir``, flushed to disk and swapped into place at the end, so a failed or
+    interrupted export leaves no partial ``out_dir`` and never loses the one it replaces.
 
     Args:
         src: a local Hugging Face checkpoint folder, a hub id (offline when cached), or ``random:SHAPE``
@@ -54,6 +54,7 @@ def export_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], c
     config = config or ExportConfig()
     started = time.perf_counter()
     target = Path(out_dir).absolute()
+    recover(target)  # first, so that an OUT_DIR a killed export had moved aside is back before it is checked
     check_target(target, config.overwrite)
     with scratch_dir() as scratch, quiet_libraries():
         source = str(src)
@@ -131,6 +132,9 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, *, 
     graph = _graph_module(checkpoint, config, pooling=pooling, normalize=normalize)
     model_path = folder / MODEL_FILE
     optimization = _export_graph(graph, checkpoint, model_path, config)
+    # The file declares the model's maximum (a checksummed bound the runtime checks the manifest against), and
+    # clients that tokenize with it directly (Triton) truncate as the runtime does.
+    fast_tokenizer.enable_truncation(max_length)
     fast_tokenizer.save(str(folder / TOKENIZER_FILE))
 
     report = None

@@ -8,13 +8,15 @@ from dataclasses import dataclass
 from .contract import PRECISIONS
 from .utils import check_positive_int
 
-__all__ = ["DEFAULT_BATCH_SIZE", "EncoderConfig", "parse_device"]
+__all__ = ["CUDA_ARENA_STRATEGIES", "DEFAULT_BATCH_SIZE", "EncoderConfig", "parse_device"]
 
 # Rows per model call when neither a batch size nor a token budget is given.
 DEFAULT_BATCH_SIZE = 32
 # Sequence bucket with IO binding: few enough widths (32 up to 512 tokens) that buffers are reused, at most 15
 # padding tokens a row.
 DEFAULT_IO_BINDING_BUCKET = 16
+# The CUDA provider's arena_extend_strategy values.
+CUDA_ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
 
 
 def parse_device(device: str) -> tuple[str, int]:
@@ -54,8 +56,19 @@ class EncoderConfig:
             ``batch_size`` given to ``encode`` then caps the rows as well. ``None``: rows are ``batch_size``.
         max_buckets: most (batch, sequence) shapes whose IO-binding buffers are kept (least recently used
             freed first); with CUDA graphs, also the most graphs captured.
-        cuda_graph: capture one CUDA graph per shape and replay it (needs CUDA and IO binding); batches are
-            then padded to full rows so that few shapes occur.
+        cuda_graph: capture one CUDA graph per shape and replay it (needs CUDA and IO binding); a short batch's
+            rows are then padded to the next power of two (at most the batch size), so that few shapes occur.
+        max_call_memory_mb: the most memory one model call may take, as estimated from its attention score
+            tensors (``batching.call_memory``): batches hold fewer rows where more would pass it, and a folder
+            whose longest input (``max_sequence_length``) alone would pass it is refused at load with
+            ``MemoryLimitError``. ``None``: no limit.
+        cuda_arena_extend_strategy: how the CUDA provider's memory arena grows, ``"kNextPowerOfTwo"`` or
+            ``"kSameAsRequested"``; ``None``: ``kSameAsRequested`` with CUDA graphs (as ONNX Runtime's own
+            CUDA-graph helper), else ONNX Runtime's default (``kNextPowerOfTwo``).
+        gpu_mem_limit: most bytes the CUDA provider's arena may hold; ``None``: no limit.
+        use_tf32: let the CUDA provider run fp32 matrix products on TF32 tensor cores (faster, about three
+            decimal digits). Off by default, for parity with PyTorch's fp32 (which does not use TF32 for matrix
+            products by default).
     """
 
     precision: str | None = None
@@ -69,6 +82,10 @@ class EncoderConfig:
     max_tokens: int | None = None
     max_buckets: int = 64
     cuda_graph: bool = False
+    max_call_memory_mb: int | None = 8192
+    cuda_arena_extend_strategy: str | None = None
+    gpu_mem_limit: int | None = None
+    use_tf32: bool = False
 
     def __post_init__(self) -> None:
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -78,8 +95,15 @@ class EncoderConfig:
         for name in ("sequence_bucket", "max_tokens"):
             check_positive_int(name, getattr(self, name), optional=True)
         check_positive_int("max_buckets", self.max_buckets)
+        check_positive_int("max_call_memory_mb", self.max_call_memory_mb, optional=True)
         if self.device is not None:
             parse_device(self.device)
         if self.cuda_graph and self.io_binding is False:
             raise ValueError("cuda_graph needs io_binding (a graph replays fixed device buffers); "
                              "drop io_binding=False")
+        if self.cuda_arena_extend_strategy not in (None, *CUDA_ARENA_STRATEGIES):
+            raise ValueError(f"cuda_arena_extend_strategy must be one of {', '.join(CUDA_ARENA_STRATEGIES)} or "
+                             f"None, got {self.cuda_arena_extend_strategy!r}")
+        check_positive_int("gpu_mem_limit", self.gpu_mem_limit, optional=True)
+        if not isinstance(self.use_tf32, bool):
+            raise ValueError(f"use_tf32 must be True or False, got {self.use_tf32!r}")
