@@ -14,6 +14,7 @@ import torch
 
 from ._errors import CheckpointError
 from ._outliers import OutlierSpec, add_outliers, parse_outliers
+from ._tokenizer import sentencepiece_tokenizer
 
 __all__ = [
     "RANDOM_PREFIX",
@@ -115,7 +116,8 @@ def build_random_checkpoint(
         shape: a name from ``RANDOM_SHAPES`` (e.g. ``"deberta-v3-base"``), optionally with ``+outliers`` or
             ``+outliers=SCALE`` (``OutlierSpec()`` or ``OutlierSpec(scale=SCALE)``), or ``DebertaV2Config``
             keyword arguments.
-        out_dir: folder to write (``config.json``, ``model.safetensors``, ``spm.model``, ``tokenizer_config.json``).
+        out_dir: folder to write (``config.json``, ``model.safetensors``, ``spm.model``, ``tokenizer.json``,
+            ``tokenizer_config.json``, ``special_tokens_map.json``).
         seed: seeds the weights and the tokenizer's training.
         texts: corpus for the SentencePiece tokenizer; default the sentences shipped with the package.
         vocab_size: upper bound on the tokenizer's pieces (never more than the model's embedding rows).
@@ -147,24 +149,37 @@ def build_random_checkpoint(
     model = DebertaV2Model(config).eval()
     model.save_pretrained(out)
     corpus = texts if texts is not None else shipped_sentences()
-    train_sentencepiece(corpus, out, vocab_size=min(vocab_size, config.vocab_size), seed=seed)
+    spm_model = train_sentencepiece(corpus, out, vocab_size=min(vocab_size, config.vocab_size), seed=seed)
     if outliers is not None:
         # Saved again: the tokenizer, trained only now, names the tokens whose embeddings are enlarged.
         config.deberta_onnx_outliers = add_outliers(model, outliers, out / "spm.model", seed=seed,
                                                     texts=shipped_sentences()[1::25])
         model.save_pretrained(out)
-    max_length = int(config.max_position_embeddings)
-    (out / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "DebertaV2Tokenizer", "model_max_length": max_length, "do_lower_case": False,
-                    "split_by_punct": False, "vocab_file": "spm.model"}, indent=2) + "\n",
-        encoding="utf-8",
-    )
-    (out / "special_tokens_map.json").write_text(
-        json.dumps({"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]", "unk_token": "[UNK]",
-                    "mask_token": "[MASK]", "bos_token": "[CLS]", "eos_token": "[SEP]"}, indent=2) + "\n",
-        encoding="utf-8",
-    )
+    _write_tokenizer_files(out, spm_model, max_length=int(config.max_position_embeddings))
     return out
+
+
+def _write_tokenizer_files(out: Path, spm_model: Path, *, max_length: int) -> None:
+    """The tokenizer files that transformers (4.x and 5.x) and sentence-transformers load as they are.
+
+    ``tokenizer.json`` is ``spm.model`` converted with its normaliser and byte fallback, declared as a plain
+    ``PreTrainedTokenizerFast``: transformers 5's ``DebertaV2Tokenizer`` would rebuild it without them, and
+    transformers 4's would need sentencepiece. So ``AutoTokenizer`` gives SentencePiece's ids on every version,
+    without sentencepiece installed. ``spm.model`` stays for the export's own conversion and for the slow class.
+    """
+    from tokenizers import AddedToken
+
+    specials = {"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]", "unk_token": "[UNK]",
+                "mask_token": "[MASK]", "bos_token": "[CLS]", "eos_token": "[SEP]"}
+    tokenizer = sentencepiece_tokenizer(spm_model)
+    tokenizer.add_special_tokens([AddedToken(piece, special=True, normalized=False)
+                                  for piece in (*_SPECIAL_PIECES.values(), "[MASK]")])
+    tokenizer.save(str(out / "tokenizer.json"))
+    # No "vocab_file" entry: transformers 4.x reads it as a path relative to the working directory.
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
+              "model_input_names": ["input_ids", "token_type_ids", "attention_mask"], **specials}
+    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
+        (out / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
 
 
 def random_source(src: str, workdir: str | Path) -> str:

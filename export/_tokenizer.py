@@ -8,7 +8,7 @@ from typing import Any
 from tokenizers import Tokenizer, decoders
 from transformers.convert_slow_tokenizer import DebertaV2Converter
 
-__all__ = ["TOKENIZER_SOURCES", "build_tokenizer"]
+__all__ = ["TOKENIZER_SOURCES", "build_tokenizer", "sentencepiece_tokenizer"]
 
 # "sentencepiece": the checkpoint's spm.model as DeBERTa was trained with it (its nmt_nfkc normaliser and byte
 #     fallback), converted by transformers' DeBERTa-v2 converter; the ids equal SentencePiece's.
@@ -31,18 +31,26 @@ class _SentencePieceConverter(DebertaV2Converter):
 class _SpmSource:
     """The attributes transformers' converter reads from a slow tokenizer, taken from the model file itself."""
 
-    def __init__(self, vocab_file: str, hf_tokenizer: Any) -> None:
+    def __init__(self, vocab_file: str, *, do_lower_case: bool, split_by_punct: bool) -> None:
         import sentencepiece as spm
 
         self.vocab_file = vocab_file
         self._processor = spm.SentencePieceProcessor(model_file=vocab_file)
-        self.do_lower_case = bool(getattr(hf_tokenizer, "do_lower_case", False))
-        self.split_by_punct = bool(getattr(hf_tokenizer, "split_by_punct", False))
+        self.do_lower_case = do_lower_case
+        self.split_by_punct = split_by_punct
         self.add_prefix_space = True
         self.legacy = True
 
     def convert_tokens_to_ids(self, token: str) -> int:
         return int(self._processor.piece_to_id(token))
+
+
+def sentencepiece_tokenizer(spm_path: str | Path, *, do_lower_case: bool = False, split_by_punct: bool = False
+                            ) -> Tokenizer:
+    """A DeBERTa-v2/v3 ``spm.model`` as a fast tokenizer whose ids equal SentencePiece's: its normaliser
+    (nmt_nfkc), byte fallback, and ``[CLS] A [SEP] (B [SEP])`` around the pieces."""
+    source = _SpmSource(str(spm_path), do_lower_case=do_lower_case, split_by_punct=split_by_punct)
+    return _SentencePieceConverter(source).converted()
 
 
 def find_spm(src: str) -> str | None:
@@ -68,7 +76,9 @@ def build_tokenizer(src: str, hf_tokenizer: Any, source: str = "sentencepiece") 
         tokenizer = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
         origin = "transformers" if source == "transformers" else "transformers (the checkpoint has no spm.model)"
     else:
-        tokenizer = _SentencePieceConverter(_SpmSource(spm_path, hf_tokenizer)).converted()
+        tokenizer = sentencepiece_tokenizer(
+            spm_path, do_lower_case=bool(getattr(hf_tokenizer, "do_lower_case", False)),
+            split_by_punct=bool(getattr(hf_tokenizer, "split_by_punct", False)))
         origin = "sentencepiece"
     tokenizer.no_padding()
     tokenizer.no_truncation()

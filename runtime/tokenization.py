@@ -82,8 +82,8 @@ class TextTokenizer:
         self._tokenizer.enable_truncation(max_length)
         self.max_length = max_length
         self.pad_id = pad_id
-        # encode_batch_fast (tokenizers >= 0.21) skips character offsets, which the runtime never needs.
-        self._encode_batch = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
+        # encode_batch_fast skips character offsets, which the runtime never needs.
+        self._encode_batch = self._tokenizer.encode_batch_fast
 
     @property
     def tokenizer(self) -> Tokenizer:

@@ -1,13 +1,26 @@
 """Fixtures: tiny random DeBERTa-v2 checkpoints and a SentencePiece tokenizer trained on the spot.
 
 Nothing here downloads anything. The weights are random: good for parity and speed, meaningless as embeddings.
+
+``pytest --stored-model`` runs where the export extra (torch) is not installed, as the runtime floor job does
+(``.ci/compat runtime-floor``): ``tiny_model`` is then the fp32 graph of the folder committed under
+``tests/data`` (exported by this version, ``tests/data/build_stored_model.py``) instead of a fresh export, and
+every test that needs a checkpoint is skipped.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
+
+# A model folder exported by an earlier run of this version, committed with what PyTorch computed for it
+# (tests/test_stored_model.py). Named after its manifest version: a new version adds a folder, never replaces one.
+STORED_MODEL = Path(__file__).parent / "data" / "manifest-v1"
+# What build_random_checkpoint writes for the tokenizer, to copy into checkpoints built from its weights.
+TOKENIZER_FILES = ("spm.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 # Texts that stress tokenization and padding: accents, CJK, emoji (inside and outside the vocabulary),
 # rare symbols, very long words, whitespace runs, and lengths from one token to past the maximum.
@@ -49,17 +62,34 @@ TINY_CONFIGS = {
 }
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--stored-model", action="store_true",
+                     help="use the model folder committed under tests/data as tiny_model and skip the tests that "
+                          "need a checkpoint: for environments without the export extra (torch)")
+
+
+def _stored_only(config: pytest.Config) -> bool:
+    return bool(config.getoption("--stored-model"))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     from deberta_onnx.runtime.session import cuda_available
 
     skip_gpu = pytest.mark.skip(reason="needs onnxruntime-gpu with a working CUDA device")
+    skip_fresh = pytest.mark.skip(reason="edits what today's export writes, which the stored folder predates "
+                                         "(not run with --stored-model)")
     for item in items:
         if "gpu" in item.keywords and not cuda_available():
             item.add_marker(skip_gpu)
+        if "fresh_export" in item.keywords and _stored_only(config):
+            item.add_marker(skip_fresh)
 
 
 @pytest.fixture(scope="session")
-def corpus() -> list[str]:
+def corpus(pytestconfig: pytest.Config) -> list[str]:
+    if _stored_only(pytestconfig):  # deberta_onnx.export cannot be imported without its extra; its file can be read
+        path = Path(__file__).parents[1] / "export" / "data" / "sentences.txt"
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     from deberta_onnx.export import shipped_sentences
 
     return shipped_sentences()
@@ -75,6 +105,11 @@ def spm_dir(tmp_path_factory: pytest.TempPathFactory, corpus: list[str]) -> Path
     return out
 
 
+def _skip_without_export(config: pytest.Config) -> None:
+    if _stored_only(config):
+        pytest.skip("needs a checkpoint, which needs the export extra (not run with --stored-model)")
+
+
 def _checkpoint(tmp_path_factory: pytest.TempPathFactory, corpus: list[str], name: str) -> Path:
     from deberta_onnx.export import build_random_checkpoint
 
@@ -84,12 +119,15 @@ def _checkpoint(tmp_path_factory: pytest.TempPathFactory, corpus: list[str], nam
 @pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
 def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, corpus: list[str]) -> Path:
     """Each tiny checkpoint in turn."""
+    _skip_without_export(request.config)
     return _checkpoint(tmp_path_factory, corpus, request.param)
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, corpus: list[str]) -> Path:
+def tiny_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                    corpus: list[str]) -> Path:
     """One tiny checkpoint, for tests that need any."""
+    _skip_without_export(request.config)
     return _checkpoint(tmp_path_factory, corpus, "v3-shared")
 
 
@@ -107,9 +145,26 @@ def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The model folder exported from ``tiny_checkpoint``."""
+def tiny_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model folder exported from ``tiny_checkpoint``; with ``--stored-model``, the stored one (fp32 only)."""
+    if _stored_only(request.config):
+        return _stored_fp32(tmp_path_factory.mktemp("stored-tiny") / "model")
+    tiny_checkpoint = request.getfixturevalue("tiny_checkpoint")
     return _export(tiny_checkpoint, tmp_path_factory.mktemp("export-tiny") / "model")
+
+
+def _stored_fp32(out: Path) -> Path:
+    """A copy of the stored folder holding its fp32 graph alone, as the plain export that ``tiny_model`` is: the
+    runtime would otherwise pick the int8 variant, whose vectors move with the batch."""
+    shutil.copytree(STORED_MODEL / "model", out)
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    for name, variant in list(manifest["variants"].items()):
+        if name != manifest["default_variant"]:
+            del manifest["variants"][name]
+            manifest["files"].pop(variant["file"])
+            (out / variant["file"]).unlink()
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return out
 
 
 NER_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
@@ -122,8 +177,6 @@ def build_classifier_checkpoint(tiny_checkpoint: Path, out: Path, *, task: str, 
 
     The head is re-drawn with unit-scale weights: at transformers' initialisation (std 0.02) every logit is
     about 1e-3, too small for a 1e-4 parity check to mean anything."""
-    import shutil
-
     import torch
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, DebertaV2ForTokenClassification
 
@@ -138,7 +191,7 @@ def build_classifier_checkpoint(tiny_checkpoint: Path, out: Path, *, task: str, 
             if name.startswith(("classifier.", "pooler.")):
                 parameter.normal_(0.0, 0.3) if name.endswith("weight") else parameter.zero_()
     model.save_pretrained(out)
-    for name in ("spm.model", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in TOKENIZER_FILES:
         shutil.copy(tiny_checkpoint / name, out / name)
     return out
 

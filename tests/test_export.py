@@ -20,6 +20,8 @@ from deberta_onnx.export._graph import control_flow_nodes
 from deberta_onnx.runtime.contract import INPUTS, SENTENCE_OUTPUT
 from deberta_onnx.runtime.manifest import sha256_file
 
+from .conftest import TOKENIZER_FILES
+
 
 def test_graph_has_no_control_flow_and_dynamic_axes(exported: tuple[Path, Path]) -> None:
     _, folder = exported
@@ -126,7 +128,7 @@ def test_deberta_v1_exports_and_validates(tiny_checkpoint: Path, tmp_path: Path)
                            pos_att_type=["c2p", "p2c"], position_biased_input=False, type_vocab_size=0)
     torch.manual_seed(0)
     DebertaModel(config).save_pretrained(src)
-    for name in ("spm.model", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in TOKENIZER_FILES:
         shutil.copy(tiny_checkpoint / name, src / name)
     result = export_model(src, tmp_path / "out", ExportConfig(quiet=True))
     assert result.manifest["source"]["architecture"] == "DebertaModel"

@@ -183,6 +183,7 @@ def test_a_mistyped_or_escaping_manifest_field_is_named(folder_copy: Path, edit,
         Encoder(folder_copy)
 
 
+@pytest.mark.fresh_export
 def test_max_sequence_length_is_bounded_by_what_the_tokenizer_declares(folder_copy: Path) -> None:
     tokenizer = json.loads((folder_copy / "tokenizer.json").read_text(encoding="utf-8"))
     assert tokenizer["truncation"]["max_length"] == 512  # the export declares the maximum in a checksummed file
@@ -201,6 +202,7 @@ def _declare_max_length(folder: Path, length: int) -> None:
     _edit_manifest(folder, lambda m: m["model"].update(max_sequence_length=length))
 
 
+@pytest.mark.fresh_export
 def test_one_text_may_not_need_more_than_the_memory_limit(folder_copy: Path) -> None:
     from deberta_onnx.runtime import EncoderConfig
     from deberta_onnx.runtime.batching import batch_capacity, call_memory
@@ -228,6 +230,7 @@ def test_a_truncated_graph_is_a_model_load_error(folder_copy: Path) -> None:
         Encoder(folder_copy, config=EncoderConfig(verify_checksums=False))
 
 
+@pytest.mark.fresh_export
 def test_the_cli_prints_named_errors_without_a_traceback(tiny_model: Path, tmp_path: Path) -> None:
     """Each broken folder through the real command: one `error:` line naming the problem, exit 1."""
     folders = {}
