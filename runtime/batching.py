@@ -76,12 +76,15 @@ class BatchPolicy:
 
     Attributes:
         max_tokens: padded tokens per batch (rows x width); ``None``: rows are the call's ``batch_size``.
+        default_rows: rows per batch when the call gives no ``batch_size`` (``None``: as many as
+            ``max_tokens`` allows).
         sequence_bucket: widths are padded to a multiple of this.
         fill_rows: pad a short batch with empty rows up to its capacity (CUDA graphs replay fixed shapes).
         token_types: the graph takes ``token_type_ids``.
     """
 
     max_tokens: int | None = None
+    default_rows: int | None = DEFAULT_BATCH_SIZE
     sequence_bucket: int = 1
     fill_rows: bool = False
     token_types: bool = False
@@ -117,7 +120,8 @@ def token_batches(
         tokenizer: the model's tokenizer.
         items: texts, or ``(text, text_pair)`` tuples.
         policy: the loaded model's batching.
-        batch_size: most rows per call; ``None``: 32, or no cap beyond ``policy.max_tokens`` when set.
+        batch_size: most rows per call; ``None``: ``policy.default_rows`` (32, or no cap beyond an explicit
+            ``max_tokens``).
         truncate: cut inputs longer than the model's maximum; if false, raise instead.
         details: keep token strings and character offsets in the encodings.
         show_progress: show a progress bar (tqdm) over the inputs.
@@ -128,7 +132,9 @@ def token_batches(
     """
     check_positive_int("batch_size", batch_size, optional=True)
     max_tokens = policy.max_tokens
-    rows_cap = batch_size if batch_size is not None or max_tokens is not None else DEFAULT_BATCH_SIZE
+    rows_cap = batch_size if batch_size is not None else policy.default_rows
+    if rows_cap is None and max_tokens is None:
+        rows_cap = DEFAULT_BATCH_SIZE
     bucket = policy.sequence_bucket
     progress = _progress(len(items), show_progress)
     widest_batch = batch_capacity(bucket, batch_size=rows_cap, max_tokens=max_tokens)

@@ -210,7 +210,8 @@ class TokenClassifier(LoadedAttributes):
     def _run(self, items: list[str], batch_size: int | None, truncate: bool, show_progress: bool
              ) -> list[tuple[np.ndarray, object]]:
         loaded = self.loaded
-        runner = SessionRunner(loaded.session, (LOGITS,))
+        runner = SessionRunner(loaded.session, (LOGITS,), shrink_tokens=loaded.shrink_tokens,
+                               arena=loaded.arena)
         out: list[tuple[np.ndarray, object] | None] = [None] * len(items)
         for batch in token_batches(loaded.tokenizer, items, loaded.policy, batch_size, truncate=truncate,
                                    show_progress=show_progress, details=True):
