@@ -204,10 +204,12 @@ def torch_backends(checkpoint: str, model_dir: Path, *, model: str, device: str,
 
 
 def runtime_backends(model_dir: Path, variants: Sequence[str], *, model: str, device: str,
-                     threads: Sequence[ThreadSetting], paths: Sequence[str] | None = None) -> list[OrtBackend]:
-    """One ``OrtBackend`` per precision variant x run path x thread setting on ``device``."""
+                     threads: Sequence[ThreadSetting], paths: Sequence[str] | None = None,
+                     fields: dict[str, Any] | None = None) -> list[OrtBackend]:
+    """One ``OrtBackend`` per precision variant x run path x thread setting on ``device``; ``fields`` are more
+    ``EncoderConfig`` fields for all of them."""
     available = runtime_paths()
     chosen = list(available) if paths is None else [p for p in paths if p in available]
     return [OrtBackend(model_dir, model=model, precision=variant, device=device, path=path,
-                       config_fields=available[path], threads=setting)
+                       config_fields={**available[path], **(fields or {})}, threads=setting)
             for variant in variants for path in chosen for setting in threads]

@@ -137,7 +137,7 @@ def _load_backends(group: _Group, config: BenchConfig, device_list: list[str]) -
             before = rss_bytes()
             threads = config.ort_threads or (ThreadSetting(intra_op_threads=config.threads),)
             for backend in runtime_backends(spec.folder, variants, model=spec.label, device=device,
-                                            threads=threads, paths=config.paths):
+                                            threads=threads, paths=config.paths, fields=dict(spec.fields)):
                 group.load_mb[id(backend)] = (rss_bytes() - before) / 2**20
                 group.backends.append(backend)
                 before = rss_bytes()
