@@ -8,7 +8,7 @@ or ``deberta-onnx bench models/base --out bench-out``. ``timing`` is the one tim
 
 from __future__ import annotations
 
-from deberta_onnx.runtime.utils import DISTRIBUTION, missing_extra
+from deberta_onnx.runtime.utils import DISTRIBUTION, MissingExtraError, missing_extra
 
 # The PyTorch reference needs the export extra; the report needs the bench extra.
 _EXTRAS = ("export", "bench")
@@ -19,7 +19,7 @@ def _check_imports() -> None:
     lacking = [extra for extra in _EXTRAS if missing[extra]]
     if lacking:
         names = sorted({name for extra in lacking for name in missing[extra]})
-        raise ImportError(
+        raise MissingExtraError(
             f"the benchmarks need {', '.join(names)}, which the base install leaves out: they run the PyTorch "
             f"reference beside the runtime. Install `pip install torch==2.13.0` (a CPU build; or any torch you "
             f"already have) and then `pip install '{DISTRIBUTION}[{','.join(lacking)}]'`."

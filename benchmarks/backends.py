@@ -3,8 +3,9 @@
 Every backend answers two calls on the same inputs: ``run(ids, mask)`` (one model call on ready token ids, for
 the grid) and ``encode(texts, batch_size)`` (text to vectors end to end, tokenization included, for the corpus).
 ``runtime_backends`` enumerates what the installed runtime and a model folder offer: one backend per precision
-variant in the manifest, per execution provider, per run path (``plain`` ``session.run``, and IO binding when
-the runtime has it), so new variants and paths show up in the table without changes here.
+variant in the manifest, per execution provider, per run path (``plain`` ``session.run``, IO binding when
+the runtime has it, and IO binding with CUDA graphs on CUDA), so new variants and paths show up in the table
+without changes here.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from deberta_onnx.runtime.session import cuda_available
 
 from .timing import cuda_synchronizer
 
-__all__ = ["Backend", "OrtBackend", "ThreadSetting", "TorchBackend", "runtime_backends", "runtime_paths",
-           "torch_backends"]
+__all__ = ["RUN_PATHS", "Backend", "OrtBackend", "ThreadSetting", "TorchBackend", "runtime_backends",
+           "runtime_paths", "torch_backends"]
 
 
 @dataclass(frozen=True)
@@ -150,13 +151,20 @@ class OrtBackend(Backend):
     """This project's ``Encoder`` on one precision variant, provider and run path."""
 
     def __init__(self, model_dir: Path, *, model: str, precision: str, device: str, path: str,
-                 config_fields: dict[str, Any], threads: ThreadSetting) -> None:
+                 config_fields: dict[str, Any], threads: ThreadSetting, tf32: bool = False) -> None:
         super().__init__(engine="onnxruntime", precision=precision, device=device, path=path, model=model,
                          threads=str(threads))
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         config = EncoderConfig(precision=precision, intra_op_threads=threads.intra_op_threads,
-                               allow_spinning=threads.allow_spinning, verify_checksums=False, **config_fields)
+                               allow_spinning=threads.allow_spinning, verify_checksums=False, use_tf32=tf32,
+                               **config_fields)
         self.encoder = Encoder(model_dir, providers, config=config)
+        # The options the session was really made with (the CUDA provider's, on CUDA), for the report.
+        self.provider_options = {name: dict(options) for name, options in
+                                 self.encoder.session.get_provider_options().items() if name != "CPUExecutionProvider"}
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "provider_options": self.provider_options}
 
     def run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return self.encoder.loaded.runner.run(ids, mask)[0]
@@ -168,13 +176,22 @@ class OrtBackend(Backend):
         del self.encoder
 
 
-def runtime_paths() -> dict[str, dict[str, Any]]:
-    """Run paths the installed runtime offers, as ``EncoderConfig`` fields: always ``plain``; ``iobinding`` as
-    well when ``EncoderConfig`` has an ``io_binding`` switch (then ``plain`` turns it off explicitly, since the
-    runtime may pick IO binding by itself on CUDA)."""
-    if "io_binding" not in {f.name for f in dataclasses.fields(EncoderConfig)}:
+# Every run path a benchmark may name.
+RUN_PATHS = ("plain", "iobinding", "cudagraph")
+
+
+def runtime_paths(device: str = "cpu") -> dict[str, dict[str, Any]]:
+    """Run paths the installed runtime offers on ``device``, as ``EncoderConfig`` fields: always ``plain``;
+    ``iobinding`` as well when ``EncoderConfig`` has an ``io_binding`` switch (then ``plain`` turns it off
+    explicitly, since the runtime may pick IO binding by itself on CUDA); on CUDA, ``cudagraph`` (IO binding with
+    one CUDA graph per shape) when it has a ``cuda_graph`` switch."""
+    fields = {f.name for f in dataclasses.fields(EncoderConfig)}
+    if "io_binding" not in fields:
         return {"plain": {}}
-    return {"plain": {"io_binding": False}, "iobinding": {"io_binding": True}}
+    paths: dict[str, dict[str, Any]] = {"plain": {"io_binding": False}, "iobinding": {"io_binding": True}}
+    if device == "cuda" and "cuda_graph" in fields:
+        paths["cudagraph"] = {"io_binding": True, "cuda_graph": True}
+    return paths
 
 
 def devices(requested: str) -> list[str]:
@@ -205,11 +222,11 @@ def torch_backends(checkpoint: str, model_dir: Path, *, model: str, device: str,
 
 def runtime_backends(model_dir: Path, variants: Sequence[str], *, model: str, device: str,
                      threads: Sequence[ThreadSetting], paths: Sequence[str] | None = None,
-                     fields: dict[str, Any] | None = None) -> list[OrtBackend]:
+                     tf32: bool = False, fields: dict[str, Any] | None = None) -> list[OrtBackend]:
     """One ``OrtBackend`` per precision variant x run path x thread setting on ``device``; ``fields`` are more
     ``EncoderConfig`` fields for all of them."""
-    available = runtime_paths()
+    available = runtime_paths(device)
     chosen = list(available) if paths is None else [p for p in paths if p in available]
     return [OrtBackend(model_dir, model=model, precision=variant, device=device, path=path,
-                       config_fields={**available[path], **(fields or {})}, threads=setting)
+                       config_fields={**available[path], **(fields or {})}, threads=setting, tf32=tf32)
             for variant in variants for path in chosen for setting in threads]

@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .backends import ThreadSetting
+from deberta_onnx.runtime.contract import PRECISIONS
+from deberta_onnx.runtime.utils import check_positive_int
+
+from .backends import RUN_PATHS, ThreadSetting
 from .workloads import DEFAULT_GRID, QUICK_GRID, Shape
 
 __all__ = ["BenchConfig", "ModelSpec"]
@@ -15,22 +18,28 @@ __all__ = ["BenchConfig", "ModelSpec"]
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model folder to benchmark, the label its rows carry (default: the folder's name), and ``EncoderConfig``
-    fields its configurations load with (default none: ``EncoderConfig``'s defaults)."""
+    """A model folder to benchmark, the label its rows carry (default: the folder's name), which of its
+    precision variants to run (default: as ``BenchConfig.precisions`` says), and ``EncoderConfig`` fields its
+    configurations load with (default none: ``EncoderConfig``'s defaults)."""
 
     folder: Path
     label: str
+    precisions: tuple[str, ...] | None = None
     fields: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> ModelSpec:
-        """``DIR`` or ``LABEL=DIR``."""
+        """``DIR`` or ``LABEL=DIR``, either followed by ``:PRECISION[,PRECISION]`` (``cuda16=models/b:fp16``)."""
+        precisions = None
+        head, sep, tail = text.rpartition(":")
+        if sep and tail and all(name in PRECISIONS for name in tail.split(",")):
+            text, precisions = head, tuple(tail.split(","))
         label, sep, folder = text.partition("=")
         if not sep:
             label, folder = Path(text).name, text
         if not label or not folder:
-            raise ValueError(f"model {text!r}: give a folder, or LABEL=FOLDER")
-        return cls(folder=Path(folder), label=label)
+            raise ValueError(f"model {text!r}: give a folder, or LABEL=FOLDER (and :PRECISION,... to run only those)")
+        return cls(folder=Path(folder), label=label, precisions=precisions)
 
     def with_field(self, text: str) -> ModelSpec:
         """A copy with one more ``EncoderConfig`` field, from ``FIELD=VALUE`` (``none``, ints and ``true`` /
@@ -42,7 +51,8 @@ class ModelSpec:
         value: Any = {"none": None, "true": True, "false": False}.get(lowered, raw)
         if value is raw and lowered.lstrip("-").isdigit():
             value = int(lowered)
-        return ModelSpec(folder=self.folder, label=self.label, fields=(*self.fields, (name, value)))
+        return ModelSpec(folder=self.folder, label=self.label, precisions=self.precisions,
+                         fields=(*self.fields, (name, value)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,7 +71,8 @@ class BenchConfig:
         corpus_batch_size: texts per model call when encoding the corpus, for every backend.
         device: ``cpu``, ``cuda`` or ``auto`` (CUDA too where onnxruntime-gpu and torch see a GPU).
         precisions: variants of the model folders to run (default all of them).
-        paths: runtime run paths to run (``plain``, ``iobinding``; default all the runtime offers).
+        paths: runtime run paths to run (``plain``, ``iobinding``, ``cudagraph`` on CUDA; default all the runtime
+            offers on each device).
         threads: intra-op threads for both ONNX Runtime and PyTorch (default: ONNX Runtime's and torch's own).
         ort_threads: ONNX Runtime thread settings to compare, each a configuration of its own (default: one,
             from ``threads``); see ``ThreadSetting.parse``.
@@ -72,6 +83,8 @@ class BenchConfig:
         corpus_rounds: timed passes over the corpus per configuration.
         corpus_slices: the corpus is timed in this many slices, each encoded by every configuration in turn
             (p50/p95 of corpus rows are per slice).
+        tf32: on CUDA, let fp32 matrix products use TF32 tensor cores, in the runtime (``use_tf32``) and in
+            PyTorch (``torch.backends.cuda.matmul.allow_tf32``) alike; off by default, the report says which.
         plot: write the PNG (needs matplotlib).
         seed: seeds the grid's ids and the corpus.
         progress: show progress bars.
@@ -95,6 +108,7 @@ class BenchConfig:
     rounds: int = 3
     corpus_rounds: int = 1
     corpus_slices: int = 10
+    tf32: bool = False
     plot: bool = True
     seed: int = 0
     progress: bool = True
@@ -105,19 +119,16 @@ class BenchConfig:
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
         for name in ("corpus_size", "warmup"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("corpus_batch_size", "min_calls", "rounds", "corpus_rounds", "corpus_slices"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+            check_positive_int(name, getattr(self, name), minimum=0)
+        for name in ("corpus_batch_size", "min_calls", "max_calls", "rounds", "corpus_rounds", "corpus_slices"):
+            check_positive_int(name, getattr(self, name))
         if self.max_calls < self.min_calls:
             raise ValueError(f"max_calls ({self.max_calls}) must be >= min_calls ({self.min_calls})")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads!r}")
+        check_positive_int("threads", self.threads, optional=True)
         if self.paths is not None:
-            unknown = set(self.paths) - {"plain", "iobinding"}
+            unknown = set(self.paths) - set(RUN_PATHS)
             if unknown:
-                raise ValueError(f"unknown run path(s) {sorted(unknown)}; choose from plain, iobinding")
+                raise ValueError(f"unknown run path(s) {sorted(unknown)}; choose from {', '.join(RUN_PATHS)}")
         if not self.shapes and not self.corpus_size:
             raise ValueError("nothing to run: give at least one shape or a corpus size > 0")
 

@@ -55,12 +55,20 @@ def describe_environment(config: BenchConfig, groups: Sequence[_Group], device_l
     settings["shapes"] = [str(s) for s in config.shapes]
     settings["ort_threads"] = [str(t) for t in config.ort_threads] if config.ort_threads else None
     settings["torch_threads"] = torch.get_num_threads()
-    settings["runtime_paths"] = sorted(runtime_paths())
+    settings["runtime_paths"] = sorted({path for device in device_list for path in runtime_paths(device)})
+    # Which onnxruntime build ran: the CPU and the GPU package can both be importable, and only one is imported.
+    build = {"version": ort.__version__, "file": ort.__file__, "device": ort.get_device(),
+             "providers": ort.get_available_providers()}
+    tf32 = None
+    if "cuda" in device_list:
+        tf32 = {"runtime_use_tf32": config.tf32, "torch_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32)}
     return {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["deberta-onnx", *sys.argv[1:]]) if sys.argv and "deberta-onnx" in sys.argv[0] else None,
         "versions": versions,
         "onnxruntime_providers": ort.get_available_providers(),
+        "onnxruntime": build,
+        "tf32": tf32,
         "hardware": hardware,
         "devices": device_list,
         "models": models,

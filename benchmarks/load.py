@@ -41,9 +41,11 @@ class ServerProcess:
     ``url`` is set once the server printed its address and ``GET /health`` answers 200.
     """
 
-    def __init__(self, model_dir: str | Path, *flags: str, start_timeout_s: float = 120.0) -> None:
+    def __init__(self, model_dir: str | Path, *flags: str, start_timeout_s: float = 120.0,
+                 launcher: Sequence[str] = (sys.executable, "-m", "deberta_onnx.runtime.cli")) -> None:
         self.model_dir = Path(model_dir)
         self.flags = list(flags)
+        self.launcher = list(launcher)  # what runs `deberta-onnx` with the arguments that follow
         self.start_timeout_s = start_timeout_s
         self.url = ""
         self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - open while the server runs; closed in stop()
@@ -56,7 +58,7 @@ class ServerProcess:
         return Path(self._log.name).read_text(encoding="utf-8", errors="replace")
 
     def start(self) -> ServerProcess:
-        command = [sys.executable, "-m", "deberta_onnx.runtime.cli", "serve", str(self.model_dir),
+        command = [*self.launcher, "serve", str(self.model_dir),
                    "--host", "127.0.0.1", "--port", "0", *self.flags]
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.start_timeout_s
@@ -261,9 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from deberta_onnx.runtime import Encoder
+    from deberta_onnx.runtime.utils import text_lines
 
     source = Path(args.texts) if args.texts else Path(__file__).parents[1] / "export" / "data" / "sentences.txt"
-    texts = source.read_text(encoding="utf-8").splitlines()
+    texts = text_lines(source.read_bytes().decode("utf-8"))
     with ServerProcess(args.model_dir, *args.server_flag) as server:
         normalize = httpx.get(f"{server.url}/health", timeout=10).json()["normalize"]
         expected = Encoder(args.model_dir).encode(texts, normalize=normalize)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from deberta_onnx.runtime.utils import atomic_write
 
 __all__ = ["JSON_FILE", "MARKDOWN_FILE", "PLOT_FILE", "markdown", "plot", "write_reports"]
 
@@ -18,24 +18,11 @@ PLOT_FILE = "throughput.png"
 def write_reports(document: dict[str, Any], out_dir: Path, *, plot: bool = True) -> list[Path]:
     """Writes the three files into ``out_dir`` (each written beside its name and renamed into place)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [_atomic_text(out_dir / JSON_FILE, json.dumps(document, indent=2, sort_keys=True) + "\n"),
-               _atomic_text(out_dir / MARKDOWN_FILE, markdown(document))]
+    written = [_write_text(out_dir / JSON_FILE, json.dumps(document, indent=2, sort_keys=True) + "\n"),
+               _write_text(out_dir / MARKDOWN_FILE, markdown(document))]
     if plot:
         written.append(_plot_file(document, out_dir / PLOT_FILE))
     return written
-
-
-def _atomic_text(path: Path, text: str) -> Path:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -57,6 +44,15 @@ def markdown(document: dict[str, Any]) -> str:
     lines.append(f"- hardware: {hardware.get('cpu')}, {cores}, {hardware.get('memory_gb')} GB"
                  + (f"; GPU {hardware['gpu']}" if hardware.get("gpu") else "") + busy)
     lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
+    build = env.get("onnxruntime")
+    if build:
+        lines.append(f"- onnxruntime {build['version']} ({build['device']} build) from `{build['file']}`; providers: "
+                     f"{', '.join(build['providers'])}")
+    tf32 = env.get("tf32")
+    if tf32:
+        state = "on (opt-in, `--tf32`)" if tf32["runtime_use_tf32"] else "off (the default)"
+        lines.append(f"- TF32 for fp32 matrix products on CUDA: {state}; the runtime's use_tf32 = "
+                     f"{int(tf32['runtime_use_tf32'])}, PyTorch's allow_tf32 = {tf32['torch_matmul_allow_tf32']}")
     settings = env["settings"]
     lines.append(f"- threads: {settings.get('threads') or 'library defaults'} "
                  f"(torch uses {settings.get('torch_threads')}); "
@@ -67,15 +63,21 @@ def markdown(document: dict[str, Any]) -> str:
     lines += ["", "`x PyTorch`: grid rows, PyTorch's p50 latency over this row's; corpus rows, this row's sentences/s "
               "over PyTorch's (same device; fp16 against PyTorch fp16 where it ran). Parity against PyTorch fp32 on "
               "the same inputs. RSS: peak of the whole process while the row ran (all models stay loaded); load: "
-              "what loading this configuration added.", ""]
-    header = ("| model | workload | configuration | p50 ms | p95 ms | sent/s | x PyTorch | min cos | max abs diff "
-              "| RSS MB | load MB | GPU MB |")
-    lines += [header, "|" + " --- |" * 12]
+              "what loading this configuration added. GPU MB, per configuration: PyTorch, the peak its allocator "
+              "reached during its own calls of this workload; ONNX Runtime, the device memory its session added "
+              "at load and at its first calls of each shape so far (its arena keeps what it grew to), measured "
+              "while nothing else ran.",
+              ""]
+    fp16 = any(row.get("vs_pytorch_fp16") is not None for row in document["rows"])
+    header = ("| model | workload | configuration | p50 ms | p95 ms | sent/s | x PyTorch "
+              + ("| x PyTorch fp16 " if fp16 else "") + "| min cos | max abs diff | RSS MB | load MB | GPU MB |")
+    lines += [header, "|" + " --- |" * (13 if fp16 else 12)]
     for row in document["rows"]:
+        versus_fp16 = f"{_fmt(row.get('vs_pytorch_fp16'), '.2f')} | " if fp16 else ""
         lines.append(
             f"| {row['model']} | {row['shape']} | {row['label']} | {_fmt(row['p50_ms'], '.2f')} | "
             f"{_fmt(row['p95_ms'], '.2f')} | {_fmt(row['sentences_per_s'], '.1f')} | "
-            f"{_fmt(row['vs_pytorch'], '.2f')} | {_fmt(row['min_cosine'], '.6f')} | "
+            f"{_fmt(row['vs_pytorch'], '.2f')} | {versus_fp16}{_fmt(row['min_cosine'], '.6f')} | "
             f"{_fmt(row['max_abs_diff'], '.1e')} | "
             f"{_fmt(row['rss_peak_mb'], '.0f')} | {_fmt(row['rss_load_mb'], '.0f')} | {_fmt(row['gpu_mb'], '.0f')} |"
         )
@@ -124,15 +126,11 @@ def _plot_file(document: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure = plot(document)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(handle)
     try:
-        figure.savefig(tmp, dpi=120)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return atomic_write(path, lambda handle: figure.savefig(handle, dpi=120, format="png"))
     finally:
         plt.close(figure)
-    return path
+
+
+def _write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))

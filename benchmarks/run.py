@@ -21,7 +21,7 @@ from deberta_onnx.runtime.contract import TOKENIZER_FILE
 from deberta_onnx.runtime.manifest import load_manifest
 from deberta_onnx.runtime.postprocess import row_cosine
 
-from .backends import Backend, ThreadSetting, devices, runtime_backends, torch_backends
+from .backends import Backend, ThreadSetting, devices, runtime_backends, runtime_paths, torch_backends
 from .config import BenchConfig, ModelSpec
 from .environment import describe_environment, load_average
 from .timing import RssSampler, Timer, rss_bytes
@@ -42,6 +42,11 @@ class _Group:
     manifest: Any
     backends: list[Backend] = field(default_factory=list)
     load_mb: dict[int, float] = field(default_factory=dict)
+    # ONNX Runtime on CUDA: device memory each session added, at load and at its first calls of each shape (its
+    # arena keeps what it grew to). Measured while nothing else runs, so it is this configuration's alone.
+    gpu_held_mb: dict[int, float] = field(default_factory=dict)
+    # PyTorch on CUDA: the peak its allocator reached during the current workload's own blocks of calls.
+    torch_peak_mb: dict[int, float] = field(default_factory=dict)
 
 
 def run_benchmark(config: BenchConfig) -> dict[str, Any]:
@@ -62,6 +67,9 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
 
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    # TF32 for fp32 matrix products on CUDA, the same in PyTorch as in the runtime (BenchConfig.tf32).
+    torch.backends.cuda.matmul.allow_tf32 = config.tf32
+    torch.backends.cudnn.allow_tf32 = config.tf32
     load_at_start = load_average()
     with tempfile.TemporaryDirectory(prefix="deberta-onnx-bench-") as scratch:
         groups = _groups(config, Path(scratch))
@@ -134,13 +142,30 @@ def _load_backends(group: _Group, config: BenchConfig, device_list: list[str]) -
             variants = list(load_manifest(spec.folder).variants)
             if config.precisions is not None:
                 variants = [v for v in variants if v in config.precisions]
-            before = rss_bytes()
+            if spec.precisions is not None:
+                variants = [v for v in variants if v in spec.precisions]
             threads = config.ort_threads or (ThreadSetting(intra_op_threads=config.threads),)
-            for backend in runtime_backends(spec.folder, variants, model=spec.label, device=device,
-                                            threads=threads, paths=config.paths, fields=dict(spec.fields)):
-                group.load_mb[id(backend)] = (rss_bytes() - before) / 2**20
+            for backend in _built_one_by_one(spec, variants, device, threads, config, group):
                 group.backends.append(backend)
-                before = rss_bytes()
+
+
+def _built_one_by_one(spec: ModelSpec, variants: Sequence[str], device: str, threads: Sequence[ThreadSetting],
+                      config: BenchConfig, group: _Group) -> list[Backend]:
+    """The runtime's backends of one folder, each made alone (with the spec's ``EncoderConfig`` fields), with the
+    host and device memory its load added."""
+    built: list[Backend] = []
+    for variant in variants:
+        for path in [p for p in runtime_paths(device) if config.paths is None or p in config.paths]:
+            for setting in threads:
+                before, device_before = rss_bytes(), _device_used_mb(device)
+                (backend,) = runtime_backends(spec.folder, [variant], model=spec.label, device=device,
+                                              threads=[setting], paths=[path], tf32=config.tf32,
+                                              fields=dict(spec.fields))
+                group.load_mb[id(backend)] = (rss_bytes() - before) / 2**20
+                if device == "cuda":
+                    group.gpu_held_mb[id(backend)] = _device_used_mb(device) - device_before
+                built.append(backend)
+    return built
 
 
 def _reference_of(group: _Group, backend: Backend) -> Backend | None:
@@ -170,6 +195,7 @@ def _interleaved(group: _Group, rounds: int, bar: Any, calls: dict[int, int],
     highest RSS per backend, and each backend's last output per unit."""
     timers = {id(b): Timer(b.sync) for b in group.backends}
     peaks: dict[int, RssSampler] = {}
+    group.torch_peak_mb.clear()
     outputs: dict[int, list[Any]] = {id(b): [None] * len(units) for b in group.backends}
     backends = group.backends
     step = 0
@@ -179,10 +205,11 @@ def _interleaved(group: _Group, rounds: int, bar: Any, calls: dict[int, int],
             step += 1
             for backend in backends[shift:] + backends[:shift]:
                 key = id(backend)
-                _reset_gpu_peak(backend)
+                _reset_torch_peak(backend)
                 with RssSampler() as sampler:
                     for _ in range(calls[key]):
                         outputs[key][index] = timers[key].call(work[key], sentences)
+                _keep_torch_peak(group, backend)
                 if key not in peaks or sampler.peak > peaks[key].peak:
                     peaks[key] = sampler
                 bar.update(1)
@@ -197,10 +224,12 @@ def _grid(group: _Group, shape: Shape, config: BenchConfig, bar: Any) -> list[di
     calls: dict[int, int] = {}
     for backend in group.backends:
         timer = Timer(backend.sync)
+        device_before = _device_used_mb(backend.device)
         outputs[id(backend)] = timer.call(work[id(backend)], shape.batch)  # first call: output for parity
         timer.warm_up(work[id(backend)], max(config.warmup - 1, 0))
         if config.warmup > 1:
             timer.call(work[id(backend)], shape.batch)
+        _add_device_growth(group, backend, device_before)
         per_call = timer.samples.seconds[-1]
         total = min(max(math.ceil(config.min_time_s / max(per_call, 1e-6)), config.min_calls), config.max_calls)
         calls[id(backend)] = max(1, math.ceil(total / config.rounds))
@@ -215,7 +244,9 @@ def _grid(group: _Group, shape: Shape, config: BenchConfig, bar: Any) -> list[di
 
 def _corpus(group: _Group, corpus: list[str], config: BenchConfig, bar: Any, tokenizer: Path) -> list[dict[str, Any]]:
     for backend in group.backends:  # warm-up on a slice: thread pools, allocators, first-shape kernels
+        device_before = _device_used_mb(backend.device)
         backend.encode(corpus[: config.corpus_batch_size * 2], config.corpus_batch_size)
+        _add_device_growth(group, backend, device_before)
     # The corpus goes in slices, each encoded by every backend in turn: a pass over 10,000 texts takes minutes,
     # and a shared machine's load changes over minutes. Each slice is a random sample of the corpus (its texts
     # are in random order), so batching by length within a slice works as it would on the whole.
@@ -259,27 +290,53 @@ def _row(group: _Group, backend: Backend, timers: dict[int, Timer], peaks: dict[
         row.update({"min_cosine": None, "max_abs_diff": None})
     row["rss_peak_mb"] = peaks[id(backend)].peak / 2**20
     row["rss_load_mb"] = group.load_mb.get(id(backend))
-    row["gpu_mb"] = _gpu_peak_mb(backend)
+    held = group.torch_peak_mb if backend.engine == "pytorch" else group.gpu_held_mb
+    row["gpu_mb"] = held.get(id(backend)) if backend.device == "cuda" else None
+    fp16 = next((b for b in group.backends if b.engine == "pytorch" and b.precision == "fp16"
+                 and b.device == backend.device), None)
+    if fp16 is None:
+        row["vs_pytorch_fp16"] = None
+    else:
+        other = timers[id(fp16)].samples.summary()
+        row["vs_pytorch_fp16"] = other[key] / summary[key] if key == "p50_ms" else summary[key] / other[key]
     row["source"] = group.source
     row["random_weights"] = group.manifest.source.random_weights
     return row
 
 
-def _reset_gpu_peak(backend: Backend) -> None:
-    if backend.device == "cuda":
+def _device_used_mb(device: str) -> float:
+    """Memory in use on the CUDA device, every process and allocator included (0 on the CPU)."""
+    if device != "cuda":
+        return 0.0
+    import torch
+
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**20
+
+
+def _add_device_growth(group: _Group, backend: Backend, before_mb: float) -> None:
+    """ONNX Runtime on CUDA: adds what the device gained over this backend's first calls of a shape (its arena
+    grew by that, and keeps it) to the memory the configuration holds."""
+    if backend.device == "cuda" and backend.engine != "pytorch":
+        grown = max(_device_used_mb(backend.device) - before_mb, 0.0)
+        group.gpu_held_mb[id(backend)] = group.gpu_held_mb.get(id(backend), 0.0) + grown
+
+
+def _reset_torch_peak(backend: Backend) -> None:
+    if backend.device == "cuda" and backend.engine == "pytorch":
         import torch
 
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
 
 
-def _gpu_peak_mb(backend: Backend) -> float | None:
-    """PyTorch: its allocator's peak during the configuration's last round. ONNX Runtime's allocator is
-    invisible to torch, so for it the device-wide memory in use (all loaded models included)."""
-    if backend.device != "cuda":
-        return None
-    import torch
+def _keep_torch_peak(group: _Group, backend: Backend) -> None:
+    """PyTorch on CUDA: the peak its caching allocator reached during this block of its own calls (reset just
+    before it), kept as the configuration's largest over the workload's blocks."""
+    if backend.device == "cuda" and backend.engine == "pytorch":
+        import torch
 
-    if backend.engine == "pytorch":
-        return torch.cuda.max_memory_allocated() / 2**20
-    free, total = torch.cuda.mem_get_info()
-    return (total - free) / 2**20
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        group.torch_peak_mb[id(backend)] = max(group.torch_peak_mb.get(id(backend), 0.0), peak)

@@ -23,7 +23,7 @@ from ._optimize import apply_ort_fusions, folded_relative_attention
 from ._quiet import quiet_libraries
 from ._random import RANDOM_PREFIX, random_source
 from ._sentence_transformers import SentenceTransformerSpec, read_sentence_transformer
-from ._staging import check_target, staging_folder
+from ._staging import check_target, recover, staging_folder
 from ._tokenizer import build_tokenizer
 from ._triton import write_triton_repository
 from ._validate import DEFAULT_VALIDATION_SHAPES, LONG_VALIDATION_SHAPES, format_report, validate
@@ -37,8 +37,8 @@ def export_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], c
                  ) -> ExportResult:
     """Exports a DeBERTa checkpoint to ``out_dir``: one ONNX graph (encoder + pooling), tokenizer, manifest.
 
-    The folder is built beside ``out_dir`` and renamed into place at the end, so a failed or interrupted
-    export leaves no partial ``out_dir``.
+    The folder is built beside ``out_dir``, flushed to disk and swapped into place at the end, so a failed or
+    interrupted export leaves no partial ``out_dir`` and never loses the one it replaces.
 
     Args:
         src: a local Hugging Face checkpoint folder, a hub id (offline when cached), or ``random:SHAPE``
@@ -55,6 +55,7 @@ def export_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], c
     config = config or ExportConfig()
     started = time.perf_counter()
     target = Path(out_dir).absolute()
+    recover(target)  # first, so that an OUT_DIR a killed export had moved aside is back before it is checked
     check_target(target, config.overwrite)
     with scratch_dir() as scratch, quiet_libraries():
         source = str(src)
@@ -133,6 +134,9 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, *, 
     model_path = folder / MODEL_FILE
     optimization, report = _export_validated(graph, checkpoint, model_path, config, vocab=vocab,
                                              max_length=max_length)
+    # The file declares the model's maximum (a checksummed bound the runtime checks the manifest against), and
+    # clients that tokenize with it directly (Triton) truncate as the runtime does.
+    fast_tokenizer.enable_truncation(max_length)
     fast_tokenizer.save(str(folder / TOKENIZER_FILE))
 
     pad_id = _pad_id(checkpoint)

@@ -4,6 +4,7 @@ fp32 (normalisation, softmax, reductions, the relative-position bucket arithmeti
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +19,28 @@ from ._recipes import Recipe
 __all__ = ["build_fp16"]
 
 _PROTOBUF_LIMIT = 2**31 - 1
-# Kept in fp32 in the fp16 graph: normalisation statistics, softmax, and reductions (ReduceMean, Pow and Sqrt
-# are DeBERTa v1's hand-written LayerNorm). SkipLayerNormalization is the export's fused residual add + LayerNorm:
-# keeping it fp32 keeps the residual stream fp32 too.
-_FP16_KEEP_OPS = ("LayerNormalization", "SkipLayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt")
+# Kept in fp32 in the fp16 graph: reductions (ReduceMean, Pow and Sqrt are DeBERTa v1's hand-written LayerNorm,
+# whose squares overflow fp16 first) and, unless the recipe says otherwise, normalisation and softmax.
+# SkipLayerNormalization is the export's fused residual add + LayerNorm: keeping it fp32 keeps the residual stream
+# fp32 too, at the price of casts around every one.
+_FP16_KEEP_OPS = ("ReduceMean", "ReduceSum", "Pow", "Sqrt")
+_NORMALIZATION_OPS = ("LayerNormalization", "SkipLayerNormalization", "Softmax")
 _ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Where", "Neg", "Clip")
 
 
-def build_fp16(recipe: Recipe, base_path: Path, out_path: Path) -> dict[str, Any]:
+def build_fp16(recipe: Recipe, base_path: Path, out_path: Path, *, keep_nodes: Iterable[str] = ()) -> dict[str, Any]:
     """Converts the folded fp32 graph at ``base_path`` to fp16 (fp32 inputs and output) and writes it to
-    ``out_path``; returns the count of fp32 nodes by op type and of MatMuls by precision, for the manifest."""
-    converted, kept = _to_fp16(onnx.load(str(base_path)), recipe)
+    ``out_path``; returns the count of fp32 nodes by op type and of MatMuls by precision, for the manifest.
+
+    ``keep_nodes`` names nodes that stay fp32 whatever the recipe (those a range check finds near fp16's limits).
+    """
+    converted, kept = _to_fp16(onnx.load(str(base_path)), recipe, keep_nodes)
     save(converted, out_path)
     return {"fp32_nodes": kept, **matmul_summary(converted)}
 
 
-def _to_fp16(model: onnx.ModelProto, recipe: Recipe) -> tuple[onnx.ModelProto, dict[str, int]]:
+def _to_fp16(model: onnx.ModelProto, recipe: Recipe, keep_nodes: Iterable[str] = ()
+             ) -> tuple[onnx.ModelProto, dict[str, int]]:
     """Converts to fp16 with fp32 inputs and output; returns the model and the count of fp32 nodes by op type."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
@@ -46,8 +53,9 @@ def _to_fp16(model: onnx.ModelProto, recipe: Recipe) -> tuple[onnx.ModelProto, d
     model.graph.ClearField("value_info")
     model.graph.value_info.extend(value_info)
     model = onnx.shape_inference.infer_shapes(model)
-    ops = {*DEFAULT_OP_BLOCK_LIST, *_FP16_KEEP_OPS, *(() if recipe.fp16_elementwise else _ELEMENTWISE)}
-    names = _index_nodes(model) | _pooling_nodes(model)
+    ops = {*DEFAULT_OP_BLOCK_LIST, *_FP16_KEEP_OPS, *(() if recipe.fp16_normalization else _NORMALIZATION_OPS),
+           *(() if recipe.fp16_elementwise else _ELEMENTWISE)}
+    names = _index_nodes(model) | _pooling_nodes(model) | set(keep_nodes)
     types = {info.name: info.type.tensor_type.elem_type for info in model.graph.value_info}
     kept = Counter(node.op_type for node in model.graph.node
                    if (node.op_type in ops or node.name in names) and node.op_type not in ("Shape", "Size")
@@ -90,5 +98,35 @@ def _drop_cast_pairs(model: onnx.ModelProto) -> None:
         if node.name not in dropped:
             for i, name in enumerate(node.input):
                 node.input[i] = rename.get(name, name)
+    _drop_output_round_trips(model)
     # The bypassed pairs (and any Cast to fp16 that only they read) are dead now.
     prune(model)
+
+
+def _drop_output_round_trips(model: onnx.ModelProto) -> None:
+    """With fp32 outputs kept, the converter ends a graph whose last node is fp32 (the pooling) with a Cast to fp16
+    and one back to fp32: the vector would be rounded to fp16 at the very end. The last fp32 node writes the
+    output itself instead."""
+    graph = model.graph
+    made_by = producers(model)
+    outputs = {out.name for out in graph.output}
+    for node in list(graph.node):
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if node.op_type != "Cast" or node.output[0] not in outputs or to != TensorProto.FLOAT:
+            continue
+        parent = made_by.get(node.input[0])
+        source = made_by.get(parent.input[0]) if parent is not None else None
+        if (parent is None or source is None or parent.op_type != "Cast"
+                or not parent.name.endswith("_cast_to_fp16_node") or parent.input[0] in outputs):
+            continue
+        value, output = parent.input[0], node.output[0]
+        source.output[list(source.output).index(value)] = output
+        for other in graph.node:
+            for i, name in enumerate(other.input):
+                if name == value:
+                    other.input[i] = output
+        graph.node.remove(node)
+        graph.node.remove(parent)
+        stale = [info for info in graph.value_info if info.name == value]
+        for info in stale:
+            graph.value_info.remove(info)

@@ -85,18 +85,23 @@ def _bias(self: Any, query_layer: torch.Tensor, key_layer: torch.Tensor, relativ
     """
     heads = self.num_attention_heads
     size = query_layer.shape[-2]
-    # Column c of the band stands for the distance i - j = size - c (c2p) or c - size (p2c).
-    columns = torch.arange(2 * size, device=query_layer.device)
+    device = query_layer.device
+    # Column c of the band stands for the distance i - j = size - c (c2p) or c - size (p2c). Each distance vector
+    # is one Range whose bounds are shape scalars: ONNX Runtime's CUDA provider reads Range's bounds on the host
+    # and writes its output on the device. ``size - arange(2 * size)`` would instead subtract a host scalar from
+    # a device tensor, a host-to-device copy in the graph that makes ONNX Runtime refuse CUDA graphs.
     span = self._deberta_onnx_span
-    score = torch.zeros((), dtype=query_layer.dtype, device=query_layer.device)
+    score = torch.zeros((), dtype=query_layer.dtype, device=device)
     if "c2p" in self.pos_att_type:
-        rows = torch.clamp(span + _bucket(size - columns, *self._deberta_onnx_buckets), 0, 2 * span - 1)
+        distances = torch.arange(size, -size, -1, device=device)
+        rows = torch.clamp(span + _bucket(distances, *self._deberta_onnx_buckets), 0, 2 * span - 1)
         keys = self._deberta_onnx_pos_key.index_select(1, rows).to(query_layer.dtype)  # [H, 2S, d]
         query = query_layer.reshape(-1, heads, size, query_layer.shape[-1])
         band = torch.matmul(query, keys.transpose(-1, -2))  # [B, H, S, 2S]
         score = score + _shifted(band, size).reshape(-1, size, size)
     if "p2c" in self.pos_att_type:
-        rows = torch.clamp(span + _bucket(columns - size, *self._deberta_onnx_buckets), 0, 2 * span - 1)
+        distances = torch.arange(-size, size, device=device)
+        rows = torch.clamp(span + _bucket(distances, *self._deberta_onnx_buckets), 0, 2 * span - 1)
         queries = self._deberta_onnx_pos_query.index_select(1, rows).to(key_layer.dtype)
         key = key_layer.reshape(-1, heads, size, key_layer.shape[-1])
         band = torch.matmul(key, queries.transpose(-1, -2))  # [B, H, S(j), 2S]

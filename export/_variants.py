@@ -19,6 +19,7 @@ from deberta_onnx.runtime.contract import (
     variant_file,
 )
 from deberta_onnx.runtime.tokenization import TextTokenizer
+from deberta_onnx.runtime.utils import text_lines
 
 from ._errors import ExportError, QualityGateError
 from ._fp16 import build_fp16
@@ -41,14 +42,14 @@ __all__ = ["build_variant", "derive_variants", "read_calibration"]
 
 
 def read_calibration(path: str | Path) -> list[str]:
-    """The non-empty lines of a UTF-8 text file, one calibration text each.
+    """The non-empty lines of a UTF-8 text file, one calibration text each (split as ``utils.text_lines`` does).
 
     Raises:
         ValueError: the file is missing, unreadable, or has no text.
     """
     source = Path(path)
     try:
-        lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in text_lines(source.read_bytes().decode("utf-8")) if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"calibration file {source} cannot be read ({exc}); give a UTF-8 text file with one "
                          "sentence per line.") from exc
@@ -59,7 +60,7 @@ def read_calibration(path: str | Path) -> list[str]:
 
 
 def build_variant(recipe: Recipe, base_path: Path, out_path: Path, *,
-                  calibration: Sequence[dict[str, np.ndarray]] = ()) -> dict[str, Any]:
+                  calibration: Sequence[dict[str, np.ndarray]] = (), fp16_keep: Sequence[str] = ()) -> dict[str, Any]:
     """Builds ``recipe``'s graph from the folded fp32 graph at ``base_path`` and writes it to ``out_path``.
 
     Args:
@@ -67,12 +68,13 @@ def build_variant(recipe: Recipe, base_path: Path, out_path: Path, *,
         base_path: the fp32 graph after ``prepare_base``.
         out_path: where to write the new graph (``FILE.data`` beside it when over 2 GB).
         calibration: int8-static only: the inputs (one feed per text) whose activation ranges fix the scales.
+        fp16_keep: fp16 only: nodes that stay fp32 whatever the recipe.
 
     Returns:
         A summary of the graph's nodes by precision, for the manifest.
     """
     if recipe.precision == "fp16":
-        return build_fp16(recipe, base_path, out_path)
+        return build_fp16(recipe, base_path, out_path, keep_nodes=fp16_keep)
     return build_int8(recipe, base_path, out_path, calibration=calibration)
 
 
@@ -136,7 +138,8 @@ def _derive(precision: str, base: Path, folder: Path, config: ExportConfig, held
             feeds: list[dict[str, np.ndarray]], base_bytes: int, say: Callable[[str], None]) -> dict[str, Any]:
     threshold = config.min_cosine_fp16 if precision == "fp16" else config.min_cosine_int8
     invariance = BATCH_INVARIANCE if precision == "int8-static" else None
-    recipes = RECIPES[precision] if config.fallback else RECIPES[precision][:1]
+    chain = _recipe_chain(precision, config)
+    recipes = chain if config.fallback else chain[:1]
     path = folder / variant_file(precision)
     reports: list[dict[str, Any]] = []
     failure: str | None = None
@@ -162,12 +165,19 @@ def _derive(precision: str, base: Path, folder: Path, config: ExportConfig, held
         if number + 1 < len(recipes):
             say(f"{precision}: recipe {recipe.name!r} failed the quality gate ({failure}); "
                 f"trying {recipes[number + 1].name!r}")
-    raise QualityGateError(_gate_message(precision, failure or "", recipes), precision, reports)
+    raise QualityGateError(_gate_message(precision, failure or "", recipes, chain), precision, reports)
 
 
-def _gate_message(precision: str, failure: str, tried: tuple[Recipe, ...]) -> str:
+def _recipe_chain(precision: str, config: ExportConfig) -> tuple[Recipe, ...]:
+    """The recipe the config asks for, then the safer ones (the order ``--fallback`` tries them in)."""
+    recipes = RECIPES[precision]
+    first = config.fp16_recipe if precision == "fp16" else recipes[0].name
+    return recipes[[recipe.name for recipe in recipes].index(first):]
+
+
+def _gate_message(precision: str, failure: str, tried: tuple[Recipe, ...], chain: tuple[Recipe, ...]) -> str:
     flag = "--min-cosine-fp16 (min_cosine_fp16)" if precision == "fp16" else "--min-cosine-int8 (min_cosine_int8)"
-    safer = [recipe.name for recipe in RECIPES[precision][len(tried):]]
+    safer = [recipe.name for recipe in chain[len(tried):]]
     hints = [f"pass --fallback (fallback=True) to try the safer recipe(s) {', '.join(safer)}"] if safer else []
     hints += [f"lower the threshold with {flag}", f"or leave {precision} out"]
     recipes = ", ".join(recipe.name for recipe in tried)

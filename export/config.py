@@ -9,6 +9,7 @@ from typing import Any
 from deberta_onnx.runtime.contract import OPSET, POOLINGS, PRECISIONS, TASKS
 from deberta_onnx.runtime.utils import check_positive_int
 
+from ._recipes import DEFAULT_FP16_RECIPE, RECIPES
 from ._tokenizer import TOKENIZER_SOURCES
 from ._triton import triton_name
 from ._validate import DEFAULT_VALIDATION_SHAPES
@@ -76,6 +77,9 @@ class ExportConfig:
             sentence's vector and the fp32 PyTorch one.
         min_cosine_int8: the same for int8-dynamic and int8-static.
         fallback: when a precision fails the gate, try its safer recipes in turn (and say so) instead of failing.
+        fp16_recipe: how fp16 is built (``RECIPES["fp16"]``): ``"standard"`` (LayerNorm, softmax and the fused
+            residual add + LayerNorm in fp32), ``"cuda"`` (those in fp16 too, as ONNX Runtime's CUDA kernels run
+            them; fewer casts) or ``"elementwise-fp32"``; ``fallback`` goes on to the safer ones after it.
     """
 
     overwrite: bool = False
@@ -102,6 +106,7 @@ class ExportConfig:
     min_cosine_fp16: float = 0.999
     min_cosine_int8: float = 0.99
     fallback: bool = False
+    fp16_recipe: str = DEFAULT_FP16_RECIPE
 
     def __post_init__(self) -> None:
         if isinstance(self.precisions, str) or not all(isinstance(p, str) for p in self.precisions):
@@ -117,6 +122,9 @@ class ExportConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
                 raise ValueError(f"{name} must be a cosine in (0, 1], got {value!r}")
+        fp16_recipes = [recipe.name for recipe in RECIPES["fp16"]]
+        if self.fp16_recipe not in fp16_recipes:
+            raise ValueError(f"fp16_recipe must be one of {', '.join(fp16_recipes)}, got {self.fp16_recipe!r}")
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.task is not None and self.task not in TASKS:

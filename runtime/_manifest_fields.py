@@ -117,6 +117,7 @@ def model_fields(reader: Reader, data: Mapping[str, Any]) -> dict[str, Any]:
         vocab_size=reader.integer(model, "vocab_size", "model.vocab_size"),
         pad_token_id=reader.integer(model, "pad_token_id", "model.pad_token_id", minimum=0),
         num_hidden_layers=reader.maybe_integer(model, "num_hidden_layers", "model.num_hidden_layers"),
+        num_attention_heads=reader.maybe_integer(model, "num_attention_heads", "model.num_attention_heads"),
         task=task,
         pooling=pooling,
         normalize=reader.flag(model, "normalize", "model.normalize"),

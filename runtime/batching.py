@@ -6,7 +6,7 @@ each batch is padded to a multiple of the sequence bucket, so that few shapes oc
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -17,7 +17,24 @@ from .config import DEFAULT_BATCH_SIZE
 from .tokenization import TextTokenizer, bucket_width
 from .utils import check_positive_int
 
-__all__ = ["Batch", "BatchPolicy", "TokenBatch", "batch_capacity", "bucket_width", "plan_batches", "token_batches"]
+__all__ = [
+    "ATTENTION_TENSORS",
+    "Batch",
+    "BatchPolicy",
+    "ModelCall",
+    "TokenBatch",
+    "batch_capacity",
+    "bucket_width",
+    "call_memory",
+    "filled_rows",
+    "plan_batches",
+    "token_batches",
+]
+
+# How many float32 [heads, length, length] score tensors one unfused DeBERTa attention layer holds at its peak
+# (content-to-content, content-to-position, position-to-content, their sum, the softmax, ...): measured as peak RSS
+# growth over the size of one such tensor, 11.3 on the tiny test graph for single texts of 1,000 to 3,000 tokens.
+ATTENTION_TENSORS = 12
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,7 +42,7 @@ class Batch:
     """Rows ``start:stop`` of a longest-first ordering, padded to ``width`` tokens.
 
     ``capacity`` is how many rows a batch of this width may hold; a batch that ends the ordering may hold
-    fewer, and callers that need fixed shapes (CUDA graphs) pad it up to ``capacity`` with empty rows.
+    fewer, and callers that need few shapes (CUDA graphs) pad it with empty rows (see ``filled_rows``).
     """
 
     start: int
@@ -34,19 +51,46 @@ class Batch:
     capacity: int
 
 
-def batch_capacity(width: int, *, batch_size: int | None, max_tokens: int | None) -> int:
+def call_memory(rows: int, width: int, heads: int) -> int:
+    """Estimated peak bytes of one model call of ``rows`` x ``width`` tokens: its attention score tensors
+    (``ATTENTION_TENSORS`` float32 ``[rows, heads, width, width]``), which grow with the square of the length and
+    outweigh everything else in the call from a few hundred tokens on."""
+    return ATTENTION_TENSORS * rows * heads * width * width * 4
+
+
+def batch_capacity(width: int, *, batch_size: int | None, max_tokens: int | None,
+                   max_call_bytes: int | None = None, heads: int = 1) -> int:
     """Rows per batch at a given width: ``batch_size``, or as many as fit ``max_tokens`` padded tokens (at
-    least one), capped at ``batch_size`` when both are given."""
+    least one), capped at ``batch_size`` when both are given; never more than keep ``call_memory`` under
+    ``max_call_bytes`` (but at least one row: a single text over it is refused when the model loads)."""
     if max_tokens is None:
         if batch_size is None:
             raise ValueError("give batch_size, max_tokens or both")
-        return batch_size
-    rows = max(1, max_tokens // width)
-    return rows if batch_size is None else min(rows, batch_size)
+        rows = batch_size
+    else:
+        rows = max(1, max_tokens // width)
+        rows = rows if batch_size is None else min(rows, batch_size)
+    if max_call_bytes is not None:
+        rows = min(rows, max(1, max_call_bytes // call_memory(1, width, heads)))
+    return rows
+
+
+def filled_rows(rows: int, capacity: int) -> int:
+    """Rows a batch of ``rows`` real rows is padded to when shapes must repeat (CUDA graphs replay one shape
+    each): the next power of two, at most ``capacity``. A batch size of 32 gives the row counts 1, 2, 4, 8, 16
+    and 32, so one text runs a 1-row graph while a corpus needs at most six graphs per width.
+
+    Raises:
+        ValueError: ``rows`` is not between 1 and ``capacity``.
+    """
+    if not 1 <= rows <= capacity:
+        raise ValueError(f"rows must be between 1 and the capacity {capacity}, got {rows}")
+    return min(capacity, 1 << (rows - 1).bit_length())
 
 
 def plan_batches(
-    lengths: Sequence[int], *, batch_size: int | None, max_tokens: int | None, multiple_of: int, max_length: int
+    lengths: Sequence[int], *, batch_size: int | None, max_tokens: int | None, multiple_of: int, max_length: int,
+    max_call_bytes: int | None = None, heads: int = 1,
 ) -> Iterator[Batch]:
     """Cuts token lengths sorted longest first into consecutive batches.
 
@@ -60,11 +104,14 @@ def plan_batches(
         max_tokens: most padded tokens (rows x width) per batch (``None``: rows are ``batch_size``).
         multiple_of: the sequence bucket; widths are multiples of it (capped at ``max_length``).
         max_length: the model's longest input.
+        max_call_bytes: most estimated memory per call (``call_memory``); ``None``: no cap.
+        heads: the model's attention heads, for that estimate.
     """
     start = 0
     while start < len(lengths):
         width = bucket_width(lengths[start], multiple_of, max_length)
-        capacity = batch_capacity(width, batch_size=batch_size, max_tokens=max_tokens)
+        capacity = batch_capacity(width, batch_size=batch_size, max_tokens=max_tokens,
+                                  max_call_bytes=max_call_bytes, heads=heads)
         stop = min(start + capacity, len(lengths))
         yield Batch(start=start, stop=stop, width=width, capacity=capacity)
         start = stop
@@ -79,8 +126,11 @@ class BatchPolicy:
         default_rows: rows per batch when the call gives no ``batch_size`` (``None``: as many as
             ``max_tokens`` allows).
         sequence_bucket: widths are padded to a multiple of this.
-        fill_rows: pad a short batch with empty rows up to its capacity (CUDA graphs replay fixed shapes).
+        fill_rows: pad a short batch with empty rows to the next power of two, at most its capacity (CUDA graphs
+            replay fixed shapes; few row counts keep few graphs).
         token_types: the graph takes ``token_type_ids``.
+        max_call_bytes: most estimated memory per model call (``call_memory``); ``None``: no cap.
+        heads: the model's attention heads, for that estimate.
     """
 
     max_tokens: int | None = None
@@ -88,6 +138,8 @@ class BatchPolicy:
     sequence_bucket: int = 1
     fill_rows: bool = False
     token_types: bool = False
+    max_call_bytes: int | None = None
+    heads: int = 1
 
 
 class TokenBatch(NamedTuple):
@@ -98,6 +150,20 @@ class TokenBatch(NamedTuple):
     input_ids: np.ndarray
     attention_mask: np.ndarray
     token_type_ids: np.ndarray | None  # only for graphs that take segment ids
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """One model call of a plan, not yet run: which of the caller's inputs it computes, their token counts
+    (special tokens included, after truncation), and ``run()``, which computes their outputs in that order.
+
+    A caller that runs a plan call by call (the server) can stop between calls, or skip a call whose inputs
+    nobody waits for any more.
+    """
+
+    rows: list[int]
+    token_counts: list[int]
+    run: Callable[[], np.ndarray]
 
 
 def token_batches(
@@ -114,7 +180,8 @@ def token_batches(
 
     Each batch is padded to a multiple of ``policy.sequence_bucket`` tokens; with ``policy.max_tokens`` it holds
     as many inputs as fit that many padded tokens (``batch_size`` then caps the rows). With ``fill_rows`` a short
-    batch is filled with empty rows up to a full one (``rows`` names only the real ones).
+    batch is filled with empty rows to the next power of two, at most a full batch (``rows`` names only the real
+    ones).
 
     Args:
         tokenizer: the model's tokenizer.
@@ -144,13 +211,14 @@ def token_batches(
             # Longest first: the first batch shows at once whether memory suffices.
             order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i].ids))
             plan = plan_batches([len(encodings[i].ids) for i in order], batch_size=rows_cap,
-                                max_tokens=max_tokens, multiple_of=bucket, max_length=tokenizer.max_length)
+                                max_tokens=max_tokens, multiple_of=bucket, max_length=tokenizer.max_length,
+                                max_call_bytes=policy.max_call_bytes, heads=policy.heads)
             for planned in plan:
                 rows = order[planned.start : planned.stop]
                 chosen = [encodings[i] for i in rows]
                 sequences = [e.ids for e in chosen]
                 if policy.fill_rows:
-                    sequences += [[]] * (planned.capacity - len(rows))
+                    sequences += [[]] * (filled_rows(len(rows), planned.capacity) - len(rows))
                 input_ids, mask = tokenizer.pad(sequences, multiple_of=bucket)
                 types = None
                 if policy.token_types:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, overload
+from typing import TYPE_CHECKING, Literal, NamedTuple, TypedDict, overload
 
 import numpy as np
 
 from .batching import token_batches
+from .compat import PredictKeywords, RankKeywords, alias, check_keywords, with_prompt
 from .config import EncoderConfig
 from .contract import LOGITS, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
 from .loader import LoadedAttributes, LoadedModel, load_model, loaded_property
@@ -26,10 +27,21 @@ from .similarity import Hit
 from .tokenization import check_pairs, check_texts
 from .utils import check_positive_int
 
-__all__ = ["CrossEncoder", "Prediction", "SequenceClassifier", "Span", "TokenClassifier"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["CrossEncoder", "Prediction", "RankedDocument", "SequenceClassifier", "Span", "TokenClassifier"]
 
 # A text, a (text, text_pair) pair, or a list of either.
 _Inputs = str | tuple[str, str] | Sequence[str | tuple[str, str]]
+
+
+class RankedDocument(TypedDict):
+    """One result of ``CrossEncoder.rank(..., return_documents=True)``, in sentence-transformers' shape."""
+
+    corpus_id: int
+    score: float
+    text: str
 
 
 class Prediction(NamedTuple):
@@ -133,9 +145,17 @@ class CrossEncoder(LoadedAttributes):
 
     labels = loaded_property(lambda m: m.labels, _LABELS_DOC)
 
+    num_labels = loaded_property(lambda m: len(m.labels), "How many scores per pair (sentence-transformers' name).")
+
     def predict(self, pairs: tuple[str, str] | Sequence[tuple[str, str]], batch_size: int | None = None, *,
-                activation: bool = True, truncate: bool = True, show_progress: bool = False) -> np.ndarray | float:
+                activation: bool = True, truncate: bool = True, show_progress: bool = False, prompt: str | None = None,
+                **keywords: Unpack[PredictKeywords]) -> np.ndarray | float:
         """Scores each pair.
+
+        sentence-transformers' ``CrossEncoder.predict`` keywords are accepted too (``PredictKeywords``):
+        ``show_progress_bar`` (``show_progress``), ``activation_fn`` (a numpy function replacing the model's
+        activation), ``apply_softmax``; ``convert_to_numpy``, ``convert_to_tensor``, ``device`` and ``prompt_name``
+        are checked and refused where they would need torch or another device.
 
         Args:
             pairs: ``(text, text_pair)`` tuples, or one tuple.
@@ -143,35 +163,64 @@ class CrossEncoder(LoadedAttributes):
             activation: apply the model's score activation (see the class); false gives raw logits.
             truncate: cut pairs longer than ``max_length`` tokens, longest text first (default); else raise.
             show_progress: show a progress bar (tqdm).
+            prompt: a text prepended to the first text of each pair, as sentence-transformers' ``prompt``.
 
         Returns:
             float32 ``[len(pairs)]`` for one-label models, ``[len(pairs), len(labels)]`` otherwise; a float
             (or ``[len(labels)]``) for a single pair.
 
         Raises:
-            TypeError: an item is not a pair of str.
-            ValueError: ``batch_size`` < 1, or ``truncate`` is false and a pair is too long.
+            TypeError: an item is not a pair of str, or an unknown keyword.
+            ValueError: ``batch_size`` < 1, ``truncate`` is false and a pair is too long, or a sentence-transformers
+                keyword that cannot apply.
         """
+        check_keywords("CrossEncoder.predict", keywords, PredictKeywords, device=self.device)
+        show_progress = alias("show_progress", show_progress, False, "show_progress_bar",
+                              keywords.get("show_progress_bar"))
+        function = keywords.get("activation_fn")
+        if function is not None and (not activation or not callable(function)
+                                     or type(function).__module__.split(".")[0] == "torch"):
+            raise ValueError("activation_fn must be a function of the numpy logits [n, labels] (not a torch module: "
+                             "torch is not used), and needs activation=True; activation=False gives the raw logits")
         items, single = _one_or_many(pairs, texts_allowed=False)
-        scores = _sequence_logits(self.loaded, items, batch_size, truncate, show_progress)
-        if activation:
+        scores = _sequence_logits(self.loaded, with_prompt(items, prompt), batch_size, truncate, show_progress)
+        if function is not None:
+            scores = np.asarray(function(scores), dtype=np.float32)
+        elif activation:
             scores = cross_encoder_scores(scores, self.manifest.model.score_activation, labels=len(self.labels))
+        if keywords.get("apply_softmax") and scores.shape[1] > 1:
+            scores = softmax(scores)
         if scores.shape[1] == 1:
             scores = scores[:, 0]
         return float(scores[0]) if single and scores.ndim == 1 else (scores[0] if single else scores)
 
+    @overload
+    def rank(self, query: str, documents: Sequence[str], top_k: int | None = ..., batch_size: int | None = ..., *,
+             truncate: bool = ..., show_progress: bool = ..., prompt: str | None = ...,
+             return_documents: Literal[False] = ..., **keywords: Unpack[RankKeywords]) -> list[Hit]: ...
+    @overload
+    def rank(self, query: str, documents: Sequence[str], top_k: int | None = ..., batch_size: int | None = ..., *,
+             truncate: bool = ..., show_progress: bool = ..., prompt: str | None = ...,
+             return_documents: Literal[True], **keywords: Unpack[RankKeywords]) -> list[RankedDocument]: ...
+
     def rank(self, query: str, documents: Sequence[str], top_k: int | None = None, batch_size: int | None = None, *,
-             truncate: bool = True, show_progress: bool = False) -> list[Hit]:
+             truncate: bool = True, show_progress: bool = False, prompt: str | None = None,
+             return_documents: bool = False, **keywords: Unpack[RankKeywords]) -> list[Hit] | list[RankedDocument]:
         """Scores ``(query, document)`` for every document and returns them best first.
+
+        Takes ``predict``'s sentence-transformers keywords (``RankKeywords``) and its ``return_documents``.
 
         Returns:
             ``Hit(index, score)`` per document (the ``top_k`` best if given), highest score first, equal
-            scores in index order.
+            scores in index order; a ``Hit`` also reads as sentence-transformers' ``hit["corpus_id"]``,
+            ``hit["score"]``. With ``return_documents=True``, sentence-transformers' own shape instead: a dict
+            ``{"corpus_id": index, "score": score, "text": document}`` per document.
 
         Raises:
             ValueError: the model has several labels (no single score to rank by), or bad ``top_k``.
             TypeError: ``query`` or a document is not a str.
         """
+        check_keywords("CrossEncoder.rank", keywords, RankKeywords, device=self.device)
         if len(self.labels) != 1:
             raise ValueError(f"rank needs a one-label cross-encoder; {self.model_dir} has labels {list(self.labels)}")
         if not isinstance(query, str):
@@ -179,8 +228,10 @@ class CrossEncoder(LoadedAttributes):
         check_positive_int("top_k", top_k, optional=True)
         docs = check_texts(documents)
         scores = np.asarray(self.predict([(query, d) for d in docs], batch_size, truncate=truncate,
-                                         show_progress=show_progress))
+                                         show_progress=show_progress, prompt=prompt, **keywords))
         order = np.lexsort((np.arange(len(docs)), -scores))[:top_k]
+        if return_documents:
+            return [RankedDocument(corpus_id=int(i), score=float(scores[i]), text=docs[i]) for i in order]
         return [Hit(int(i), float(scores[i])) for i in order]
 
 

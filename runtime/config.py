@@ -11,6 +11,7 @@ from .utils import check_positive_int
 __all__ = [
     "ARENA_CHOICES",
     "AUTO",
+    "CUDA_ARENA_STRATEGIES",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_CPU_MAX_TOKENS",
     "DEFAULT_SHRINK_TOKENS",
@@ -33,6 +34,8 @@ DEFAULT_CPU_MAX_TOKENS = 4096
 DEFAULT_SHRINK_TOKENS = 2048
 # ``cpu_arena``: how ONNX Runtime's CPU memory arena grows (or whether there is one).
 ARENA_CHOICES = ("same-as-requested", "next-power-of-two", "off")
+# The CUDA provider's arena_extend_strategy values.
+CUDA_ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
 
 
 def parse_device(device: str) -> tuple[str, int]:
@@ -74,8 +77,8 @@ class EncoderConfig:
             budget on CUDA. ``None``: no budget, rows are ``batch_size``.
         max_buckets: most (batch, sequence) shapes whose IO-binding buffers are kept (least recently used
             freed first); with CUDA graphs, also the most graphs captured.
-        cuda_graph: capture one CUDA graph per shape and replay it (needs CUDA and IO binding); batches are
-            then padded to full rows so that few shapes occur.
+        cuda_graph: capture one CUDA graph per shape and replay it (needs CUDA and IO binding); a short batch's
+            rows are then padded to the next power of two (at most the batch size), so that few shapes occur.
         cpu_arena: how ONNX Runtime's CPU memory arena grows: ``"same-as-requested"`` (default: by what a
             call needs, in one arena shared by the sessions of the process), ``"next-power-of-two"`` (ONNX
             Runtime's own default: each session's arena doubles its last growth, so up to twice what a call
@@ -85,6 +88,17 @@ class EncoderConfig:
             ``memory.enable_memory_arena_shrinkage``, then glibc's ``malloc_trim`` for what the C heap keeps),
             so a burst of long texts does not keep its peak; smaller calls keep theirs for reuse. ``None``:
             never.
+        max_call_memory_mb: the most memory one model call may take, as estimated from its attention score
+            tensors (``batching.call_memory``): batches hold fewer rows where more would pass it, and a folder
+            whose longest input (``max_sequence_length``) alone would pass it is refused at load with
+            ``MemoryLimitError``. ``None``: no limit.
+        cuda_arena_extend_strategy: how the CUDA provider's memory arena grows, ``"kNextPowerOfTwo"`` or
+            ``"kSameAsRequested"``; ``None``: ``kSameAsRequested`` with CUDA graphs (as ONNX Runtime's own
+            CUDA-graph helper), else ONNX Runtime's default (``kNextPowerOfTwo``).
+        gpu_mem_limit: most bytes the CUDA provider's arena may hold; ``None``: no limit.
+        use_tf32: let the CUDA provider run fp32 matrix products on TF32 tensor cores (faster, about three
+            decimal digits). Off by default, for parity with PyTorch's fp32 (which does not use TF32 for matrix
+            products by default).
     """
 
     precision: str | None = None
@@ -100,6 +114,10 @@ class EncoderConfig:
     cuda_graph: bool = False
     cpu_arena: str = "same-as-requested"
     arena_shrink_tokens: int | None = DEFAULT_SHRINK_TOKENS
+    max_call_memory_mb: int | None = 8192
+    cuda_arena_extend_strategy: str | None = None
+    gpu_mem_limit: int | None = None
+    use_tf32: bool = False
 
     def __post_init__(self) -> None:
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -115,8 +133,15 @@ class EncoderConfig:
         if self.cpu_arena not in ARENA_CHOICES:
             raise ValueError(f"cpu_arena must be one of {', '.join(ARENA_CHOICES)}, got {self.cpu_arena!r}")
         check_positive_int("max_buckets", self.max_buckets)
+        check_positive_int("max_call_memory_mb", self.max_call_memory_mb, optional=True)
         if self.device is not None:
             parse_device(self.device)
         if self.cuda_graph and self.io_binding is False:
             raise ValueError("cuda_graph needs io_binding (a graph replays fixed device buffers); "
                              "drop io_binding=False")
+        if self.cuda_arena_extend_strategy not in (None, *CUDA_ARENA_STRATEGIES):
+            raise ValueError(f"cuda_arena_extend_strategy must be one of {', '.join(CUDA_ARENA_STRATEGIES)} or "
+                             f"None, got {self.cuda_arena_extend_strategy!r}")
+        check_positive_int("gpu_mem_limit", self.gpu_mem_limit, optional=True)
+        if not isinstance(self.use_tf32, bool):
+            raise ValueError(f"use_tf32 must be True or False, got {self.use_tf32!r}")

@@ -8,7 +8,9 @@ __all__ = [
     "CudaGraphError",
     "DebertaOnnxError",
     "ManifestError",
+    "MemoryLimitError",
     "ModelFolderError",
+    "ModelLoadError",
     "NotExportedError",
     "ProviderUnavailableError",
     "TaskMismatchError",
@@ -33,6 +35,14 @@ class ChecksumMismatchError(ModelFolderError):
 
 class ContractMismatchError(ModelFolderError):
     """The ONNX graph or tokenizer does not match the contract the manifest declares."""
+
+
+class ModelLoadError(ModelFolderError):
+    """ONNX Runtime could not load a model file (a corrupt or truncated graph, an operator it lacks, out of
+    memory): the message names the file and ONNX Runtime's own cause."""
+class MemoryLimitError(DebertaOnnxError):
+    """One model call of the longest input the folder allows would need more memory than
+    ``EncoderConfig.max_call_memory_mb`` permits; raised at load, before any allocation."""
 
 
 class ProviderUnavailableError(DebertaOnnxError):

@@ -10,13 +10,18 @@ the "device" buffers are host memory, so it is tested without a GPU.
 With CUDA graphs, each shape gets its own graph id (``gpu_graph_id``) the first time it is seen; that
 bucket's buffers are then kept for the session's life, because the captured graph reads and writes those
 addresses. ``CudaGraphRegistry`` records what each graph was captured with and refuses a replay for any
-other shape or buffer.
+other shape or buffer. A graph run that fails (a capture that does not work for this shape, say) gives the shape
+up to eager runs, once and with a warning in the log, instead of failing every later call. ONNX Runtime keeps
+captured graphs per thread (in the CUDA provider's per-thread context), so every run of a CUDA-graph runner goes
+through one thread that the runner owns: graphs are captured once whichever thread calls.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +41,7 @@ GRAPH_ID_OPTION = "gpu_graph_id"
 EAGER_GRAPH_ID = -1
 
 _NUMPY_TYPES = {ort_type: np.dtype(name) for name, ort_type in ORT_TYPES.items()}
+logger = logging.getLogger("deberta_onnx")
 
 
 class CudaGraphRegistry:
@@ -75,6 +81,12 @@ class CudaGraphRegistry:
         self._captured[graph_id] = (shape, buffers)
         self._ids[shape] = graph_id
         return graph_id
+
+    def abandon(self, graph_id: int) -> None:
+        """Forgets graph ``graph_id`` (its shape runs eagerly from now on); the id is not given out again."""
+        captured = self._captured.pop(graph_id, None)
+        if captured is not None:
+            self._ids.pop(captured[0], None)
 
     def check(self, graph_id: int, shape: Shape, buffers: tuple[int, ...]) -> None:
         """Raises ``CudaGraphError`` unless graph ``graph_id`` was registered for this shape and these buffers."""
@@ -117,7 +129,8 @@ class IOBindingRunner:
         device_id: the GPU index for ``"cuda"``.
         max_buckets: most shapes whose buffers are kept; the least recently used are freed beyond it.
         cuda_graph: give each new shape, up to ``max_buckets`` of them, its own CUDA graph id (the session
-            must have been made with ``enable_cuda_graph``); later shapes run eagerly.
+            must have been made with ``enable_cuda_graph``); later shapes run eagerly. Runs then go through one
+            thread the runner owns.
         shrink_tokens: runs of shapes with at least this many tokens end by handing the CPU arena's unused
             memory back to the system, then the C heap's free pages; ``None``: never.
         arena: whether the session has a CPU arena to shrink (without one, only the C heap is trimmed).
@@ -160,7 +173,9 @@ class IOBindingRunner:
         self._buckets: OrderedDict[Shape, _Bucket] = OrderedDict()
         self._pinned: dict[Shape, _Bucket] = {}
         self._lock = threading.Lock()
+        self._owner: ThreadPoolExecutor | None = None
         self.allocations = 0
+        self.eager_shapes: set[Shape] = set()  # shapes whose CUDA graph run failed: they run eagerly
 
     @property
     def bucket_count(self) -> int:
@@ -186,7 +201,8 @@ class IOBindingRunner:
         Raises:
             ValueError: the arrays are not 2-D of one shape, or are empty, or token type ids were given.
             TypeError: the arrays do not hold integers.
-            CudaGraphError: the CUDA graph guard found a graph about to be replayed for another shape.
+            CudaGraphError: the CUDA graph guard found a graph about to be replayed for another shape, or a
+                graph run failed and the eager run after it failed too.
         """
         if token_type_ids is not None:
             raise ValueError("IO binding runs embedding graphs, which take no token_type_ids")
@@ -199,6 +215,17 @@ class IOBindingRunner:
             if not np.issubdtype(array.dtype, np.integer):
                 raise TypeError(f"{name} must hold integers, got {array.dtype}")
         shape: Shape = (int(input_ids.shape[0]), int(input_ids.shape[1]))
+        if self.graphs is None:
+            return self._run(shape, input_ids, attention_mask)
+        return self._owner_thread().submit(self._run, shape, input_ids, attention_mask).result()
+
+    def _owner_thread(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._owner is None:
+                self._owner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deberta-onnx-cuda-graphs")
+            return self._owner
+
+    def _run(self, shape: Shape, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
         with self._lock:
             bucket = self._bucket(shape)
             # One host-side assembly (which also casts to int64), then at most one copy to the device.
@@ -208,7 +235,19 @@ class IOBindingRunner:
                 bucket.inputs.update_inplace(bucket.host)
             if self.graphs is not None and bucket.graph_id != EAGER_GRAPH_ID:
                 self.graphs.check(bucket.graph_id, shape, bucket.buffers())
-            self.session.run_with_iobinding(bucket.binding, bucket.run_options)
+            try:
+                self.session.run_with_iobinding(bucket.binding, bucket.run_options)
+            except Exception as exc:  # onnxruntime raises its own pybind classes
+                if bucket.graph_id == EAGER_GRAPH_ID:
+                    raise
+                graph_id = self._give_up_graph(bucket, exc)
+                try:
+                    self.session.run_with_iobinding(bucket.binding, bucket.run_options)
+                except Exception as again:
+                    raise CudaGraphError(
+                        f"CUDA graph {graph_id} for shape {shape} failed ({exc}), and the eager run after it failed "
+                        f"too ({again}); load the model without cuda_graph"
+                    ) from again
             if bucket.shrinks:
                 release_free_heap()
             # On the CPU device numpy() is a view of the reused buffer, so copy; on CUDA it is the one copy back.
@@ -216,6 +255,20 @@ class IOBindingRunner:
             if self.device == "cpu" or vectors.dtype != np.float32:
                 vectors = vectors.astype(np.float32, copy=True)
         return [vectors]
+
+    def _give_up_graph(self, bucket: _Bucket, exc: BaseException) -> int:
+        """Moves a shape whose graph run failed to eager runs for good; returns the graph id it had."""
+        graph_id, shape = bucket.graph_id, bucket.shape
+        if self.graphs is not None:
+            self.graphs.abandon(graph_id)
+        self._pinned.pop(shape, None)
+        self.eager_shapes.add(shape)
+        bucket.graph_id = EAGER_GRAPH_ID
+        bucket.run_options = _graph_options(EAGER_GRAPH_ID)
+        self._keep(shape, bucket)
+        logger.warning("CUDA graph %d for batch shape %s failed (%s); that shape runs without a CUDA graph from "
+                       "now on", graph_id, shape, exc)
+        return graph_id
 
     def _bucket(self, shape: Shape) -> _Bucket:
         bucket = self._pinned.get(shape)
@@ -227,21 +280,23 @@ class IOBindingRunner:
             return bucket
         bucket = self._allocate(shape)
         if self.graphs is not None:
-            if self.graphs.has_room():
+            if self.graphs.has_room() and shape not in self.eager_shapes:
                 bucket.graph_id = self.graphs.register(shape, bucket.buffers())
                 self._pinned[shape] = bucket
-            bucket.run_options = ort.RunOptions()
-            bucket.run_options.add_run_config_entry(GRAPH_ID_OPTION, str(bucket.graph_id))
+            bucket.run_options = _graph_options(bucket.graph_id)
             if bucket.graph_id != EAGER_GRAPH_ID:
                 return bucket
         if self.shrink_tokens is not None and shape[0] * shape[1] >= self.shrink_tokens:
             if self.arena:
                 bucket.run_options = shrink_run_options(bucket.run_options)
             bucket.shrinks = True
+        self._keep(shape, bucket)
+        return bucket
+
+    def _keep(self, shape: Shape, bucket: _Bucket) -> None:
         while len(self._buckets) >= self.max_buckets:
             self._buckets.popitem(last=False)  # its OrtValues and binding are freed with it
         self._buckets[shape] = bucket
-        return bucket
 
     def _allocate(self, shape: Shape) -> _Bucket:
         rows, width = shape
@@ -261,3 +316,9 @@ class IOBindingRunner:
             host = np.empty((2, rows, width), dtype=np.int64)
         self.allocations += 1
         return _Bucket(shape=shape, inputs=inputs, output=output, binding=binding, host=host, direct=direct)
+
+
+def _graph_options(graph_id: int) -> ort.RunOptions:
+    options = ort.RunOptions()
+    options.add_run_config_entry(GRAPH_ID_OPTION, str(graph_id))
+    return options

@@ -11,7 +11,7 @@ from typing import Generic, TypeVar, overload
 
 import onnxruntime as ort
 
-from .batching import BatchPolicy
+from .batching import BatchPolicy, call_memory
 from .config import AUTO, DEFAULT_BATCH_SIZE, DEFAULT_CPU_MAX_TOKENS, DEFAULT_IO_BINDING_BUCKET, EncoderConfig
 from .contract import (
     REQUIRED_OUTPUT,
@@ -22,14 +22,30 @@ from .contract import (
     TOKENIZER_FILE,
     check_session,
 )
-from .errors import ModelFolderError, TaskMismatchError
+from .errors import ContractMismatchError, MemoryLimitError, ModelFolderError, TaskMismatchError
 from .iobinding import IOBindingRunner
 from .manifest import Manifest, load_manifest
 from .runners import Runner, SessionRunner
-from .session import ProviderList, SessionSettings, create_session, provider_names, resolve_providers, session_device
+from .session import (
+    CudaSettings,
+    ProviderList,
+    SessionSettings,
+    create_session,
+    provider_names,
+    resolve_providers,
+    session_device,
+)
 from .tokenization import TextTokenizer
 
-__all__ = ["PREFERRED_PRECISIONS", "LoadedAttributes", "LoadedModel", "best_precision", "load_model", "loaded_property"]
+__all__ = [
+    "PREFERRED_PRECISIONS",
+    "UNDECLARED_MAX_LENGTH",
+    "LoadedAttributes",
+    "LoadedModel",
+    "best_precision",
+    "load_model",
+    "loaded_property",
+]
 
 logger = logging.getLogger("deberta_onnx")
 T = TypeVar("T")
@@ -42,6 +58,11 @@ PREFERRED_PRECISIONS: dict[str, tuple[str, ...]] = {
     "CPUExecutionProvider": ("int8-static", "int8-dynamic", "fp32"),
     "CUDAExecutionProvider": ("fp16", "fp32"),
 }
+
+# The longest input a folder may declare when its tokenizer.json declares no maximum (folders exported before the
+# export wrote one there): the size of DeBERTa's position table in every published checkpoint, and the export's
+# bound for them.
+UNDECLARED_MAX_LENGTH = 512
 
 # Which class loads which task, for the error that names the right one.
 _LOADERS = {
@@ -142,6 +163,7 @@ class LoadedAttributes:
     device = loaded_property(lambda m: m.device, "Where the session keeps its tensors: ``cpu`` or ``cuda:N``.")
     max_length = loaded_property(lambda m: m.max_length,
                                  "Longest input in tokens (special tokens included); longer inputs are truncated.")
+    max_seq_length = loaded_property(lambda m: m.max_length, "``max_length``, by sentence-transformers' name.")
 
 
 def _check_task(manifest: Manifest, tasks: tuple[str, ...], user: str) -> None:
@@ -167,6 +189,33 @@ def _pick_precision(manifest: Manifest, requested: str | None, providers: Provid
     return best_precision(variants, provider_names(providers)[0], manifest.default_variant)
 
 
+def _check_max_length(manifest: Manifest, tokenizer: TextTokenizer, config: EncoderConfig) -> int:
+    """Checks the manifest's ``max_sequence_length`` (an unchecksummed file) against what the tokenizer declares,
+    and one input of that length against the memory limit; returns the attention heads for the estimate."""
+    length = manifest.max_sequence_length
+    declared = tokenizer.declared_max_length
+    bound = declared if declared is not None else UNDECLARED_MAX_LENGTH
+    if length > bound:
+        origin = (f"its {TOKENIZER_FILE} declares {bound}" if declared is not None else
+                  f"its {TOKENIZER_FILE} declares no maximum, and such folders take at most {bound} tokens")
+        raise ContractMismatchError(
+            f"{manifest.path}: model.max_sequence_length is {length} tokens, but {origin}; the manifest was edited "
+            f"or does not belong to these files. Re-export the model (`deberta-onnx export SRC {manifest.folder} "
+            "--overwrite --max-length N`)."
+        )
+    heads = manifest.model.num_attention_heads or max(1, manifest.hidden_size // 64)  # DeBERTa's heads are 64 wide
+    limit = config.max_call_memory_mb
+    need = call_memory(1, length, heads)
+    if limit is not None and need > limit << 20:
+        raise MemoryLimitError(
+            f"{manifest.folder} takes inputs of up to {length} tokens; one of them would need about "
+            f"{need >> 20:,} MB in one model call (its attention scores), over the limit of {limit:,} MB "
+            "(EncoderConfig.max_call_memory_mb). Raise the limit (or set it to None) if the machine has the memory, "
+            "or re-export with a smaller --max-length."
+        )
+    return heads
+
+
 def load_model(model_dir: str | Path, providers: ProviderList | None, config: EncoderConfig, *,
                tasks: tuple[str, ...], user: str) -> LoadedModel:
     """Loads a model folder for one of ``tasks``.
@@ -183,6 +232,7 @@ def load_model(model_dir: str | Path, providers: ProviderList | None, config: En
         TaskMismatchError: the folder holds a model of another task.
         ProviderUnavailableError: a requested provider is not installed or ONNX Runtime fell back from it.
         CudaGraphError: ``config.cuda_graph`` is set and ONNX Runtime refused CUDA graphs for this model.
+        MemoryLimitError: one input of the folder's maximum length would pass ``config.max_call_memory_mb``.
         ValueError: ``providers`` and ``config.device`` both given, an option that does not apply to the task,
             or a precision the folder does not hold.
     """
@@ -196,7 +246,7 @@ def load_model(model_dir: str | Path, providers: ProviderList | None, config: En
     if config.io_binding and task != TASK_EMBEDDING:
         raise ValueError(f"io_binding runs embedding graphs; {folder} holds a {task} model. Leave io_binding "
                          "unset (None) or False.")
-    chosen = resolve_providers(providers, config.device, cuda_graph=config.cuda_graph)
+    chosen = resolve_providers(providers, config.device, cuda=CudaSettings.from_config(config))
     precision, reason = _pick_precision(manifest, config.precision, chosen)
     variant = manifest.variants[precision]
     model_path = folder / variant.file
@@ -206,6 +256,7 @@ def load_model(model_dir: str | Path, providers: ProviderList | None, config: En
         raise ModelFolderError(f"{model_path} is missing; re-export the model folder.")
     tokenizer = TextTokenizer(folder / TOKENIZER_FILE, max_length=manifest.max_sequence_length,
                               pad_id=manifest.model.pad_token_id, vocab_limit=manifest.model.vocab_size)
+    heads = _check_max_length(manifest, tokenizer, config)
     settings = SessionSettings(intra_op_threads=config.intra_op_threads, inter_op_threads=config.inter_op_threads,
                                allow_spinning=config.allow_spinning, cpu_arena=config.cpu_arena)
     session = create_session(model_path, chosen, settings)
@@ -229,9 +280,11 @@ def load_model(model_dir: str | Path, providers: ProviderList | None, config: En
         # The automatic budget only caps the usual rows; a budget given by the caller may fill a call alone.
         default_rows=DEFAULT_BATCH_SIZE if config.max_tokens == AUTO or max_tokens is None else None,
         sequence_bucket=config.sequence_bucket or (DEFAULT_IO_BINDING_BUCKET if io_binding else 1),
-        # CUDA graphs replay fixed shapes: a short last batch is padded with empty rows to a full one.
+        # CUDA graphs replay fixed shapes: a short batch is padded with empty rows to a power of two.
         fill_rows=config.cuda_graph,
         token_types=any(spec.name == TOKEN_TYPE_IDS for spec in manifest.inputs),
+        max_call_bytes=None if config.max_call_memory_mb is None else config.max_call_memory_mb << 20,
+        heads=heads,
     )
     logger.info("loaded %s: precision %s (%s) on %s, %s", model_path, precision, reason, session.get_providers()[0],
                 "IO binding" if io_binding else "session.run")

@@ -61,6 +61,7 @@ class ModelInfo:
     vocab_size: int
     pad_token_id: int
     num_hidden_layers: int | None
+    num_attention_heads: int | None  # recorded by exports since the memory guard; older folders: None
     task: str
     pooling: str | None  # embedding graphs: mean, cls or max; None for classifiers, whose head pools
     normalize: bool  # the graph L2-normalises its sentence vectors itself

@@ -1,5 +1,5 @@
 """Stage three of three: model outputs -> what the caller gets. Pure numpy: L2 normalisation, Matryoshka
-truncation, softmax and sigmoid, classifier scores, and token labels aggregated to spans."""
+truncation, embedding quantization, softmax and sigmoid, classifier scores, and token labels aggregated to spans."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import numpy as np
 
 __all__ = [
     "AGGREGATIONS",
+    "EMBEDDING_PRECISIONS",
     "Span",
     "aggregate_spans",
     "classifier_scores",
     "cross_encoder_scores",
     "normalize_rows",
+    "quantize_embeddings",
     "row_cosine",
     "sigmoid",
     "softmax",
@@ -26,6 +28,9 @@ __all__ = [
 # word one label from its first token, the average of its tokens' probabilities, or its most confident token.
 AGGREGATIONS = ("none", "simple", "first", "average", "max")
 
+# What an embedding can be stored as (sentence-transformers' ``precision``): the vectors themselves, one byte per
+# component (scalar quantization), or one bit per component packed eight to a byte (binary quantization).
+EMBEDDING_PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
 
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:
@@ -51,6 +56,51 @@ def truncate_dimensions(vectors: np.ndarray, dimensions: int | None, *, normaliz
         vectors = np.ascontiguousarray(vectors[:, :dimensions])
         normalize = normalize or graph_normalizes
     return normalize_rows(vectors) if normalize else vectors
+
+
+def quantize_embeddings(vectors: np.ndarray, precision: str, *, ranges: np.ndarray | None = None) -> np.ndarray:
+    """Stores each component of ``[n, dim]`` vectors in fewer bits, as sentence-transformers'
+    ``quantize_embeddings`` does (same arithmetic, same outputs).
+
+    - ``float32``: unchanged (as float32).
+    - ``int8`` / ``uint8``: each dimension's ``[min, max]`` range cut into 256 buckets; the bucket index
+      (``uint8``), or it less 128 (``int8``). The ranges come from ``ranges`` or else from ``vectors`` themselves,
+      so vectors quantized in different calls are comparable only with one shared ``ranges``.
+    - ``binary`` / ``ubinary``: one bit per component (``> 0``), packed eight to a byte, ``[n, ceil(dim / 8)]``;
+      ``ubinary`` as uint8, ``binary`` as int8 (the byte less 128). Compare with the Hamming distance.
+
+    Args:
+        vectors: float ``[n, dim]`` (or one ``[dim]`` vector for the binary precisions).
+        precision: one of ``EMBEDDING_PRECISIONS``.
+        ranges: ``[2, dim]`` per-dimension minimum and maximum, for ``int8`` / ``uint8``.
+
+    Raises:
+        ValueError: unknown ``precision``; ``int8`` / ``uint8`` without ``ranges`` on fewer than two vectors;
+            ``ranges`` of the wrong shape.
+    """
+    if precision not in EMBEDDING_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(EMBEDDING_PRECISIONS)}, got {precision!r}")
+    values = np.asarray(vectors)
+    if precision == "float32":
+        return values.astype(np.float32)
+    if precision.endswith("binary"):
+        packed = np.packbits(values > 0, axis=-1)
+        return packed if precision == "ubinary" else (packed.astype(np.int16) - 128).astype(np.int8)
+    out_type = np.uint8 if precision == "uint8" else np.int8
+    if values.ndim == 2 and len(values) == 0:
+        return np.zeros(values.shape, dtype=out_type)
+    if ranges is None:
+        if values.ndim != 2 or len(values) < 2:
+            raise ValueError(f"{precision} buckets need each dimension's range: pass ranges=[min, max] per dimension, "
+                             "or at least two vectors (the more, the better) to take the ranges from")
+        ranges = np.vstack((values.min(axis=0), values.max(axis=0)))
+    bounds = np.asarray(ranges, dtype=np.float32)
+    if bounds.shape != (2, values.shape[-1]):
+        raise ValueError(f"ranges must be [2, {values.shape[-1]}] (min and max per dimension), got {bounds.shape}")
+    steps = (bounds[1] - bounds[0]) / 255
+    steps = np.where(steps == 0, 1, steps)
+    codes = np.clip(np.floor((values - bounds[0]) / steps), 0, 255)
+    return codes.astype(np.uint8) if out_type is np.uint8 else (codes - 128).astype(np.int8)
 
 
 def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, SupportsIndex, overload
 
 import numpy as np
 
@@ -22,10 +22,30 @@ SCORES = ("cosine", "dot")
 
 
 class Hit(NamedTuple):
-    """One search result: the row ``index`` in the corpus and its ``score`` (higher is more similar)."""
+    """One search result: the row ``index`` in the corpus and its ``score`` (higher is more similar).
+
+    Also readable by sentence-transformers' dict keys, so code written for its ``semantic_search`` and
+    ``CrossEncoder.rank`` works unchanged: ``hit["corpus_id"]`` is ``hit.index``, ``hit["score"]`` is ``hit.score``.
+    """
 
     index: int  # type: ignore[assignment]  # the field shadows tuple.index, as in the name users expect
     score: float
+
+    @overload
+    def __getitem__(self, key: SupportsIndex) -> int | float: ...
+    @overload
+    def __getitem__(self, key: slice) -> tuple[int | float, ...]: ...
+    @overload
+    def __getitem__(self, key: str) -> int | float: ...
+
+    def __getitem__(self, key: SupportsIndex | slice | str) -> int | float | tuple[int | float, ...]:
+        if isinstance(key, str):
+            if key == "corpus_id":
+                return self.index
+            if key == "score":
+                return self.score
+            raise KeyError(f"{key!r}: a Hit has the keys 'corpus_id' and 'score' (attributes index and score)")
+        return tuple.__getitem__(self, key)
 
 
 def _matrix(array: object, name: str) -> np.ndarray:

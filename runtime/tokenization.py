@@ -74,6 +74,10 @@ class TextTokenizer:
                 f"{path} has {vocab} tokens but the model's embedding table has {vocab_limit} rows: ids past "
                 f"{vocab_limit - 1} would index out of range. Export the tokenizer that belongs to this checkpoint."
             )
+        # What the file itself declares (the export writes the model's maximum there), read before the runtime
+        # sets its own truncation: a checksummed bound on the manifest's max_sequence_length.
+        declared = self._tokenizer.truncation
+        self.declared_max_length: int | None = int(declared["max_length"]) if declared else None
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length)
         self.max_length = max_length

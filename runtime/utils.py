@@ -19,6 +19,7 @@ from typing import IO
 
 __all__ = [
     "DISTRIBUTION",
+    "MissingExtraError",
     "atomic_write",
     "check_positive_int",
     "fsync_dir",
@@ -27,14 +28,20 @@ __all__ = [
     "quiet_loggers",
     "release_free_heap",
     "require_extra",
+    "text_lines",
 ]
 
 DISTRIBUTION = "deberta-onnx"
 
 # Distributions whose import name is not their name with dashes turned into underscores.
-_IMPORT_NAMES = {"protobuf": "google.protobuf", "onnxruntime-gpu": "onnxruntime", "pyyaml": "yaml"}
+_IMPORT_NAMES = {"protobuf": "google.protobuf", "onnxruntime-gpu": "onnxruntime", "pyyaml": "yaml",
+                 "llama-index-core": "llama_index.core"}
 _EXTRA_MARKER = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+class MissingExtraError(ImportError):
+    """An optional part of the package was used without its extra installed; the message names the pip command."""
 
 
 def _extra_requirements(extra: str) -> list[str]:
@@ -71,7 +78,8 @@ def missing_extra(extra: str) -> list[str]:
 
 
 def require_extra(extra: str, package: str, *, note: str = "") -> None:
-    """Raises ``ImportError`` naming the extra to install if any of its distributions is missing.
+    """Raises ``MissingExtraError`` (an ``ImportError``) naming the extra to install if any of its distributions is
+    missing.
 
     Args:
         extra: the optional-dependency group, e.g. ``"export"``.
@@ -80,7 +88,7 @@ def require_extra(extra: str, package: str, *, note: str = "") -> None:
     """
     missing = missing_extra(extra)
     if missing:
-        raise ImportError(
+        raise MissingExtraError(
             f"{package} needs {', '.join(missing)}, which the base install leaves out. Install the {extra} "
             f"extra: `pip install '{DISTRIBUTION}[{extra}]'`.{' ' + note if note else ''}"
         )
@@ -166,6 +174,19 @@ def fsync_dir(folder: str | Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def text_lines(text: str) -> list[str]:
+    """One text per ``\\n``-terminated line, a trailing ``\\r`` (Windows line ends) stripped.
+
+    Unlike ``str.splitlines``, no other character ends a line: ``\\v``, ``\\f``, ``\\x1c``-``\\x1e``, U+0085,
+    U+2028, U+2029 and a lone ``\\r`` stay inside their text, so that row N of an output is line N of the input.
+    A final ``\\n`` ends the last line rather than starting an empty one; an empty string has no lines.
+    """
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def check_positive_int(name: str, value: object, *, optional: bool = False, minimum: int = 1) -> None:

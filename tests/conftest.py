@@ -176,3 +176,25 @@ def ner(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     src = build_classifier_checkpoint(tiny_checkpoint, base / "ckpt", task="token-classification",
                                       labels=NER_LABELS, seed=5)
     return src, _export_classifier(src, base / "model")
+
+
+@pytest.fixture(scope="session")
+def sbert(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(sentence-transformers folder, model folder): the tiny checkpoint saved by sentence-transformers with mean
+    pooling, exported with transformers' tokenizer (so both tokenize alike) and the token vectors output. The
+    PyTorch reference for the sentence-transformers call shape and the integrations."""
+    import warnings
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules
+
+    from deberta_onnx.export import ExportConfig, export_model
+
+    base = tmp_path_factory.mktemp("sbert")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stack = [modules.Transformer(str(tiny_checkpoint), max_seq_length=128),
+                 modules.Pooling(32, pooling_mode="mean")]
+        SentenceTransformer(modules=stack, device="cpu").save(str(base / "st"))
+    export_model(base / "st", base / "model", ExportConfig(quiet=True, tokenizer="transformers", token_embeddings=True))
+    return base / "st", base / "model"

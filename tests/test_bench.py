@@ -127,3 +127,26 @@ def test_thread_settings_parse() -> None:
     for bad in ("0", "two", "2:fast", ""):
         with pytest.raises(ValueError, match="thread setting"):
             ThreadSetting.parse(bad)
+
+
+def test_cuda_report_names_the_build_tf32_and_the_ratio_to_pytorch_fp16() -> None:
+    """The markdown of a CUDA run, from a hand-built document: which onnxruntime ran, TF32, the fp16 column."""
+    from deberta_onnx.benchmarks.report import markdown
+
+    row = {"model": "base", "shape": "1x32", "label": "onnxruntime fp16 cuda cudagraph", "p50_ms": 1.2, "p95_ms": 1.5,
+           "sentences_per_s": 800.0, "vs_pytorch": 3.1, "vs_pytorch_fp16": 3.1, "min_cosine": 0.9995,
+           "max_abs_diff": 1e-3, "rss_peak_mb": 3000.0, "rss_load_mb": 100.0, "gpu_mb": 512.0, "workload": "grid"}
+    environment = {
+        "hardware": {"cpu": "x", "physical_cores": 16, "logical_cores": 16, "memory_gb": 128, "gpu": "NVIDIA H200"},
+        "versions": {"onnxruntime-gpu": "1.31.1"}, "settings": {"runtime_paths": ["cudagraph", "iobinding", "plain"]},
+        "created_at": "now", "onnxruntime": {"version": "1.31.1", "device": "GPU", "file": "/tmp/site/onnxruntime/x.py",
+                                              "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]},
+        "tf32": {"runtime_use_tf32": False, "torch_matmul_allow_tf32": False}}
+    table = markdown({"environment": environment, "rows": [row]})
+    assert "- onnxruntime 1.31.1 (GPU build) from `/tmp/site/onnxruntime/x.py`" in table
+    assert "TF32 for fp32 matrix products on CUDA: off (the default); the runtime's use_tf32 = 0" in table
+    header = next(line for line in table.splitlines() if line.startswith("| model"))
+    assert "| x PyTorch | x PyTorch fp16 |" in header
+    assert "| 3.10 | 3.10 | 0.999500 |" in table and "| 512 |" in table
+    cpu = markdown({"environment": {**environment, "tf32": None}, "rows": [{**row, "vs_pytorch_fp16": None}]})
+    assert "x PyTorch fp16" not in cpu and "TF32" not in cpu

@@ -155,3 +155,44 @@ def test_info_names_task_labels_and_outputs(nli: tuple[Path, Path], tiny_model: 
     assert main(["info", str(tiny_model)]) == 0
     out = capsys.readouterr().out
     assert "task:       embedding (Encoder)" in out and "sentence_embedding ['batch', 32]" in out
+
+
+# One text per "\n"-terminated line: every other character str.splitlines() splits on stays inside its text.
+_ODD_LINES = ["one\vtwo", "form\ffeed", "file\x1cgroup\x1drecord\x1eunit", "next\x85line", "line\u2028separator",
+              "paragraph\u2029separator", "lone\rreturn", "windows", "", "last, without a newline"]
+_ODD_FILE = "\n".join(_ODD_LINES[:7]).encode() + b"\nwindows\r\n\r\nlast, without a newline"
+
+
+def test_embed_reads_one_text_per_newline_from_a_file_and_stdin(tiny_model: Path, tmp_path: Path) -> None:
+    (tmp_path / "odd.txt").write_bytes(_ODD_FILE)
+    expected = Encoder(tiny_model).encode(_ODD_LINES)
+    assert main(["embed", str(tiny_model), "--input", str(tmp_path / "odd.txt"), "--output",
+                 str(tmp_path / "file.npy")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "file.npy"), expected, atol=1e-6, rtol=0)
+    # stdin through the real command, as bytes: text-mode newline translation would split the lone \r.
+    result = subprocess.run([sys.executable, "-m", "deberta_onnx.runtime.cli", "embed", str(tiny_model), "--input",
+                             "-", "--output", str(tmp_path / "stdin.npy")], input=_ODD_FILE, capture_output=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "stdin.npy"), expected, atol=1e-6, rtol=0)
+    # Not UTF-8: the error names the line.
+    (tmp_path / "latin1.txt").write_bytes(b"fine\ncaf\xe9\n")
+    result = subprocess.run([sys.executable, "-m", "deberta_onnx.runtime.cli", "embed", str(tiny_model), "--input",
+                             str(tmp_path / "latin1.txt"), "--output", str(tmp_path / "x.npy")], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and "is not UTF-8 text" in result.stderr and "(line 2)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_search_and_classify_keep_lines_aligned(tiny_model: Path, ner: tuple[Path, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "odd.txt").write_bytes(_ODD_FILE)
+    for index in (3, 6, 9):  # U+0085, the lone \r, the line after a \r\n
+        assert main(["search", str(tiny_model), "--corpus", str(tmp_path / "odd.txt"), "--query", _ODD_LINES[index],
+                     "--top-k", "1", "--json"]) == 0
+        (hit,) = json.loads(capsys.readouterr().out)["hits"]
+        assert (hit["index"], hit["text"]) == (index, _ODD_LINES[index])
+    assert main(["classify", str(ner[1]), "--input", str(tmp_path / "odd.txt"), "--output",
+                 str(tmp_path / "spans.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "spans.jsonl").read_text(encoding="utf-8").split("\n")[:-1]]
+    assert [row["text"] for row in rows] == _ODD_LINES

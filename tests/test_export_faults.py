@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from deberta_onnx.export import ExportConfig, ExportError, export_model
+from deberta_onnx.export import ExportConfig, ExportError, OutputExistsError, export_model
+from deberta_onnx.runtime import Encoder
 
 CLI = [sys.executable, "-m", "deberta_onnx.runtime.cli"]
 
@@ -76,3 +78,141 @@ def test_failed_write_reports_the_path_and_leaves_nothing(tiny_checkpoint: Path,
     assert "error: " in result.stderr and str(tmp_path) in result.stderr
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+# --- the swap of --overwrite: real exports stopped (SIGSTOP, by themselves) at a point of the swap, then killed,
+# interrupted or continued by the test ------------------------------------------------------------------------
+
+_STOPPING_EXPORT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from deberta_onnx.export import _staging
+    from deberta_onnx.runtime.cli import main
+
+    mode, stop_at, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+
+    def stop():
+        os.kill(os.getpid(), signal.SIGSTOP)  # the test looks at the disk, then kills or continues this process
+
+    if mode == "renames":  # a filesystem without an atomic exchange (NFS, macOS): two renames
+        _staging._exchange = lambda staging, target: False
+    if stop_at == "before-swap":
+        flush = _staging._flush
+        def stopped_flush(folder):
+            flush(folder)
+            stop()
+        _staging._flush = stopped_flush
+    elif mode == "renames":  # mid-swap: right after OUT_DIR was moved aside
+        rename = os.rename
+        def stopped_rename(src, dst):
+            rename(src, dst)
+            if ".old-" in os.path.basename(dst):
+                stop()
+        os.rename = stopped_rename
+    else:  # mid-swap: right after the exchange, before the old folder is removed
+        exchange = _staging._exchange
+        def stopped_exchange(staging, target):
+            done = exchange(staging, target)
+            stop()
+            return done
+        _staging._exchange = stopped_exchange
+    sys.exit(main(args))
+    """
+)
+
+
+def _stopped_export(src: Path, out: Path, mode: str, stop_at: str) -> subprocess.Popen[str]:
+    process = subprocess.Popen([sys.executable, "-c", _STOPPING_EXPORT, mode, stop_at, "export", str(src), str(out),
+                                "--overwrite", "--no-validate", "--quiet"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    stat = Path(f"/proc/{process.pid}/stat")
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":  # T: stopped
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the export did not stop at {stop_at}: {process.communicate()}")
+        time.sleep(0.05)
+    return process
+
+
+def _old_folder(tiny_model: Path, parent: Path) -> Path:
+    """OUT_DIR before the export replaces it: a model folder, marked so that it is known again."""
+    out = Path(shutil.copytree(tiny_model, parent / "model"))
+    (out / "OLD").write_text("the folder the export replaces\n")
+    return out
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name != "model")
+
+
+@pytest.mark.parametrize("mode", ["renames", "exchange"])
+def test_an_export_killed_mid_swap_loses_nothing(tiny_checkpoint: Path, tiny_model: Path, tmp_path: Path,
+                                                 mode: str) -> None:
+    out = _old_folder(tiny_model, tmp_path)
+    process = _stopped_export(tiny_checkpoint, out, mode, "mid-swap")
+    if mode == "renames":  # between the renames: OUT_DIR is aside, the new one not yet in place
+        assert not out.exists()
+        (retired,) = tmp_path.glob(".model.old-*")
+        assert (retired / "OLD").is_file() and retired.name.startswith(f".model.old-{process.pid}@")
+    else:  # an exchange has no such moment: OUT_DIR is the new folder already
+        assert (out / "manifest.json").is_file() and not (out / "OLD").exists()
+    process.kill()
+    process.communicate(timeout=60)
+    # The next export puts back (or keeps) what a finished swap would have left, and cleans up, before it checks
+    # OUT_DIR: without --overwrite it is refused, as for any non-empty OUT_DIR.
+    with pytest.raises(OutputExistsError):
+        export_model(tiny_checkpoint, out, ExportConfig(quiet=True, validate=False))
+    assert (out / "OLD").is_file() == (mode == "renames")
+    assert _leftovers(tmp_path) == []
+    Encoder(out)  # a whole model folder either way
+
+
+def test_an_interrupted_swap_is_undone(tiny_checkpoint: Path, tiny_model: Path, tmp_path: Path) -> None:
+    out = _old_folder(tiny_model, tmp_path)
+    process = _stopped_export(tiny_checkpoint, out, "renames", "mid-swap")
+    process.send_signal(signal.SIGTERM)  # pending until the process runs again, between the two renames
+    process.send_signal(signal.SIGCONT)
+    process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert (out / "OLD").is_file() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("mode", ["renames", "exchange"])
+def test_a_failed_swap_keeps_out_dir_and_the_new_export(tiny_checkpoint: Path, tiny_model: Path, tmp_path: Path,
+                                                        mode: str) -> None:
+    out = _old_folder(tiny_model, tmp_path)
+    process = _stopped_export(tiny_checkpoint, out, mode, "before-swap")
+    (staging,) = tmp_path.glob(".model.partial-*")
+    # An immutable folder cannot be renamed, not even by root: the swap's move of the new folder fails.
+    if subprocess.run(["chattr", "+i", str(staging)], capture_output=True).returncode != 0:
+        process.kill()
+        process.communicate()
+        pytest.skip("chattr +i is not available here")
+    try:
+        process.send_signal(signal.SIGCONT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        subprocess.run(["chattr", "-i", str(staging)], check=True)
+    assert process.returncode == 1
+    assert "cannot move the new export into place" in stderr and "was left as it was" in stderr, stderr
+    assert str(staging) in stderr and "Nothing was written" not in stderr
+    assert (out / "OLD").is_file()  # rolled back
+    assert (staging / "manifest.json").is_file()  # and the complete new export is kept, where the message says
+    assert _leftovers(tmp_path) == [staging.name]
+
+
+def test_staging_folders_are_owned_by_host_and_process(tmp_path: Path) -> None:
+    from deberta_onnx.export._staging import _host, recover
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    dead_here = tmp_path / f".model.partial-{ended.pid}@{_host()}-abcd1234"
+    elsewhere = tmp_path / f".model.partial-{ended.pid}@another-host.example-abcd1234"
+    live_here = tmp_path / f".model.partial-{os.getpid()}@{_host()}-abcd1234"
+    for folder in (dead_here, elsewhere, live_here):
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(b"half written")
+    recover(tmp_path / "model")  # what every export does first
+    # The dead local export's folder is removed; another host's export cannot be checked, so it is kept.
+    assert _leftovers(tmp_path) == sorted([elsewhere.name, live_here.name])

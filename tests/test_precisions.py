@@ -14,6 +14,7 @@ import pytest
 from deberta_onnx.export import RECIPES, ExportConfig, QualityGateError, export_model
 from deberta_onnx.export._graph_edit import fold_constants
 from deberta_onnx.export._quality import split_sentences
+from deberta_onnx.export._recipes import DEFAULT_FP16_RECIPE
 from deberta_onnx.runtime import Encoder, EncoderConfig
 from deberta_onnx.runtime.contract import PRECISIONS, variant_file
 from deberta_onnx.runtime.loader import best_precision
@@ -68,7 +69,8 @@ def test_manifest_lists_every_variant_with_checksum_and_passed_gate(every_precis
         assert quality["passed"] is True and quality["threshold"] == THRESHOLD[precision]
         assert THRESHOLD[precision] <= quality["min_cosine"] <= quality["mean_cosine"] <= 1.0 + 1e-12
         assert quality["max_abs_diff"] > 0  # a lower precision really was measured
-        assert entry["recipe"] == RECIPES[precision][0].name and entry["rejected_recipes"] == []
+        default = DEFAULT_FP16_RECIPE if precision == "fp16" else RECIPES[precision][0].name
+        assert entry["recipe"] == default and entry["rejected_recipes"] == []
         assert quality["worst"]["text"] in held_out
     fp16, dynamic, static = (manifest["variants"][p]["nodes"] for p in DERIVED)
     # Every weight MatMul is converted; the four attention products per layer (content, content-to-position,

@@ -21,7 +21,9 @@ from deberta_onnx.runtime.errors import (
     ChecksumMismatchError,
     ContractMismatchError,
     ManifestError,
+    MemoryLimitError,
     ModelFolderError,
+    ModelLoadError,
     ProviderUnavailableError,
 )
 
@@ -179,6 +181,74 @@ def test_a_mistyped_or_escaping_manifest_field_is_named(folder_copy: Path, edit,
     _edit_manifest(folder_copy, edit)
     with pytest.raises(ManifestError, match=re.escape(field)):
         Encoder(folder_copy)
+
+
+def test_max_sequence_length_is_bounded_by_what_the_tokenizer_declares(folder_copy: Path) -> None:
+    tokenizer = json.loads((folder_copy / "tokenizer.json").read_text(encoding="utf-8"))
+    assert tokenizer["truncation"]["max_length"] == 512  # the export declares the maximum in a checksummed file
+    _edit_manifest(folder_copy, lambda m: m["model"].update(max_sequence_length=100_000))
+    with pytest.raises(ContractMismatchError, match=r"model.max_sequence_length is 100000 tokens, but its "
+                                                    r"tokenizer.json declares 512"):
+        Encoder(folder_copy)
+
+
+def _declare_max_length(folder: Path, length: int) -> None:
+    """Edits both files, as a folder legitimately exported for ``length`` tokens would have them (unchecksummed)."""
+    path = folder / "tokenizer.json"
+    tokenizer = json.loads(path.read_text(encoding="utf-8"))
+    tokenizer["truncation"]["max_length"] = length
+    path.write_text(json.dumps(tokenizer), encoding="utf-8")
+    _edit_manifest(folder, lambda m: m["model"].update(max_sequence_length=length))
+
+
+def test_one_text_may_not_need_more_than_the_memory_limit(folder_copy: Path) -> None:
+    from deberta_onnx.runtime import EncoderConfig
+    from deberta_onnx.runtime.batching import batch_capacity, call_memory
+
+    _declare_max_length(folder_copy, 12_000)  # ~26 GB for one such text on this graph
+    unchecked = EncoderConfig(verify_checksums=False)
+    with pytest.raises(MemoryLimitError, match=r"inputs of up to 12000 tokens; one of them would need about "
+                                               r"26,367 MB .* over the limit of 8,192 MB"):
+        Encoder(folder_copy, config=unchecked)
+    loaded = Encoder(folder_copy, config=EncoderConfig(verify_checksums=False, max_call_memory_mb=None))
+    assert loaded.max_length == 12_000  # the limit turned off: loads (nothing long is encoded here)
+    # Under the limit, batches hold fewer rows where more would pass it, and never fewer than one.
+    limit = call_memory(10, 512, 4)
+    assert batch_capacity(512, batch_size=32, max_tokens=None, max_call_bytes=limit, heads=4) == 10
+    assert batch_capacity(64, batch_size=32, max_tokens=None, max_call_bytes=limit, heads=4) == 32
+    assert batch_capacity(4096, batch_size=32, max_tokens=None, max_call_bytes=limit, heads=4) == 1
+
+
+def test_a_truncated_graph_is_a_model_load_error(folder_copy: Path) -> None:
+    from deberta_onnx.runtime import EncoderConfig
+
+    graph = folder_copy / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match=r"could not load .*model.onnx: .*truncated, corrupted or not an ONNX"):
+        Encoder(folder_copy, config=EncoderConfig(verify_checksums=False))
+
+
+def test_the_cli_prints_named_errors_without_a_traceback(tiny_model: Path, tmp_path: Path) -> None:
+    """Each broken folder through the real command: one `error:` line naming the problem, exit 1."""
+    folders = {}
+    for name in ("truncated", "too-long", "memory", "bad-field"):
+        folders[name] = Path(shutil.copytree(tiny_model, tmp_path / name))
+    graph = folders["truncated"] / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:1000])
+    _edit_manifest(folders["too-long"], lambda m: m["model"].update(max_sequence_length=100_000))
+    _declare_max_length(folders["memory"], 100_000)
+    _edit_manifest(folders["bad-field"], lambda m: m["variants"]["fp32"].update(file="../../x.onnx"))
+    (tmp_path / "in.txt").write_text("a text\n", encoding="utf-8")
+    expected = {"truncated": "cannot load", "too-long": "model.max_sequence_length is 100000",
+                "memory": "over the limit of 8,192 MB", "bad-field": "outside the model folder"}
+    for name, says in expected.items():
+        result = subprocess.run([sys.executable, "-m", "deberta_onnx.runtime.cli", "embed", str(folders[name]),
+                                 "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "v.npy"),
+                                 "--no-verify"], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1, (name, result.stderr)
+        assert result.stderr.startswith("error: ") and says in result.stderr, (name, result.stderr)
+        assert "Traceback" not in result.stderr, (name, result.stderr)
+    assert not (tmp_path / "v.npy").exists()
 
 
 def test_the_export_cannot_write_a_manifest_the_runtime_refuses(folder_copy: Path) -> None:

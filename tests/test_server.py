@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 
 from deberta_onnx.benchmarks.load import ServerProcess, decode_embeddings, run_load
 from deberta_onnx.runtime import Encoder
+from deberta_onnx.runtime.batching import ModelCall
 from deberta_onnx.runtime.postprocess import normalize_rows
 from deberta_onnx.runtime.server import ServerConfig
 from deberta_onnx.runtime.server.microbatch import MicroBatcher
@@ -48,7 +49,7 @@ def server(tiny_model: Path) -> Iterator[ServerProcess]:
     """Default batching and normalisation; small input limits so that 413 is cheap to reach."""
     with ServerProcess(tiny_model, *_THREADS, "--max-inputs", "40", "--max-request-bytes", "65536") as process:
         yield process
-        assert process.stop(signal.SIGTERM) == -signal.SIGTERM, process.log
+        assert process.stop(signal.SIGTERM) == 0, process.log
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,8 @@ def tight_server(tiny_model: Path) -> Iterator[ServerProcess]:
 
 def _post(server: ServerProcess, body: Any, **kwargs: Any) -> httpx.Response:
     content = json.dumps(body) if isinstance(body, (dict, list)) else body
-    return httpx.post(f"{server.url}/v1/embeddings", content=content, timeout=60, **kwargs)
+    headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
+    return httpx.post(f"{server.url}/v1/embeddings", content=content, timeout=60, headers=headers, **kwargs)
 
 
 def _health(server: ServerProcess) -> dict[str, Any]:
@@ -239,7 +241,7 @@ def test_concurrent_requests_merge_into_one_batch_and_overload_gets_429(tight_se
     before = _health(tight_server)["stats"]
     a_texts, b_texts, c_texts = ["first of A", "second of A", "third of A"], ["B one", "B two"], ["only C"]
     thread, outcome = _in_background(lambda: _post(tight_server, {"input": a_texts, "encoding_format": "base64"}))
-    _wait_until(lambda: _health(tight_server)["queue"] == {"texts": 3, "requests": 1}, "A to be queued")
+    _wait_until(lambda: _health(tight_server)["queue"]["texts"] == 3, "A to be queued")
 
     overloaded = _post(tight_server, {"input": b_texts})
     assert "overloaded" in _assert_error(overloaded, 429, code="queue_full")
@@ -257,7 +259,7 @@ def test_concurrent_requests_merge_into_one_batch_and_overload_gets_429(tight_se
     assert after["requests_served"] - before["requests_served"] == 2
     assert after["texts_encoded"] - before["texts_encoded"] == 4 and after["largest_batch"] == 4
     assert after["rejected_queue_full"] - before["rejected_queue_full"] == 1
-    assert _health(tight_server)["queue"] == {"texts": 0, "requests": 0}
+    assert _health(tight_server)["queue"] == {"texts": 0, "requests": 0, "running": 0, "reading": 0}
 
 
 def test_a_request_past_the_timeout_gets_504_and_leaves_the_queue(tiny_model: Path) -> None:
@@ -266,7 +268,7 @@ def test_a_request_past_the_timeout_gets_504_and_leaves_the_queue(tiny_model: Pa
                                 code="timeout")
         assert "timeout of 0.5 s" in message
         health = _health(server)
-        assert health["queue"] == {"texts": 0, "requests": 0}
+        assert health["queue"] == {"texts": 0, "requests": 0, "running": 0, "reading": 0}
         assert health["stats"]["timed_out"] == 1 and health["stats"]["batches_run"] == 0
 
 
@@ -286,7 +288,7 @@ def test_sigterm_answers_the_request_in_flight_then_stops(tiny_model: Path, enco
     with ServerProcess(tiny_model, *_THREADS, "--max-wait-ms", "2000", "--max-batch-size", "64") as server:
         thread, outcome = _in_background(lambda: _post(server, {"input": ["answered during shutdown"]}))
         _wait_until(lambda: _health(server)["queue"]["requests"] == 1, "the request to be queued")
-        assert server.stop(signal.SIGTERM) == -signal.SIGTERM  # ends as stopped by the signal, after...
+        assert server.stop(signal.SIGTERM) == 0  # exits cleanly, after...
         thread.join(60)
         response = outcome["value"]
         assert response.status_code == 200  # ...the queued request was answered
@@ -299,13 +301,13 @@ def test_a_failing_request_does_not_fail_those_merged_with_it(encoder: Encoder) 
     """The batcher alone, on the real encoder: a model call that fails for one request's text is retried request
     by request, so only that request gets the error."""
 
-    def encode(texts: list[str]) -> tuple[np.ndarray, list[int]]:
+    def plan(texts: list[str]) -> Iterator[ModelCall]:
         if "POISON" in texts:
             raise ValueError("this text cannot be encoded")
-        return encoder.encode(texts), [1] * len(texts)
+        return encoder.plan(texts)
 
     async def scenario() -> list[Any]:
-        batcher = MicroBatcher(encode, max_batch_size=5, max_wait_s=600, max_queue=5)
+        batcher = MicroBatcher(plan, max_batch_size=5, max_wait_s=600, max_queue=5)
         batcher.start()
         try:
             calls = [batcher.submit(["one", "two"]), batcher.submit(["POISON"]), batcher.submit(["three", "four"])]
@@ -401,5 +403,6 @@ def test_help_lists_serve_with_its_limits() -> None:
     assert "serve" in build_parser().format_help()
     result = _python("from deberta_onnx.runtime.cli import main\nmain(['serve', '--help'])")
     for flag in ("--max-batch-size", "--batch-size", "--max-wait-ms", "--max-queue", "--max-request-bytes",
-                 "--max-inputs", "--timeout-s", "--no-normalize", "--precision", "--threads"):
+                 "--max-inputs", "--timeout-s", "--no-normalize", "--precision", "--threads", "--read-timeout-s",
+                 "--keep-alive-s", "--max-connections", "--shutdown-timeout-s", "--allowed-host"):
         assert flag in result.stdout

@@ -36,6 +36,8 @@ def processor(tiny_checkpoint: Path):  # type: ignore[no-untyped-def]
 
 def test_tokenizer_json_equals_sentencepiece(tiny_model: Path, processor, corpus: list[str]) -> None:  # type: ignore[no-untyped-def]
     fast = Tokenizer.from_file(str(tiny_model / "tokenizer.json"))
+    assert fast.truncation is not None and fast.truncation["max_length"] == 512  # the file declares the maximum
+    fast.no_truncation()  # the comparison is of the tokenization itself, long texts whole
     for text in HARD_TEXTS + EXTRA_HARD + corpus:
         assert fast.encode(text).ids == [1, *processor.encode(text), 2], text
 
@@ -67,6 +69,7 @@ def test_transformers_tokenizer_option_matches_autotokenizer(tiny_checkpoint: Pa
     result = export_model(tiny_checkpoint, out, ExportConfig(quiet=True, tokenizer="transformers", validate=False))
     assert result.manifest["model"]["tokenizer_source"] == "transformers"
     fast = Tokenizer.from_file(str(out / "tokenizer.json"))
+    fast.no_truncation()
     reference = AutoTokenizer.from_pretrained(tiny_checkpoint)
     for text in HARD_TEXTS + EXTRA_HARD:
         assert fast.encode(text).ids == reference(text)["input_ids"], text

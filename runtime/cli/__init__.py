@@ -10,6 +10,7 @@ import threading
 from collections.abc import Sequence
 
 from ..errors import DebertaOnnxError
+from ..utils import MissingExtraError
 from . import bench, classify, embed, export, info, search, serve
 
 __all__ = ["build_parser", "main"]
@@ -51,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.run(args))
+    except MissingExtraError as exc:  # an optional part without its extra: the message names the pip command
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except (DebertaOnnxError, ValueError, TypeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

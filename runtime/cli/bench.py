@@ -4,7 +4,6 @@ extras). Flags left unset keep the mode's defaults (``BenchConfig`` or ``BenchCo
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,8 @@ def add_parser(commands: Any, *, with_defaults: bool) -> None:
     )
     add = parser.add_argument
     add("models", nargs="+", metavar="MODEL_DIR",
-        help="model folders (LABEL=DIR to name a row); folders from one source share one reference")
+        help="model folders (LABEL=DIR to name a row, DIR:fp16,... to run only those variants of it); folders "
+             "from one source share one reference")
     add("--out", required=True, help="folder for results.json, results.md and throughput.png")
     add("--encoder-config", action="append", default=unset, metavar="LABEL:FIELD=VALUE",
         help="an EncoderConfig field for the model labelled LABEL (repeatable), e.g. "
@@ -52,7 +52,10 @@ def add_parser(commands: Any, *, with_defaults: bool) -> None:
     add("--device", default=unset, choices=["auto", "cpu", "cuda"],
         help="auto: the CPU, and CUDA too where onnxruntime-gpu and torch see a GPU")
     add("--precisions", default=unset, help="variants to run, comma-separated (default all)")
-    add("--paths", default=unset, help="runtime run paths: plain,iobinding (default all offered)")
+    add("--paths", default=unset,
+        help="runtime run paths: plain,iobinding and, on CUDA, cudagraph (default all offered)")
+    add("--tf32", action="store_true", default=unset,
+        help="on CUDA, let fp32 matrix products use TF32 in the runtime and PyTorch alike (default off)")
     add("--threads", type=int, default=unset,
         help="intra-op threads for ONNX Runtime and PyTorch (default: each library's own)")
     add("--ort-threads", default=unset,
@@ -79,11 +82,8 @@ def add_parser(commands: Any, *, with_defaults: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        from deberta_onnx.benchmarks import BenchConfig, ModelSpec, ThreadSetting, parse_shapes, run_benchmark
-    except ImportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+    from deberta_onnx.benchmarks import BenchConfig, ModelSpec, ThreadSetting, parse_shapes, run_benchmark
+
     given = {name: value for name, value in vars(args).items()
              if name not in ("models", "out", "quick", "run", "command", "encoder_config")}
     converters = {
@@ -98,14 +98,11 @@ def run(args: argparse.Namespace) -> int:
     specs = [ModelSpec.parse(text) for text in args.models]
     models = {spec.label: spec for spec in specs}
     if len(models) != len(specs):
-        print("error: two model folders carry one label; name them LABEL=DIR", file=sys.stderr)
-        return 2
+        raise ValueError("two model folders carry one label; name them LABEL=DIR")
     for text in getattr(args, "encoder_config", []):
         label, _, field = text.partition(":")
         if label not in models:
-            print(f"error: --encoder-config {text}: no model labelled {label!r} ({', '.join(models)})",
-                  file=sys.stderr)
-            return 2
+            raise ValueError(f"--encoder-config {text}: no model labelled {label!r} ({', '.join(models)})")
         models[label] = models[label].with_field(field)
     given.update(models=tuple(models.values()), out_dir=Path(args.out))
     config = BenchConfig.quick(**given) if args.quick else BenchConfig(**given)

@@ -12,9 +12,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..config import ARENA_CHOICES, AUTO, EncoderConfig
+from ..config import ARENA_CHOICES, AUTO, CUDA_ARENA_STRATEGIES, EncoderConfig
 from ..contract import PRECISIONS
-from ..utils import atomic_write
+from ..utils import atomic_write, text_lines
 
 __all__ = [
     "add_load_flags",
@@ -44,17 +44,29 @@ def default_note(defaults: dict[str, Any], name: str, shown: str | None = None) 
 
 
 def read_lines(source: str) -> list[str]:
-    """The lines of a UTF-8 text file (or stdin for ``-``), one text per line.
+    """The lines of a UTF-8 text file (or stdin for ``-``), one text per ``\\n``-terminated line.
+
+    A trailing ``\\r`` is stripped (Windows line ends); no other character splits a line (see
+    ``utils.text_lines``), so that output row N belongs to input line N. Read as bytes, so that stdin's
+    newline translation cannot split a lone ``\\r`` either.
 
     Raises:
-        ValueError: the file does not exist.
+        ValueError: the file does not exist, or is not UTF-8 (the message names the line).
     """
     if source == "-":
-        return sys.stdin.read().splitlines()
-    path = Path(source)
-    if not path.is_file():
-        raise ValueError(f"--input {source}: no such file (give a text file with one text per line, or - for stdin)")
-    return path.read_text(encoding="utf-8").splitlines()
+        data = sys.stdin.buffer.read()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"{source}: no such file (give a text file with one text per line, or - for stdin)")
+        data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{'stdin' if source == '-' else source} is not UTF-8 text: {exc.reason} at byte {exc.start} "
+                         f"(line {line}); convert it to UTF-8 first (e.g. with iconv)") from exc
+    return text_lines(text)
 
 
 def save_npy(array: np.ndarray, destination: str) -> None:
@@ -114,6 +126,15 @@ def add_load_flags(parser: argparse.ArgumentParser) -> None:
                         metavar="N|none",
                         help="after a model call of at least N padded tokens, hand the CPU arena's unused memory "
                              f"back to the system; none: never {default_note(defaults, 'arena_shrink_tokens').strip()}")
+    parser.add_argument("--cuda-arena-extend-strategy", default=defaults["cuda_arena_extend_strategy"],
+                        choices=list(CUDA_ARENA_STRATEGIES),
+                        help="how the CUDA provider's memory arena grows (default: kSameAsRequested with "
+                             "--cuda-graph, else ONNX Runtime's kNextPowerOfTwo)")
+    parser.add_argument("--gpu-mem-limit", type=int, default=defaults["gpu_mem_limit"],
+                        help="most bytes the CUDA provider's arena may hold (default: no limit)")
+    parser.add_argument("--tf32", dest="use_tf32", action=argparse.BooleanOptionalAction,
+                        default=defaults["use_tf32"],
+                        help="run fp32 matrix products on TF32 tensor cores on CUDA (default: off, as PyTorch fp32)")
 
 
 def load(args: argparse.Namespace, kind: Callable[..., M]) -> M:
@@ -130,6 +151,9 @@ def load(args: argparse.Namespace, kind: Callable[..., M]) -> M:
         cuda_graph=args.cuda_graph,
         cpu_arena=args.cpu_arena,
         arena_shrink_tokens=args.arena_shrink_tokens,
+        cuda_arena_extend_strategy=args.cuda_arena_extend_strategy,
+        gpu_mem_limit=args.gpu_mem_limit,
+        use_tf32=args.use_tf32,
     )
     return kind(args.model_dir, config=config)
 

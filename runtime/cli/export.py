@@ -7,7 +7,6 @@ export extra is installed.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from ..contract import POOLINGS, PRECISIONS, TASKS
@@ -90,6 +89,9 @@ def add_parser(commands: Any, *, with_defaults: bool) -> None:
         help=f"quality gate: the same for int8-dynamic and int8-static{default_note(d, 'min_cosine_int8')}")
     add("--fallback", action="store_true", default=unset,
         help="when a precision fails the quality gate, try its safer recipes instead of failing")
+    add("--fp16-recipe", default=unset, choices=["cuda", "standard", "elementwise-fp32"],
+        help="how fp16 is built: standard keeps LayerNorm and softmax in fp32; cuda runs them in fp16 as ONNX "
+             f"Runtime's CUDA kernels do (fewer casts){default_note(d, 'fp16_recipe')}")
     add("--quiet", action="store_true", default=unset, help="no progress bars or report")
     parser.set_defaults(run=run)
 
@@ -111,11 +113,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        from deberta_onnx.export import export_model
-    except ImportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+    from deberta_onnx.export import export_model
+
     result = export_model(args.src, args.out_dir, config_from_args(args))
     print(result.out_dir)
     return 0

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import sys
-import threading
 from typing import Any
 
 from ..encoder import Encoder
@@ -23,8 +20,10 @@ def add_parser(commands: Any) -> None:
         "serve", help="serve a model folder over HTTP (OpenAI-compatible /v1/embeddings; needs the server extra)",
         description="Serve MODEL_DIR over HTTP: POST /v1/embeddings (OpenAI's request and response shape), "
                     "GET /health, GET /v1/models. Concurrent requests are merged into one model call. "
-                    "Queue full: 429; body too large or too many inputs: 413; bad JSON or fields: 400; "
-                    "timeout: 504. Stop with Ctrl+C or SIGTERM (in-flight requests finish first).",
+                    "Queue full: 429; body too large or too many inputs: 413; bad JSON or fields, or a Host "
+                    "that is not this server: 400; not application/json: 415; body too slow: 408; timeout: 504. "
+                    "Stop with Ctrl+C or SIGTERM: in-flight requests finish first (within --shutdown-timeout-s), "
+                    "then SIGTERM exits 0.",
     )
     parser.add_argument("model_dir", help="a folder written by `deberta-onnx export`")
     parser.add_argument("--host", default=d.host, help="address to listen on (default %(default)s: this "
@@ -54,21 +53,30 @@ def add_parser(commands: Any) -> None:
                        help="model id to report (default: the folder's name)")
     parser.add_argument("--access-log", action="store_true", default=d.access_log,
                        help="log one line per request")
+    parser.add_argument("--read-timeout-s", type=float, default=d.read_timeout_s,
+                       help="seconds a client has to send a request's headers (then the connection is closed), and "
+                            "again its body (then 408) (default %(default)s)")
+    parser.add_argument("--keep-alive-s", type=float, default=d.keep_alive_s,
+                       help="seconds an idle keep-alive connection stays open (default %(default)s)")
+    parser.add_argument("--max-connections", type=int, default=d.max_connections,
+                       help="a request arriving while this many connections are open (its own included) gets "
+                            "503 (default %(default)s)")
+    parser.add_argument("--shutdown-timeout-s", type=float, default=d.shutdown_timeout_s,
+                       help="after SIGTERM or Ctrl+C, seconds requests in flight may take to finish; /health says "
+                            "503 meanwhile (default %(default)s)")
+    parser.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=list(d.allowed_hosts),
+                       metavar="HOST", help="accept this Host header too, repeatable; '*' accepts any (default: "
+                                            "only the listening address, and localhost on loopback)")
     add_load_flags(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        from ..server.app import serve
-    except ImportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
-    config = ServerConfig(**{name: getattr(args, name) for name in _FIELDS})
+    from ..server.app import serve
+
+    values = {name: getattr(args, name) for name in _FIELDS}
+    values["allowed_hosts"] = tuple(values["allowed_hosts"])
+    config = ServerConfig(**values)
     encoder = load(args, Encoder)
-    if threading.current_thread() is threading.main_thread():
-        # uvicorn catches SIGTERM itself, shuts down gracefully, then raises it again; with the default
-        # disposition the process then ends as stopped by SIGTERM, which service managers count as clean.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    serve(encoder, config)
+    serve(encoder, config)  # SIGTERM drains and returns: exit 0
     return 0

@@ -28,6 +28,17 @@ class ServerConfig:
         model_name: the model id ``/health`` and ``/v1/models`` report, and responses carry when a request
             names none; default the model folder's name.
         access_log: log one line per request (uvicorn's access log).
+        read_timeout_s: how long a client has to send a request's headers (from the connection's start, or the
+            end of the previous response on it; then the connection is closed), and again its body (then 408).
+        keep_alive_s: how long an idle keep-alive connection stays open between requests.
+        max_connections: a request arriving while this many connections are open (its own included) gets 503 at
+            once (uvicorn's ``limit_concurrency``).
+        shutdown_timeout_s: after SIGTERM (or Ctrl+C), how long requests in flight may take to finish; then they
+            are cancelled and the server exits.
+        allowed_hosts: ``Host`` header values accepted besides the address the server listens on (and
+            ``localhost`` on a loopback or wildcard address; any IP address on a wildcard one); ``"*"`` accepts
+            any. A ``Host`` that is none of these gets 400: it is how a DNS-rebinding web page reaches a local
+            server.
     """
 
     host: str = "127.0.0.1"
@@ -42,6 +53,11 @@ class ServerConfig:
     normalize: bool = True
     model_name: str | None = None
     access_log: bool = False
+    read_timeout_s: float = 10.0
+    keep_alive_s: float = 5.0
+    max_connections: int = 512
+    shutdown_timeout_s: float = 20.0
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -49,7 +65,8 @@ class ServerConfig:
         _check_int("port", self.port, 0)
         if self.port > 65535:
             raise ValueError(f"port must be between 0 and 65535, got {self.port}")
-        for name in ("max_batch_size", "batch_size", "max_queue", "max_request_bytes", "max_inputs"):
+        for name in ("max_batch_size", "batch_size", "max_queue", "max_request_bytes", "max_inputs",
+                     "max_connections"):
             _check_int(name, getattr(self, name), 1)
         if self.max_inputs > self.max_queue:
             raise ValueError(
@@ -57,7 +74,13 @@ class ServerConfig:
                 "max_inputs texts could never be queued. Raise max_queue or lower max_inputs."
             )
         _check_float("max_wait_ms", self.max_wait_ms, allow_zero=True)
-        _check_float("timeout_s", self.timeout_s, allow_zero=False)
+        for name in ("timeout_s", "read_timeout_s", "keep_alive_s", "shutdown_timeout_s"):
+            _check_float(name, getattr(self, name), allow_zero=False)
+        if not isinstance(self.allowed_hosts, tuple) or not all(
+            isinstance(host, str) and host and not any(c.isspace() for c in host) for host in self.allowed_hosts
+        ):
+            raise ValueError(f"allowed_hosts must be a tuple of host names (e.g. ('api.example.com',)) or ('*',), "
+                             f"got {self.allowed_hosts!r}")
         if self.model_name is not None and (not isinstance(self.model_name, str) or not self.model_name):
             raise ValueError(f"model_name must be a non-empty string or None, got {self.model_name!r}")
 

@@ -1,8 +1,14 @@
-"""Micro-batching: requests that arrive together are merged into one model call. asyncio + one worker thread.
+"""Micro-batching: requests that arrive together are merged, then run one model call at a time. asyncio + one
+worker thread.
 
 The event loop only queues and hands out results; the model runs in a single worker thread, so the loop stays
-free to accept, parse and answer while a batch computes (ONNX Runtime releases the GIL and parallelises inside
-the call with its own threads). While one batch runs, the next one gathers.
+free to accept, parse and answer while a call computes (ONNX Runtime releases the GIL and parallelises inside
+the call with its own threads). While one merged batch runs, the next one gathers.
+
+A merged batch is worked through call by call (``Encoder.plan``: its texts sorted by length and cut into calls of
+``batch_size`` rows). Between two calls the batcher looks at who still waits: a request that timed out or whose
+client left has its future cancelled by its handler, and calls that would only compute texts of such requests
+are skipped, so the worker is free for the next batch at once instead of finishing work nobody reads.
 """
 
 from __future__ import annotations
@@ -11,20 +17,21 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..batching import ModelCall
 from ..errors import DebertaOnnxError
 
-__all__ = ["BatchStats", "BatcherClosedError", "EncodeFn", "MicroBatcher", "QueueFullError"]
+__all__ = ["BatchStats", "BatcherClosedError", "MicroBatcher", "PlanFn", "QueueFullError"]
 
 logger = logging.getLogger("deberta_onnx")
 
-# texts -> (vectors [len(texts), hidden] float32, token count per text)
-EncodeFn = Callable[[list[str]], tuple[np.ndarray, list[int]]]
+# texts -> the model calls that compute them (``Encoder.plan``); the iterator is advanced in the worker thread.
+PlanFn = Callable[[list[str]], Iterator[ModelCall]]
 
 
 class QueueFullError(DebertaOnnxError):
@@ -37,14 +44,22 @@ class BatcherClosedError(DebertaOnnxError):
 
 @dataclass
 class BatchStats:
-    """Counters, read by ``GET /health``. Touched only on the event loop, so no lock is needed."""
+    """Counters, read by ``GET /health``. Touched only on the event loop, so no lock is needed.
+
+    ``requests_served`` and ``texts_encoded`` count only answers handed to a waiting request; work for requests
+    that timed out or whose client left is in ``timed_out``, ``disconnected`` and ``texts_dropped`` instead.
+    """
 
     requests_served: int = 0
     texts_encoded: int = 0
     batches_run: int = 0
+    model_calls: int = 0
+    model_calls_skipped: int = 0
     largest_batch: int = 0
     rejected_queue_full: int = 0
     timed_out: int = 0
+    disconnected: int = 0
+    texts_dropped: int = 0
     failed: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -57,31 +72,38 @@ class _Pending:
     future: asyncio.Future[tuple[np.ndarray, list[int]]]
     arrived: float
     queued: bool = field(default=True)
+    computed: int = 0  # rows of this request a model call has computed
+    dropped: bool = False  # its uncomputed rows are counted in texts_dropped
 
 
 class MicroBatcher:
-    """Queues texts from many requests and runs them through ``encode_fn`` together.
+    """Queues texts from many requests and runs them through the model together, one model call at a time.
 
     A batch is started when the queued texts reach ``max_batch_size``, or ``max_wait_s`` after its oldest
-    request arrived, whichever comes first. Whole requests are merged (a request is never split); a request
-    larger than ``max_batch_size`` runs alone. At most ``max_queue`` texts wait; a request that would pass that
-    is refused at once with ``QueueFullError`` rather than queued.
+    request arrived, whichever comes first (at once while draining, see ``drain``). Whole requests are merged (a
+    request is never split across batches); a request larger than ``max_batch_size`` runs alone. At most
+    ``max_queue`` texts wait; a request that would pass that is refused at once with ``QueueFullError``.
+
+    Cancelling the future of a request (its caller's ``submit`` being cancelled, on a timeout or when the client
+    left) takes it out of the queue, or, once its batch runs, out of the model calls still to come.
 
     Args:
-        encode_fn: runs in the worker thread; returns the vectors and per-text token counts.
-        max_batch_size: texts per merged call.
+        plan_fn: texts -> their model calls (``Encoder.plan``); the calls are advanced and run in the worker.
+        max_batch_size: texts per merged batch.
         max_wait_s: how long the oldest request may wait for others to join its batch.
         max_queue: the most texts waiting (not counting the batch that is running).
     """
 
-    def __init__(self, encode_fn: EncodeFn, *, max_batch_size: int, max_wait_s: float, max_queue: int) -> None:
-        self._encode = encode_fn
+    def __init__(self, plan_fn: PlanFn, *, max_batch_size: int, max_wait_s: float, max_queue: int) -> None:
+        self._plan = plan_fn
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.stats = BatchStats()
         self._queue: deque[_Pending] = deque()
         self._queued_texts = 0
+        self._running = 0
+        self._draining = False
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -95,10 +117,21 @@ class MicroBatcher:
     def queued_requests(self) -> int:
         return len(self._queue)
 
+    @property
+    def running_requests(self) -> int:
+        """Requests of the batch the worker is on."""
+        return self._running
+
     def start(self) -> None:
         """Starts the batching task on the running event loop."""
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(self._wakeup), name="deberta-onnx-batcher")
+
+    def drain(self) -> None:
+        """Runs what is queued without waiting for batches to fill (the server is shutting down)."""
+        self._draining = True
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     async def close(self) -> None:
         """Refuses new requests, fails queued ones with ``BatcherClosedError`` and stops the worker."""
@@ -117,13 +150,17 @@ class MicroBatcher:
     async def submit(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         """Queues ``texts`` and waits for their vectors and token counts, in order.
 
-        Cancelling the caller (e.g. on a timeout) takes the request out of the queue if it has not started.
+        Cancelling the caller (on a timeout, or when its client left) takes the request out of the queue if it
+        has not started, and out of the rest of its batch's model calls if it has.
 
         Raises:
+            ValueError: ``texts`` is empty.
             QueueFullError: the queue cannot take ``len(texts)`` more texts.
             BatcherClosedError: the batcher is closed or was never started.
-            Exception: whatever ``encode_fn`` raised for this request.
+            Exception: whatever the model call raised for this request.
         """
+        if not texts:
+            raise ValueError("submit needs at least one text")
         if self._closed or self._wakeup is None:
             raise BatcherClosedError("the server is shutting down" if self._closed else "the batcher is not running")
         if self._queued_texts + len(texts) > self.max_queue:
@@ -140,9 +177,12 @@ class MicroBatcher:
         try:
             return await pending.future
         except asyncio.CancelledError:
+            pending.future.cancel()  # seen by the batch, if it is running
             if pending.queued:
                 self._queue.remove(pending)
                 self._queued_texts -= len(texts)
+                pending.dropped = True
+                self.stats.texts_dropped += len(texts)
                 self._wakeup.set()
             raise
 
@@ -154,11 +194,16 @@ class MicroBatcher:
                 await wakeup.wait()
                 continue
             remaining = self._queue[0].arrived + self.max_wait_s - loop.time()
-            if self._queued_texts < self.max_batch_size and remaining > 0:
+            if self._queued_texts < self.max_batch_size and remaining > 0 and not self._draining:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(wakeup.wait(), remaining)
                 continue
-            await self._run_batch(self._take(), loop)
+            batch = self._take()
+            self._running = len(batch)
+            try:
+                await self._run_batch(batch, loop)
+            finally:
+                self._running = 0
 
     def _take(self) -> list[_Pending]:
         batch: list[_Pending] = []
@@ -173,31 +218,83 @@ class MicroBatcher:
 
     async def _run_batch(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
         texts = [text for pending in batch for text in pending.texts]
+        sizes = [len(pending.texts) for pending in batch]
+        owner = np.repeat(np.arange(len(batch)), sizes)  # row of the merged texts -> index of its request
+        first = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        vectors: list[np.ndarray | None] = [None] * len(batch)
+        counts = [[0] * size for size in sizes]
+        calls: Iterator[ModelCall] = iter(())
         try:
-            vectors, counts = await loop.run_in_executor(self._executor, self._encode, texts)
+            calls = self._plan(texts)
+            while True:
+                waiting = np.fromiter((not pending.future.done() for pending in batch), dtype=bool, count=len(batch))
+                if not waiting.any():
+                    break  # nobody waits for the rest: the worker is free for the next batch
+                step = await loop.run_in_executor(self._executor, _next_call, calls, waiting, owner)
+                if step is None:
+                    break
+                call, out = step
+                if out is None:
+                    self.stats.model_calls_skipped += 1
+                    continue
+                self.stats.model_calls += 1
+                for row, vector, count in zip(call.rows, out, call.token_counts):
+                    index = int(owner[row])
+                    pending = batch[index]
+                    pending.computed += 1
+                    if pending.future.done():
+                        continue
+                    local = row - int(first[index])
+                    if vectors[index] is None:
+                        vectors[index] = np.empty((sizes[index], out.shape[1]), dtype=out.dtype)
+                    vectors[index][local] = vector  # type: ignore[index]
+                    counts[index][local] = count
+                    if pending.computed == sizes[index]:
+                        pending.future.set_result((vectors[index], counts[index]))  # type: ignore[arg-type]
+                        self.stats.requests_served += 1
+                        self.stats.texts_encoded += sizes[index]
         except Exception as exc:  # noqa: BLE001 - handed to the requests, not swallowed
-            if len(batch) == 1:
-                self._fail(batch[0], exc)
-                return
-            # One bad request must not fail the others merged with it: run each alone to find it.
-            logger.warning("a merged batch of %d requests failed (%s); running them one by one", len(batch), exc)
+            await self._failed(batch, exc, loop)
+        else:
+            self.stats.batches_run += 1
+            self.stats.largest_batch = max(self.stats.largest_batch, len(texts))
+        finally:
+            close = getattr(calls, "close", None)
+            if close is not None:
+                with contextlib.suppress(ValueError):  # still running in the worker, when the batcher is closed
+                    close()
             for pending in batch:
-                if not pending.future.done():
-                    await self._run_batch([pending], loop)
+                if pending.future.cancelled() and not pending.dropped:
+                    pending.dropped = True
+                    self.stats.texts_dropped += len(pending.texts) - pending.computed
+
+    async def _failed(self, batch: list[_Pending], exc: Exception, loop: asyncio.AbstractEventLoop) -> None:
+        waiting = [pending for pending in batch if not pending.future.done()]
+        if len(batch) == 1:
+            for pending in waiting:
+                self._fail(pending, exc)
             return
-        self.stats.batches_run += 1
-        self.stats.largest_batch = max(self.stats.largest_batch, len(texts))
-        start = 0
-        for pending in batch:
-            stop = start + len(pending.texts)
+        # One bad request must not fail the others merged with it: run each alone to find it.
+        logger.warning("a merged batch of %d requests failed (%s); running them one by one", len(batch), exc)
+        for pending in waiting:
             if not pending.future.done():
-                pending.future.set_result((vectors[start:stop], counts[start:stop]))
-                self.stats.requests_served += 1
-                self.stats.texts_encoded += stop - start
-            start = stop
+                pending.computed = 0
+                await self._run_batch([pending], loop)
 
     def _fail(self, pending: _Pending, exc: Exception) -> None:
         self.stats.failed += 1
         logger.error("encoding a request of %d texts failed: %r", len(pending.texts), exc)
         if not pending.future.done():
             pending.future.set_exception(exc)
+
+
+def _next_call(calls: Iterator[ModelCall], waiting: np.ndarray, owner: np.ndarray
+               ) -> tuple[ModelCall, np.ndarray | None] | None:
+    """In the worker thread: the plan's next call, run unless all its rows belong to requests nobody waits for
+    (then its output is None); None when the plan is done."""
+    call = next(calls, None)
+    if call is None:
+        return None
+    if not waiting[owner[call.rows]].any():
+        return call, None
+    return call, call.run()

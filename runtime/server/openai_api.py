@@ -15,7 +15,14 @@ import numpy as np
 
 from ..tokenization import lone_surrogate
 
-__all__ = ["ENCODING_FORMATS", "ApiError", "EmbeddingRequest", "embedding_response", "parse_embedding_request"]
+__all__ = [
+    "ENCODING_FORMATS",
+    "ApiError",
+    "EmbeddingRequest",
+    "decode_json",
+    "embedding_response",
+    "parse_embedding_request",
+]
 
 ENCODING_FORMATS = ("float", "base64")
 _FIELDS = ("input", "model", "encoding_format", "dimensions", "user")
@@ -61,6 +68,32 @@ def _bad(message: str, param: str | None, code: str = "invalid_value") -> ApiErr
     return ApiError(400, message, param=param, code=code)
 
 
+def decode_json(body: bytes) -> object:
+    """Decodes a request body as UTF-8 JSON, turning every way it can fail into a 400 that says why.
+
+    Hostile documents fail here with a clear message instead of an internal error: nesting deeper than the
+    interpreter's recursion limit (e.g. 100,000 nested arrays), integers longer than Python's 4,300-digit limit
+    for decimal conversion, invalid UTF-8 or JSON.
+
+    Raises:
+        ApiError: 400 ``invalid_json``.
+    """
+    try:
+        return json.loads(body.decode("utf-8"))  # bytes would let json guess UTF-16 or UTF-32 from a BOM
+    except UnicodeDecodeError as exc:
+        raise _bad(f"request body is not UTF-8 ({exc.reason} at byte {exc.start}); send UTF-8 encoded JSON",
+                   None, "invalid_json") from exc
+    except json.JSONDecodeError as exc:
+        raise _bad(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+                   None, "invalid_json") from exc
+    except RecursionError as exc:
+        raise _bad("request body nests arrays or objects too deeply to be read; send a flat "
+                   '{"input": ["text", ...]}', None, "invalid_json") from exc
+    except ValueError as exc:  # int() of a number past sys.get_int_max_str_digits() (4,300 by default)
+        raise _bad(f"request body holds a number that cannot be read ({str(exc).split(':')[0]}); no field of this "
+                   "API takes such a number", None, "invalid_json") from exc
+
+
 def parse_embedding_request(body: bytes, *, max_inputs: int, hidden_size: int) -> EmbeddingRequest:
     """Parses and checks an embeddings request body.
 
@@ -73,17 +106,10 @@ def parse_embedding_request(body: bytes, *, max_inputs: int, hidden_size: int) -
         The request, with ``input`` always a list of str.
 
     Raises:
-        ApiError: 400 for malformed JSON, a missing or mistyped field (the message names it, and the index of a
-            bad list element); 413 for more than ``max_inputs`` texts.
+        ApiError: 400 for malformed or hostile JSON (see ``decode_json``), a missing or mistyped field (the
+            message names it, and the index of a bad list element); 413 for more than ``max_inputs`` texts.
     """
-    try:
-        data = json.loads(body.decode("utf-8"))  # bytes would let json guess UTF-16 or UTF-32 from a BOM
-    except UnicodeDecodeError as exc:
-        raise _bad(f"request body is not UTF-8 ({exc.reason} at byte {exc.start}); send UTF-8 encoded JSON",
-                   None, "invalid_json") from exc
-    except json.JSONDecodeError as exc:
-        raise _bad(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
-                   None, "invalid_json") from exc
+    data = decode_json(body)
     if not isinstance(data, dict):
         raise _bad(f"request body must be a JSON object, got {_json_type(data)}; send "
                    '{"input": ["text", ...], "model": "..."}', None, "invalid_json")
