@@ -239,7 +239,7 @@ def test_the_cli_prints_named_errors_without_a_traceback(tiny_model: Path, tmp_p
     _declare_max_length(folders["memory"], 100_000)
     _edit_manifest(folders["bad-field"], lambda m: m["variants"]["fp32"].update(file="../../x.onnx"))
     (tmp_path / "in.txt").write_text("a text\n", encoding="utf-8")
-    expected = {"truncated": "cannot load", "too-long": "model.max_sequence_length is 100000",
+    expected = {"truncated": "could not load", "too-long": "model.max_sequence_length is 100000",
                 "memory": "over the limit of 8,192 MB", "bad-field": "outside the model folder"}
     for name, says in expected.items():
         result = subprocess.run([sys.executable, "-m", "deberta_onnx.runtime.cli", "embed", str(folders[name]),
