@@ -222,10 +222,11 @@ def torch_backends(checkpoint: str, model_dir: Path, *, model: str, device: str,
 
 def runtime_backends(model_dir: Path, variants: Sequence[str], *, model: str, device: str,
                      threads: Sequence[ThreadSetting], paths: Sequence[str] | None = None,
-                     tf32: bool = False) -> list[OrtBackend]:
-    """One ``OrtBackend`` per precision variant x run path x thread setting on ``device``."""
+                     tf32: bool = False, fields: dict[str, Any] | None = None) -> list[OrtBackend]:
+    """One ``OrtBackend`` per precision variant x run path x thread setting on ``device``; ``fields`` are more
+    ``EncoderConfig`` fields for all of them."""
     available = runtime_paths(device)
     chosen = list(available) if paths is None else [p for p in paths if p in available]
     return [OrtBackend(model_dir, model=model, precision=variant, device=device, path=path,
-                       config_fields=available[path], threads=setting, tf32=tf32)
+                       config_fields={**available[path], **(fields or {})}, threads=setting, tf32=tf32)
             for variant in variants for path in chosen for setting in threads]

@@ -18,12 +18,14 @@ __all__ = ["BenchConfig", "ModelSpec"]
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model folder to benchmark, the label its rows carry (default: the folder's name), and which of its
-    precision variants to run (default: as ``BenchConfig.precisions`` says)."""
+    """A model folder to benchmark, the label its rows carry (default: the folder's name), which of its
+    precision variants to run (default: as ``BenchConfig.precisions`` says), and ``EncoderConfig`` fields its
+    configurations load with (default none: ``EncoderConfig``'s defaults)."""
 
     folder: Path
     label: str
     precisions: tuple[str, ...] | None = None
+    fields: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> ModelSpec:
@@ -38,6 +40,19 @@ class ModelSpec:
         if not label or not folder:
             raise ValueError(f"model {text!r}: give a folder, or LABEL=FOLDER (and :PRECISION,... to run only those)")
         return cls(folder=Path(folder), label=label, precisions=precisions)
+
+    def with_field(self, text: str) -> ModelSpec:
+        """A copy with one more ``EncoderConfig`` field, from ``FIELD=VALUE`` (``none``, ints and ``true`` /
+        ``false`` are read as such, the rest as text)."""
+        name, sep, raw = text.partition("=")
+        if not sep or not name:
+            raise ValueError(f"encoder config {text!r}: give FIELD=VALUE, e.g. cpu_arena=next-power-of-two")
+        lowered = raw.strip().lower()
+        value: Any = {"none": None, "true": True, "false": False}.get(lowered, raw)
+        if value is raw and lowered.lstrip("-").isdigit():
+            value = int(lowered)
+        return ModelSpec(folder=self.folder, label=self.label, precisions=self.precisions,
+                         fields=(*self.fields, (name, value)))
 
 
 @dataclass(frozen=True, kw_only=True)

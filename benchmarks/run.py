@@ -145,20 +145,22 @@ def _load_backends(group: _Group, config: BenchConfig, device_list: list[str]) -
             if spec.precisions is not None:
                 variants = [v for v in variants if v in spec.precisions]
             threads = config.ort_threads or (ThreadSetting(intra_op_threads=config.threads),)
-            for backend in _built_one_by_one(spec.folder, variants, spec.label, device, threads, config, group):
+            for backend in _built_one_by_one(spec, variants, device, threads, config, group):
                 group.backends.append(backend)
 
 
-def _built_one_by_one(folder: Path, variants: Sequence[str], label: str, device: str,
-                      threads: Sequence[ThreadSetting], config: BenchConfig, group: _Group) -> list[Backend]:
-    """The runtime's backends of one folder, each made alone, with the host and device memory its load added."""
+def _built_one_by_one(spec: ModelSpec, variants: Sequence[str], device: str, threads: Sequence[ThreadSetting],
+                      config: BenchConfig, group: _Group) -> list[Backend]:
+    """The runtime's backends of one folder, each made alone (with the spec's ``EncoderConfig`` fields), with the
+    host and device memory its load added."""
     built: list[Backend] = []
     for variant in variants:
         for path in [p for p in runtime_paths(device) if config.paths is None or p in config.paths]:
             for setting in threads:
                 before, device_before = rss_bytes(), _device_used_mb(device)
-                (backend,) = runtime_backends(folder, [variant], model=label, device=device, threads=[setting],
-                                              paths=[path], tf32=config.tf32)
+                (backend,) = runtime_backends(spec.folder, [variant], model=spec.label, device=device,
+                                              threads=[setting], paths=[path], tf32=config.tf32,
+                                              fields=dict(spec.fields))
                 group.load_mb[id(backend)] = (rss_bytes() - before) / 2**20
                 if device == "cuda":
                     group.gpu_held_mb[id(backend)] = _device_used_mb(device) - device_before

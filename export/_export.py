@@ -14,8 +14,9 @@ from tokenizers import Tokenizer
 
 from deberta_onnx.runtime.contract import MODEL_FILE, TASK_EMBEDDING, TOKENIZER_FILE
 
+from ._attention import TRANSLATIONS, fused_attention
 from ._checkpoint import LoadedCheckpoint, load_checkpoint, scratch_dir
-from ._errors import CheckpointError, ExportError
+from ._errors import CheckpointError, ExportError, ValidationError
 from ._graph import ClassifierGraph, EmbeddingGraph, export_onnx
 from ._manifest import model_fields, write_export_manifest
 from ._optimize import apply_ort_fusions, folded_relative_attention
@@ -25,9 +26,9 @@ from ._sentence_transformers import SentenceTransformerSpec, read_sentence_trans
 from ._staging import check_target, recover, staging_folder
 from ._tokenizer import build_tokenizer
 from ._triton import write_triton_repository
-from ._validate import format_report, validate
+from ._validate import DEFAULT_VALIDATION_SHAPES, LONG_VALIDATION_SHAPES, format_report, validate
 from ._variants import derive_variants, read_calibration
-from .config import ExportConfig, ExportResult
+from .config import LONGEST_RELATIVE_LENGTH, ExportConfig, ExportResult
 
 __all__ = ["export_model"]
 
@@ -133,19 +134,12 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, *, 
     max_length = _max_length(checkpoint, config, sentence_transformer)
     graph = _graph_module(checkpoint, config, pooling=pooling, normalize=normalize)
     model_path = folder / MODEL_FILE
-    optimization = _export_graph(graph, checkpoint, model_path, config)
+    optimization, report = _export_validated(graph, checkpoint, model_path, config, vocab=vocab,
+                                             max_length=max_length)
     # The file declares the model's maximum (a checksummed bound the runtime checks the manifest against), and
     # clients that tokenize with it directly (Triton) truncate as the runtime does.
     fast_tokenizer.enable_truncation(max_length)
     fast_tokenizer.save(str(folder / TOKENIZER_FILE))
-
-    report = None
-    if config.validate:
-        report = validate(graph, model_path, vocab=vocab, max_length=max_length, inputs=graph.inputs,
-                          outputs=graph.outputs, shapes=config.validation_shapes, atol=config.atol, rtol=config.rtol,
-                          seed=config.seed,
-                          progress=not config.quiet)
-        _say(config, format_report(report))
 
     pad_id = _pad_id(checkpoint)
     model = model_fields(checkpoint, max_length=max_length, pad_id=pad_id, pooling=pooling, normalize=normalize,
@@ -193,16 +187,57 @@ def _graph_module(checkpoint: LoadedCheckpoint, config: ExportConfig, *, pooling
     return ClassifierGraph(checkpoint.model, checkpoint.task, token_type_ids=segments).eval()
 
 
+def _export_validated(graph: EmbeddingGraph | ClassifierGraph, checkpoint: LoadedCheckpoint, model_path: Path,
+                      config: ExportConfig, *, vocab: int, max_length: int
+                      ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Exports and validates the graph: with fused attention first where asked for, and, should that graph fail
+    validation, the unfused one in its place (said, and recorded in the manifest). Returns the manifest's
+    ``optimization`` entry and the validation report (``None`` when not validated)."""
+    fused = config.optimize and config.attention == "fused"
+    rejected: str | None = None
+    while True:
+        optimization = _export_graph(graph, checkpoint, model_path, config, fused=fused)
+        if not config.validate:
+            return optimization, None
+        try:
+            report = validate(graph, model_path, vocab=vocab, max_length=max_length, inputs=graph.inputs,
+                              outputs=graph.outputs, shapes=_validation_shapes(config, max_length), atol=config.atol,
+                              rtol=config.rtol, seed=config.seed, progress=not config.quiet)
+        except ValidationError as exc:
+            if optimization["attention"] != "fused":
+                raise
+            _say(config, f"the fused-attention graph failed validation ({exc}); exporting the unfused graph instead")
+            fused, rejected = False, str(exc)
+            continue
+        _say(config, format_report(report))
+        if rejected is not None:
+            optimization["fused_attention_rejected"] = rejected
+        return optimization, report
+
+
+def _validation_shapes(config: ExportConfig, max_length: int) -> tuple[tuple[int, int], ...]:
+    """The configured shapes; past 512 tokens, also full-length and mid-length batches at the model's maximum."""
+    shapes = config.validation_shapes
+    if max_length > 512 and config.validation_shapes == DEFAULT_VALIDATION_SHAPES:
+        shapes = (*shapes, *LONG_VALIDATION_SHAPES)
+    return shapes
+
+
 def _export_graph(graph: EmbeddingGraph | ClassifierGraph, checkpoint: LoadedCheckpoint, model_path: Path,
-                  config: ExportConfig) -> dict[str, Any]:
-    """Exports ``graph`` to ``model_path``, with the graph speed-ups unless turned off; returns the manifest's
-    ``optimization`` entry."""
+                  config: ExportConfig, *, fused: bool) -> dict[str, Any]:
+    """Exports ``graph`` to ``model_path``, with the graph speed-ups unless turned off (and the attention fused
+    into one ONNX Runtime kernel per layer if ``fused``); returns the manifest's ``optimization`` entry."""
     source = checkpoint.source
     _say(config, f"exporting {source['architecture']} ({source['parameters'] / 1e6:.0f}M "
-                 f"parameters{', RANDOM weights' if source['random_weights'] else ''}) to ONNX")
-    with folded_relative_attention(checkpoint.model) if config.optimize else nullcontext(0) as folded:
-        export_onnx(graph, model_path, opset=config.opset)
-    optimization: dict[str, Any] = {"enabled": config.optimize, "relative_attention_layers_folded": folded}
+                 f"parameters{', RANDOM weights' if source['random_weights'] else ''}) to ONNX"
+                 f"{' with fused attention' if fused else ''}")
+    model = checkpoint.model
+    with folded_relative_attention(model) if config.optimize else nullcontext(0) as folded, \
+            fused_attention(model) if fused else nullcontext(0) as fused_layers:
+        export_onnx(graph, model_path, opset=config.opset, translations=TRANSLATIONS if fused_layers else None)
+    optimization: dict[str, Any] = {"enabled": config.optimize, "relative_attention_layers_folded": folded,
+                                    "attention": "fused" if fused_layers else "unfused",
+                                    "attention_layers_fused": fused_layers}
     if config.optimize:
         _say(config, "applying ONNX Runtime's transformer fusions")
         model_config = checkpoint.config
@@ -222,14 +257,31 @@ def _max_length(checkpoint: LoadedCheckpoint, config: ExportConfig,
                 sentence_transformer: SentenceTransformerSpec | None = None) -> int:
     limit = int(getattr(checkpoint.config, "max_position_embeddings", 512))
     if config.max_length is not None:
-        if config.max_length > limit:
-            raise ExportError(f"max_length {config.max_length} exceeds the model's max_position_embeddings ({limit})")
+        longest = _longest_input(checkpoint, limit)
+        if config.max_length > longest:
+            raise ExportError(f"max_length {config.max_length} exceeds the longest input this checkpoint allows "
+                              f"({longest}: {_why_longest(checkpoint, limit)})")
         return config.max_length
     if sentence_transformer is not None and sentence_transformer.max_seq_length is not None:
         return min(sentence_transformer.max_seq_length, limit)
     declared = getattr(checkpoint.tokenizer, "model_max_length", None)
     # Tokenizers without a limit report a huge sentinel (int(1e30)).
     return min(int(declared), limit) if declared and declared < 1_000_000 else limit
+
+
+def _longest_input(checkpoint: LoadedCheckpoint, limit: int) -> int:
+    """``max_position_embeddings``, or up to ``LONGEST_RELATIVE_LENGTH`` for a checkpoint whose positions are
+    relative only (no absolute position table to index past its end)."""
+    model_config = checkpoint.config
+    relative_only = (getattr(model_config, "relative_attention", False)
+                     and not getattr(model_config, "position_biased_input", True))
+    return max(limit, LONGEST_RELATIVE_LENGTH) if relative_only else limit
+
+
+def _why_longest(checkpoint: LoadedCheckpoint, limit: int) -> str:
+    if _longest_input(checkpoint, limit) > limit:
+        return f"relative positions only, validated up to {LONGEST_RELATIVE_LENGTH} tokens"
+    return "its max_position_embeddings, the size of its absolute position table"
 
 
 def _say(config: ExportConfig, message: str) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -169,11 +171,13 @@ def _dummy_inputs(specs: tuple[TensorSpec, ...]) -> tuple[torch.Tensor, ...]:
     return tuple(dummies[spec.name] for spec in specs)
 
 
-def export_onnx(graph: torch.nn.Module, path: Path, *, opset: int = OPSET) -> onnx.ModelProto:
+def export_onnx(graph: torch.nn.Module, path: Path, *, opset: int = OPSET,
+                translations: Mapping[Callable[..., Any], Callable[..., Any]] | None = None) -> onnx.ModelProto:
     """Exports with the dynamo exporter (dynamic batch and sequence axes) and saves to ``path``.
 
     ``graph`` is an ``EmbeddingGraph`` or another module with ``inputs`` and ``outputs`` tensor specs (the
-    contract's names, in forward's argument and return order).
+    contract's names, in forward's argument and return order). ``translations`` maps custom torch ops the
+    module calls to their ONNX translation (the exporter's ``custom_translation_table``).
 
     The TorchScript exporter emits one ``If`` per layer for DeBERTa's relative positions; such nodes block
     CUDA graphs and stall ONNX Runtime's optimizers, so their presence fails the export.
@@ -196,6 +200,7 @@ def export_onnx(graph: torch.nn.Module, path: Path, *, opset: int = OPSET) -> on
             opset_version=opset,
             optimize=True,
             verbose=False,
+            custom_translation_table=dict(translations) if translations else None,
         )
     if program is None:
         raise ExportError("torch.onnx.export returned no program")

@@ -15,13 +15,17 @@ from deberta_onnx.runtime.contract import ATTENTION_MASK, INPUT_IDS, SEQUENCE_AX
 
 from ._errors import ValidationError
 
-__all__ = ["DEFAULT_VALIDATION_SHAPES", "ROUNDING_FACTOR", "format_report", "make_batch", "validate"]
+__all__ = ["DEFAULT_VALIDATION_SHAPES", "LONG_VALIDATION_SHAPES", "ROUNDING_FACTOR", "format_report", "make_batch",
+           "validate"]
 
 # (batch, sequence) pairs, none equal to the export's dummy (2 x 8): single tokens, odd lengths, the
 # 512 maximum, and batches large enough to hold short, long and all-padding rows together.
 DEFAULT_VALIDATION_SHAPES: tuple[tuple[int, int], ...] = (
     (1, 1), (1, 512), (2, 7), (3, 64), (5, 200), (8, 128), (16, 33), (16, 512),
 )
+# Added to the default grid for models longer than 512 tokens (sequences are capped at the model's maximum):
+# one row at the maximum, a padded pair past 512, and a batch with short, long and all-padding rows.
+LONG_VALIDATION_SHAPES: tuple[tuple[int, int], ...] = ((1, 2048), (2, 1000), (4, 1500))
 
 
 # Where the plain tolerance fails, ONNX Runtime may be this many times further from PyTorch's float64 result

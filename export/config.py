@@ -14,7 +14,15 @@ from ._tokenizer import TOKENIZER_SOURCES
 from ._triton import triton_name
 from ._validate import DEFAULT_VALIDATION_SHAPES
 
-__all__ = ["ExportConfig", "ExportResult"]
+__all__ = ["ATTENTION_MODES", "LONGEST_RELATIVE_LENGTH", "ExportConfig", "ExportResult"]
+
+# ``ExportConfig.attention``: one ONNX Runtime kernel per layer (falling back to the unfused graph should it
+# fail validation), or the unfused graph alone.
+ATTENTION_MODES = ("fused", "unfused")
+# The longest ``max_length`` for checkpoints with relative positions only (DeBERTa-v3): their log-bucketed
+# relative distances have no table to run past, so inputs longer than ``max_position_embeddings`` are defined;
+# this bounds the lengths the export validates and the runtime is measured at.
+LONGEST_RELATIVE_LENGTH = 2048
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,7 +43,10 @@ class ExportConfig:
             (default): what the checkpoint's architecture is (a ``...ForSequenceClassification`` checkpoint
             exports its head); ``"embedding"`` exports only the encoder of any checkpoint.
         max_length: longest input in tokens; default a sentence-transformers checkpoint's ``max_seq_length``,
-            else the tokenizer's ``model_max_length``, capped at the model's ``max_position_embeddings``.
+            else the tokenizer's ``model_max_length``, capped at the model's ``max_position_embeddings``. Up to
+            ``LONGEST_RELATIVE_LENGTH`` (2048) for checkpoints without absolute position embeddings (DeBERTa-v3),
+            whose relative positions carry on past ``max_position_embeddings`` (distances beyond the last
+            bucket share it, as in transformers); such exports are validated at those lengths too.
         validate: compare ONNX Runtime with PyTorch after export, and run the precisions' quality gate
             (strongly recommended).
         validation_shapes: (batch, sequence) pairs to validate on.
@@ -55,6 +66,10 @@ class ExportConfig:
         optimize: apply DeBERTa-specific graph speed-ups (see ``export/_optimize.py``): relative-position
             projections folded into per-layer constants, no per-batch repeat, position bias computed only for
             the distances a sequence can use. Recorded in the manifest; validated like the plain graph.
+        attention: ``"fused"`` (with ``optimize``): each layer's attention is one ONNX Runtime
+            ``MultiHeadAttention`` kernel, with the relative-position scores as its additive bias (see
+            ``export/_attention.py``); should that graph fail validation, the unfused one is exported instead,
+            and the manifest says so. ``"unfused"``: the scores, mask and softmax as separate operators.
         seed: seeds the validation inputs.
         quiet: no progress bars or report on stderr.
         precisions: the variants to write (``"fp32"``, ``"fp16"``, ``"int8-dynamic"``, ``"int8-static"``); fp32
@@ -90,6 +105,7 @@ class ExportConfig:
     triton_max_queue_delay_us: int = 1000
     opset: int = OPSET
     optimize: bool = True
+    attention: str = "fused"
     seed: int = 0
     quiet: bool = False
     precisions: tuple[str, ...] = ("fp32",)
@@ -126,6 +142,8 @@ class ExportConfig:
         check_positive_int("triton_max_queue_delay_us", self.triton_max_queue_delay_us, minimum=0)
         # Two tokens at least: room for [CLS] and [SEP].
         check_positive_int("max_length", self.max_length, optional=True, minimum=2)
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
         if self.tokenizer not in TOKENIZER_SOURCES:
             raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZER_SOURCES)}, got {self.tokenizer!r}")
         if not self.atol > 0:

@@ -124,6 +124,8 @@ class BatchPolicy:
 
     Attributes:
         max_tokens: padded tokens per batch (rows x width); ``None``: rows are the call's ``batch_size``.
+        default_rows: rows per batch when the call gives no ``batch_size`` (``None``: as many as
+            ``max_tokens`` allows).
         sequence_bucket: widths are padded to a multiple of this.
         fill_rows: pad a short batch with empty rows to the next power of two, at most its capacity (CUDA graphs
             replay fixed shapes; few row counts keep few graphs).
@@ -133,6 +135,7 @@ class BatchPolicy:
     """
 
     max_tokens: int | None = None
+    default_rows: int | None = DEFAULT_BATCH_SIZE
     sequence_bucket: int = 1
     fill_rows: bool = False
     token_types: bool = False
@@ -189,7 +192,8 @@ def token_batches(
         tokenizer: the model's tokenizer.
         items: texts, or ``(text, text_pair)`` tuples.
         policy: the loaded model's batching.
-        batch_size: most rows per call; ``None``: 32, or no cap beyond ``policy.max_tokens`` when set.
+        batch_size: most rows per call; ``None``: ``policy.default_rows`` (32, or no cap beyond an explicit
+            ``max_tokens``).
         truncate: cut inputs longer than the model's maximum; if false, raise instead.
         details: keep token strings and character offsets in the encodings.
         show_progress: show a progress bar (tqdm) over the inputs.
@@ -251,7 +255,8 @@ def padded_tokens(lengths: Sequence[int], policy: BatchPolicy, batch_size: int |
 
 
 def _rows_cap(batch_size: int | None, policy: BatchPolicy) -> int | None:
-    return batch_size if batch_size is not None or policy.max_tokens is not None else DEFAULT_BATCH_SIZE
+    rows = batch_size if batch_size is not None else policy.default_rows
+    return DEFAULT_BATCH_SIZE if rows is None and policy.max_tokens is None else rows
 
 
 def _chunks(total: int, batch_size: int) -> Iterator[tuple[int, int]]:

@@ -322,7 +322,7 @@ class TokenClassifier(LoadedAttributes):
         """
         items = check_texts(texts)
         check_positive_int("batch_size", batch_size, optional=True)
-        return _plan(self.loaded, SessionRunner(self.loaded.session, (LOGITS,)), items, batch_size, truncate, False,
+        return _plan(self.loaded, self._logits_runner(), items, batch_size, truncate, False,
                      per_row=True)
 
     def spans(self, text: str, output: tuple[np.ndarray, object], *, aggregation: str = "first",
@@ -332,10 +332,14 @@ class TokenClassifier(LoadedAttributes):
         return aggregate_spans(text, encoding.offsets, encoding.word_ids,  # type: ignore[attr-defined]
                                softmax(logits), self.labels, aggregation=aggregation, ignore_labels=ignore_labels)
 
+    def _logits_runner(self) -> SessionRunner:
+        loaded = self.loaded
+        return SessionRunner(loaded.session, (LOGITS,), shrink_tokens=loaded.shrink_tokens, arena=loaded.arena)
+
     def _run(self, items: list[str], batch_size: int | None, truncate: bool, show_progress: bool
              ) -> list[tuple[np.ndarray, object]]:
         out: list[tuple[np.ndarray, object] | None] = [None] * len(items)
-        for call in _plan(self.loaded, SessionRunner(self.loaded.session, (LOGITS,)), items, batch_size, truncate,
+        for call in _plan(self.loaded, self._logits_runner(), items, batch_size, truncate,
                           show_progress, per_row=True):
             for index, item in zip(call.rows, call.run()):
                 out[index] = item

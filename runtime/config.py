@@ -8,13 +8,32 @@ from dataclasses import dataclass
 from .contract import PRECISIONS
 from .utils import check_positive_int
 
-__all__ = ["CUDA_ARENA_STRATEGIES", "DEFAULT_BATCH_SIZE", "EncoderConfig", "parse_device"]
+__all__ = [
+    "ARENA_CHOICES",
+    "AUTO",
+    "CUDA_ARENA_STRATEGIES",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_CPU_MAX_TOKENS",
+    "DEFAULT_SHRINK_TOKENS",
+    "EncoderConfig",
+    "parse_device",
+]
 
 # Rows per model call when neither a batch size nor a token budget is given.
 DEFAULT_BATCH_SIZE = 32
 # Sequence bucket with IO binding: few enough widths (32 up to 512 tokens) that buffers are reused, at most 15
 # padding tokens a row.
 DEFAULT_IO_BINDING_BUCKET = 16
+# ``max_tokens="auto"``: this budget on the CPU, none on CUDA.
+AUTO = "auto"
+# The CPU token budget per model call (rows x padded length) when none is given: 8 texts of 512 tokens. Measured
+# on the deberta-v3-base shape (benchmarks/README.md, "Long texts"): no slower per text than larger calls, and
+# the activations of one call stay a fraction of the weights' memory.
+DEFAULT_CPU_MAX_TOKENS = 4096
+# After a model call of at least this many padded tokens, ONNX Runtime's CPU arena returns its unused memory.
+DEFAULT_SHRINK_TOKENS = 2048
+# ``cpu_arena``: how ONNX Runtime's CPU memory arena grows (or whether there is one).
+ARENA_CHOICES = ("same-as-requested", "next-power-of-two", "off")
 # The CUDA provider's arena_extend_strategy values.
 CUDA_ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
 
@@ -52,12 +71,23 @@ class EncoderConfig:
             through ``session.run``.
         sequence_bucket: pad each batch's length up to a multiple of this many tokens, so that few shapes
             occur; ``None``: 16 with IO binding, 1 (no extra padding) without.
-        max_tokens: a token budget per batch (rows x padded length) instead of a fixed row count; a
-            ``batch_size`` given to ``encode`` then caps the rows as well. ``None``: rows are ``batch_size``.
+        max_tokens: a token budget per batch (rows x padded length): a batch holds as many texts as fit it,
+            and a ``batch_size`` given to ``encode`` caps the rows as well. ``"auto"`` (default):
+            ``DEFAULT_CPU_MAX_TOKENS`` (4096) on the CPU, with ``batch_size`` still 32 when not given, and no
+            budget on CUDA. ``None``: no budget, rows are ``batch_size``.
         max_buckets: most (batch, sequence) shapes whose IO-binding buffers are kept (least recently used
             freed first); with CUDA graphs, also the most graphs captured.
         cuda_graph: capture one CUDA graph per shape and replay it (needs CUDA and IO binding); a short batch's
             rows are then padded to the next power of two (at most the batch size), so that few shapes occur.
+        cpu_arena: how ONNX Runtime's CPU memory arena grows: ``"same-as-requested"`` (default: by what a
+            call needs, in one arena shared by the sessions of the process), ``"next-power-of-two"`` (ONNX
+            Runtime's own default: each session's arena doubles its last growth, so up to twice what a call
+            needs stays reserved), or ``"off"`` (no arena: every tensor is allocated and freed per call).
+        arena_shrink_tokens: after a model call of at least this many padded tokens (rows x width), the CPU
+            arena hands the memory no tensor uses back to the system (ONNX Runtime's
+            ``memory.enable_memory_arena_shrinkage``, then glibc's ``malloc_trim`` for what the C heap keeps),
+            so a burst of long texts does not keep its peak; smaller calls keep theirs for reuse. ``None``:
+            never.
         max_call_memory_mb: the most memory one model call may take, as estimated from its attention score
             tensors (``batching.call_memory``): batches hold fewer rows where more would pass it, and a folder
             whose longest input (``max_sequence_length``) alone would pass it is refused at load with
@@ -79,9 +109,11 @@ class EncoderConfig:
     device: str | None = None
     io_binding: bool | None = None
     sequence_bucket: int | None = None
-    max_tokens: int | None = None
+    max_tokens: int | str | None = AUTO
     max_buckets: int = 64
     cuda_graph: bool = False
+    cpu_arena: str = "same-as-requested"
+    arena_shrink_tokens: int | None = DEFAULT_SHRINK_TOKENS
     max_call_memory_mb: int | None = 8192
     cuda_arena_extend_strategy: str | None = None
     gpu_mem_limit: int | None = None
@@ -92,8 +124,14 @@ class EncoderConfig:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} or None, got {self.precision!r}")
         for name in ("intra_op_threads", "inter_op_threads"):
             check_positive_int(name, getattr(self, name), optional=True, minimum=0)
-        for name in ("sequence_bucket", "max_tokens"):
+        if self.max_tokens != AUTO:
+            if isinstance(self.max_tokens, str):
+                raise ValueError(f"max_tokens must be a positive int, 'auto' or None, got {self.max_tokens!r}")
+            check_positive_int("max_tokens", self.max_tokens, optional=True)
+        for name in ("sequence_bucket", "arena_shrink_tokens"):
             check_positive_int(name, getattr(self, name), optional=True)
+        if self.cpu_arena not in ARENA_CHOICES:
+            raise ValueError(f"cpu_arena must be one of {', '.join(ARENA_CHOICES)}, got {self.cpu_arena!r}")
         check_positive_int("max_buckets", self.max_buckets)
         check_positive_int("max_call_memory_mb", self.max_call_memory_mb, optional=True)
         if self.device is not None:

@@ -302,7 +302,8 @@ class Encoder(LoadedAttributes):
             return self.encode_tokens([texts], batch_size, truncate=truncate, show_progress=show_progress)[0]
         items = check_texts(texts)
         loaded = self.loaded
-        runner = SessionRunner(loaded.session, (TOKEN_EMBEDDINGS,))
+        runner = SessionRunner(loaded.session, (TOKEN_EMBEDDINGS,), shrink_tokens=loaded.shrink_tokens,
+                               arena=loaded.arena)
         out: list[TokenEmbeddings | None] = [None] * len(items)
         for batch in token_batches(loaded.tokenizer, items, loaded.policy, batch_size, truncate=truncate,
                                    show_progress=show_progress, details=True):

@@ -29,7 +29,8 @@ import onnxruntime as ort
 
 from .contract import ATTENTION_MASK, INPUT_IDS, ORT_TYPES, SENTENCE_EMBEDDING
 from .errors import ContractMismatchError, CudaGraphError
-from .utils import check_positive_int
+from .session import shrink_run_options
+from .utils import check_positive_int, release_free_heap
 
 __all__ = ["EAGER_GRAPH_ID", "GRAPH_ID_OPTION", "CudaGraphRegistry", "IOBindingRunner"]
 
@@ -110,6 +111,7 @@ class _Bucket:
     direct: bool  # ``host`` is ``inputs``' memory, so no copy is needed
     graph_id: int = EAGER_GRAPH_ID
     run_options: ort.RunOptions | None = field(default=None)
+    shrinks: bool = False  # its runs end by shrinking the CPU arena
 
     def buffers(self) -> tuple[int, ...]:
         return self.inputs.data_ptr(), self.output.data_ptr()
@@ -129,6 +131,9 @@ class IOBindingRunner:
         cuda_graph: give each new shape, up to ``max_buckets`` of them, its own CUDA graph id (the session
             must have been made with ``enable_cuda_graph``); later shapes run eagerly. Runs then go through one
             thread the runner owns.
+        shrink_tokens: runs of shapes with at least this many tokens end by handing the CPU arena's unused
+            memory back to the system, then the C heap's free pages; ``None``: never.
+        arena: whether the session has a CPU arena to shrink (without one, only the C heap is trimmed).
 
     Calls are serialised by a lock (the buffers are shared), so one runner may be used from several threads.
     """
@@ -142,6 +147,8 @@ class IOBindingRunner:
         device_id: int = 0,
         max_buckets: int = 64,
         cuda_graph: bool = False,
+        shrink_tokens: int | None = None,
+        arena: bool = True,
     ) -> None:
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -157,6 +164,9 @@ class IOBindingRunner:
         self.device = device
         self.device_id = device_id
         self.max_buckets = max_buckets
+        check_positive_int("shrink_tokens", shrink_tokens, optional=True)
+        self.shrink_tokens = shrink_tokens
+        self.arena = arena
         # Bind the graph's own output type (an fp16 graph writes fp16); vectors are returned as float32.
         self._output_type = _NUMPY_TYPES[outputs[SENTENCE_EMBEDDING]]
         self.graphs = CudaGraphRegistry(max_buckets) if cuda_graph else None
@@ -238,6 +248,8 @@ class IOBindingRunner:
                         f"CUDA graph {graph_id} for shape {shape} failed ({exc}), and the eager run after it failed "
                         f"too ({again}); load the model without cuda_graph"
                     ) from again
+            if bucket.shrinks:
+                release_free_heap()
             # On the CPU device numpy() is a view of the reused buffer, so copy; on CUDA it is the one copy back.
             vectors = bucket.output.numpy()
             if self.device == "cpu" or vectors.dtype != np.float32:
@@ -274,6 +286,10 @@ class IOBindingRunner:
             bucket.run_options = _graph_options(bucket.graph_id)
             if bucket.graph_id != EAGER_GRAPH_ID:
                 return bucket
+        if self.shrink_tokens is not None and shape[0] * shape[1] >= self.shrink_tokens:
+            if self.arena:
+                bucket.run_options = shrink_run_options(bucket.run_options)
+            bucket.shrinks = True
         self._keep(shape, bucket)
         return bucket
 

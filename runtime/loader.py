@@ -12,7 +12,7 @@ from typing import Generic, TypeVar, overload
 import onnxruntime as ort
 
 from .batching import BatchPolicy, call_memory
-from .config import DEFAULT_IO_BINDING_BUCKET, EncoderConfig
+from .config import AUTO, DEFAULT_BATCH_SIZE, DEFAULT_CPU_MAX_TOKENS, DEFAULT_IO_BINDING_BUCKET, EncoderConfig
 from .contract import (
     REQUIRED_OUTPUT,
     TASK_EMBEDDING,
@@ -105,6 +105,9 @@ class LoadedModel:
     device: str  # "cpu" or "cuda:N"
     io_binding: bool
     policy: BatchPolicy
+    # Runners made for other outputs shrink memory as ``runner`` does: from calls of this many tokens, the arena too.
+    shrink_tokens: int | None = None
+    arena: bool = True
 
     @property
     def model_dir(self) -> Path:
@@ -255,20 +258,27 @@ def load_model(model_dir: str | Path, providers: ProviderList | None, config: En
                               pad_id=manifest.model.pad_token_id, vocab_limit=manifest.model.vocab_size)
     heads = _check_max_length(manifest, tokenizer, config)
     settings = SessionSettings(intra_op_threads=config.intra_op_threads, inter_op_threads=config.inter_op_threads,
-                               allow_spinning=config.allow_spinning)
+                               allow_spinning=config.allow_spinning, cpu_arena=config.cpu_arena)
     session = create_session(model_path, chosen, settings)
     check_session(session, inputs=manifest.inputs, outputs=manifest.outputs, task=task, model_path=model_path,
                   manifest_path=manifest.path)
     kind, device_id = session_device(session)
     io_binding = task == TASK_EMBEDDING and (config.io_binding if config.io_binding is not None else kind == "cuda")
     runner: Runner
+    shrink, arena = config.arena_shrink_tokens, config.cpu_arena != "off"
     if io_binding:
         runner = IOBindingRunner(session, hidden_size=manifest.hidden_size, device=kind, device_id=device_id,
-                                 max_buckets=config.max_buckets, cuda_graph=config.cuda_graph)
+                                 max_buckets=config.max_buckets, cuda_graph=config.cuda_graph, shrink_tokens=shrink,
+                                 arena=arena)
     else:
-        runner = SessionRunner(session, (REQUIRED_OUTPUT[task],))
+        runner = SessionRunner(session, (REQUIRED_OUTPUT[task],), shrink_tokens=shrink, arena=arena)
+    max_tokens = config.max_tokens if isinstance(config.max_tokens, int) else None
+    if config.max_tokens == AUTO:
+        max_tokens = DEFAULT_CPU_MAX_TOKENS if kind == "cpu" else None
     policy = BatchPolicy(
-        max_tokens=config.max_tokens,
+        max_tokens=max_tokens,
+        # The automatic budget only caps the usual rows; a budget given by the caller may fill a call alone.
+        default_rows=DEFAULT_BATCH_SIZE if config.max_tokens == AUTO or max_tokens is None else None,
         sequence_bucket=config.sequence_bucket or (DEFAULT_IO_BINDING_BUCKET if io_binding else 1),
         # CUDA graphs replay fixed shapes: a short batch is padded with empty rows to a power of two.
         fill_rows=config.cuda_graph,
@@ -280,4 +290,5 @@ def load_model(model_dir: str | Path, providers: ProviderList | None, config: En
                 "IO binding" if io_binding else "session.run")
     return LoadedModel(manifest=manifest, config=config, providers=chosen, precision=precision,
                        precision_reason=reason, session=session, tokenizer=tokenizer, runner=runner,
-                       device=kind if kind == "cpu" else f"{kind}:{device_id}", io_binding=io_binding, policy=policy)
+                       device=kind if kind == "cpu" else f"{kind}:{device_id}", io_binding=io_binding, policy=policy,
+                       shrink_tokens=shrink, arena=arena)

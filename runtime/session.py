@@ -3,6 +3,7 @@ session options the runtime sets."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ __all__ = [
     "provider_names",
     "resolve_providers",
     "session_device",
+    "shrink_run_options",
 ]
 
 ProviderList = Sequence[str | tuple[str, dict[str, object]]]
@@ -59,6 +61,9 @@ class SessionSettings:
     intra_op_threads: int | None = None
     inter_op_threads: int | None = None
     allow_spinning: bool | None = None
+    # "same-as-requested" (the process's shared CPU arena, grown by what is asked), "next-power-of-two" (each
+    # session's own arena, ONNX Runtime's default), "off" (no CPU arena); None leaves ONNX Runtime's default.
+    cpu_arena: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,6 +224,10 @@ def create_session(path: Path, providers: ProviderList, settings: SessionSetting
         options.inter_op_num_threads = settings.inter_op_threads
     if settings.allow_spinning is not None:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.allow_spinning else "0")
+    if settings.cpu_arena == "off":
+        options.enable_cpu_mem_arena = False
+    elif settings.cpu_arena == "same-as-requested" and _shared_cpu_arena():
+        options.add_session_config_entry("session.use_env_allocators", "1")
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own pybind classes, not RuntimeError subclasses
@@ -234,6 +243,40 @@ def create_session(path: Path, providers: ProviderList, settings: SessionSetting
             f"print(o.get_available_providers())\"` checks the setup). {hint}".strip()
         )
     return session
+
+
+# ONNX Runtime's arena extend strategies (OrtArenaCfg): kNextPowerOfTwo 0, kSameAsRequested 1.
+_SAME_AS_REQUESTED = 1
+
+
+@functools.cache
+def _shared_cpu_arena() -> bool:
+    """Registers, once per process, a CPU arena that grows by what is requested rather than doubling, for the
+    sessions made with ``session.use_env_allocators``.
+
+    ONNX Runtime's Python API configures the CPU arena only this way (the CPU provider takes no arena options),
+    so every session that asks for it shares this one arena: memory one model frees, another can reuse.
+
+    Raises:
+        ModelLoadError: ONNX Runtime refused the arena.
+    """
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    try:
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": _SAME_AS_REQUESTED}))
+    except Exception as exc:  # onnxruntime raises its own pybind classes, not RuntimeError subclasses
+        raise ModelLoadError(
+            f"ONNX Runtime {ort.__version__} refused the shared CPU arena ({exc}); load with "
+            "EncoderConfig(cpu_arena='next-power-of-two') to keep each session's own arena."
+        ) from exc
+    return True
+
+
+def shrink_run_options(base: ort.RunOptions | None = None) -> ort.RunOptions:
+    """Run options (``base``'s, or new ones) with which a run ends by handing the CPU arena's unused memory back
+    to the system (``memory.enable_memory_arena_shrinkage``)."""
+    options = base if base is not None else ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
 
 
 def _first_line(exc: BaseException) -> str:

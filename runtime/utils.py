@@ -3,6 +3,8 @@ argument checks. Standard library only."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib.util
 import logging
 import os
@@ -24,6 +26,7 @@ __all__ = [
     "installed_versions",
     "missing_extra",
     "quiet_loggers",
+    "release_free_heap",
     "require_extra",
     "text_lines",
 ]
@@ -193,3 +196,31 @@ def check_positive_int(name: str, value: object, *, optional: bool = False, mini
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
         raise ValueError(f"{name} must be {kind}{' or None' if optional else ''}, got {value!r}")
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or ``None`` where the C library has none (musl, macOS, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_free_heap() -> bool:
+    """Hands the C heap's free pages back to the system (glibc's ``malloc_trim(0)``); ``False`` where the C
+    library cannot.
+
+    Memory a program frees stays in glibc's heaps (one per thread that allocates) unless it sits at a heap's top
+    or came from its own ``mmap``; after ONNX Runtime shrinks its arena, the freed buffers below the dynamic mmap
+    threshold would otherwise keep the process's RSS up.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True

@@ -150,3 +150,23 @@ def test_cuda_report_names_the_build_tf32_and_the_ratio_to_pytorch_fp16() -> Non
     assert "| 3.10 | 3.10 | 0.999500 |" in table and "| 512 |" in table
     cpu = markdown({"environment": {**environment, "tf32": None}, "rows": [{**row, "vs_pytorch_fp16": None}]})
     assert "x PyTorch fp16" not in cpu and "TF32" not in cpu
+
+
+def test_encoder_config_fields_reach_one_model_only(tiny_model: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from deberta_onnx.benchmarks.backends import ThreadSetting, runtime_backends
+    from deberta_onnx.runtime.cli import main
+
+    spec = ModelSpec.parse(f"today={tiny_model}").with_field("max_tokens=none").with_field("cpu_arena=off")
+    assert spec.fields == (("max_tokens", None), ("cpu_arena", "off"))
+    assert ModelSpec.parse("a=dir").with_field("arena_shrink_tokens=4096").fields == (("arena_shrink_tokens", 4096),)
+    with pytest.raises(ValueError, match="give FIELD=VALUE"):
+        spec.with_field("cpu_arena")
+    (backend,) = runtime_backends(tiny_model, ["fp32"], model="today", device="cpu", threads=[ThreadSetting()],
+                                  paths=["plain"], fields=dict(spec.fields))
+    config = backend.encoder.loaded.config
+    assert config.max_tokens is None and config.cpu_arena == "off"
+    args = ["bench", f"a={tiny_model}", "--out", str(tmp_path / "out"), "--quick", "--encoder-config"]
+    assert main([*args, "b:max_tokens=none"]) == 1
+    assert "no model labelled 'b' (a)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

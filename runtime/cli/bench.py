@@ -38,6 +38,9 @@ def add_parser(commands: Any, *, with_defaults: bool) -> None:
         help="model folders (LABEL=DIR to name a row, DIR:fp16,... to run only those variants of it); folders "
              "from one source share one reference")
     add("--out", required=True, help="folder for results.json, results.md and throughput.png")
+    add("--encoder-config", action="append", default=unset, metavar="LABEL:FIELD=VALUE",
+        help="an EncoderConfig field for the model labelled LABEL (repeatable), e.g. "
+             "today:cpu_arena=next-power-of-two; the others keep EncoderConfig's defaults")
     add("--quick", action="store_true", help="CI mode: shapes 1x32 and 8x128, a 200-text corpus, few calls")
     add("--reference", default=unset,
         help="PyTorch checkpoint to compare with (default: the manifest's source; random:SHAPE sources are rebuilt)")
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from deberta_onnx.benchmarks import BenchConfig, ModelSpec, ThreadSetting, parse_shapes, run_benchmark
 
     given = {name: value for name, value in vars(args).items()
-             if name not in ("models", "out", "quick", "run", "command")}
+             if name not in ("models", "out", "quick", "run", "command", "encoder_config")}
     converters = {
         "shapes": parse_shapes,
         "precisions": lambda text: tuple(text.split(",")),
@@ -92,7 +95,16 @@ def run(args: argparse.Namespace) -> int:
     for name, convert in converters.items():
         if name in given:
             given[name] = convert(given[name])
-    given.update(models=tuple(ModelSpec.parse(text) for text in args.models), out_dir=Path(args.out))
+    specs = [ModelSpec.parse(text) for text in args.models]
+    models = {spec.label: spec for spec in specs}
+    if len(models) != len(specs):
+        raise ValueError("two model folders carry one label; name them LABEL=DIR")
+    for text in getattr(args, "encoder_config", []):
+        label, _, field = text.partition(":")
+        if label not in models:
+            raise ValueError(f"--encoder-config {text}: no model labelled {label!r} ({', '.join(models)})")
+        models[label] = models[label].with_field(field)
+    given.update(models=tuple(models.values()), out_dir=Path(args.out))
     config = BenchConfig.quick(**given) if args.quick else BenchConfig(**given)
     run_benchmark(config)
     print(Path(args.out) / "results.md")

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..config import CUDA_ARENA_STRATEGIES, EncoderConfig
+from ..config import ARENA_CHOICES, AUTO, CUDA_ARENA_STRATEGIES, EncoderConfig
 from ..contract import PRECISIONS
 from ..utils import atomic_write, text_lines
 
@@ -110,13 +110,22 @@ def add_load_flags(parser: argparse.ArgumentParser) -> None:
                         help="reuse bound device buffers per batch shape (default: on with CUDA, off on the CPU)")
     parser.add_argument("--sequence-bucket", type=int, default=defaults["sequence_bucket"],
                         help="pad batch lengths to a multiple of N tokens (default: 16 with IO binding, else 1)")
-    parser.add_argument("--max-tokens", type=int, default=defaults["max_tokens"],
-                        help="token budget per batch (rows x padded length) instead of a fixed batch size")
+    parser.add_argument("--max-tokens", type=_budget, default=defaults["max_tokens"], metavar="N|auto|none",
+                        help="token budget per batch (rows x padded length): auto is 4096 on the CPU (rows still "
+                             "capped at the batch size) and none on CUDA; none: a fixed batch size "
+                             f"{default_note(defaults, 'max_tokens').strip()}")
     parser.add_argument("--max-buckets", type=int, default=defaults["max_buckets"],
                         help="most batch shapes whose IO-binding buffers (and CUDA graphs) are kept "
                              f"{default_note(defaults, 'max_buckets').strip()}")
     parser.add_argument("--cuda-graph", action="store_true", default=defaults["cuda_graph"],
                         help="capture and replay one CUDA graph per batch shape (CUDA, IO binding)")
+    parser.add_argument("--cpu-arena", default=defaults["cpu_arena"], choices=list(ARENA_CHOICES),
+                        help="how ONNX Runtime's CPU memory arena grows: by what a call needs, doubling (ONNX "
+                             f"Runtime's default), or no arena {default_note(defaults, 'cpu_arena').strip()}")
+    parser.add_argument("--arena-shrink-tokens", type=_optional_int, default=defaults["arena_shrink_tokens"],
+                        metavar="N|none",
+                        help="after a model call of at least N padded tokens, hand the CPU arena's unused memory "
+                             f"back to the system; none: never {default_note(defaults, 'arena_shrink_tokens').strip()}")
     parser.add_argument("--cuda-arena-extend-strategy", default=defaults["cuda_arena_extend_strategy"],
                         choices=list(CUDA_ARENA_STRATEGIES),
                         help="how the CUDA provider's memory arena grows (default: kSameAsRequested with "
@@ -141,8 +150,30 @@ def load(args: argparse.Namespace, kind: Callable[..., M], model_dir: str | None
         max_tokens=args.max_tokens,
         max_buckets=args.max_buckets,
         cuda_graph=args.cuda_graph,
+        cpu_arena=args.cpu_arena,
+        arena_shrink_tokens=args.arena_shrink_tokens,
         cuda_arena_extend_strategy=args.cuda_arena_extend_strategy,
         gpu_mem_limit=args.gpu_mem_limit,
         use_tf32=args.use_tf32,
     )
     return kind(args.model_dir if model_dir is None else model_dir, config=config)
+
+
+def _optional_int(text: str) -> int | None:
+    """``N`` or ``none``, for flags whose field takes an int or ``None``."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+
+
+def _budget(text: str) -> int | str | None:
+    """``--max-tokens``: ``N``, ``auto`` or ``none``."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return _optional_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected an integer, 'auto' or 'none', got {text!r}") from None

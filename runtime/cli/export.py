@@ -51,7 +51,9 @@ def add_parser(commands: Any, *, with_defaults: bool) -> None:
     add("--task", default=unset, choices=list(TASKS),
         help="embedding (encoder + pooling), or a classifier's head with logits out (default: what the checkpoint "
              "is; --task embedding exports any checkpoint's encoder alone)")
-    add("--max-length", type=int, default=unset, help="longest input in tokens (default: the model's)")
+    add("--max-length", type=int, default=unset,
+        help="longest input in tokens (default: the model's; up to 2048 for DeBERTa-v3, whose positions are "
+             "relative only)")
     add("--no-validate", dest="validate", action="store_false", default=unset,
         help="skip the comparison with PyTorch and the precisions' quality gate (not advised)")
     add("--atol", type=float, default=unset,
@@ -64,6 +66,10 @@ def add_parser(commands: Any, *, with_defaults: bool) -> None:
              f"transformers' fast tokenizer{default_note(d, 'tokenizer')}")
     add("--no-optimize", dest="optimize", action="store_false", default=unset,
         help="export DeBERTa's attention as transformers writes it, without the graph speed-ups")
+    add("--attention", default=unset, choices=["fused", "unfused"],
+        help="fused: one ONNX Runtime MultiHeadAttention kernel per layer, with the relative-position scores as "
+             "its bias (the unfused graph is exported instead should it fail validation); unfused: scores, mask "
+             f"and softmax as separate operators{default_note(d, 'attention')}")
     add("--triton", action="store_true", default=unset,
         help="also write a Triton Inference Server model repository to OUT_DIR/triton/NAME/ (config.pbtxt with "
              "dynamic batching, the model under version 1); clients tokenize with OUT_DIR/tokenizer.json")

@@ -1,0 +1,129 @@
+"""Bounded memory on the CPU: the default token budget (batches change, vectors do not), the CPU arena settings,
+and memory that comes back after long texts, measured on a real server process."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+from deberta_onnx.benchmarks.load import ServerProcess
+from deberta_onnx.runtime import Encoder, EncoderConfig
+from deberta_onnx.runtime.batching import token_batches
+from deberta_onnx.runtime.cli import main
+from deberta_onnx.runtime.config import ARENA_CHOICES, DEFAULT_BATCH_SIZE, DEFAULT_CPU_MAX_TOKENS
+
+from .conftest import HARD_TEXTS
+
+
+def _text(words: int, seed: int) -> str:
+    return " ".join(f"w{(seed * 7919 + i) % 997}" for i in range(words))
+
+
+# Long texts (cut at the tiny model's 512 tokens) among medium and short ones, in no particular order.
+TEXTS = [_text(n, i) for i, n in enumerate([700, 3, 150, 480, 12, 600, 40, 260, 5, 900, 75, 330, 8, 20])] * 5
+TEXTS += HARD_TEXTS + [f"a short text, number {i}" for i in range(40)]
+
+
+def test_the_cpu_gets_a_token_budget_by_default(tiny_model: Path) -> None:
+    policy = Encoder(tiny_model).loaded.policy
+    assert policy.max_tokens == DEFAULT_CPU_MAX_TOKENS and policy.default_rows == DEFAULT_BATCH_SIZE
+    assert Encoder(tiny_model, config=EncoderConfig(max_tokens=None)).loaded.policy.max_tokens is None
+    explicit = Encoder(tiny_model, config=EncoderConfig(max_tokens=1000)).loaded.policy
+    assert explicit.max_tokens == 1000 and explicit.default_rows is None  # a caller's budget alone sets the rows
+
+
+def test_the_default_budget_changes_batches_not_vectors(tiny_model: Path) -> None:
+    default = Encoder(tiny_model)
+    plain = Encoder(tiny_model, config=EncoderConfig(max_tokens=None, cpu_arena="next-power-of-two",
+                                                     arena_shrink_tokens=None))
+    loaded = default.loaded
+    batches = list(token_batches(loaded.tokenizer, TEXTS, loaded.policy, None, truncate=True))
+    assert all(batch.input_ids.size <= DEFAULT_CPU_MAX_TOKENS for batch in batches)
+    assert max(len(batch.rows) for batch in batches) == DEFAULT_BATCH_SIZE  # short texts: still 32 rows a call
+    # Full-length texts, longest first: as many as fit the budget.
+    assert batches[0].input_ids.shape == (DEFAULT_CPU_MAX_TOKENS // loaded.max_length, loaded.max_length)
+    np.testing.assert_allclose(default.encode(TEXTS), plain.encode(TEXTS), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(default.encode(TEXTS, batch_size=3), plain.encode(TEXTS), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("io_binding", [False, True])
+def test_arena_settings_and_shrinking_give_the_same_vectors(tiny_model: Path, io_binding: bool) -> None:
+    reference = Encoder(tiny_model, config=EncoderConfig(max_tokens=None, cpu_arena="next-power-of-two",
+                                                         arena_shrink_tokens=None)).encode(TEXTS)
+    # Each arena once, shrinking after every call, after long calls only, and never.
+    for arena, shrink in zip(ARENA_CHOICES, (1, 2048, None)):
+        config = EncoderConfig(cpu_arena=arena, arena_shrink_tokens=shrink, io_binding=io_binding)
+        np.testing.assert_allclose(Encoder(tiny_model, config=config).encode(TEXTS), reference, atol=1e-5,
+                                   rtol=0, err_msg=f"cpu_arena={arena} arena_shrink_tokens={shrink}")
+
+
+@pytest.mark.parametrize(("fields", "says"), [
+    ({"max_tokens": "lots"}, "max_tokens must be a positive int, 'auto' or None"),
+    ({"max_tokens": 0}, "max_tokens must be a positive int"),
+    ({"cpu_arena": "huge"}, "cpu_arena must be one of same-as-requested, next-power-of-two, off"),
+    ({"arena_shrink_tokens": 0}, "arena_shrink_tokens must be a positive int or None"),
+])
+def test_memory_settings_are_checked(fields: dict[str, object], says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        EncoderConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_cli_memory_flags_reach_the_config(tiny_model: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "in.txt").write_text("\n".join(TEXTS[:12]), encoding="utf-8")
+    args = ["embed", str(tiny_model), "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "o.npy")]
+    expected = Encoder(tiny_model).encode(TEXTS[:12])
+    for flags in (["--max-tokens", "none", "--cpu-arena", "off", "--arena-shrink-tokens", "none"],
+                  ["--max-tokens", "auto", "--cpu-arena", "next-power-of-two", "--arena-shrink-tokens", "100"],
+                  ["--max-tokens", "600"]):
+        assert main([*args, *flags]) == 0, flags
+        np.testing.assert_allclose(np.load(tmp_path / "o.npy"), expected, atol=1e-5, rtol=0)
+    with pytest.raises(SystemExit):
+        main([*args, "--max-tokens", "lots"])
+    assert "expected an integer, 'auto' or 'none'" in capsys.readouterr().err
+
+
+def _rss_after_a_burst(model: Path, *flags: str) -> tuple[float, float, float]:
+    """(RSS before, highest RSS seen during, RSS after) a burst of 512-token requests, in MB, of a real
+    ``deberta-onnx serve`` process that served short requests first."""
+    short = {"input": ["a short text", "and another one"]}
+    with ServerProcess(model, "--threads", "1", *flags) as server:
+        assert server.process is not None
+        process = psutil.Process(server.process.pid)
+        for _ in range(5):
+            assert httpx.post(f"{server.url}/v1/embeddings", json=short, timeout=120).status_code == 200
+        before = process.memory_info().rss
+        failures: list[str] = []
+
+        def request(seed: int) -> None:
+            body = {"input": [_text(700, seed * 8 + i) for i in range(8)]}  # each cut at 512 tokens
+            response = httpx.post(f"{server.url}/v1/embeddings", json=body, timeout=600)
+            if response.status_code != 200:
+                failures.append(response.text)
+
+        clients = [threading.Thread(target=request, args=(seed,)) for seed in range(6)]
+        for client in clients:
+            client.start()
+        peak = before
+        while any(client.is_alive() for client in clients):
+            peak = max(peak, process.memory_info().rss)
+            for client in clients:
+                client.join(0.01)
+        assert not failures, failures
+        after = process.memory_info().rss
+    return before / 2**20, peak / 2**20, after / 2**20
+
+
+def test_a_servers_memory_comes_back_after_a_burst_of_long_texts(tiny_model: Path) -> None:
+    before, peak, after = _rss_after_a_burst(tiny_model)
+    assert peak > 2 * before, (before, peak, after)  # the burst did need memory
+    assert after <= 1.25 * before, (before, peak, after)
+    # Without shrinking, ONNX Runtime's arena keeps the burst's peak: what the test above would catch.
+    kept_before, _, kept_after = _rss_after_a_burst(tiny_model, "--cpu-arena", "next-power-of-two",
+                                                    "--arena-shrink-tokens", "none")
+    assert kept_after > 2 * kept_before, (kept_before, kept_after)
