@@ -21,6 +21,14 @@ from deberta_onnx.export._validate import make_batch
 from deberta_onnx.runtime import Encoder
 
 
+@pytest.fixture(scope="module")
+def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, fused-attention model folder) for each tiny checkpoint."""
+    out = tmp_path_factory.mktemp("fused") / "model"
+    export_model(checkpoint, out, ExportConfig(quiet=True, attention="fused"))
+    return checkpoint, out
+
+
 def _nodes(folder: Path) -> list[onnx.NodeProto]:
     return list(onnx.load(str(folder / "model.onnx")).graph.node)
 
@@ -107,7 +115,7 @@ def test_a_fused_graph_that_fails_validation_falls_back_to_the_unfused_one(
 
     monkeypatch.setitem(TRANSLATIONS, op, broken)
     # Two shapes, one padded, catch it (and keep the two exports quick).
-    config = ExportConfig(quiet=True, validation_shapes=((2, 7), (3, 64)))
+    config = ExportConfig(quiet=True, attention="fused", validation_shapes=((2, 7), (3, 64)))
     result = export_model(tiny_checkpoint, tmp_path / "model", config)
     optimization = result.manifest["optimization"]
     assert optimization["attention"] == "unfused" and optimization["attention_layers_fused"] == 0
