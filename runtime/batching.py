@@ -249,7 +249,9 @@ def padded_tokens(lengths: Sequence[int], policy: BatchPolicy, batch_size: int |
         chunk = sorted(lengths[start:stop], reverse=True)
         for planned in plan_batches(chunk, batch_size=rows_cap, max_tokens=policy.max_tokens, multiple_of=bucket,
                                     max_length=max_length):
-            rows = planned.capacity if policy.fill_rows else planned.stop - planned.start
+            rows = planned.stop - planned.start
+            if policy.fill_rows:
+                rows = filled_rows(rows, planned.capacity)
             total += rows * planned.width
     return total
 

@@ -39,9 +39,14 @@ def test_padded_tokens_is_what_token_batches_runs(tiny_model: Path, corpus: list
 def test_padded_tokens_by_hand() -> None:
     # Sorted 10, 9, 3, 2, 2: rows of 2 -> widths 10, 3, 2 -> 20 + 6 + 2.
     assert padded_tokens([2, 10, 3, 9, 2], PLAIN, 2, max_length=512) == 28
-    # Bucket 4: widths 12, 4, 4 -> 24 + 8 + 4; filled rows: the last batch counts 2 rows.
+    # Bucket 4: widths 12, 4, 4 -> 24 + 8 + 4; filled rows pad a short batch to the next power of two, so the
+    # last batch's one row stays one row.
     assert padded_tokens([2, 10, 3, 9, 2], BatchPolicy(sequence_bucket=4), 2, max_length=512) == 36
-    assert padded_tokens([2, 10, 3, 9, 2], BatchPolicy(sequence_bucket=4, fill_rows=True), 2, max_length=512) == 40
+    assert padded_tokens([2, 10, 3, 9, 2], BatchPolicy(sequence_bucket=4, fill_rows=True), 2, max_length=512) == 36
+    # Rows of 4, sorted 10, 9, 7, 5 | 3, 2, 2: widths 12 and 4; filled, the last batch's 3 rows count 4.
+    seven = [2, 10, 3, 9, 2, 5, 7]
+    assert padded_tokens(seven, BatchPolicy(sequence_bucket=4), 4, max_length=512) == 48 + 12
+    assert padded_tokens(seven, BatchPolicy(sequence_bucket=4, fill_rows=True), 4, max_length=512) == 48 + 16
     # A token budget of 20: width 10 holds 2 rows, width 3 holds 6.
     assert padded_tokens([2, 10, 3, 9, 2], BatchPolicy(max_tokens=20), None, max_length=512) == 20 + 9
     assert padded_tokens([], PLAIN, 8, max_length=512) == 0
