@@ -38,7 +38,8 @@ def test_optimized_graph_is_recorded_and_has_no_per_batch_repeat(exported: tuple
 def test_optimized_equals_plain_graph(tiny_checkpoint: Path, tmp_path: Path) -> None:
     plain = export_model(tiny_checkpoint, tmp_path / "plain", ExportConfig(quiet=True, optimize=False))
     fast = export_model(tiny_checkpoint, tmp_path / "fast", ExportConfig(quiet=True))
-    assert plain.manifest["optimization"] == {"enabled": False, "relative_attention_layers_folded": 0}
+    assert plain.manifest["optimization"] == {"enabled": False, "relative_attention_layers_folded": 0,
+                                              "attention": "unfused", "attention_layers_fused": 0}
     assert _ops(tmp_path / "plain")["Tile"] > 0  # the plain graph still repeats per batch
     sessions = [ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
                 for path in (plain.out_dir, fast.out_dir)]
