@@ -183,19 +183,28 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_serve_deployment_speaks_the_server_api(cluster: str, tiny_model: Path, corpus: list[str]) -> None:
+@pytest.fixture(scope="module")
+def serve_url(cluster: str) -> str:
+    """Ray Serve's HTTP proxy on a free port, started once per cluster: a later ``serve.start`` connects to the
+    running instance and keeps its port, whatever port it is given."""
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+def test_serve_deployment_speaks_the_server_api(serve_url: str, tiny_model: Path, corpus: list[str]) -> None:
     import httpx
     from ray import serve
 
     from deberta_onnx.runtime.ray import deployment
 
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(deployment(tiny_model, num_replicas=2), name="deberta-test", route_prefix="/")
     try:
         replicas = serve.status().applications["deberta-test"].deployments["deberta-onnx"].replica_states
         assert replicas == {"RUNNING": 2}
-        url = f"http://127.0.0.1:{port}"
+        url = serve_url
         texts = _texts(corpus, 64, 3)
         expected = Encoder(tiny_model).encode(texts, normalize=True)
         failures: list[str] = []
@@ -243,7 +252,7 @@ def test_app_builder_reads_key_value_arguments(tiny_model: Path) -> None:
         app({"model_dir": str(tiny_model), "normalize": "maybe"})
 
 
-def test_serve_deployment_of_a_cross_encoder_reranks(cluster: str, reranker: tuple[Path, Path]) -> None:
+def test_serve_deployment_of_a_cross_encoder_reranks(serve_url: str, reranker: tuple[Path, Path]) -> None:
     """Whatever folder it is given, a replica serves the routes of its task: rerank scores equal
     ``CrossEncoder.predict``, and the replica's ``/metrics`` parse."""
     import httpx
@@ -253,11 +262,9 @@ def test_serve_deployment_of_a_cross_encoder_reranks(cluster: str, reranker: tup
     from deberta_onnx.runtime import CrossEncoder
     from deberta_onnx.runtime.ray import deployment
 
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(deployment(reranker[1], num_replicas=1), name="deberta-rerank", route_prefix="/")
     try:
-        url = f"http://127.0.0.1:{port}"
+        url = serve_url
         query, documents = "which line goes to the coast", ["the coastal line", "a banana", "", "the station"]
         expected = np.asarray(CrossEncoder(reranker[1]).predict([(query, d) for d in documents]))
         body = httpx.post(f"{url}/v1/rerank", json={"query": query, "documents": documents}, timeout=60).json()
