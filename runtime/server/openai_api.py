@@ -19,8 +19,10 @@ __all__ = [
     "ENCODING_FORMATS",
     "ApiError",
     "EmbeddingRequest",
+    "bad_request",
     "decode_json",
     "embedding_response",
+    "json_type",
     "parse_embedding_request",
 ]
 
@@ -64,7 +66,8 @@ class EmbeddingRequest:
     dimensions: int | None
 
 
-def _bad(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
+def bad_request(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
+    """A 400 ``invalid_request_error`` naming ``param``."""
     return ApiError(400, message, param=param, code=code)
 
 
@@ -81,17 +84,17 @@ def decode_json(body: bytes) -> object:
     try:
         return json.loads(body.decode("utf-8"))  # bytes would let json guess UTF-16 or UTF-32 from a BOM
     except UnicodeDecodeError as exc:
-        raise _bad(f"request body is not UTF-8 ({exc.reason} at byte {exc.start}); send UTF-8 encoded JSON",
-                   None, "invalid_json") from exc
+        raise bad_request(f"request body is not UTF-8 ({exc.reason} at byte {exc.start}); send UTF-8 encoded JSON",
+                          None, "invalid_json") from exc
     except json.JSONDecodeError as exc:
-        raise _bad(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
-                   None, "invalid_json") from exc
+        raise bad_request(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+                          None, "invalid_json") from exc
     except RecursionError as exc:
-        raise _bad("request body nests arrays or objects too deeply to be read; send a flat "
-                   '{"input": ["text", ...]}', None, "invalid_json") from exc
+        raise bad_request("request body nests arrays or objects too deeply to be read; send a flat "
+                          '{"input": ["text", ...]}', None, "invalid_json") from exc
     except ValueError as exc:  # int() of a number past sys.get_int_max_str_digits() (4,300 by default)
-        raise _bad(f"request body holds a number that cannot be read ({str(exc).split(':')[0]}); no field of this "
-                   "API takes such a number", None, "invalid_json") from exc
+        raise bad_request(f"request body holds a number that cannot be read ({str(exc).split(':')[0]}); no field of "
+                          "this API takes such a number", None, "invalid_json") from exc
 
 
 def parse_embedding_request(body: bytes, *, max_inputs: int, hidden_size: int) -> EmbeddingRequest:
@@ -111,34 +114,34 @@ def parse_embedding_request(body: bytes, *, max_inputs: int, hidden_size: int) -
     """
     data = decode_json(body)
     if not isinstance(data, dict):
-        raise _bad(f"request body must be a JSON object, got {_json_type(data)}; send "
-                   '{"input": ["text", ...], "model": "..."}', None, "invalid_json")
+        raise bad_request(f"request body must be a JSON object, got {json_type(data)}; send "
+                          '{"input": ["text", ...], "model": "..."}', None, "invalid_json")
     unknown = sorted(set(data) - set(_FIELDS))
     if unknown:
-        raise _bad(f"unknown field(s) {', '.join(map(repr, unknown))}; accepted fields are {', '.join(_FIELDS)}",
-                   unknown[0], "unknown_field")
+        raise bad_request(f"unknown field(s) {', '.join(map(repr, unknown))}; accepted fields are {', '.join(_FIELDS)}",
+                          unknown[0], "unknown_field")
     if "input" not in data:
-        raise _bad("field 'input' is required: a string or a list of strings", "input", "missing_field")
+        raise bad_request("field 'input' is required: a string or a list of strings", "input", "missing_field")
     texts = _parse_input(data["input"], max_inputs)
 
     model = data.get("model")
     if model is not None and not isinstance(model, str):
-        raise _bad(f"field 'model' must be a string, got {_json_type(model)}", "model")
+        raise bad_request(f"field 'model' must be a string, got {json_type(model)}", "model")
     encoding_format = data.get("encoding_format")
     encoding_format = "float" if encoding_format is None else encoding_format
     if encoding_format not in ENCODING_FORMATS:
-        raise _bad(f"field 'encoding_format' must be one of {', '.join(map(repr, ENCODING_FORMATS))}, "
-                   f"got {encoding_format!r}", "encoding_format")
+        raise bad_request(f"field 'encoding_format' must be one of {', '.join(map(repr, ENCODING_FORMATS))}, "
+                          f"got {encoding_format!r}", "encoding_format")
     dimensions = data.get("dimensions")
     if dimensions is not None:
         if not isinstance(dimensions, int) or isinstance(dimensions, bool):
-            raise _bad(f"field 'dimensions' must be an integer, got {_json_type(dimensions)}", "dimensions")
+            raise bad_request(f"field 'dimensions' must be an integer, got {json_type(dimensions)}", "dimensions")
         if not 1 <= dimensions <= hidden_size:
-            raise _bad(f"field 'dimensions' must be between 1 and the model's {hidden_size} dimensions, "
-                       f"got {dimensions}", "dimensions")
+            raise bad_request(f"field 'dimensions' must be between 1 and the model's {hidden_size} dimensions, "
+                              f"got {dimensions}", "dimensions")
     user = data.get("user")
     if user is not None and not isinstance(user, str):
-        raise _bad(f"field 'user' must be a string, got {_json_type(user)}", "user")
+        raise bad_request(f"field 'user' must be a string, got {json_type(user)}", "user")
     return EmbeddingRequest(texts=texts, model=model, encoding_format=encoding_format, dimensions=dimensions)
 
 
@@ -148,9 +151,9 @@ def _parse_input(value: object, max_inputs: int) -> list[str]:
     elif isinstance(value, list):
         texts = value
     else:
-        raise _bad(f"field 'input' must be a string or a list of strings, got {_json_type(value)}", "input")
+        raise bad_request(f"field 'input' must be a string or a list of strings, got {json_type(value)}", "input")
     if not texts:
-        raise _bad("field 'input' is an empty list; send at least one string", "input")
+        raise bad_request("field 'input' is an empty list; send at least one string", "input")
     if len(texts) > max_inputs:
         raise ApiError(413, f"field 'input' holds {len(texts)} texts; this server takes at most {max_inputs} per "
                             "request. Split the list over several requests.", param="input", code="too_many_inputs")
@@ -161,8 +164,8 @@ def _parse_input(value: object, max_inputs: int) -> list[str]:
         # names this request's index, and keeps them out of batches merged with other requests.
         position = None if text.isascii() else lone_surrogate(text)
         if position is not None:
-            raise _bad(f"input[{index}] holds an unpaired surrogate (U+{ord(text[position]):04X} at character "
-                       f"{position}); send valid Unicode text", f"input[{index}]")
+            raise bad_request(f"input[{index}] holds an unpaired surrogate (U+{ord(text[position]):04X} at character "
+                              f"{position}); send valid Unicode text", f"input[{index}]")
     return texts
 
 
@@ -173,14 +176,15 @@ def _is_token_ids(value: object) -> bool:
 def _not_text(texts: list[Any], index: int) -> ApiError:
     # OpenAI's API also takes token ids (a list of ints, or a list of such lists); say so plainly.
     if _is_token_ids(texts) or _is_token_ids(texts[index]):
-        return _bad("token ids as input are not supported: this server tokenizes text with the model's own "
-                    "tokenizer. Send the text as a string.", "input" if _is_token_ids(texts) else f"input[{index}]",
-                    "unsupported_value")
-    return _bad(f"input[{index}] is {_json_type(texts[index])}, not a string; every element of 'input' must be a "
-                "string", f"input[{index}]")
+        param = "input" if _is_token_ids(texts) else f"input[{index}]"
+        return bad_request("token ids as input are not supported: this server tokenizes text with the model's own "
+                           "tokenizer. Send the text as a string.", param, "unsupported_value")
+    return bad_request(f"input[{index}] is {json_type(texts[index])}, not a string; every element of 'input' must "
+                       "be a string", f"input[{index}]")
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
+    """How a JSON value reads in a message: ``null``, ``a boolean``, ``a number``, ``a string``, ..."""
     if value is None:
         return "null"
     if isinstance(value, bool):

@@ -10,30 +10,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..tokenization import lone_surrogate
-from .openai_api import ApiError
+from .openai_api import ApiError, bad_request, json_type
 
 __all__ = ["bad_request", "check_bool", "check_count", "check_fields", "check_text", "json_type", "read_object",
            "too_many"]
-
-
-def bad_request(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
-    """A 400 ``invalid_request_error`` naming ``param``."""
-    return ApiError(400, message, param=param, code=code)
-
-
-def json_type(value: object) -> str:
-    """How a JSON value reads in a message: ``null``, ``a boolean``, ``a number``, ``a string``, ..."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
 
 
 def read_object(body: bytes, *, example: str) -> dict[str, Any]:
