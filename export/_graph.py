@@ -204,6 +204,10 @@ def export_onnx(graph: torch.nn.Module, path: Path, *, opset: int = OPSET,
         )
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
+    # The exporter annotates every node with its Python stack trace, module path and FX node (local file paths of
+    # the exporting machine, half of a tiny model's file); ONNX Runtime reads none of it.
+    for node in program.model.graph.all_nodes():
+        node.metadata_props.clear()
     # Files over protobuf's 2 GB limit keep their weights in model.onnx.data beside the graph.
     program.save(str(path), external_data=_needs_external_data(graph))
     model = onnx.load(str(path), load_external_data=False)

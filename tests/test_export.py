@@ -38,6 +38,16 @@ def test_graph_has_no_control_flow_and_dynamic_axes(exported: tuple[Path, Path])
     assert output.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
 
+def test_graph_carries_no_stack_traces_or_local_paths(exported: tuple[Path, Path]) -> None:
+    _, folder = exported
+    for path in folder.glob("*.onnx"):
+        model = onnx.load(str(path))
+        annotated = [n.name for n in model.graph.node if n.metadata_props or n.doc_string]
+        assert annotated == [], f"{path.name}: {annotated[:3]}"
+        data = path.read_bytes()
+        assert b"stack_trace" not in data and str(Path(__file__).parents[1]).encode() not in data
+
+
 def test_manifest_records_contract_checksums_and_validation(exported: tuple[Path, Path]) -> None:
     _, folder = exported
     manifest = json.loads((folder / "manifest.json").read_text())
