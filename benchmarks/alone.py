@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from deberta_onnx.benchmarks.backends import Backend, OrtBackend, ThreadSetting, TorchBackend
+from deberta_onnx.benchmarks.environment import cpu_features
 from deberta_onnx.benchmarks.run import reference_checkpoint
 from deberta_onnx.benchmarks.timing import RssSampler, Timer, rss_bytes
 from deberta_onnx.benchmarks.workloads import fit_vocab, parse_shapes
@@ -102,7 +103,7 @@ def main() -> None:
                       "threads": args.threads, "encode": encode, **fields,
                       "seconds": timer.samples.seconds, "peak_rss_gb": rss.peak / 2**30,
                       "loaded_rss_gb": loaded / 2**30, "after_rss_gb": after / 2**30,
-                      "load_average": [load_before, os.getloadavg()[0]]}))
+                      "load_average": [load_before, os.getloadavg()[0]], "cpu_features": cpu_features()}))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from deberta_onnx.runtime.utils import installed_versions
 from .backends import runtime_paths
 from .config import BenchConfig, ModelSpec
 
-__all__ = ["describe_environment", "load_average"]
+__all__ = ["cpu_features", "describe_environment", "load_average"]
 
 _VERSIONED = ("deberta-onnx", "torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tokenizers", "numpy")
 
@@ -36,6 +36,7 @@ def describe_environment(config: BenchConfig, groups: Sequence[_Group], device_l
     versions = installed_versions(_VERSIONED)
     hardware: dict[str, Any] = {
         "cpu": _cpu_name(),
+        "cpu_features": cpu_features(),
         "logical_cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
@@ -80,6 +81,25 @@ def describe_environment(config: BenchConfig, groups: Sequence[_Group], device_l
 def load_average() -> float | None:
     """The 1-minute load average, where the platform has one."""
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+# The vector instructions ONNX Runtime's and PyTorch's kernels choose between: int8 speed in particular depends on
+# VNNI (without it, and without AMX, an x86 int8 product takes two instructions and can saturate).
+_CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_int8",
+                 "asimd", "asimddp", "sve", "i8mm")
+
+
+def cpu_features() -> list[str]:
+    """The CPU's vector extensions that matter to the kernels (from /proc/cpuinfo; empty where it is absent)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags = set(line.split(":", 1)[1].split())
+            return [name for name in _CPU_FEATURES if name in flags]
+    return []
 
 
 def _cpu_name() -> str:

@@ -41,7 +41,9 @@ def markdown(document: dict[str, Any]) -> str:
     load = hardware.get("load_average") or {}
     busy = (f"; 1-min load average {load['start']:.1f} at start, {load['end']:.1f} at end"
             if load.get("start") is not None and load.get("end") is not None else "")
-    lines.append(f"- hardware: {hardware.get('cpu')}, {cores}, {hardware.get('memory_gb')} GB"
+    features = hardware.get("cpu_features")
+    isa = f" ({', '.join(features) or 'none of AVX2, AVX-512, VNNI, AMX'})" if features is not None else ""
+    lines.append(f"- hardware: {hardware.get('cpu')}{isa}, {cores}, {hardware.get('memory_gb')} GB"
                  + (f"; GPU {hardware['gpu']}" if hardware.get("gpu") else "") + busy)
     lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
     build = env.get("onnxruntime")

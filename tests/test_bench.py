@@ -24,6 +24,13 @@ def test_quick_bench_writes_json_markdown_and_png(tiny_model: Path, tmp_path: Pa
     assert env["random_weights"] is True
     assert {"torch", "transformers", "onnxruntime", "tokenizers"} <= set(env["versions"])
     assert env["hardware"]["logical_cores"] >= 1
+    # The vector extensions int8 speed depends on, read from the CPU, and named in the markdown's header.
+    features = env["hardware"]["cpu_features"]
+    assert isinstance(features, list) and set(features) <= {
+        "avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_int8", "asimd",
+        "asimddp", "sve", "i8mm"}
+    header = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("- hardware"))
+    assert all(name in header for name in features)
     rows = document["rows"]
     # PyTorch fp32 and the runtime's fp32 variant on each of 1x32, 8x128 and the corpus.
     assert {(r["engine"], r["shape"]) for r in rows} == {
