@@ -151,8 +151,6 @@ class TokenBatch(NamedTuple):
     input_ids: np.ndarray
     attention_mask: np.ndarray
     token_type_ids: np.ndarray | None  # only for graphs that take segment ids
-    # The call's plan ends with it: the runner may hand memory back after it (``Runner.run``'s ``release``).
-    last: bool = True
 
 
 @dataclass(frozen=True)
@@ -214,10 +212,10 @@ def token_batches(
             encodings = tokenizer.encodings(items[start:stop], truncate=truncate, offset=start, details=details)
             # Longest first: the first batch shows at once whether memory suffices.
             order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i].ids))
-            plan = list(plan_batches([len(encodings[i].ids) for i in order], batch_size=rows_cap,
-                                     max_tokens=max_tokens, multiple_of=bucket, max_length=tokenizer.max_length,
-                                     max_call_bytes=policy.max_call_bytes, heads=policy.heads))
-            for number, planned in enumerate(plan, 1):
+            plan = plan_batches([len(encodings[i].ids) for i in order], batch_size=rows_cap,
+                                max_tokens=max_tokens, multiple_of=bucket, max_length=tokenizer.max_length,
+                                max_call_bytes=policy.max_call_bytes, heads=policy.heads)
+            for planned in plan:
                 rows = order[planned.start : planned.stop]
                 chosen = [encodings[i] for i in rows]
                 sequences = [e.ids for e in chosen]
@@ -227,8 +225,7 @@ def token_batches(
                 types = None
                 if policy.token_types:
                     types = tokenizer.pad([e.type_ids for e in chosen], multiple_of=bucket, fill=0)[0]
-                last = stop == len(items) and number == len(plan)
-                yield TokenBatch([start + i for i in rows], chosen, input_ids, mask, types, last)
+                yield TokenBatch([start + i for i in rows], chosen, input_ids, mask, types)
                 if progress is not None:
                     progress.update(len(rows))
     finally:

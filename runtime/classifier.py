@@ -79,12 +79,12 @@ def _plan(loaded: LoadedModel, runner: Runner, items: Sequence[str | tuple[str, 
 
 
 def _run_rows(runner: Runner, batch: TokenBatch) -> np.ndarray:
-    (logits,) = runner.run(batch.input_ids, batch.attention_mask, batch.token_type_ids, release=batch.last)
+    (logits,) = runner.run(batch.input_ids, batch.attention_mask, batch.token_type_ids)
     return logits[: len(batch.rows)]
 
 
 def _run_per_row(runner: Runner, batch: TokenBatch) -> list[tuple[np.ndarray, object]]:
-    (logits,) = runner.run(batch.input_ids, batch.attention_mask, batch.token_type_ids, release=batch.last)
+    (logits,) = runner.run(batch.input_ids, batch.attention_mask, batch.token_type_ids)
     return [(logits[row, : len(encoding.ids)].copy(), encoding) for row, encoding in enumerate(batch.encodings)]
 
 

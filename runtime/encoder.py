@@ -253,7 +253,7 @@ class Encoder(LoadedAttributes):
                 for batch in batches)
 
     def _run_batch(self, batch: TokenBatch) -> np.ndarray:
-        (vectors,) = self.loaded.runner.run(batch.input_ids, batch.attention_mask, release=batch.last)
+        (vectors,) = self.loaded.runner.run(batch.input_ids, batch.attention_mask)
         return vectors[: len(batch.rows)]
 
     @overload
@@ -307,7 +307,7 @@ class Encoder(LoadedAttributes):
         out: list[TokenEmbeddings | None] = [None] * len(items)
         for batch in token_batches(loaded.tokenizer, items, loaded.policy, batch_size, truncate=truncate,
                                    show_progress=show_progress, details=True):
-            (hidden,) = runner.run(batch.input_ids, batch.attention_mask, release=batch.last)
+            (hidden,) = runner.run(batch.input_ids, batch.attention_mask)
             for row, (index, encoding) in enumerate(zip(batch.rows, batch.encodings)):
                 out[index] = TokenEmbeddings(tokens=list(encoding.tokens), offsets=list(encoding.offsets),
                                              vectors=hidden[row, : len(encoding.ids)].copy())

@@ -111,10 +111,7 @@ class _Bucket:
     direct: bool  # ``host`` is ``inputs``' memory, so no copy is needed
     graph_id: int = EAGER_GRAPH_ID
     run_options: ort.RunOptions | None = field(default=None)
-    large: bool = False  # at least ``shrink_tokens`` tokens: a releasing run after it shrinks the CPU arena
-    # An eager bucket's run options for a run that ends by shrinking the CPU arena (None: the session has none).
-    release_options: ort.RunOptions | None = field(default=None)
-    releases: bool = False  # eager: it may end a run by handing memory back
+    shrinks: bool = False  # its runs end by shrinking the CPU arena
 
     def buffers(self) -> tuple[int, ...]:
         return self.inputs.data_ptr(), self.output.data_ptr()
@@ -134,9 +131,8 @@ class IOBindingRunner:
         cuda_graph: give each new shape, up to ``max_buckets`` of them, its own CUDA graph id (the session
             must have been made with ``enable_cuda_graph``); later shapes run eagerly. Runs then go through one
             thread the runner owns.
-        shrink_tokens: after a run of a shape with at least this many tokens, the first eager run that may
-            release memory (``run``'s ``release``) ends by handing the CPU arena's unused memory back to the
-            system, then the C heap's free pages; ``None``: never.
+        shrink_tokens: runs of shapes with at least this many tokens end by handing the CPU arena's unused
+            memory back to the system, then the C heap's free pages; ``None``: never.
         arena: whether the session has a CPU arena to shrink (without one, only the C heap is trimmed).
 
     Calls are serialised by a lock (the buffers are shared), so one runner may be used from several threads.
@@ -180,7 +176,6 @@ class IOBindingRunner:
         self._owner: ThreadPoolExecutor | None = None
         self.allocations = 0
         self.eager_shapes: set[Shape] = set()  # shapes whose CUDA graph run failed: they run eagerly
-        self._grown = False  # a large shape ran since the last shrink
 
     @property
     def bucket_count(self) -> int:
@@ -191,15 +186,14 @@ class IOBindingRunner:
         """The shapes whose buffers are held, pinned ones first, then least to most recently used."""
         return [*self._pinned, *self._buckets]
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None,
-            *, release: bool = True) -> list[np.ndarray]:
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None
+            ) -> list[np.ndarray]:
         """Runs one padded batch.
 
         Args:
             input_ids: ``[batch, sequence]`` integer token ids.
             attention_mask: same shape, 1 for tokens and 0 for padding.
             token_type_ids: must be ``None``: embedding graphs take no segment ids.
-            release: memory may be handed back after this run (false while its plan has more calls).
 
         Returns:
             ``[vectors]``, float32 ``[batch, hidden]``, a fresh array the caller owns.
@@ -222,8 +216,8 @@ class IOBindingRunner:
                 raise TypeError(f"{name} must hold integers, got {array.dtype}")
         shape: Shape = (int(input_ids.shape[0]), int(input_ids.shape[1]))
         if self.graphs is None:
-            return self._run(shape, input_ids, attention_mask, release)
-        return self._owner_thread().submit(self._run, shape, input_ids, attention_mask, release).result()
+            return self._run(shape, input_ids, attention_mask)
+        return self._owner_thread().submit(self._run, shape, input_ids, attention_mask).result()
 
     def _owner_thread(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -231,15 +225,9 @@ class IOBindingRunner:
                 self._owner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deberta-onnx-cuda-graphs")
             return self._owner
 
-    def _run(self, shape: Shape, input_ids: np.ndarray, attention_mask: np.ndarray, release: bool
-             ) -> list[np.ndarray]:
+    def _run(self, shape: Shape, input_ids: np.ndarray, attention_mask: np.ndarray) -> list[np.ndarray]:
         with self._lock:
             bucket = self._bucket(shape)
-            self._grown = self._grown or bucket.large
-            shrinks = release and self._grown and bucket.releases
-            options = bucket.release_options if shrinks else bucket.run_options
-            if shrinks:
-                self._grown = False
             # One host-side assembly (which also casts to int64), then at most one copy to the device.
             bucket.host[0] = input_ids
             bucket.host[1] = attention_mask
@@ -248,7 +236,7 @@ class IOBindingRunner:
             if self.graphs is not None and bucket.graph_id != EAGER_GRAPH_ID:
                 self.graphs.check(bucket.graph_id, shape, bucket.buffers())
             try:
-                self.session.run_with_iobinding(bucket.binding, options)
+                self.session.run_with_iobinding(bucket.binding, bucket.run_options)
             except Exception as exc:  # onnxruntime raises its own pybind classes
                 if bucket.graph_id == EAGER_GRAPH_ID:
                     raise
@@ -260,7 +248,7 @@ class IOBindingRunner:
                         f"CUDA graph {graph_id} for shape {shape} failed ({exc}), and the eager run after it failed "
                         f"too ({again}); load the model without cuda_graph"
                     ) from again
-            if shrinks:
+            if bucket.shrinks:
                 release_free_heap()
             # On the CPU device numpy() is a view of the reused buffer, so copy; on CUDA it is the one copy back.
             vectors = bucket.output.numpy()
@@ -298,12 +286,10 @@ class IOBindingRunner:
             bucket.run_options = _graph_options(bucket.graph_id)
             if bucket.graph_id != EAGER_GRAPH_ID:
                 return bucket
-        if self.shrink_tokens is not None:
-            bucket.large = shape[0] * shape[1] >= self.shrink_tokens
-            bucket.releases = True
+        if self.shrink_tokens is not None and shape[0] * shape[1] >= self.shrink_tokens:
             if self.arena:
-                eager = _graph_options(EAGER_GRAPH_ID) if self.graphs is not None else None
-                bucket.release_options = shrink_run_options(eager)
+                bucket.run_options = shrink_run_options(bucket.run_options)
+            bucket.shrinks = True
         self._keep(shape, bucket)
         return bucket
 

@@ -17,15 +17,10 @@ __all__ = ["Runner", "SessionRunner"]
 
 
 class Runner(Protocol):
-    """Runs one padded batch through a model's session and returns the outputs it was made for, in order.
+    """Runs one padded batch through a model's session and returns the outputs it was made for, in order."""
 
-    ``release`` says whether memory may be handed back after this call: false while more calls of the same plan
-    follow (``TokenBatch.last``), so that a long input's arena is reused by the next call rather than returned
-    and faulted in again; a runner that shrinks does so at the first releasing call after a large one.
-    """
-
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None,
-            *, release: bool = True) -> list[np.ndarray]: ...
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None
+            ) -> list[np.ndarray]: ...
 
 
 class SessionRunner:
@@ -34,9 +29,8 @@ class SessionRunner:
     Args:
         session: the model's session.
         outputs: the output names to fetch, in the order ``run`` returns them.
-        shrink_tokens: after a call of at least this many padded tokens, the first call that may release
-            memory (this one, or the last of its plan) ends by handing the CPU arena's unused memory back to the
-            system, then the C heap's free pages; ``None``: never.
+        shrink_tokens: a call of at least this many padded tokens ends by handing the CPU arena's unused
+            memory back to the system, then the C heap's free pages; ``None``: never.
         arena: whether the session has a CPU arena to shrink (without one, only the C heap is trimmed).
     """
 
@@ -46,18 +40,14 @@ class SessionRunner:
         self.outputs = list(outputs)
         self.shrink_tokens = shrink_tokens
         self._shrink = shrink_run_options() if shrink_tokens is not None and arena else None
-        self._grown = False  # a large call ran since the last shrink (threads may race on it: one shrink more or less)
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None,
-            *, release: bool = True) -> list[np.ndarray]:
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None
+            ) -> list[np.ndarray]:
         feed = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask}
         if token_type_ids is not None:
             feed[TOKEN_TYPE_IDS] = token_type_ids
-        if self.shrink_tokens is not None and input_ids.size >= self.shrink_tokens:
-            self._grown = True
-        if not (release and self._grown):
+        if self.shrink_tokens is None or input_ids.size < self.shrink_tokens:
             return self.session.run(self.outputs, feed)
-        self._grown = False
         outputs = self.session.run(self.outputs, feed, self._shrink)
         release_free_heap()
         return outputs

@@ -62,37 +62,6 @@ def test_arena_settings_and_shrinking_give_the_same_vectors(tiny_model: Path, io
                                    rtol=0, err_msg=f"cpu_arena={arena} arena_shrink_tokens={shrink}")
 
 
-def test_only_the_last_batch_of_a_plan_may_release_memory(tiny_model: Path) -> None:
-    loaded = Encoder(tiny_model).loaded
-    # More texts than one tokenization chunk (4,096), so that the plan spans chunks.
-    texts = [f"text {i}" for i in range(5000)] + TEXTS
-    marks = [batch.last for batch in token_batches(loaded.tokenizer, texts, loaded.policy, None, truncate=True)]
-    assert len(marks) > 100 and marks[-1] and not any(marks[:-1])
-
-
-@pytest.mark.parametrize("io_binding", [False, True])
-def test_the_arena_shrinks_once_per_plan_not_after_every_long_call(tiny_model: Path, io_binding: bool,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    # Shrinking after every call of a plan hands the arena back only for the next call to fault it in again;
-    # once, after the plan's last call, returns the same memory. Every shrink trims the C heap: count those.
-    from deberta_onnx.runtime import iobinding, runners
-
-    shrinks: list[int] = []
-    for module in (runners, iobinding):
-        monkeypatch.setattr(module, "release_free_heap", lambda: shrinks.append(1))
-    encoder = Encoder(tiny_model, config=EncoderConfig(max_tokens=2048, arena_shrink_tokens=1024,
-                                                       io_binding=io_binding))
-    calls = list(encoder.plan(TEXTS))
-    assert sum(call.padded_tokens >= 1024 for call in calls) >= 3  # several long calls in one plan
-    reference = Encoder(tiny_model, config=EncoderConfig(max_tokens=None, arena_shrink_tokens=None)).encode(TEXTS)
-    np.testing.assert_allclose(encoder.encode(TEXTS), reference, atol=1e-5, rtol=0)
-    assert len(shrinks) == 1
-    encoder.encode(["short", "texts only"])  # no long call since the last shrink: nothing to hand back
-    assert len(shrinks) == 1
-    encoder.encode(TEXTS)
-    assert len(shrinks) == 2
-
-
 @pytest.mark.parametrize(("fields", "says"), [
     ({"max_tokens": "lots"}, "max_tokens must be a positive int, 'auto' or None"),
     ({"max_tokens": 0}, "max_tokens must be a positive int"),
