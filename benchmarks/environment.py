@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
@@ -91,22 +92,26 @@ _CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512
 
 def cpu_features() -> list[str]:
     """The CPU's vector extensions that matter to the kernels (from /proc/cpuinfo; empty where it is absent)."""
+    flags = set((_cpuinfo_field("flags", "Features") or "").split())
+    return [name for name in _CPU_FEATURES if name in flags]
+
+
+def _cpuinfo_field(*names: str) -> str | None:
+    """The value of the first /proc/cpuinfo line that starts with one of ``names`` (None where there is none)."""
+    return next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith(names)), None)
+
+
+@functools.cache
+def _cpuinfo() -> tuple[str, ...]:
+    """/proc/cpuinfo's lines, read once (empty where it is absent)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        return tuple(Path("/proc/cpuinfo").read_text().splitlines())
     except OSError:
-        return []
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags = set(line.split(":", 1)[1].split())
-            return [name for name in _CPU_FEATURES if name in flags]
-    return []
+        return ()
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    name = _cpuinfo_field("model name")
+    if name:
+        return name
     return platform.processor() or "unknown"
