@@ -15,6 +15,10 @@ from .utils import release_free_heap
 
 __all__ = ["Runner", "SessionRunner"]
 
+_NUMPY_TYPES: dict[str, type[np.generic]] = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+}
+
 
 class Runner(Protocol):
     """Runs one padded batch through a model's session and returns the outputs it was made for, in order."""
@@ -32,6 +36,10 @@ class SessionRunner:
         shrink_tokens: a call of at least this many padded tokens ends by handing the CPU arena's unused
             memory back to the system, then the C heap's free pages; ``None``: never.
         arena: whether the session has a CPU arena to shrink (without one, only the C heap is trimmed).
+
+    A shrinking call writes its outputs into arrays of its own (IO binding) rather than the arena: the arrays
+    ``session.run`` returns are views of arena chunks, and one small output left in a large region at the end of
+    the run would keep that whole region from being handed back.
     """
 
     def __init__(self, session: ort.InferenceSession, outputs: Sequence[str] = (SENTENCE_EMBEDDING,), *,
@@ -40,6 +48,9 @@ class SessionRunner:
         self.outputs = list(outputs)
         self.shrink_tokens = shrink_tokens
         self._shrink = shrink_run_options() if shrink_tokens is not None and arena else None
+        specs = {spec.name: spec for spec in session.get_outputs()}
+        self._output_specs = [(specs[name].shape, _NUMPY_TYPES.get(specs[name].type)) for name in self.outputs]
+        self._input_dims = next(spec.shape for spec in session.get_inputs() if spec.name == INPUT_IDS)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None
             ) -> list[np.ndarray]:
@@ -48,6 +59,28 @@ class SessionRunner:
             feed[TOKEN_TYPE_IDS] = token_type_ids
         if self.shrink_tokens is None or input_ids.size < self.shrink_tokens:
             return self.session.run(self.outputs, feed)
-        outputs = self.session.run(self.outputs, feed, self._shrink)
+        if self._shrink is None:
+            outputs = self.session.run(self.outputs, feed)
+        else:
+            outputs = self._run_into_own_arrays(feed, self._shrink)
         release_free_heap()
         return outputs
+
+    def _run_into_own_arrays(self, feed: dict[str, np.ndarray], options: ort.RunOptions) -> list[np.ndarray]:
+        """``session.run`` with the outputs written into new numpy arrays (their shapes follow from the inputs'),
+        so that no arena chunk is alive when the run ends; an output whose shape cannot be told in advance (an
+        axis the inputs do not name) is left to ``session.run``."""
+        sizes = {name: size for name, size in zip(self._input_dims, feed[INPUT_IDS].shape) if isinstance(name, str)}
+        arrays = []
+        for dims, dtype in self._output_specs:
+            shape = [dim if isinstance(dim, int) else sizes.get(dim) for dim in dims]
+            if dtype is None or None in shape:
+                return self.session.run(self.outputs, feed, options)
+            arrays.append(np.empty([int(size) for size in shape if size is not None], dtype=dtype))
+        binding = self.session.io_binding()
+        for name, array in feed.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name, array in zip(self.outputs, arrays):
+            binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        self.session.run_with_iobinding(binding, options)
+        return arrays

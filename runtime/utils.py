@@ -15,13 +15,14 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 __all__ = [
     "DISTRIBUTION",
     "MissingExtraError",
     "atomic_write",
     "check_positive_int",
+    "fix_mmap_threshold",
     "fsync_dir",
     "installed_versions",
     "missing_extra",
@@ -198,17 +199,43 @@ def check_positive_int(name: str, value: object, *, optional: bool = False, mini
         raise ValueError(f"{name} must be {kind}{' or None' if optional else ''}, got {value!r}")
 
 
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or ``None`` where the C library has none (musl, macOS, Windows)."""
+def _glibc_function(name: str, argtypes: list[Any]) -> Callable[..., int] | None:
+    """A function of glibc's malloc, or ``None`` where the C library has none (musl, macOS, Windows)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        trim = ctypes.CDLL(None).malloc_trim
+        function = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
+    function.argtypes, function.restype = argtypes, ctypes.c_int
+    return function
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    return _glibc_function("malloc_trim", [ctypes.c_size_t])
+
+
+# glibc's malloc.h; its environment variables of the same settings, which a user's choice arrives by.
+_M_MMAP_THRESHOLD = -3
+_MALLOC_ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+MMAP_THRESHOLD = 1 << 20
+
+
+def fix_mmap_threshold(size: int = MMAP_THRESHOLD) -> bool:
+    """Fixes glibc's mmap threshold at ``size`` bytes for this process (``mallopt(M_MMAP_THRESHOLD)``), so that
+    memory a burst of long inputs freed can be handed back; ``False`` where the C library cannot, or where the
+    user set glibc's thresholds in the environment (theirs are kept).
+
+    By default glibc raises the threshold to the size of each large block freed (up to 32 MB) and the trim
+    threshold to twice that, after which such blocks come from the per-thread heaps instead of their own
+    ``mmap``; what those heaps keep at their top, ``malloc_trim`` does not return. A fixed threshold keeps
+    allocations of ``size`` or more in their own mappings, which go back to the system when freed.
+    """
+    if any(name in os.environ for name in _MALLOC_ENVIRONMENT):
+        return False
+    mallopt = _glibc_function("mallopt", [ctypes.c_int, ctypes.c_int])
+    return mallopt is not None and mallopt(_M_MMAP_THRESHOLD, size) == 1
 
 
 def release_free_heap() -> bool:

@@ -3,6 +3,7 @@ and memory that comes back after long texts, measured on a real server process."
 
 from __future__ import annotations
 
+import platform
 import threading
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from deberta_onnx.runtime import Encoder, EncoderConfig
 from deberta_onnx.runtime.batching import token_batches
 from deberta_onnx.runtime.cli import main
 from deberta_onnx.runtime.config import ARENA_CHOICES, DEFAULT_BATCH_SIZE, DEFAULT_CPU_MAX_TOKENS
+from deberta_onnx.runtime.runners import SessionRunner
+from deberta_onnx.runtime.utils import fix_mmap_threshold
 
 from .conftest import HARD_TEXTS
 
@@ -60,6 +63,26 @@ def test_arena_settings_and_shrinking_give_the_same_vectors(tiny_model: Path, io
         config = EncoderConfig(cpu_arena=arena, arena_shrink_tokens=shrink, io_binding=io_binding)
         np.testing.assert_allclose(Encoder(tiny_model, config=config).encode(TEXTS), reference, atol=1e-5,
                                    rtol=0, err_msg=f"cpu_arena={arena} arena_shrink_tokens={shrink}")
+
+
+def test_a_shrinking_call_returns_arrays_of_its_own(tiny_model: Path) -> None:
+    # session.run's arrays are views of arena chunks: one kept alive at the end of a shrinking run would keep its
+    # whole region. A shrinking call writes into arrays it owns instead, with the same values.
+    encoder = Encoder(tiny_model)
+    session, loaded = encoder.session, encoder.loaded
+    batch = next(token_batches(loaded.tokenizer, TEXTS, loaded.policy, None, truncate=True))
+    (viewed,) = SessionRunner(session).run(batch.input_ids, batch.attention_mask)
+    (owned,) = SessionRunner(session, shrink_tokens=1).run(batch.input_ids, batch.attention_mask)
+    assert not viewed.flags.owndata and owned.flags.owndata
+    assert owned.shape == viewed.shape == (batch.input_ids.shape[0], viewed.shape[1])
+    np.testing.assert_array_equal(owned, viewed)
+
+
+def test_the_mmap_threshold_is_fixed_unless_the_user_set_malloc_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    assert not fix_mmap_threshold()
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    assert fix_mmap_threshold() == (platform.libc_ver()[0] == "glibc")
 
 
 @pytest.mark.parametrize(("fields", "says"), [

@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from ..server import ServerConfig
+from ..utils import fix_mmap_threshold
 from .common import add_load_flags, config_defaults, load
 
 __all__ = ["add_parser", "run"]
@@ -92,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     if config.model_name is not None and len(args.model_dirs) > 1:
         raise ValueError("--model-name names the model of one MODEL_DIR; with several, each "
                          "model is named after its folder")
+    if args.arena_shrink_tokens is not None:
+        fix_mmap_threshold()  # this process is the server's alone: memory a burst freed goes back
     models = [load(args, load_folder, model_dir) for model_dir in args.model_dirs]
     serve(models, config)  # SIGTERM drains and returns: exit 0
     return 0

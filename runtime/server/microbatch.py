@@ -31,6 +31,7 @@ import numpy as np
 
 from ..batching import ModelCall
 from ..errors import DebertaOnnxError
+from ..utils import release_free_heap
 from .budget import TokenBudget, plan_batch
 
 __all__ = ["BatchObserver", "BatchStats", "BatcherClosedError", "MicroBatcher", "Outputs", "PlanFn",
@@ -121,11 +122,18 @@ class MicroBatcher:
         budget: a token budget per batch (``TokenBudget``; its ``max_texts`` replaces ``max_batch_size``), or
             ``None``: texts alone limit a batch. With a budget, ``submit`` needs each input's token count.
         observer: told of queue waits, model calls and failures (metrics), or ``None``.
+        release_tokens: when the queue empties after a model call of at least this many padded tokens, the
+            worker hands the C heap's free pages back to the system (``release_free_heap``): what the burst's
+            tokenization and answers freed after the call's own arena shrinkage (``arena_shrink_tokens``). ``None``:
+            never.
     """
 
     def __init__(self, plan_fn: PlanFn, *, max_batch_size: int, max_wait_s: float, max_queue: int,
-                 budget: TokenBudget | None = None, observer: BatchObserver | None = None) -> None:
+                 budget: TokenBudget | None = None, observer: BatchObserver | None = None,
+                 release_tokens: int | None = None) -> None:
         self._plan = plan_fn
+        self.release_tokens = release_tokens
+        self._release_when_idle = False
         self.budget = budget
         self.observer = observer
         self._queued_tokens = 0
@@ -233,6 +241,10 @@ class MicroBatcher:
         while True:
             wakeup.clear()
             if not self._queue:
+                if self._release_when_idle:
+                    self._release_when_idle = False
+                    await loop.run_in_executor(self._executor, release_free_heap)
+                    continue  # requests may have come meanwhile
                 await wakeup.wait()
                 continue
             remaining = self._queue[0].arrived + self.max_wait_s - loop.time()
@@ -308,6 +320,8 @@ class MicroBatcher:
                     self.stats.model_calls_skipped += 1
                     continue
                 self.stats.model_calls += 1
+                if self.release_tokens is not None and call.padded_tokens >= self.release_tokens:
+                    self._release_when_idle = True
                 if observer is not None:
                     observer.model_call(call, requests=len(set(owner[call.rows].tolist())), seconds=seconds)
                 for row, vector, count in zip(call.rows, out, call.token_counts):

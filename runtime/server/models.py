@@ -106,7 +106,7 @@ class ServedModel:
         batch_size = config.batch_size
         self.batcher = MicroBatcher(lambda items: model.plan(items, batch_size), max_batch_size=config.max_batch_size,
                                     max_wait_s=config.max_wait_ms / 1000, max_queue=config.max_queue, budget=budget,
-                                    observer=observer)
+                                    observer=observer, release_tokens=model.loaded.shrink_tokens)
 
     def describe(self) -> dict[str, Any]:
         """What ``/health`` and ``/v1/models`` say of this model."""
