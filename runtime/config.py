@@ -11,6 +11,7 @@ from .utils import check_positive_int
 __all__ = [
     "ARENA_CHOICES",
     "AUTO",
+    "AUTO_FULL_WIDTH",
     "CUDA_ARENA_STRATEGIES",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_CPU_MAX_TOKENS",
@@ -30,6 +31,9 @@ AUTO = "auto"
 # on the deberta-v3-base shape (benchmarks/README.md, "Long texts"): no slower per text than larger calls, and
 # the activations of one call stay a fraction of the weights' memory.
 DEFAULT_CPU_MAX_TOKENS = 4096
+# Past this width the automatic budget also caps a call's attention scores (rows x width^2) at what a full call
+# of this width holds: the tokens alone would let 2 texts of 2048 tokens run together, 4x a 512 call's scores.
+AUTO_FULL_WIDTH = 512
 # After a model call of at least this many padded tokens, ONNX Runtime's CPU arena returns its unused memory.
 DEFAULT_SHRINK_TOKENS = 2048
 # ``cpu_arena``: how ONNX Runtime's CPU memory arena grows (or whether there is one).
@@ -73,8 +77,9 @@ class EncoderConfig:
             occur; ``None``: 16 with IO binding, 1 (no extra padding) without.
         max_tokens: a token budget per batch (rows x padded length): a batch holds as many texts as fit it,
             and a ``batch_size`` given to ``encode`` caps the rows as well. ``"auto"`` (default):
-            ``DEFAULT_CPU_MAX_TOKENS`` (4096) on the CPU, with ``batch_size`` still 32 when not given, and no
-            budget on CUDA. ``None``: no budget, rows are ``batch_size``.
+            ``DEFAULT_CPU_MAX_TOKENS`` (4096) on the CPU, with ``batch_size`` still 32 when not given, and past
+            512 tokens no more attention scores per call than 8 texts of 512 hold (2 texts of 1024 tokens a
+            call, 1 past 1024); no budget on CUDA. ``None``: no budget, rows are ``batch_size``.
         max_buckets: most (batch, sequence) shapes whose IO-binding buffers are kept (least recently used
             freed first); with CUDA graphs, also the most graphs captured.
         cuda_graph: capture one CUDA graph per shape and replay it (needs CUDA and IO binding); a short batch's

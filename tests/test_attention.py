@@ -19,6 +19,7 @@ from deberta_onnx.export._attention import TRANSLATIONS, fused_attention
 from deberta_onnx.export._optimize import folded_relative_attention, relative_attention_layers
 from deberta_onnx.export._validate import make_batch
 from deberta_onnx.runtime import Encoder
+from deberta_onnx.runtime.batching import token_batches
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +146,12 @@ def test_relative_only_checkpoints_export_past_512_tokens(tiny_checkpoint: Path,
     texts = [" ".join(words), middle, "short"]
     counts = encoder.token_count(texts)
     assert counts[0] == 2048 and 700 < counts[1] < 2048
+    # The CPU's automatic budget runs texts past 1024 tokens one a call (their attention scores: as much as 8
+    # texts of 512), short ones 32 a call as ever.
+    loaded = encoder.loaded
+    shapes = [batch.input_ids.shape for batch in token_batches(loaded.tokenizer, [texts[0]] * 3 + ["short"] * 40,
+                                                                loaded.policy, None, truncate=True)]
+    assert shapes[:3] == [(1, 2048)] * 3 and shapes[3][0] == 32
     vectors = encoder.encode(texts)
     # The same ids through transformers, one text at a time (no padding).
     model = AutoModel.from_pretrained(tiny_checkpoint).eval()

@@ -3,8 +3,10 @@ and memory that comes back after long texts, measured on a real server process."
 
 from __future__ import annotations
 
+import asyncio
 import platform
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -14,10 +16,12 @@ import pytest
 
 from deberta_onnx.benchmarks.load import ServerProcess
 from deberta_onnx.runtime import Encoder, EncoderConfig
-from deberta_onnx.runtime.batching import token_batches
+from deberta_onnx.runtime.batching import ModelCall, call_memory, token_batches
 from deberta_onnx.runtime.cli import main
 from deberta_onnx.runtime.config import ARENA_CHOICES, DEFAULT_BATCH_SIZE, DEFAULT_CPU_MAX_TOKENS
 from deberta_onnx.runtime.runners import SessionRunner
+from deberta_onnx.runtime.server import microbatch
+from deberta_onnx.runtime.server.microbatch import MicroBatcher
 from deberta_onnx.runtime.utils import fix_mmap_threshold
 
 from .conftest import HARD_TEXTS
@@ -35,7 +39,10 @@ TEXTS += HARD_TEXTS + [f"a short text, number {i}" for i in range(40)]
 def test_the_cpu_gets_a_token_budget_by_default(tiny_model: Path) -> None:
     policy = Encoder(tiny_model).loaded.policy
     assert policy.max_tokens == DEFAULT_CPU_MAX_TOKENS and policy.default_rows == DEFAULT_BATCH_SIZE
-    assert Encoder(tiny_model, config=EncoderConfig(max_tokens=None)).loaded.policy.max_tokens is None
+    # Past 512 tokens, no more attention scores per call than 8 texts of 512 (test_attention.py runs 2048).
+    assert policy.max_call_bytes == call_memory(8, 512, policy.heads) < 8192 << 20
+    unbounded = Encoder(tiny_model, config=EncoderConfig(max_tokens=None)).loaded.policy
+    assert unbounded.max_tokens is None and unbounded.max_call_bytes == 8192 << 20  # max_call_memory_mb alone
     explicit = Encoder(tiny_model, config=EncoderConfig(max_tokens=1000)).loaded.policy
     assert explicit.max_tokens == 1000 and explicit.default_rows is None  # a caller's budget alone sets the rows
 
@@ -76,6 +83,34 @@ def test_a_shrinking_call_returns_arrays_of_its_own(tiny_model: Path) -> None:
     assert not viewed.flags.owndata and owned.flags.owndata
     assert owned.shape == viewed.shape == (batch.input_ids.shape[0], viewed.shape[1])
     np.testing.assert_array_equal(owned, viewed)
+
+
+def test_the_batcher_trims_the_heap_once_its_queue_empties_after_a_long_call(
+        tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    encoder = Encoder(tiny_model)
+    calls_run: list[ModelCall] = []
+    trimmed_after: list[int] = []  # how many calls had run at each trim
+    monkeypatch.setattr(microbatch, "release_free_heap", lambda: trimmed_after.append(len(calls_run)) or True)
+
+    def plan(texts: list[str]) -> Iterator[ModelCall]:
+        for call in encoder.plan(texts):
+            calls_run.append(call)
+            yield call
+
+    async def scenario(texts: list[str]) -> None:
+        batcher = MicroBatcher(plan, max_batch_size=8, max_wait_s=0.01, max_queue=64, release_tokens=2048)
+        batcher.start()
+        try:
+            await asyncio.gather(*(batcher.submit([text]) for text in texts))
+            await asyncio.sleep(0.2)  # the queue is empty: the worker trims, then waits
+        finally:
+            await batcher.close()
+
+    asyncio.run(scenario(["short", "texts", "only"]))
+    assert calls_run and trimmed_after == []  # no call of 2048 padded tokens: nothing to hand back
+    asyncio.run(scenario([_text(700, seed) for seed in range(6)]))  # 6 x 512 tokens
+    assert max(call.padded_tokens for call in calls_run) >= 2048
+    assert trimmed_after == [len(calls_run)]  # once, after the last call
 
 
 def test_the_mmap_threshold_is_fixed_unless_the_user_set_malloc_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
