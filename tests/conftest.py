@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -110,10 +111,29 @@ def _skip_without_export(config: pytest.Config) -> None:
         pytest.skip("needs a checkpoint, which needs the export extra (not run with --stored-model)")
 
 
+# Checkpoints and plain exports, made once a session by what they are made from. pytest tears a parametrized
+# session fixture down when the tests move on to another of its parameters and sets it up again when they come
+# back (``exported`` is used by several files), and ``tiny_model`` is the plain export of the checkpoint that
+# ``exported`` has for v3-shared: each would otherwise trace the graph again (some 20 s of a CPU each).
+_MADE: dict[tuple[str, str], Path] = {}
+
+
+def _once(key: tuple[str, str], make: Callable[[], Path]) -> Path:
+    if key not in _MADE:
+        _MADE[key] = make()
+    return _MADE[key]
+
+
 def _checkpoint(tmp_path_factory: pytest.TempPathFactory, corpus: list[str], name: str) -> Path:
     from deberta_onnx.export import build_random_checkpoint
 
-    return build_random_checkpoint(TINY_CONFIGS[name], tmp_path_factory.mktemp(f"ckpt-{name}"), texts=corpus, seed=1)
+    return _once(("checkpoint", name), lambda: build_random_checkpoint(
+        TINY_CONFIGS[name], tmp_path_factory.mktemp(f"ckpt-{name}"), texts=corpus, seed=1))
+
+
+def _plain_export(tmp_path_factory: pytest.TempPathFactory, src: Path) -> Path:
+    """The folder ``export_model`` writes from ``src`` with the default settings, once a session."""
+    return _once(("export", str(src)), lambda: _export(src, tmp_path_factory.mktemp("export") / "model"))
 
 
 @pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
@@ -141,7 +161,7 @@ def _export(src: Path, out: Path) -> Path:
 @pytest.fixture(scope="session")
 def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(checkpoint, model folder) for each tiny checkpoint."""
-    return checkpoint, _export(checkpoint, tmp_path_factory.mktemp("export") / "model")
+    return checkpoint, _plain_export(tmp_path_factory, checkpoint)
 
 
 @pytest.fixture(scope="session")
@@ -150,7 +170,7 @@ def tiny_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     if _stored_only(request.config):
         return _stored_fp32(tmp_path_factory.mktemp("stored-tiny") / "model")
     tiny_checkpoint = request.getfixturevalue("tiny_checkpoint")
-    return _export(tiny_checkpoint, tmp_path_factory.mktemp("export-tiny") / "model")
+    return _plain_export(tmp_path_factory, tiny_checkpoint)
 
 
 def _stored_fp32(out: Path) -> Path:
