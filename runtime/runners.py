@@ -73,10 +73,9 @@ class SessionRunner:
         sizes = {name: size for name, size in zip(self._input_dims, feed[INPUT_IDS].shape) if isinstance(name, str)}
         arrays = []
         for dims, dtype in self._output_specs:
-            shape = [dim if isinstance(dim, int) else sizes.get(dim) for dim in dims]
-            if dtype is None or None in shape:
+            if dtype is None or not all(isinstance(dim, int) or dim in sizes for dim in dims):
                 return self.session.run(self.outputs, feed, options)
-            arrays.append(np.empty([int(size) for size in shape if size is not None], dtype=dtype))
+            arrays.append(np.empty([dim if isinstance(dim, int) else sizes[dim] for dim in dims], dtype=dtype))
         binding = self.session.io_binding()
         for name, array in feed.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
