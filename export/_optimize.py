@@ -158,6 +158,7 @@ def folded_relative_attention(model: torch.nn.Module) -> Iterator[int]:
                 module.__dict__.pop(name, None)
             for name in ("_deberta_onnx_pos_key", "_deberta_onnx_pos_query"):
                 module._buffers.pop(name, None)
+                module._non_persistent_buffers_set.discard(name)
 
 
 # Fusions from ONNX Runtime's transformer optimizer that match DeBERTa's graph. Its attention fusions look for

@@ -59,6 +59,11 @@ def test_folding_is_exact_in_torch_and_restored_on_exit(checkpoint: Path) -> Non
     assert len(layers) == 2
     rng = np.random.default_rng(3)
     ids, mask = (torch.from_numpy(a) for a in make_batch(3, 300, 1000, rng))
+
+    def state() -> list[tuple[set[str], set[str]]]:
+        return [(set(vars(layer)), set(layer._non_persistent_buffers_set)) for layer in layers]
+
+    untouched = state()
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask).last_hidden_state
         with folded_relative_attention(model) as count:
@@ -70,3 +75,5 @@ def test_folding_is_exact_in_torch_and_restored_on_exit(checkpoint: Path) -> Non
     for layer in layers:
         assert "disentangled_attention_bias" not in vars(layer)
         assert not any(name.startswith("_deberta_onnx") for name in dict(layer.named_buffers()))
+    # Nothing left behind, the non-persistent buffer names included.
+    assert state() == untouched
