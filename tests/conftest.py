@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from .trace_cache import ENV, TraceCache
+
+_MEMO = pytest.StashKey[TraceCache]()
 
 # A model folder exported by an earlier run of this version, committed with what PyTorch computed for it
 # (tests/test_stored_model.py). Named after its manifest version: a new version adds a folder, never replaces one.
@@ -84,6 +89,42 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
         if "fresh_export" in item.keywords and _stored_only(config):
             item.add_marker(skip_fresh)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def trace_memo(request: pytest.FixtureRequest) -> Iterator[TraceCache | None]:
+    """The session's memo of dynamo traces (``tests/trace_cache.py``), in place of the exporter's ``export_onnx``
+    for in-process exports; ``None`` where the export extra is not installed."""
+    if _stored_only(request.config):
+        yield None
+        return
+    from deberta_onnx.export import _export
+
+    memo = TraceCache(_export.export_onnx)
+    _export.export_onnx = memo  # type: ignore[assignment]
+    request.config.stash[_MEMO] = memo
+    try:
+        yield memo
+    finally:
+        _export.export_onnx = memo.export_onnx  # type: ignore[assignment]
+
+
+@pytest.fixture(autouse=True)
+def _trace_afresh_under_monkeypatch(request: pytest.FixtureRequest, trace_memo: TraceCache | None) -> Iterator[None]:
+    """A test that patches anything traces every export and keeps none: the memo's key cannot see a patched
+    module-level function."""
+    if trace_memo is None or "monkeypatch" not in request.fixturenames:
+        yield
+        return
+    with trace_memo.off():
+        yield
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    memo = config.stash.get(_MEMO, None)
+    if memo is not None:
+        terminalreporter.write_line(f"export traces: {memo.traced} traced, {memo.reused} reused within the session, "
+                                    f"{memo.uncacheable} not cacheable ({ENV}=0 traces every export)")
 
 
 @pytest.fixture(scope="session")

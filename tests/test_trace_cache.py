@@ -1,0 +1,69 @@
+"""The test session's memo of dynamo traces (``trace_cache.py``): a reused trace is the one a fresh trace writes,
+and anything the trace depends on changes the key."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from deberta_onnx.export._attention import TRANSLATIONS, fused_attention
+from deberta_onnx.export._checkpoint import load_checkpoint
+from deberta_onnx.export._graph import EmbeddingGraph, export_onnx
+from deberta_onnx.export._optimize import folded_relative_attention
+from deberta_onnx.runtime.contract import OPSET
+
+from .trace_cache import TraceCache, Uncacheable, trace_key
+
+
+def _graph(src: Path, **options: object) -> EmbeddingGraph:
+    return EmbeddingGraph(load_checkpoint(str(src)).model, **options).eval()  # type: ignore[arg-type]
+
+
+def test_the_key_follows_everything_the_trace_depends_on(tiny_checkpoint: Path) -> None:
+    graph = _graph(tiny_checkpoint, pooling="mean")
+    key = trace_key(graph, 18, None)
+    assert trace_key(_graph(tiny_checkpoint, pooling="mean"), 18, None) == key  # loaded again: the same
+    others = {
+        "pooling": trace_key(_graph(tiny_checkpoint, pooling="max"), 18, None),
+        "normalize": trace_key(_graph(tiny_checkpoint, pooling="mean", normalize=True), 18, None),
+        "token outputs": trace_key(_graph(tiny_checkpoint, pooling="mean", token_embeddings=True), 18, None),
+        "opset": trace_key(graph, 17, None),
+    }
+    model = graph.encoder
+    with folded_relative_attention(model):
+        others["folded attention"] = trace_key(graph, 18, None)
+        with fused_attention(model):
+            others["fused attention"] = trace_key(graph, 18, TRANSLATIONS)
+    assert trace_key(graph, 18, None) == key  # the rewrites undone: the same again
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-6
+    others["one weight"] = trace_key(graph, 18, None)
+    assert len({key, *others.values()}) == len(others) + 1, others
+
+
+def test_a_value_the_key_cannot_describe_is_not_cached(tiny_checkpoint: Path) -> None:
+    graph = _graph(tiny_checkpoint, pooling="mean")
+    graph.encoder.opaque = object()  # type: ignore[assignment]
+    with pytest.raises(Uncacheable, match="object"):
+        trace_key(graph, 18, None)
+    graph.encoder.register_forward_hook(lambda *args: None)
+    del graph.encoder.opaque
+    with pytest.raises(Uncacheable, match="hooks"):
+        trace_key(graph, 18, None)
+
+
+def test_a_reused_trace_is_what_a_fresh_trace_writes(tiny_model: Path, tiny_checkpoint: Path,
+                                                    trace_memo: TraceCache, tmp_path: Path) -> None:
+    """The dynamo trace is deterministic: a fresh trace writes the bytes the session kept from ``tiny_model``'s
+    export (or, if that export was not kept, from the memo's own trace here), which is what makes reusing them
+    sound."""
+    model = load_checkpoint(str(tiny_checkpoint)).model
+    graph = EmbeddingGraph(model, pooling="mean").eval()
+    with folded_relative_attention(model):
+        trace_memo(graph, tmp_path / "memo.onnx", opset=OPSET)
+        export_onnx(graph, tmp_path / "fresh.onnx", opset=OPSET)  # the exporter itself, not the memo
+    memo, fresh = (hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in ("memo.onnx", "fresh.onnx"))
+    assert memo == fresh
