@@ -1,9 +1,11 @@
-"""What the runner tests share: real token batches, and a real session that records (or fails) its runs."""
+"""What the runner tests share: real token batches, a real session that records (or fails) its runs, and a burst of
+long requests to a real server."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -70,3 +72,34 @@ class WarningRecords(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+
+
+def long_text(words: int, seed: int) -> str:
+    """``words`` distinct-looking words (``w0`` to ``w996``), different for each ``seed``."""
+    return " ".join(f"w{(seed * 7919 + i) % 997}" for i in range(words))
+
+
+def burst_of_long_texts(url: str, process: Any, clients: int = 6) -> int:
+    """``clients`` concurrent ``/v1/embeddings`` requests of eight texts each cut at 512 tokens, to the server
+    at ``url``; returns the highest RSS of ``process`` (a ``psutil.Process``) seen while they ran, in bytes.
+    Fails the test if a request fails."""
+    import httpx
+
+    failures: list[str] = []
+
+    def request(seed: int) -> None:
+        body = {"input": [long_text(700, seed * 8 + i) for i in range(8)]}
+        response = httpx.post(f"{url}/v1/embeddings", json=body, timeout=600)
+        if response.status_code != 200:
+            failures.append(response.text[:500])
+
+    threads = [threading.Thread(target=request, args=(seed,)) for seed in range(clients)]
+    for thread in threads:
+        thread.start()
+    peak = int(process.memory_info().rss)
+    while any(thread.is_alive() for thread in threads):
+        peak = max(peak, int(process.memory_info().rss))
+        for thread in threads:
+            thread.join(0.01)
+    assert not failures, failures
+    return peak

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import platform
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,14 +24,10 @@ from deberta_onnx.runtime.server.microbatch import MicroBatcher
 from deberta_onnx.runtime.utils import fix_mmap_threshold
 
 from .conftest import HARD_TEXTS
-
-
-def _text(words: int, seed: int) -> str:
-    return " ".join(f"w{(seed * 7919 + i) % 997}" for i in range(words))
-
+from .runner_helpers import burst_of_long_texts, long_text
 
 # Long texts (cut at the tiny model's 512 tokens) among medium and short ones, in no particular order.
-TEXTS = [_text(n, i) for i, n in enumerate([700, 3, 150, 480, 12, 600, 40, 260, 5, 900, 75, 330, 8, 20])] * 5
+TEXTS = [long_text(n, i) for i, n in enumerate([700, 3, 150, 480, 12, 600, 40, 260, 5, 900, 75, 330, 8, 20])] * 5
 TEXTS += HARD_TEXTS + [f"a short text, number {i}" for i in range(40)]
 
 
@@ -108,7 +103,7 @@ def test_the_batcher_trims_the_heap_once_its_queue_empties_after_a_long_call(
 
     asyncio.run(scenario(["short", "texts", "only"]))
     assert calls_run and trimmed_after == []  # no call of 2048 padded tokens: nothing to hand back
-    asyncio.run(scenario([_text(700, seed) for seed in range(6)]))  # 6 x 512 tokens
+    asyncio.run(scenario([long_text(700, seed) for seed in range(6)]))  # 6 x 512 tokens
     assert max(call.padded_tokens for call in calls_run) >= 2048
     assert trimmed_after == [len(calls_run)]  # once, after the last call
 
@@ -156,23 +151,7 @@ def _rss_after_a_burst(model: Path, *flags: str) -> tuple[float, float, float]:
         for _ in range(5):
             assert httpx.post(f"{server.url}/v1/embeddings", json=short, timeout=120).status_code == 200
         before = process.memory_info().rss
-        failures: list[str] = []
-
-        def request(seed: int) -> None:
-            body = {"input": [_text(700, seed * 8 + i) for i in range(8)]}  # each cut at 512 tokens
-            response = httpx.post(f"{server.url}/v1/embeddings", json=body, timeout=600)
-            if response.status_code != 200:
-                failures.append(response.text)
-
-        clients = [threading.Thread(target=request, args=(seed,)) for seed in range(6)]
-        for client in clients:
-            client.start()
-        peak = before
-        while any(client.is_alive() for client in clients):
-            peak = max(peak, process.memory_info().rss)
-            for client in clients:
-                client.join(0.01)
-        assert not failures, failures
+        peak = burst_of_long_texts(server.url, process)
         after = process.memory_info().rss
     return before / 2**20, peak / 2**20, after / 2**20
 

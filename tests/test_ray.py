@@ -21,6 +21,8 @@ import pytest
 
 from deberta_onnx.runtime import Encoder
 
+from .runner_helpers import burst_of_long_texts
+
 ray = pytest.importorskip("ray", reason="needs the ray extra: pip install -e '.[ray]'")
 pq = pytest.importorskip("pyarrow.parquet")
 pa = pytest.importorskip("pyarrow")
@@ -236,6 +238,34 @@ def test_serve_deployment_speaks_the_server_api(serve_url: str, tiny_model: Path
         assert httpx.get(f"{url}/v2/nothing", timeout=30).json()["error"]["code"] == "not_found"
     finally:
         serve.delete("deberta-test")
+
+
+def test_a_replicas_memory_comes_back_after_a_burst_of_long_texts(serve_url: str, tiny_model: Path) -> None:
+    """A replica's process is its own, as ``deberta-onnx serve``'s is, and fixes glibc's mmap threshold the same
+    way: its RSS after two bursts of 512-token requests is back within a few MB of where it was. Measured here
+    with the fixed threshold: +4 to +7 MB of some 250. Without it the replica keeps some 30 MB more in most runs
+    of a separate script but in only some runs of this test, so this test guards the bound rather than proving
+    the fix."""
+    import httpx
+    import psutil
+    from ray import serve
+
+    from deberta_onnx.runtime.ray import deployment
+
+    serve.run(deployment(tiny_model, num_replicas=1), name="deberta-memory", route_prefix="/")
+    try:
+        [replica] = [p for p in psutil.process_iter(["cmdline"])
+                     if "ServeReplica:deberta-memory" in " ".join(p.info["cmdline"] or [])]
+        for _ in range(5):
+            assert httpx.post(f"{serve_url}/v1/embeddings", json={"input": ["a short text"]}, timeout=60).is_success
+        before = replica.memory_info().rss
+        peak = max(burst_of_long_texts(serve_url, replica) for _ in range(2))
+        after = replica.memory_info().rss
+        megabytes = [round(v / 2**20) for v in (before, peak, after)]
+        assert peak - before > 100 * 2**20, megabytes  # the bursts did need memory
+        assert after - before < 16 * 2**20, megabytes
+    finally:
+        serve.delete("deberta-memory")
 
 
 def test_app_builder_reads_key_value_arguments(tiny_model: Path) -> None:

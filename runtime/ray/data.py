@@ -37,7 +37,7 @@ import ray
 from ..config import EncoderConfig
 from ..encoder import Encoder
 from ..manifest import sha256_file
-from ..utils import atomic_write, check_positive_int
+from ..utils import atomic_write, check_positive_int, fix_mmap_threshold
 
 __all__ = ["SHARD_SUFFIXES", "EmbedReport", "embed_corpus", "embed_dataset", "pending_shards"]
 
@@ -74,6 +74,8 @@ class _Embedder:
     """One actor of the pool: an ``Encoder`` and the encode settings."""
 
     def __init__(self, model_dir: str, config: EncoderConfig, settings: dict[str, Any]) -> None:
+        if config.arena_shrink_tokens is not None:
+            fix_mmap_threshold()  # an actor's process is its own: what long inputs freed goes back
         self.encoder = Encoder(model_dir, config=config)
         self.settings = settings
 

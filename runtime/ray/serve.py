@@ -29,7 +29,7 @@ from ray.serve import Application
 from ..config import EncoderConfig
 from ..server import ServerConfig, create_app
 from ..server.models import load_folder
-from ..utils import check_positive_int
+from ..utils import check_positive_int, fix_mmap_threshold
 
 __all__ = ["DebertaServer", "app", "deployment"]
 
@@ -39,6 +39,8 @@ class DebertaServer:
     """One replica: loads the folder, then hands Ray Serve the server app (``__serve_build_asgi_app__``)."""
 
     def __init__(self, model_dir: str, server_config: ServerConfig, encoder_config: EncoderConfig) -> None:
+        if encoder_config.arena_shrink_tokens is not None:
+            fix_mmap_threshold()  # a replica's process is its own, as the server's is: what a burst freed goes back
         self.model = load_folder(model_dir, encoder_config)
         self.server_config = server_config
 
