@@ -120,7 +120,7 @@ def test_bad_shards_are_clear_errors(cluster: str, tiny_model: Path, tmp_path: P
 def test_a_killed_run_resumes(cluster: str, tiny_model: Path, corpus: list[str], tmp_path: Path) -> None:
     """A driver killed mid-run (SIGKILL) leaves complete shards only; running again writes the rest."""
     source, out = tmp_path / "corpus", tmp_path / "out"
-    shards = {f"s{k:02d}": _texts(corpus, 120, 13 * k) for k in range(30)}
+    shards = {f"s{k:02d}": _texts(corpus, 120, 13 * k) for k in range(12)}
     for name, texts in shards.items():
         _write_jsonl(source / f"{name}.jsonl", [{"id": i, "text": t} for i, t in enumerate(texts)])
     script = textwrap.dedent("""
