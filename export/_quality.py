@@ -101,11 +101,11 @@ def gate_failure(report: dict[str, Any], threshold: float, invariance: float | N
         worst = report["worst"]
         text = worst["text"] if len(worst["text"]) <= 70 else worst["text"][:67] + "..."
         where = "alone" if worst["run"] == "alone" else f"in a batch of {GATE_BATCH}"
-        return (f"min cosine {report['min_cosine']:.8f} < {threshold:g}; worst: held-out sentence {worst['index']} "
+        return (f"min cosine {report['min_cosine']:.8f} < {threshold:.8f}; worst: held-out sentence {worst['index']} "
                 f"({where}) {text!r}")
     if invariance is not None and report["batch_invariance"] < invariance:
         return (f"a text's vector alone and inside a batch differ: cosine {report['batch_invariance']:.8f} < "
-                f"{invariance:g}")
+                f"{invariance:.8f}")
     return None
 
 
@@ -113,7 +113,7 @@ def format_quality(precision: str, recipe: str, report: dict[str, Any], base_byt
     """One line for the terminal."""
     verdict = ""
     if "threshold" in report:
-        verdict = f": {'passed' if report['passed'] else 'FAILED'} (>= {report['threshold']:g})"
-    return (f"{precision:<13} {recipe:<17} cosine min {report['min_cosine']:.6f} mean {report['mean_cosine']:.6f}, "
-            f"max|diff| {report['max_abs_diff']:.1e}, alone vs batched {report['batch_invariance']:.6f}, "
+        verdict = f": {'passed' if report['passed'] else 'FAILED'} (>= {report['threshold']:.8f})"
+    return (f"{precision:<13} {recipe:<17} cosine min {report['min_cosine']:.8f} mean {report['mean_cosine']:.8f}, "
+            f"max|diff| {report['max_abs_diff']:.1e}, alone vs batched {report['batch_invariance']:.8f}, "
             f"{report['bytes'] / 1e6:.1f} MB ({report['bytes'] / base_bytes:.2f}x fp32){verdict}")

@@ -103,7 +103,7 @@ def search_fp32_matmuls(ranking: Sequence[tuple[str, float]], build: Callable[[l
         why, report = failure()
         tried.append({"fp32_matmuls": count, "min_cosine": report["min_cosine"],
                       "batch_invariance": report["batch_invariance"], "passed": why is None})
-        say(f"  {count} MatMul(s) in fp32: min cosine {report['min_cosine']:.6f} on {report['sentences']} "
+        say(f"  {count} MatMul(s) in fp32: min cosine {report['min_cosine']:.8f} on {report['sentences']} "
             f"calibration texts{'' if why is None else ' (' + why + ')'}")
         if why is None:
             return nodes, tried

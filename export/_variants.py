@@ -190,7 +190,7 @@ class _Search:
                 best = max(tried, key=lambda t: t["min_cosine"])
                 failure = (f"with up to {tried[-1]['fp32_matmuls']} weight MatMuls in fp32 the best min cosine on "
                            f"{len(self.probe_texts)} calibration texts was {best['min_cosine']:.8f} "
-                           f"({best['fp32_matmuls']} in fp32) < {threshold:g}")
+                           f"({best['fp32_matmuls']} in fp32) < {threshold:.8f}")
                 reports.append({"recipe": recipe.name, "min_cosine": best["min_cosine"],
                                 "batch_invariance": best["batch_invariance"], "passed": False, "search": tried})
             elif self.held is None:

@@ -120,11 +120,21 @@ def _trace_afresh_under_monkeypatch(request: pytest.FixtureRequest, trace_memo: 
         yield
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A memo that silently stops working costs the suite most of its speed: the session fails instead."""
+    memo = session.config.stash.get(_MEMO, None)
+    if memo is not None and memo.failure() is not None and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     memo = config.stash.get(_MEMO, None)
     if memo is not None:
         terminalreporter.write_line(f"export traces: {memo.traced} traced, {memo.reused} reused within the session, "
                                     f"{memo.uncacheable} not cacheable ({ENV}=0 traces every export)")
+        failure = memo.failure()
+        if failure is not None:
+            terminalreporter.write_line(f"FAILED: the trace memo is off: {failure}", red=True, bold=True)
 
 
 @pytest.fixture(scope="session")

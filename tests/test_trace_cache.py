@@ -3,6 +3,7 @@ and anything the trace depends on changes the key."""
 
 from __future__ import annotations
 
+import enum
 import hashlib
 from pathlib import Path
 
@@ -42,6 +43,29 @@ def test_the_key_follows_everything_the_trace_depends_on(tiny_checkpoint: Path) 
         next(model.parameters()).view(-1)[0] += 1e-6
     others["one weight"] = trace_key(graph, 18, None)
     assert len({key, *others.values()}) == len(others) + 1, others
+
+
+class _Mode(enum.Flag):  # the shape of transformers' kernels mode, which it sets on every loaded model
+    INFERENCE = 1
+    TRAINING = 2
+
+
+def test_an_enum_attribute_is_keyed_by_its_value(tiny_checkpoint: Path) -> None:
+    keys = []
+    for mode in (_Mode.INFERENCE, _Mode.INFERENCE, _Mode.TRAINING):
+        graph = _graph(tiny_checkpoint, pooling="mean")
+        graph.encoder.mode = mode  # type: ignore[assignment]
+        keys.append(trace_key(graph, 18, None))
+    assert keys[0] == keys[1] != keys[2]
+
+
+def test_a_memo_that_cannot_key_or_reuse_fails_the_session() -> None:
+    memo = TraceCache(export_onnx)
+    assert memo.failure() is None
+    memo.traced = 10
+    assert "none reused" in (memo.failure() or "")
+    memo.reasons.add("attribute of type Mode")
+    assert "attribute of type Mode" in (memo.failure() or "")
 
 
 def test_a_value_the_key_cannot_describe_is_not_cached(tiny_checkpoint: Path) -> None:

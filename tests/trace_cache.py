@@ -17,6 +17,7 @@ off for a whole run. Exports run in subprocesses (the CLI tests, the fault tests
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import os
 import types
@@ -73,6 +74,8 @@ def _value(value: Any, seen: set[int]) -> bytes:
 
     if isinstance(value, _PRIMITIVES):
         return f"{type(value).__name__}:{value!r}".encode()
+    if isinstance(value, enum.Enum):  # e.g. transformers' kernels mode (a Flag): immutable, named by its value
+        return f"enum:{type(value).__module__}.{type(value).__qualname__}:{value.value!r}".encode()
     if isinstance(value, (tuple, list, set, frozenset)):
         items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
         return f"{type(value).__name__}(".encode() + b",".join(_value(v, seen) for v in items) + b")"
@@ -153,6 +156,7 @@ class TraceCache:
         self._files: dict[str, bytes] = {}
         self.active = os.environ.get(ENV, "1") != "0"
         self.traced = self.reused = self.uncacheable = 0
+        self.reasons: set[str] = set()  # why calls were not cacheable: the values the key cannot describe
 
     def __call__(self, graph: Any, path: Path, *, opset: int, translations: Mapping[Any, Any] | None = None) -> Any:
         import onnx
@@ -161,8 +165,9 @@ class TraceCache:
         if self.active:
             try:
                 key = trace_key(graph, opset, translations)
-            except Uncacheable:
+            except Uncacheable as reason:
                 self.uncacheable += 1
+                self.reasons.add(str(reason))
         if key is not None and key in self._files:
             self.reused += 1
             Path(path).write_bytes(self._files[key])
@@ -172,6 +177,16 @@ class TraceCache:
         if key is not None and not Path(path).with_name(Path(path).name + ".data").exists():
             self._files[key] = Path(path).read_bytes()
         return model
+
+    def failure(self) -> str | None:
+        """Why the memo failed the session, or ``None``: a value the key cannot describe (a new attribute that a
+        library put on its modules turns the memo off for every export), or many traces and not one reused."""
+        if self.reasons:
+            return (f"{self.uncacheable} export(s) could not be keyed ({'; '.join(sorted(self.reasons))}): teach "
+                    f"tests/trace_cache.py's _value to describe that value, or set {ENV}=0 to trace every export")
+        if self.active and self.traced >= 10 and self.reused == 0:
+            return f"{self.traced} exports traced and none reused: the memo's key changes from one export to the next"
+        return None
 
     @contextmanager
     def off(self) -> Iterator[None]:

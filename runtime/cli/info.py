@@ -44,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
         quality = variant.quality or {}
         worst = (variant.validation or {}).get("worst", {}).get("max_abs_diff")
         if quality and "threshold" in quality:
-            check = (f"cosine to PyTorch >= {quality['min_cosine']:.5f}, mean {quality['mean_cosine']:.5f} "
-                     f"(gate {quality['threshold']:g}, recipe {variant.recipe})")
+            check = (f"cosine to PyTorch >= {quality['min_cosine']:.8f}, mean {quality['mean_cosine']:.8f} "
+                     f"(gate {quality['threshold']:.8f}, recipe {variant.recipe})")
         else:
             check = f"max|diff| {worst:.1e} vs PyTorch" if worst is not None else "not validated"
         print(f"variant:    {name:<14} {variant.file:<24} {size / 1e6:8.1f} MB   {check}")
