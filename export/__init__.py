@@ -20,6 +20,7 @@ from ._errors import (  # noqa: E402
     ExportError,
     OutputExistsError,
     QualityGateError,
+    UnsupportedHeadError,
     UnsupportedModelError,
     ValidationError,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "OutputExistsError",
     "QualityGateError",
     "Recipe",
+    "UnsupportedHeadError",
     "UnsupportedModelError",
     "ValidationError",
     "build_random_checkpoint",
