@@ -305,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from deberta_onnx.runtime import CrossEncoder, Encoder
-    from deberta_onnx.runtime.utils import text_lines
+    from deberta_onnx.runtime.files import text_lines
 
     source = Path(args.texts) if args.texts else Path(__file__).parents[1] / "export" / "data" / "sentences.txt"
     texts = text_lines(source.read_bytes().decode("utf-8"))

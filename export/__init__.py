@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from deberta_onnx.runtime.utils import require_extra
+from deberta_onnx.runtime.installed import require_extra
 
 require_extra(
     "export",

@@ -20,8 +20,8 @@ from deberta_onnx.runtime.contract import (
     TOKENIZER_FILE,
     variant_file,
 )
+from deberta_onnx.runtime.files import text_lines
 from deberta_onnx.runtime.tokenization import TextTokenizer
-from deberta_onnx.runtime.utils import text_lines
 
 from ._activations import ActivationStats, collect_activation_stats
 from ._errors import ExportError, QualityGateError

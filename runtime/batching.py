@@ -13,9 +13,9 @@ from typing import Any, NamedTuple
 import numpy as np
 from tokenizers import Encoding
 
+from .checks import check_positive_int
 from .config import DEFAULT_BATCH_SIZE
 from .tokenization import TextTokenizer, bucket_width
-from .utils import check_positive_int
 
 __all__ = [
     "ATTENTION_TENSORS",

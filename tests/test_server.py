@@ -28,8 +28,9 @@ from deberta_onnx.runtime import Encoder
 from deberta_onnx.runtime.batching import ModelCall
 from deberta_onnx.runtime.postprocess import normalize_rows
 from deberta_onnx.runtime.server import ServerConfig
+from deberta_onnx.runtime.server.errors import ApiError
 from deberta_onnx.runtime.server.microbatch import MicroBatcher
-from deberta_onnx.runtime.server.openai_api import ApiError, parse_embedding_request
+from deberta_onnx.runtime.server.openai_api import parse_embedding_request
 
 from .conftest import HARD_TEXTS
 

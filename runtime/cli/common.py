@@ -14,7 +14,7 @@ import numpy as np
 
 from ..config import ARENA_CHOICES, AUTO, CUDA_ARENA_STRATEGIES, EncoderConfig
 from ..contract import PRECISIONS
-from ..utils import atomic_write, text_lines
+from ..files import atomic_write, text_lines
 
 __all__ = [
     "add_load_flags",
