@@ -16,7 +16,7 @@ from deberta_onnx.export import (
     ValidationError,
     export_model,
 )
-from deberta_onnx.export._graph import control_flow_nodes
+from deberta_onnx.export.testing import control_flow_nodes
 from deberta_onnx.runtime.contract import INPUTS, SENTENCE_OUTPUT
 from deberta_onnx.runtime.manifest import sha256_file
 

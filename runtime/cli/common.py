@@ -47,7 +47,7 @@ def read_lines(source: str) -> list[str]:
     """The lines of a UTF-8 text file (or stdin for ``-``), one text per ``\\n``-terminated line.
 
     A trailing ``\\r`` is stripped (Windows line ends); no other character splits a line (see
-    ``utils.text_lines``), so that output row N belongs to input line N. Read as bytes, so that stdin's
+    ``files.text_lines``), so that output row N belongs to input line N. Read as bytes, so that stdin's
     newline translation cannot split a lone ``\\r`` either.
 
     Raises:

@@ -21,7 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from deberta_onnx.export import ExportConfig, build_random_checkpoint, export_model, shipped_sentences
+from deberta_onnx.export import ExportConfig, export_model
+from deberta_onnx.export.testing import build_random_checkpoint, shipped_sentences
 from deberta_onnx.runtime.contract import MANIFEST_VERSION
 from deberta_onnx.runtime.installed import installed_versions
 
