@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from deberta_onnx.benchmarks.load import ServerProcess, run_load
+from deberta_onnx.benchmarks.load import run_load
+from deberta_onnx.runtime.server.testing import ServerProcess
 
 
 def _free_port() -> int:
