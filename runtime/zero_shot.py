@@ -17,6 +17,7 @@ from typing import NamedTuple, overload
 import numpy as np
 
 from .batching import ModelCall
+from .checks import check_positive_int
 from .classifier import _load, _plan, _token_count
 from .config import EncoderConfig
 from .contract import TASK_SEQUENCE_CLASSIFICATION
@@ -25,7 +26,6 @@ from .loader import LoadedAttributes, loaded_property
 from .postprocess import softmax
 from .session import ProviderList
 from .tokenization import check_texts
-from .utils import check_positive_int
 
 __all__ = [
     "DEFAULT_HYPOTHESIS_TEMPLATE",

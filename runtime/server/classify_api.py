@@ -38,7 +38,7 @@ import numpy as np
 from ..contract import TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
 from ..postprocess import AGGREGATIONS, Span
 from ..zero_shot import DEFAULT_HYPOTHESIS_TEMPLATE, hypotheses, label_order
-from .openai_api import ApiError
+from .errors import ApiError
 from .wire import bad_request, check_bool, check_count, check_fields, check_text, json_type, read_object, too_many
 
 __all__ = ["ClassifyRequest", "classify_response", "parse_classify_request", "token_classify_response",

@@ -34,8 +34,9 @@ from .classify_api import (
     zero_shot_response,
 )
 from .config import ServerConfig
+from .errors import ApiError
 from .microbatch import BatchObserver, MicroBatcher, Outputs
-from .openai_api import ApiError, embedding_response, parse_embedding_request
+from .openai_api import embedding_response, parse_embedding_request
 from .rerank_api import parse_rerank_request, rerank_response
 
 __all__ = ["CLASSIFY", "EMBEDDINGS", "RERANK", "ROUTES", "Job", "Model", "ServedModel", "load_folder"]
