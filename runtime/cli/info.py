@@ -7,7 +7,9 @@ import json
 from typing import Any
 
 from ..contract import TASK_EMBEDDING, TASK_SEQUENCE_CLASSIFICATION
+from ..errors import TaskMismatchError
 from ..manifest import Manifest, load_manifest
+from ..zero_shot import entailment_index
 
 __all__ = ["add_parser", "run"]
 
@@ -98,6 +100,8 @@ def _print_task(manifest: Manifest) -> None:
     else:
         sequence = manifest.task == TASK_SEQUENCE_CLASSIFICATION
         runner = "SequenceClassifier, CrossEncoder" if sequence else "TokenClassifier"
+        if sequence and _names_entailment(manifest.labels):
+            runner += ", ZeroShotClassifier"
         print(f"task:       {manifest.task} ({runner})   labels: {', '.join(manifest.labels)}")
     print(f"graph:      inputs {inputs}; outputs {outputs}")
     st = manifest.source.sentence_transformers
@@ -106,3 +110,12 @@ def _print_task(manifest: Manifest) -> None:
     triton = manifest.triton
     if triton:
         print(f"triton:     {triton['repository']}/{triton['model_name']}/ (max batch {triton['max_batch_size']})")
+
+
+def _names_entailment(labels: tuple[str, ...] | list[str]) -> bool:
+    """Whether an NLI model's labels let ``ZeroShotClassifier`` run it."""
+    try:
+        entailment_index(labels)
+    except TaskMismatchError:
+        return False
+    return True
