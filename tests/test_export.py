@@ -83,6 +83,7 @@ def test_existing_output_is_refused_then_overwritten(tiny_checkpoint: Path, tmp_
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging or retired folders left
 
 
+@pytest.mark.slow
 def test_failed_validation_leaves_nothing(tiny_checkpoint: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     # A tolerance no fp32 graph meets: no relative part, and no allowance for PyTorch fp32's own rounding (the
@@ -126,6 +127,7 @@ def test_all_padding_rows_give_zeros_not_nan(tiny_model: Path) -> None:
     assert np.array_equal(out[1], np.zeros(out.shape[1], dtype=np.float32))
 
 
+@pytest.mark.slow
 def test_deberta_v1_exports_and_validates(tiny_checkpoint: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -36,6 +36,9 @@ _WITH_GRAPH = textwrap.dedent(
     """
 )
 
+# Each test exports in a subprocess and kills or faults it: the full suite's, not the quick tier's.
+pytestmark = pytest.mark.slow
+
 
 def _start_export(src: Path, out: Path, graph: Path) -> subprocess.Popen[str]:
     script = _WITH_GRAPH + "sys.exit(main(sys.argv[1:]))\n"
