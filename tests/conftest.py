@@ -270,7 +270,7 @@ def build_classifier_checkpoint(tiny_checkpoint: Path, out: Path, *, task: str, 
 def _export_classifier(src: Path, out: Path) -> Path:
     from deberta_onnx.export import ExportConfig, export_model
 
-    # transformers' tokenizer, so that PyTorch references tokenize exactly alike (README, "Tokenization").
+    # transformers' tokenizer, so that PyTorch references tokenize exactly alike (docs/export.md, "Tokenization").
     export_model(src, out, ExportConfig(quiet=True, tokenizer="transformers"))
     return out
 
