@@ -189,6 +189,18 @@ def test_output_fifos_and_devices_are_streamed_to_not_replaced(tiny_model: Path,
     assert stat.S_ISCHR(full.stat().st_mode)
 
 
+def test_output_to_dev_stdout_writes_into_the_file_the_shell_opened(tiny_model: Path, tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("a text\nanother one\n", encoding="utf-8")
+    with open(tmp_path / "redirected.npy", "wb") as stdout:  # `... --output /dev/stdout > redirected.npy`
+        result = subprocess.run([sys.executable, "-m", "deberta_onnx.runtime.cli", "embed", str(tiny_model),
+                                 "--input", str(tmp_path / "in.txt"), "--output", "/dev/stdout"], stdout=stdout,
+                                stderr=subprocess.PIPE, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "redirected.npy"), Encoder(tiny_model).encode(
+        ["a text", "another one"]), atol=1e-6, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "redirected.npy"]
+
+
 def test_an_output_that_cannot_be_written_is_refused_before_the_work(tiny_model: Path, tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     from deberta_onnx.runtime.cli import main

@@ -85,8 +85,8 @@ def check_output(destination: str, flag: str = "--output") -> tuple[Path, bool]:
 
     A regular file (or a new one) is written beside its place and renamed over it, keeping an existing file's
     permission bits; a symlink is written through (its target is replaced so, the link stays). A FIFO, a
-    character device and anything under /dev or /proc (``/dev/stdout``, ``/dev/null``, a shell's ``>(...)``)
-    are opened and written in place, as a shell's ``>`` does: a rename would put a regular file in their place.
+    character device and an open descriptor's name (``/dev/stdout``, ``/dev/null``, a shell's ``>(...)``) are
+    opened and written in place, as a shell's ``>`` does: a rename would put a regular file in their place.
 
     Raises:
         ValueError: the path is a folder, a block device or a socket, an existing file that is read-only, or in a
@@ -104,7 +104,7 @@ def check_output(destination: str, flag: str = "--output") -> tuple[Path, bool]:
             raise ValueError(f"{flag} {destination} is a folder; give a file path (e.g. {path / 'out'}{path.suffix})")
         if not (stat.S_ISREG(info.st_mode) or stat.S_ISFIFO(info.st_mode) or stat.S_ISCHR(info.st_mode)):
             raise ValueError(f"{flag} {destination} is a {_kind(info.st_mode)}, not a file; give a file path")
-        if not stat.S_ISREG(info.st_mode) or path.absolute().parts[1:2] in (("dev",), ("proc",)):
+        if not stat.S_ISREG(info.st_mode) or _names_a_descriptor(path):
             if not os.access(path, os.W_OK):
                 raise ValueError(f"{flag} {destination}: permission denied")
             return path, True
@@ -118,6 +118,19 @@ def check_output(destination: str, flag: str = "--output") -> tuple[Path, bool]:
         raise ValueError(f"{flag} {destination}: cannot create files in {folder} "
                          f"({'not a folder' if not folder.is_dir() else 'permission denied'})")
     return target, False
+
+
+def _names_a_descriptor(path: Path) -> bool:
+    """Whether ``path`` is, or links on to, an open file descriptor (``/dev/stdout`` -> ``/proc/self/fd/1``,
+    ``/dev/fd/N``): a file a shell opened for this process, to write into rather than replace."""
+    current = str(path.absolute())
+    for _ in range(40):  # the kernel's own bound on a chain of symlinks
+        if current.startswith(("/proc/", "/dev/fd/")):
+            return True
+        if not os.path.islink(current):
+            return False
+        current = os.path.join(os.path.dirname(current), os.readlink(current))
+    return False
 
 
 def _kind(mode: int) -> str:
