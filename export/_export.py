@@ -48,7 +48,8 @@ def export_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], c
 
     Raises:
         CheckpointError / UnsupportedModelError: the source cannot be loaded or is not DeBERTa.
-        OutputExistsError: ``out_dir`` is not empty and ``config.overwrite`` is false.
+        OutputExistsError: ``out_dir`` is not empty and ``config.overwrite`` is false; or it is the source
+            checkpoint, holds it, or holds files that no deberta-onnx export wrote (never deleted).
         ValidationError: ONNX Runtime and PyTorch disagree beyond ``config.atol``.
         ExportError: anything else that stopped the export, writing errors with the path.
     """
@@ -56,7 +57,7 @@ def export_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], c
     started = time.perf_counter()
     target = Path(out_dir).absolute()
     recover(target)  # first, so that an OUT_DIR a killed export had moved aside is back before it is checked
-    check_target(target, config.overwrite)
+    check_target(target, config.overwrite, str(src))
     with scratch_dir() as scratch, quiet_libraries():
         source = str(src)
         if source.startswith(RANDOM_PREFIX):
@@ -84,7 +85,7 @@ def export_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], c
             checkpoint.source["sentence_transformers"] = sentence_transformer.to_manifest()
         if config.calibration is not None and "int8-static" in config.precisions:
             read_calibration(config.calibration)  # a bad file fails now, not after the export
-        with staging_folder(target, config.overwrite) as staging:
+        with staging_folder(target, config.overwrite, str(src)) as staging:
             manifest = _build(checkpoint, staging, config, pooling=pooling, normalize=normalize,
                               sentence_transformer=sentence_transformer,
                               triton_model=config.triton_name or _model_name(target.name),

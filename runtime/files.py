@@ -18,16 +18,18 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object], *, durable: bool = False) -> Path:
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object], *, durable: bool = False,
+                 mode: int | None = None) -> Path:
     """Writes a file through ``write(handle)`` beside ``path`` and renames it into place.
 
     A failed or interrupted write never leaves a truncated file at ``path``; the file gets the usual
-    permissions (0666 less the umask), not the private 0600 of a temporary file.
+    permissions (0666 less the umask), not the private 0600 of a temporary file, unless ``mode`` is given.
 
     Args:
         path: the file to write; its folder is created if needed.
         write: called with the open binary handle.
         durable: fsync the file and its folder, so that the rename survives a power cut.
+        mode: the new file's permission bits (e.g. those of the file it replaces).
 
     Returns:
         ``path``.
@@ -41,7 +43,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object], *, dura
             if durable:
                 out.flush()
                 os.fsync(out.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)
         os.replace(tmp, target)
         if durable:
             fsync_dir(target.parent)

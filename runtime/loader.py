@@ -21,6 +21,7 @@ from .contract import (
     TOKEN_TYPE_IDS,
     TOKENIZER_FILE,
     check_session,
+    check_sizes,
 )
 from .errors import ContractMismatchError, MemoryLimitError, ModelFolderError, TaskMismatchError
 from .iobinding import IOBindingRunner
@@ -216,6 +217,20 @@ def _check_max_length(manifest: Manifest, tokenizer: TextTokenizer, config: Enco
     return heads
 
 
+def _check_pad_id(manifest: Manifest, tokenizer: TextTokenizer) -> None:
+    """Checks the manifest's ``pad_token_id`` (an unchecksummed file) against the tokenizer's vocabulary (a
+    checksummed one): padding with an id past it would fail every padded batch inside the graph's embedding
+    lookup."""
+    pad_id = manifest.model.pad_token_id
+    vocab = tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
+    if not 0 <= pad_id < vocab:
+        raise ContractMismatchError(
+            f"{manifest.path}: model.pad_token_id is {pad_id}, but {TOKENIZER_FILE} has {vocab} tokens (ids 0 to "
+            f"{vocab - 1}); every padded batch would fail. The manifest was edited or does not belong to these "
+            f"files; re-export the model (`deberta-onnx export SRC {manifest.folder} --overwrite`)."
+        )
+
+
 def load_model(model_dir: str | Path, providers: ProviderList | None, config: EncoderConfig, *,
                tasks: tuple[str, ...], user: str) -> LoadedModel:
     """Loads a model folder for one of ``tasks``.
@@ -257,11 +272,14 @@ def load_model(model_dir: str | Path, providers: ProviderList | None, config: En
     tokenizer = TextTokenizer(folder / TOKENIZER_FILE, max_length=manifest.max_sequence_length,
                               pad_id=manifest.model.pad_token_id, vocab_limit=manifest.model.vocab_size)
     heads = _check_max_length(manifest, tokenizer, config)
+    _check_pad_id(manifest, tokenizer)
     settings = SessionSettings(intra_op_threads=config.intra_op_threads, inter_op_threads=config.inter_op_threads,
                                allow_spinning=config.allow_spinning, cpu_arena=config.cpu_arena)
     session = create_session(model_path, chosen, settings)
     check_session(session, inputs=manifest.inputs, outputs=manifest.outputs, task=task, model_path=model_path,
                   manifest_path=manifest.path)
+    check_sizes(session, task=task, hidden_size=manifest.hidden_size, labels=len(manifest.labels),
+                outputs=manifest.outputs, model_path=model_path, manifest_path=manifest.path)
     kind, device_id = session_device(session)
     io_binding = task == TASK_EMBEDDING and (config.io_binding if config.io_binding is not None else kind == "cuda")
     runner: Runner

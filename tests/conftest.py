@@ -187,7 +187,9 @@ def _plain_export(tmp_path_factory: pytest.TempPathFactory, src: Path) -> Path:
     return _once(("export", str(src)), lambda: _export(src, tmp_path_factory.mktemp("export") / "model"))
 
 
-@pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
+# The quick tier (``-m "not slow"``) takes v3-shared alone; the other attention variants run the same modules.
+@pytest.fixture(scope="session", params=[name if name == "v3-shared" else pytest.param(name, marks=pytest.mark.slow)
+                                         for name in sorted(TINY_CONFIGS)])
 def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, corpus: list[str]) -> Path:
     """Each tiny checkpoint in turn."""
     _skip_without_export(request.config)

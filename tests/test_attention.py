@@ -108,6 +108,7 @@ def test_without_the_folding_nothing_is_fused(tiny_checkpoint: Path) -> None:
         assert count == 0
 
 
+@pytest.mark.slow
 def test_a_fused_graph_that_fails_validation_falls_back_to_the_unfused_one(
         tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from onnxscript import opset18
@@ -134,6 +135,7 @@ def test_attention_mode_is_checked() -> None:
         ExportConfig(attention="flash")
 
 
+@pytest.mark.slow
 def test_relative_only_checkpoints_export_past_512_tokens(tiny_checkpoint: Path, tmp_path: Path) -> None:
     from transformers import AutoModel
 

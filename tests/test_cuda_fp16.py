@@ -75,6 +75,7 @@ def test_nodes_a_range_check_names_stay_fp32(tiny_model: Path, tmp_path: Path) -
     assert any(types[by_name[name].output[0]] == TensorProto.FLOAT16 for name in skips[1:])
 
 
+@pytest.mark.slow
 def test_the_recipe_is_chosen_at_export_and_recorded(tiny_checkpoint: Path, tmp_path: Path) -> None:
     config = ExportConfig(precisions=("fp16",), fp16_recipe="cuda", validation_shapes=((2, 5), (3, 17)), quiet=True)
     folder = export_model(tiny_checkpoint, tmp_path / "model", config).out_dir

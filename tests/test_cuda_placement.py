@@ -135,6 +135,7 @@ def test_exported_graphs_read_no_host_tensor_on_cuda(exported: tuple[Path, Path]
         _assert_no_host_reads(path, tmp_path / f"{recipe}-check")
 
 
+@pytest.mark.slow
 def test_pooling_variants_read_no_host_tensor_on_cuda(tiny_checkpoint: Path, tmp_path: Path) -> None:
     config = ExportConfig(precisions=("fp16",), validate=False, quiet=True, pooling="max", normalize=True,
                           token_embeddings=True)

@@ -56,6 +56,7 @@ def test_the_default_budget_changes_batches_not_vectors(tiny_model: Path) -> Non
     np.testing.assert_allclose(default.encode(TEXTS, batch_size=3), plain.encode(TEXTS), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("io_binding", [False, True])
 def test_arena_settings_and_shrinking_give_the_same_vectors(tiny_model: Path, io_binding: bool) -> None:
     reference = Encoder(tiny_model, config=EncoderConfig(max_tokens=None, cpu_arena="next-power-of-two",
@@ -156,6 +157,7 @@ def _rss_after_a_burst(model: Path, *flags: str) -> tuple[float, float, float]:
     return before / 2**20, peak / 2**20, after / 2**20
 
 
+@pytest.mark.slow
 def test_a_servers_memory_comes_back_after_a_burst_of_long_texts(tiny_model: Path) -> None:
     before, peak, after = _rss_after_a_burst(tiny_model)
     assert peak > 2 * before, (before, peak, after)  # the burst did need memory

@@ -89,6 +89,7 @@ def test_outlier_checkpoint_has_large_dims_and_says_so(outlier_checkpoint: Path,
     assert (norms[record["token_ids"]] > 10 * norms.median()).all()
 
 
+@pytest.mark.slow
 def test_outlier_variants_differ_by_what_they_ask(tmp_path: Path, corpus: list[str]) -> None:
     spec = OutlierSpec(scale=300, dims=(3, 7), tokens=("[SEP]",), token_scale=5, final=True)
     checkpoint = build_random_checkpoint(TINY_CONFIGS["v3-shared"], tmp_path / "ckpt", texts=corpus, seed=2,
@@ -133,6 +134,7 @@ def _module(checkpoint: Path) -> torch.nn.Module:
                           token_embeddings=False).eval()
 
 
+@pytest.mark.slow
 def test_a_wrong_graph_still_fails_validation(outlier_checkpoint: Path, outlier_export: Path, tmp_path: Path) -> None:
     # One feed-forward weight 1% off: the kind of slip a graph rewrite makes. The outlier checkpoint is where a
     # tolerance grown to fit large values would hide it.
@@ -154,6 +156,7 @@ def test_a_wrong_graph_still_fails_validation(outlier_checkpoint: Path, outlier_
     assert caught.value.report["worst"]["max_rel_diff"] > 1e-3
 
 
+@pytest.mark.slow
 def test_float64_reference_decides_when_fp32_rounding_is_large(tmp_path: Path, corpus: list[str]) -> None:
     # At 160,000x, fp32 loses digits inside the network to cancellation: PyTorch fp32 itself misses the float64
     # result by more than atol + rtol allow; the export compares with float64 then, allowing what fp32 costs.
@@ -228,6 +231,7 @@ def test_without_the_split_int8_is_noise_on_outliers(outlier_export: Path, outli
     assert measure(tmp_path / "plain.onnx", held)["min_cosine"] < 0.95
 
 
+@pytest.mark.slow
 def test_fp16_range_audit_keeps_what_would_overflow(tmp_path: Path, corpus: list[str]) -> None:
     # Hidden values of ~120,000: past fp16's 65,504. Without the audit the fp16 graph overflows (inf, then NaN);
     # with it the nodes that compute or read such values stay fp32 and the gate passes.

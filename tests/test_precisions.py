@@ -214,6 +214,7 @@ def fragile_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathF
     return out
 
 
+@pytest.mark.slow
 def test_fallback_tries_safer_recipes_and_says_so(fragile_checkpoint: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "model"

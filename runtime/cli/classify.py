@@ -5,7 +5,6 @@ line."""
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from ..classifier import SequenceClassifier, TokenClassifier
@@ -14,7 +13,16 @@ from ..errors import TaskMismatchError
 from ..manifest import load_manifest
 from ..postprocess import AGGREGATIONS
 from ..zero_shot import DEFAULT_HYPOTHESIS_TEMPLATE, ZeroShotClassifier
-from .common import add_load_flags, add_progress_flags, load, read_lines, show_progress, write_text
+from .common import (
+    add_load_flags,
+    add_progress_flags,
+    check_output,
+    json_line,
+    load,
+    read_lines,
+    show_progress,
+    write_text,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -58,6 +66,8 @@ def _pair(line: str, number: int) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.output is not None:
+        check_output(args.output)  # a path that cannot take the file fails now, not after the work
     task = load_manifest(args.model_dir).task
     zero_shot = args.candidate_labels is not None
     if not zero_shot and (args.multi_label or args.hypothesis_template != DEFAULT_HYPOTHESIS_TEMPLATE):
@@ -90,5 +100,5 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise TaskMismatchError(f"{args.model_dir} holds an embedding model; use `deberta-onnx embed` or "
                                 "`deberta-onnx search` with it")
-    write_text((json.dumps(row, ensure_ascii=False) for row in rows), args.output)
+    write_text((json_line(row) for row in rows), args.output)
     return 0

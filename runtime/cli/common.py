@@ -5,26 +5,35 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
+import json
+import os
+import re
+import stat
 import sys
+import unicodedata
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import numpy as np
 
-from ..config import ARENA_CHOICES, AUTO, CUDA_ARENA_STRATEGIES, EncoderConfig
+from ..config import ARENA_CHOICES, AUTO, CUDA_ARENA_STRATEGIES, EncoderConfig, check_thread_count
 from ..contract import PRECISIONS
 from ..files import atomic_write, text_lines
 
 __all__ = [
     "add_load_flags",
     "add_progress_flags",
+    "check_output",
     "config_defaults",
     "default_note",
+    "json_line",
     "load",
     "read_lines",
     "save_npy",
     "show_progress",
+    "shown",
     "write_text",
 ]
 
@@ -54,6 +63,8 @@ def read_lines(source: str) -> list[str]:
         ValueError: the file does not exist, or is not UTF-8 (the message names the line).
     """
     if source == "-":
+        if sys.stdin is None:  # the process was started with its stdin closed
+            raise ValueError("cannot read texts from stdin (-): it is closed; pipe the texts in, or give a file")
         data = sys.stdin.buffer.read()
     else:
         path = Path(source)
@@ -69,19 +80,125 @@ def read_lines(source: str) -> list[str]:
     return text_lines(text)
 
 
+def check_output(destination: str, flag: str = "--output") -> tuple[Path, bool]:
+    """Checks an output path before any work, and returns where to write and whether to stream there.
+
+    A regular file (or a new one) is written beside its place and renamed over it, keeping an existing file's
+    permission bits; a symlink is written through (its target is replaced so, the link stays). A FIFO, a
+    character device and an open descriptor's name (``/dev/stdout``, ``/dev/null``, a shell's ``>(...)``) are
+    opened and written in place, as a shell's ``>`` does: a rename would put a regular file in their place.
+
+    Raises:
+        ValueError: the path is a folder, a block device or a socket, an existing file that is read-only, or in a
+            folder that cannot be written; the message says which.
+    """
+    path = Path(destination)
+    try:
+        info: os.stat_result | None = path.stat()  # follows symlinks: what a write would reach
+    except FileNotFoundError:
+        info = None
+    except OSError as exc:
+        raise ValueError(f"{flag} {destination}: {exc.strerror}; give a file path you can write") from exc
+    if info is not None:
+        if stat.S_ISDIR(info.st_mode):
+            raise ValueError(f"{flag} {destination} is a folder; give a file path (e.g. {path / 'out'}{path.suffix})")
+        if not (stat.S_ISREG(info.st_mode) or stat.S_ISFIFO(info.st_mode) or stat.S_ISCHR(info.st_mode)):
+            raise ValueError(f"{flag} {destination} is a {_kind(info.st_mode)}, not a file; give a file path")
+        if not stat.S_ISREG(info.st_mode) or _names_a_descriptor(path):
+            if not os.access(path, os.W_OK):
+                raise ValueError(f"{flag} {destination}: permission denied")
+            return path, True
+    target = Path(os.path.realpath(path))  # through a symlink (a dangling one too) to the file it names
+    if info is not None and not os.access(target, os.W_OK):
+        raise ValueError(f"{flag} {destination} is read-only; make it writable or give another path")
+    folder = target.parent
+    while not folder.exists():  # atomic_write creates the missing folders under the nearest one that exists
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {destination}: cannot create files in {folder} "
+                         f"({'not a folder' if not folder.is_dir() else 'permission denied'})")
+    return target, False
+
+
+def _names_a_descriptor(path: Path) -> bool:
+    """Whether ``path`` is, or links on to, an open file descriptor (``/dev/stdout`` -> ``/proc/self/fd/1``,
+    ``/dev/fd/N``): a file a shell opened for this process, to write into rather than replace."""
+    current = str(path.absolute())
+    for _ in range(40):  # the kernel's own bound on a chain of symlinks
+        if current.startswith(("/proc/", "/dev/fd/")):
+            return True
+        if not os.path.islink(current):
+            return False
+        current = os.path.join(os.path.dirname(current), os.readlink(current))
+    return False
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def write_output(destination: str, write: Callable[[IO[bytes]], object]) -> None:
+    """Writes an output file as ``check_output`` says: atomically (keeping an existing file's mode) or, for FIFOs
+    and devices, in place.
+
+    Raises:
+        ValueError: the path cannot take the file (see ``check_output``).
+        OSError: the write failed; the message names the path.
+    """
+    target, stream = check_output(destination)
+    try:
+        if stream:
+            buffer = io.BytesIO()  # built whole first: a pipe cannot seek, which numpy's writer may do
+            write(buffer)
+            with open(target, "wb") as handle:
+                handle.write(buffer.getbuffer())
+            return
+        mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else None
+        atomic_write(target, write, mode=mode)
+    except OSError as exc:
+        raise OSError(f"cannot write {destination}: {exc.strerror or exc}") from exc
+
+
 def save_npy(array: np.ndarray, destination: str) -> None:
-    """Writes a ``.npy`` atomically: a failed run never leaves a truncated file behind."""
-    atomic_write(destination, lambda handle: np.save(handle, array))
+    """Writes a ``.npy`` (see ``write_output``): a failed run never leaves a truncated file behind."""
+    write_output(destination, lambda handle: np.save(handle, array))
 
 
 def write_text(lines: Iterable[str], destination: str | None) -> None:
-    """Writes lines to a file (atomically) or, for ``None``, to stdout."""
+    """Writes lines to a file (see ``write_output``) or, for ``None``, to stdout."""
     if destination is None:
         for line in lines:
             sys.stdout.write(line + "\n")
         return
     text = "".join(line + "\n" for line in lines)
-    atomic_write(destination, lambda handle: handle.write(text.encode("utf-8")))
+    write_output(destination, lambda handle: handle.write(text.encode("utf-8")))
+
+
+# Bidirectional controls, which reorder what a terminal shows after them ("Trojan Source"), besides the C0/C1
+# controls (escape sequences, carriage returns) that unicodedata calls Cc.
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def shown(text: str) -> str:
+    """``text`` safe to print on a terminal: control characters (ESC, CR, C1 codes, ...) and bidirectional
+    controls written as escapes (``\\x1b``, ``\\u202e``), so that a text cannot move the cursor, recolour, retitle
+    or reorder what the terminal shows; everything else as it is."""
+    if text.isprintable():
+        return text
+    return "".join(ch.encode("unicode_escape").decode("ascii") if ch in _BIDI_CONTROLS or (
+        unicodedata.category(ch) == "Cc") else ch for ch in text)
+
+
+# What JSON leaves unescaped that a terminal may still act on: DEL, the C1 controls, the bidirectional controls.
+_UNESCAPED_BY_JSON = re.compile(f"[\x7f-\x9f{''.join(sorted(_BIDI_CONTROLS))}]")
+
+
+def json_line(value: Any) -> str:
+    """``value`` as one line of JSON (UTF-8 text kept as it is) in which every control character is escaped,
+    so that printing it cannot drive a terminal."""
+    text = json.dumps(value, ensure_ascii=False)
+    return _UNESCAPED_BY_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 def add_progress_flags(parser: argparse.ArgumentParser) -> None:
@@ -105,7 +222,8 @@ def _load_flags(defaults: dict[str, Any]) -> dict[str, tuple[tuple[str, ...], di
             choices=list(PRECISIONS),
             help="which exported variant to load (default: the best in the folder for the provider: int8-static, "
                  "then int8-dynamic, then fp32 on CPU)")),
-        "intra_op_threads": (("--threads",), dict(type=int, help="ONNX Runtime intra-op threads (default: cores)")),
+        "intra_op_threads": (("--threads",), dict(
+            type=_threads, help="ONNX Runtime intra-op threads (default: cores; at most 4 per core)")),
         "inter_op_threads": (("--inter-op-threads",), dict(
             type=int, help="ONNX Runtime threads across operators (default: ONNX Runtime's)")),
         "allow_spinning": (("--allow-spinning",), dict(
@@ -176,6 +294,17 @@ def load(args: argparse.Namespace, kind: Callable[..., M], model_dir: str | None
     flags say."""
     config = EncoderConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(EncoderConfig)})
     return kind(args.model_dir if model_dir is None else model_dir, config=config)
+
+
+def _threads(text: str) -> int:
+    """``--threads N``: an int from 0 (ONNX Runtime's default) to the machine's bound (``max_threads``)."""
+    try:
+        count = int(text)
+        check_thread_count("--threads", count)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc) if "--threads" in str(exc) else
+                                         f"expected a number of threads, got {text!r}") from None
+    return count
 
 
 def _optional_int(text: str) -> int | None:
