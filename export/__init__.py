@@ -23,6 +23,7 @@ from ._errors import (  # noqa: E402
     ExportError,
     OutputExistsError,
     QualityGateError,
+    UnsupportedHeadError,
     UnsupportedModelError,
     ValidationError,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "OutputExistsError",
     "QualityGateError",
     "Recipe",
+    "UnsupportedHeadError",
     "UnsupportedModelError",
     "ValidationError",
     "export_model",

@@ -24,7 +24,7 @@ from deberta_onnx.runtime.contract import (
     TASKS,
 )
 
-from ._errors import CheckpointError, UnsupportedModelError
+from ._errors import CheckpointError, UnsupportedHeadError, UnsupportedModelError
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "LoadedCheckpoint", "checkpoint_task", "load_checkpoint", "scratch_dir"]
 
@@ -42,6 +42,8 @@ _TASK_LOADERS: dict[str, tuple[Any, str]] = {
     TASK_SEQUENCE_CLASSIFICATION: (AutoModelForSequenceClassification, "ForSequenceClassification"),
     TASK_TOKEN_CLASSIFICATION: (AutoModelForTokenClassification, "ForTokenClassification"),
 }
+# The bare encoders' architecture names: no head, exported as ``embedding``.
+_ENCODERS = frozenset({"DebertaV2Model", "DebertaModel"})
 
 
 @dataclass
@@ -96,13 +98,29 @@ def _loaded(loader: Any, src: str, **kwargs: Any) -> Any:
         ) from exc
 
 
-def checkpoint_task(config: PretrainedConfig) -> str:
-    """The task a checkpoint's head is for, from its ``architectures``: a sequence or token classifier, else
-    ``embedding`` (the encoder alone)."""
+def checkpoint_task(config: PretrainedConfig, src: str = "the checkpoint") -> str:
+    """The task a checkpoint's head is for, from its ``architectures``: a sequence or token classifier, or
+    ``embedding`` for the bare encoder (``DebertaV2Model``, ``DebertaModel``, or no ``architectures`` at all, as
+    the released DeBERTa-v3 checkpoints have).
+
+    Raises:
+        UnsupportedHeadError: the checkpoint declares a head this exporter has no graph for (question answering,
+            multiple choice, masked LM, ...); exporting it as an encoder would drop the head without a word.
+    """
+    unsupported = []
     for architecture in config.architectures or []:
         for task, (_, suffix) in _TASK_LOADERS.items():
             if suffix and architecture.endswith(suffix):
                 return task
+        if architecture not in _ENCODERS:
+            unsupported.append(architecture)
+    if unsupported:
+        heads = ", ".join(f"{task}: ...{suffix}" for task, (_, suffix) in _TASK_LOADERS.items() if suffix)
+        raise UnsupportedHeadError(
+            f"{src} is a {' / '.join(unsupported)} checkpoint; deberta-onnx has no graph for that head (it exports "
+            f"{heads}, and bare encoders), and exporting it as an encoder would silently drop the head you trained. "
+            "Pass --task embedding (ExportConfig(task='embedding')) to keep only the encoder, for sentence vectors."
+        )
     return TASK_EMBEDDING
 
 
@@ -114,6 +132,7 @@ def load_checkpoint(src: str, task: str | None = None) -> LoadedCheckpoint:
         CheckpointError: not found, unreadable, or without a tokenizer.
         UnsupportedModelError: not a DeBERTa architecture (the message lists the supported ones), or a
             classification task asked of a checkpoint without that head.
+        UnsupportedHeadError: ``task=None`` and the checkpoint's head has no graph here (``checkpoint_task``).
     """
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -129,7 +148,10 @@ def load_checkpoint(src: str, task: str | None = None) -> LoadedCheckpoint:
             f"{src} is a {config.model_type!r} model ({', '.join(config.architectures or []) or 'no architecture'}"
             f"); deberta-onnx exports only DeBERTa encoders ({supported})."
         )
-    own_task = checkpoint_task(config)
+    if task == TASK_EMBEDDING:
+        own_task = TASK_EMBEDDING  # asked for: the encoder of any checkpoint, whatever head it has
+    else:
+        own_task = checkpoint_task(config, str(src))
     task = task or own_task
     if task != TASK_EMBEDDING and task != own_task:
         raise UnsupportedModelError(

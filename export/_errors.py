@@ -9,6 +9,7 @@ __all__ = [
     "ExportError",
     "OutputExistsError",
     "QualityGateError",
+    "UnsupportedHeadError",
     "UnsupportedModelError",
     "ValidationError",
 ]
@@ -24,6 +25,11 @@ class CheckpointError(ExportError):
 
 class UnsupportedModelError(CheckpointError):
     """The checkpoint is not a DeBERTa architecture this exporter supports."""
+
+
+class UnsupportedHeadError(UnsupportedModelError):
+    """The checkpoint's head (its config's ``architectures``) has no graph in this exporter; ``task="embedding"``
+    exports its encoder alone."""
 
 
 class OutputExistsError(ExportError, FileExistsError):

@@ -73,7 +73,10 @@ def export_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], c
             _say(config, f"sentence-transformers checkpoint: {' -> '.join(sentence_transformer.modules)} "
                          f"({pooling} pooling{', normalized' if normalize else ''})")
             source = sentence_transformer.transformer_path
-        checkpoint = load_checkpoint(source, task=config.task)
+        # A sentence-transformers model is an embedding model by its own modules, whatever head its
+        # Transformer folder's config names (sentence-transformers loads that folder with AutoModel too).
+        task = TASK_EMBEDDING if sentence_transformer is not None else config.task
+        checkpoint = load_checkpoint(source, task=task)
         if checkpoint.task != TASK_EMBEDDING:
             _check_classifier_options(config, checkpoint.task, str(src))
         if str(src).startswith(RANDOM_PREFIX) or sentence_transformer is not None:

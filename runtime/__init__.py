@@ -19,6 +19,7 @@ from .encoder import Encoder
 from .errors import DebertaOnnxError
 from .installed import DISTRIBUTION
 from .similarity import Hit, cos_sim, semantic_search
+from .zero_shot import ZeroShotClassifier, ZeroShotResult
 
 try:
     __version__ = metadata.version(DISTRIBUTION)
@@ -33,6 +34,8 @@ __all__ = [
     "Hit",
     "SequenceClassifier",
     "TokenClassifier",
+    "ZeroShotClassifier",
+    "ZeroShotResult",
     "__version__",
     "cos_sim",
     "semantic_search",

@@ -68,7 +68,7 @@ UNDECLARED_MAX_LENGTH = 512
 # Which class loads which task, for the error that names the right one.
 _LOADERS = {
     TASK_EMBEDDING: "Encoder",
-    TASK_SEQUENCE_CLASSIFICATION: "SequenceClassifier or CrossEncoder",
+    TASK_SEQUENCE_CLASSIFICATION: "SequenceClassifier, CrossEncoder or ZeroShotClassifier",
     TASK_TOKEN_CLASSIFICATION: "TokenClassifier",
 }
 

@@ -220,7 +220,8 @@ def test_softmax_is_stable() -> None:
 
 def test_wrong_class_for_the_folder_names_the_right_one(nli: tuple[Path, Path], ner: tuple[Path, Path],
                                                         tiny_model: Path) -> None:
-    with pytest.raises(TaskMismatchError, match="task 'sequence-classification'.*SequenceClassifier or CrossEncoder"):
+    with pytest.raises(TaskMismatchError,
+                       match="task 'sequence-classification'.*SequenceClassifier, CrossEncoder or ZeroShotClassifier"):
         Encoder(nli[1])
     with pytest.raises(TaskMismatchError, match="task 'embedding', which TokenClassifier cannot run.*with Encoder"):
         TokenClassifier(tiny_model)

@@ -153,7 +153,7 @@ def test_info_names_task_labels_and_outputs(nli: tuple[Path, Path], tiny_model: 
                                             capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", str(nli[1])]) == 0
     out = capsys.readouterr().out
-    assert "task:       sequence-classification (SequenceClassifier, CrossEncoder)" in out
+    assert "task:       sequence-classification (SequenceClassifier, CrossEncoder, ZeroShotClassifier)" in out
     assert "labels: entailment, neutral, contradiction" in out and "outputs logits ['batch', 3]" in out
     assert main(["info", str(tiny_model)]) == 0
     out = capsys.readouterr().out

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from deberta_onnx.benchmarks.load import RERANK_QUERIES, rerank_scores, run_load
-from deberta_onnx.runtime import CrossEncoder, Encoder, SequenceClassifier, TokenClassifier
+from deberta_onnx.runtime import CrossEncoder, Encoder, SequenceClassifier, TokenClassifier, ZeroShotClassifier
 from deberta_onnx.runtime.batching import padded_tokens
 from deberta_onnx.runtime.server.testing import ServerProcess, decode_embeddings
 
@@ -118,6 +118,53 @@ def test_classify_scores_equal_the_sequence_classifier(server: ServerProcess, fo
         assert [s["label"] for s in item["scores"]] == [NLI_LABELS[int(row.argmax())]]
         assert item["score"] == pytest.approx(float(row.max()), abs=1e-5)
     assert body["usage"]["prompt_tokens"] == sum(classifier.token_count(items))
+
+
+def test_zero_shot_classify_equals_the_zero_shot_classifier(server: ServerProcess, folders: dict[str, Path]) -> None:
+    """candidate_labels on the classify route: each text's labels and scores as ZeroShotClassifier gives them (the
+    pipeline's order and scores, tests/test_zero_shot.py), single- and multi-label, labels as a list or a string."""
+    classifier = ZeroShotClassifier(folders["nli"])
+    texts = ["The striker scored twice.", "The senate voted on the bill.", *HARD_TEXTS[:3]]
+    labels = ["sports", "politics", "weather"]
+    for multi_label, sent in ((False, labels), (True, ", ".join(labels))):
+        body = _ok(server, "/v1/classify", {"model": "nli", "input": texts, "candidate_labels": sent,
+                                            "multi_label": multi_label, "hypothesis_template": "It is about {}."})
+        expected = classifier.predict(texts, labels, multi_label=multi_label, hypothesis_template="It is about {}.")
+        assert [d["index"] for d in body["data"]] == list(range(len(texts)))
+        for item, result in zip(body["data"], expected):
+            assert [s["label"] for s in item["scores"]] == result.labels and item["label"] == result.labels[0]
+            np.testing.assert_allclose([s["score"] for s in item["scores"]], result.scores, atol=1e-5)
+        pairs = classifier.pairs(texts, labels, "It is about {}.")
+        assert body["usage"]["prompt_tokens"] == sum(classifier.token_count(pairs))
+    one = _ok(server, "/v1/classify", {"model": "nli", "input": texts[0], "candidate_labels": labels, "top_k": 1})
+    (item,) = one["data"]
+    assert [s["label"] for s in item["scores"]] == classifier.predict(texts[0], labels).labels[:1]
+
+
+def test_zero_shot_classify_errors(server: ServerProcess) -> None:
+    """Bad zero-shot requests get a 400 (413 past the limit) naming the field; a model without an entailment
+    label is refused."""
+    def error(body: dict[str, Any], status: int, param: str) -> str:
+        response = _post(server, "/v1/classify", {"model": "nli", "input": ["a text"], **body})
+        assert response.status_code == status, response.text
+        assert response.json()["error"]["param"] == param
+        return str(response.json()["error"]["message"])
+
+    assert "zero-shot classification (with 'candidate_labels') labels single texts" in error(
+        {"input": [["a", "pair"]], "candidate_labels": ["x"]}, 400, "input[0]")
+    assert "holds no label" in error({"candidate_labels": " , "}, 400, "candidate_labels")
+    assert "has no {} for the label" in error({"candidate_labels": ["x"], "hypothesis_template": "Nothing."}, 400,
+                                              "hypothesis_template")
+    assert "send it with 'candidate_labels'" in error({"multi_label": True}, 400, "multi_label")
+    assert "does not apply to zero-shot" in error({"candidate_labels": ["x"], "raw_scores": True}, 400,
+                                                  "raw_scores")
+    error({"candidate_labels": [1]}, 400, "candidate_labels[0]")
+    assert "33 input(s) x 2 candidate label(s) make 66" in error(
+        {"input": ["t"] * 33, "candidate_labels": ["a", "b"]}, 413, "candidate_labels")
+    response = _post(server, "/v1/classify", {"model": "rerank", "input": ["t"], "candidate_labels": ["a"]})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "unsupported_model"
+    assert "none of which starts with 'entail'" in response.json()["error"]["message"]
+    assert _ok(server, "/v1/classify", {"model": "nli", "input": ["t"] * 32, "candidate_labels": ["a", "b"]})
 
 
 def test_classify_on_a_token_classifier_gives_its_spans(server: ServerProcess, folders: dict[str, Path]) -> None:

@@ -1,5 +1,6 @@
-"""``deberta-onnx classify``: labels for texts or text pairs (sequence classifiers), or labelled spans (token
-classifiers), one JSON object per input line."""
+"""``deberta-onnx classify``: labels for texts or text pairs (sequence classifiers), labelled spans (token
+classifiers), or, with ``--candidate-labels``, zero-shot labels through an NLI model; one JSON object per input
+line."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ..contract import TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
 from ..errors import TaskMismatchError
 from ..manifest import load_manifest
 from ..postprocess import AGGREGATIONS
+from ..zero_shot import DEFAULT_HYPOTHESIS_TEMPLATE, ZeroShotClassifier
 from .common import (
     add_load_flags,
     add_progress_flags,
@@ -30,7 +32,9 @@ def add_parser(commands: Any) -> None:
         "classify", help="label texts or text pairs with an exported classifier (JSON lines out)",
         description="Run a sequence classifier (one label per text, or per TEXT<TAB>TEXT_PAIR line with --pairs: "
                     "NLI, rerankers) or a token classifier (labelled spans, e.g. NER) over a file of lines; "
-                    "prints one JSON object per line.",
+                    "prints one JSON object per line. With --candidate-labels, an NLI model classifies each line "
+                    "zero-shot, as transformers' zero-shot-classification pipeline: "
+                    '{"sequence": ..., "labels": [best first], "scores": [...]}.',
     )
     classify.add_argument("model_dir", help="a folder exported from a ...ForSequenceClassification or "
                                             "...ForTokenClassification checkpoint")
@@ -38,6 +42,14 @@ def add_parser(commands: Any) -> None:
     classify.add_argument("--pairs", action="store_true", help="each line is TEXT<TAB>TEXT_PAIR (sequence classifiers)")
     classify.add_argument("--aggregation", default="first", choices=list(AGGREGATIONS),
                           help="how token labels become spans (token classifiers; default first)")
+    classify.add_argument("--candidate-labels", default=None, metavar="LABELS",
+                          help="zero-shot classification with an NLI model: the labels to choose from, "
+                               "comma-separated (e.g. 'sports,politics,science')")
+    classify.add_argument("--hypothesis-template", default=DEFAULT_HYPOTHESIS_TEMPLATE,
+                          help=f"zero-shot: the hypothesis each label is put into at its {{}} (default "
+                               f"{DEFAULT_HYPOTHESIS_TEMPLATE!r})".replace("%", "%%"))
+    classify.add_argument("--multi-label", action="store_true",
+                          help="zero-shot: score each label on its own (several may be true)")
     classify.add_argument("--output", default=None, help="write the JSON lines here instead of stdout")
     classify.add_argument("--batch-size", type=int, default=None,
                           help="inputs per model call (default 32; with --max-tokens, a cap on rows)")
@@ -57,9 +69,21 @@ def run(args: argparse.Namespace) -> int:
     if args.output is not None:
         check_output(args.output)  # a path that cannot take the file fails now, not after the work
     task = load_manifest(args.model_dir).task
+    zero_shot = args.candidate_labels is not None
+    if not zero_shot and (args.multi_label or args.hypothesis_template != DEFAULT_HYPOTHESIS_TEMPLATE):
+        raise ValueError("--multi-label and --hypothesis-template apply to zero-shot classification; give "
+                         "--candidate-labels too")
+    if zero_shot and (args.pairs or task != TASK_SEQUENCE_CLASSIFICATION):
+        raise ValueError("--candidate-labels classifies single texts with an NLI sequence classifier; "
+                         f"{'drop --pairs' if args.pairs else f'{args.model_dir} holds a {task} model'}")
     lines = read_lines(args.input)
     rows: list[dict[str, Any]]
-    if task == TASK_SEQUENCE_CLASSIFICATION:
+    if zero_shot:
+        results = load(args, ZeroShotClassifier).predict(
+            lines, args.candidate_labels, hypothesis_template=args.hypothesis_template,
+            multi_label=args.multi_label, batch_size=args.batch_size, show_progress=show_progress(args))
+        rows = [result._asdict() for result in results]
+    elif task == TASK_SEQUENCE_CLASSIFICATION:
         classifier = load(args, SequenceClassifier)
         inputs = [_pair(line, n) for n, line in enumerate(lines, 1)] if args.pairs else lines
         scores = classifier.probabilities(inputs, batch_size=args.batch_size, show_progress=show_progress(args))

@@ -8,8 +8,10 @@ from typing import Any
 
 from ..config import EncoderConfig
 from ..contract import TASK_EMBEDDING, TASK_SEQUENCE_CLASSIFICATION
+from ..errors import TaskMismatchError
 from ..loader import load_model
 from ..manifest import Manifest, load_manifest
+from ..zero_shot import entailment_index
 
 __all__ = ["add_parser", "run"]
 
@@ -121,6 +123,8 @@ def _print_task(manifest: Manifest) -> None:
     else:
         sequence = manifest.task == TASK_SEQUENCE_CLASSIFICATION
         runner = "SequenceClassifier, CrossEncoder" if sequence else "TokenClassifier"
+        if sequence and _names_entailment(manifest.labels):
+            runner += ", ZeroShotClassifier"
         print(f"task:       {manifest.task} ({runner})   labels: {', '.join(manifest.labels)}")
     print(f"graph:      inputs {inputs}; outputs {outputs}")
     st = manifest.source.sentence_transformers
@@ -129,3 +133,12 @@ def _print_task(manifest: Manifest) -> None:
     triton = manifest.triton
     if triton:
         print(f"triton:     {triton['repository']}/{triton['model_name']}/ (max batch {triton['max_batch_size']})")
+
+
+def _names_entailment(labels: tuple[str, ...] | list[str]) -> bool:
+    """Whether an NLI model's labels let ``ZeroShotClassifier`` run it."""
+    try:
+        entailment_index(labels)
+    except TaskMismatchError:
+        return False
+    return True

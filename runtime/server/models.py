@@ -3,7 +3,8 @@ each route does with it (parse the body, name the inputs to run, shape the answe
 above the runtime; no HTTP stack, so that it can be tested, and reused, without a server.
 
 Routes per task: an ``embedding`` model serves ``POST /v1/embeddings``; a ``sequence-classification`` model
-(classifier or cross-encoder) serves ``POST /v1/rerank`` (one-label models) and ``POST /v1/classify``; a
+(classifier or cross-encoder) serves ``POST /v1/rerank`` (one-label models) and ``POST /v1/classify`` (zero-shot
+with ``candidate_labels`` where its labels name entailment); a
 ``token-classification`` model serves ``POST /v1/classify`` with spans.
 """
 
@@ -23,8 +24,15 @@ from ..encoder import Encoder
 from ..errors import TaskMismatchError
 from ..manifest import load_manifest
 from ..postprocess import classifier_scores, cross_encoder_scores, truncate_dimensions
+from ..zero_shot import entailment_index, zero_shot_scores
 from .budget import TokenBudget
-from .classify_api import classify_response, parse_classify_request, token_classify_response
+from .classify_api import (
+    ClassifyRequest,
+    classify_response,
+    parse_classify_request,
+    token_classify_response,
+    zero_shot_response,
+)
 from .config import ServerConfig
 from .errors import ApiError
 from .microbatch import BatchObserver, MicroBatcher, Outputs
@@ -155,6 +163,8 @@ class ServedModel:
                 return token_classify_response(found, token_counts=counts, model=name)
 
             return Job(items=texts, answer=spans, floats=0)
+        if parsed.candidate_labels is not None:
+            return self._zero_shot(model, parsed, name)
         labels = list(model.labels)
         problem_type = model.manifest.model.problem_type
 
@@ -165,6 +175,22 @@ class ServedModel:
             return classify_response(scores, labels=labels, top_k=parsed.top_k, token_counts=counts, model=name)
 
         return Job(items=list(parsed.inputs), answer=classes, floats=len(parsed.inputs) * len(labels))
+
+    def _zero_shot(self, model: SequenceClassifier, parsed: ClassifyRequest, name: str) -> Job:
+        try:
+            entailment = entailment_index(model.labels, self.name)
+        except TaskMismatchError as exc:
+            raise ApiError(400, f"model {self.name!r} cannot do zero-shot classification: {exc}",
+                           param="candidate_labels", code="unsupported_model") from exc
+        labels = parsed.candidate_labels or []
+        pairs = parsed.pairs()
+
+        def answer(outputs: Outputs, counts: list[int]) -> dict[str, Any]:
+            logits = np.asarray(outputs).reshape(len(parsed.inputs), len(labels), -1)
+            scores = zero_shot_scores(logits, entailment=entailment, multi_label=parsed.multi_label)
+            return zero_shot_response(scores, labels=labels, top_k=parsed.top_k, token_counts=counts, model=name)
+
+        return Job(items=list(pairs), answer=answer, floats=len(pairs))
 
     def _name(self, requested: str | None, echo: bool) -> str:
         return requested if echo and requested else self.name

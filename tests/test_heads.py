@@ -1,0 +1,95 @@
+"""No head dropped in silence: every ``DebertaV2For*`` and ``DebertaFor*`` class transformers has is either exported
+with its head (sequence and token classification) or refused with a message that names the head and the way to keep
+only the encoder (``--task embedding``); the refusal happens before anything is written."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import transformers
+from transformers import DebertaConfig, DebertaV2Config
+
+from deberta_onnx.runtime.contract import TASK_EMBEDDING, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
+
+from .conftest import TINY_CONFIGS
+
+# The heads that export as themselves; every other ``...For...`` class must be refused.
+_EXPORTED = {"ForSequenceClassification": TASK_SEQUENCE_CLASSIFICATION,
+             "ForTokenClassification": TASK_TOKEN_CLASSIFICATION}
+
+
+def _head_classes() -> list[str]:
+    """Every DeBERTa v1/v2 model class with a head that this transformers has (read from the library, so that a
+    head added to transformers is covered without touching this test)."""
+    names = sorted(name for name in dir(transformers) if re.fullmatch(r"Deberta(V2)?For[A-Za-z]+", name))
+    assert any(name.startswith("DebertaV2For") for name in names) and any(n.startswith("DebertaFor") for n in names)
+    return names
+
+
+def _tiny_head(name: str, out: Path) -> Path:
+    """A tiny random checkpoint of class ``name`` saved with ``save_pretrained`` (no tokenizer: the refusal comes
+    before the tokenizer is read)."""
+    settings = {key: value for key, value in TINY_CONFIGS["v3-shared"].items() if key != "position_buckets"}
+    config_class = DebertaV2Config if name.startswith("DebertaV2") else DebertaConfig
+    config = config_class(**settings, num_labels=3)
+    getattr(transformers, name)(config).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("name", _head_classes())
+def test_every_deberta_head_is_exported_or_refused_by_name(name: str, tmp_path: Path) -> None:
+    from deberta_onnx.export import ExportConfig, UnsupportedHeadError, export_model
+    from deberta_onnx.export._checkpoint import checkpoint_task
+
+    src = _tiny_head(name, tmp_path / "ckpt")
+    assert json.loads((src / "config.json").read_text())["architectures"] == [name]
+    config = transformers.AutoConfig.from_pretrained(src)
+    suffix = next((s for s in _EXPORTED if name.endswith(s)), None)
+    if suffix is not None:
+        assert checkpoint_task(config) == _EXPORTED[suffix]
+        return
+    out = tmp_path / "out"
+    with pytest.raises(UnsupportedHeadError) as caught:
+        export_model(src, out, ExportConfig(quiet=True))
+    message = str(caught.value)
+    assert f"is a {name} checkpoint" in message and "--task embedding" in message
+    assert "keep only the encoder" in message and "ForSequenceClassification" in message
+    assert not out.exists()
+    # Asking for a head it lacks names the head it has.
+    with pytest.raises(UnsupportedHeadError, match=re.escape(name)):
+        export_model(src, out, ExportConfig(quiet=True, task=TASK_SEQUENCE_CLASSIFICATION))
+
+
+def test_task_embedding_keeps_the_encoder_of_an_unsupported_head(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """``--task embedding`` on a question-answering checkpoint loads its encoder, with the trained weights (the
+    export of an encoder is tested on classifiers in test_classifiers.py)."""
+    import shutil
+
+    import torch
+
+    from deberta_onnx.export._checkpoint import load_checkpoint
+
+    from .conftest import TOKENIZER_FILES
+
+    src = _tiny_head("DebertaV2ForQuestionAnswering", tmp_path / "ckpt")
+    for file in TOKENIZER_FILES:
+        shutil.copy(tiny_checkpoint / file, src / file)
+    loaded = load_checkpoint(str(src), task=TASK_EMBEDDING)
+    assert loaded.task == TASK_EMBEDDING and loaded.source["architecture"] == "DebertaV2Model"
+    trained = transformers.DebertaV2ForQuestionAnswering.from_pretrained(src).deberta.state_dict()
+    for name, value in loaded.model.state_dict().items():
+        torch.testing.assert_close(value, trained[name], rtol=0, atol=0)
+
+
+def test_export_command_refuses_the_head_and_names_the_way_out(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from deberta_onnx.runtime.cli import main
+
+    src = _tiny_head("DebertaV2ForQuestionAnswering", tmp_path / "ckpt")
+    assert main(["export", str(src), str(tmp_path / "out"), "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert "DebertaV2ForQuestionAnswering checkpoint" in error and "--task embedding" in error
+    assert not (tmp_path / "out").exists()
