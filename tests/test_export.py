@@ -59,7 +59,9 @@ def test_manifest_records_contract_checksums_and_validation(exported: tuple[Path
     assert manifest["model"]["max_sequence_length"] == 512
     assert manifest["model"]["pooling"] == "mean"
     assert manifest["graph"]["outputs"][0]["dims"] == ["batch", 32]
-    assert set(manifest["files"]) == {"model.onnx", "tokenizer.json"}
+    # The folder's own files, and the Hugging Face layout beside them (tests/test_node.py runs it).
+    assert set(manifest["files"]) == {"model.onnx", "tokenizer.json", "config.json", "tokenizer_config.json",
+                                      "special_tokens_map.json", "onnx/model.onnx"}
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == sha256_file(folder / name)
         assert entry["bytes"] == (folder / name).stat().st_size
