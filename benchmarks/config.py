@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deberta_onnx.runtime.checks import check_positive_int
+from deberta_onnx.runtime.config import check_thread_count
 from deberta_onnx.runtime.contract import PRECISIONS
-from deberta_onnx.runtime.utils import check_positive_int
 
 from .backends import RUN_PATHS, ThreadSetting
 from .workloads import DEFAULT_GRID, QUICK_GRID, Shape
@@ -124,7 +125,9 @@ class BenchConfig:
             check_positive_int(name, getattr(self, name))
         if self.max_calls < self.min_calls:
             raise ValueError(f"max_calls ({self.max_calls}) must be >= min_calls ({self.min_calls})")
-        check_positive_int("threads", self.threads, optional=True)
+        check_thread_count("threads", self.threads, minimum=1)
+        for setting in self.ort_threads or ():
+            check_thread_count("ort_threads", setting.intra_op_threads, minimum=1)
         if self.paths is not None:
             unknown = set(self.paths) - set(RUN_PATHS)
             if unknown:

@@ -32,6 +32,10 @@ __all__ = ["SUPPORTED_MODEL_TYPES", "LoadedCheckpoint", "checkpoint_task", "load
 SUPPORTED_MODEL_TYPES = {"deberta-v2": "DebertaV2Model (DeBERTa-v2, DeBERTa-v3)",
                          "deberta": "DebertaModel (DeBERTa v1)"}
 
+# The files a checkpoint's vocabulary comes in, one of which its folder must hold: the fast tokenizer, DeBERTa-v2/v3's
+# SentencePiece model, DeBERTa v1's byte-level BPE vocabulary.
+TOKENIZER_VOCABULARIES = ("tokenizer.json", "spm.model", "vocab.json")
+
 # Task -> (transformers loader, the architecture suffix a checkpoint with that head declares).
 _TASK_LOADERS: dict[str, tuple[Any, str]] = {
     TASK_EMBEDDING: (AutoModel, ""),
@@ -55,19 +59,40 @@ class LoadedCheckpoint:
 def _from_pretrained(loader: Any, src: str, **kwargs: Any) -> Any:
     """Loads from a local folder, else the Hugging Face cache, else the hub; one clear error if all fail."""
     if Path(src).is_dir():
-        return loader.from_pretrained(src, **kwargs)
+        return _loaded(loader, src, **kwargs)
     try:
-        return loader.from_pretrained(src, local_files_only=True, **kwargs)
+        return _loaded(loader, src, local_files_only=True, **kwargs)
     except OSError:
         pass
     try:
-        return loader.from_pretrained(src, **kwargs)
+        return _loaded(loader, src, **kwargs)
     except OSError as exc:
         raise CheckpointError(
             f"cannot load checkpoint {src!r}: it is not a local folder, not in the Hugging Face cache, and the "
             f"hub could not be reached or has no such model ({exc.__class__.__name__}). Pass a local checkpoint "
             "folder, download the model on a machine with access first, or use `random:deberta-v3-base` for a "
             "random-weight checkpoint."
+        ) from exc
+
+
+# What each loader reads, for the message when a file cannot be read.
+_READS = {AutoConfig: "config.json", AutoTokenizer: "tokenizer files"}
+
+
+def _loaded(loader: Any, src: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained``, whose failures on a damaged file (a truncated ``model.safetensors``, a
+    ``config.json`` with a string where a number belongs) come as a ``CheckpointError`` naming the file and the
+    cause: transformers, safetensors and huggingface_hub raise their own types for them."""
+    try:
+        return loader.from_pretrained(src, **kwargs)
+    except (OSError, ImportError, CheckpointError):  # not found (the caller tries elsewhere), a missing package
+        raise
+    except Exception as exc:
+        what = _READS.get(loader, "weights (model.safetensors or pytorch_model.bin)")
+        cause = " ".join(str(exc).split())
+        raise CheckpointError(
+            f"cannot read the {what} of {src}: {type(exc).__name__}: {cause}. The checkpoint is damaged or "
+            "incomplete (a truncated download, an edited file); copy or download it again."
         ) from exc
 
 
@@ -112,12 +137,17 @@ def load_checkpoint(src: str, task: str | None = None) -> LoadedCheckpoint:
             f"exporting it as {task} would add an untrained, random head. Export a checkpoint fine-tuned for "
             f"{task}, or leave --task unset."
         )
-    try:
-        tokenizer = _from_pretrained(AutoTokenizer, src)
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{src}: its tokenizer cannot be loaded ({exc}).") from exc
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_VOCABULARIES):
+        raise CheckpointError(
+            f"{src} has no tokenizer: none of {', '.join(TOKENIZER_VOCABULARIES)} is in it, and without one every "
+            "word would become [UNK]. Copy the tokenizer files of the checkpoint this was trained from (spm.model "
+            "or tokenizer.json, with tokenizer_config.json and special_tokens_map.json) into the folder; e.g. "
+            "`AutoTokenizer.from_pretrained(BASE).save_pretrained(FOLDER)`."
+        )
+    tokenizer = _from_pretrained(AutoTokenizer, src)
     if not getattr(tokenizer, "is_fast", False):
         raise CheckpointError(f"{src}: transformers gave no fast tokenizer, so no tokenizer.json can be written.")
+    _check_vocabulary(tokenizer, src)
     model = _from_pretrained(_TASK_LOADERS[task][0], src).eval()
     source = {
         "model": str(src),
@@ -129,6 +159,18 @@ def load_checkpoint(src: str, task: str | None = None) -> LoadedCheckpoint:
         "parameters": int(sum(p.numel() for p in model.parameters())),
     }
     return LoadedCheckpoint(model=model, config=config, tokenizer=tokenizer, path=str(src), source=source, task=task)
+
+
+def _check_vocabulary(tokenizer: Any, src: str) -> None:
+    """Refuses a tokenizer that holds nothing but special tokens: what transformers builds when a checkpoint (in
+    the hub cache, say) comes without its vocabulary, and which maps every word to [UNK]."""
+    special = set(tokenizer.all_special_ids)
+    if not set(tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True).values()) - special:
+        raise CheckpointError(
+            f"{src}: its tokenizer holds only its {len(special)} special tokens: the vocabulary is missing, and "
+            "every word would become [UNK]. Copy the tokenizer files of the checkpoint this was trained from "
+            f"({', '.join(TOKENIZER_VOCABULARIES)}) into the folder."
+        )
 
 
 def scratch_dir() -> tempfile.TemporaryDirectory[str]:

@@ -17,20 +17,20 @@ from deberta_onnx.runtime.contract import MODEL_FILE, TASK_EMBEDDING, TOKENIZER_
 from ._attention import TRANSLATIONS, fused_attention
 from ._checkpoint import LoadedCheckpoint, load_checkpoint, scratch_dir
 from ._errors import CheckpointError, ExportError, ValidationError
-from ._graph import ClassifierGraph, EmbeddingGraph, export_onnx
 from ._hub import write_hub_files
 from ._manifest import model_fields, write_export_manifest
 from ._optimize import apply_ort_fusions, folded_relative_attention
 from ._portable import check_portable
 from ._quiet import quiet_libraries
-from ._random import RANDOM_PREFIX, random_source
 from ._sentence_transformers import SentenceTransformerSpec, read_sentence_transformer
 from ._staging import check_target, recover, staging_folder
 from ._tokenizer import build_tokenizer
+from ._torch_graph import ClassifierGraph, EmbeddingGraph, export_onnx
 from ._triton import write_triton_repository
 from ._validate import DEFAULT_VALIDATION_SHAPES, LONG_VALIDATION_SHAPES, format_report, validate
-from ._variants import derive_variants, read_calibration
 from .config import LONGEST_RELATIVE_LENGTH, ExportConfig, ExportResult
+from .precision import derive_variants, read_calibration
+from .testing import RANDOM_PREFIX, random_source
 
 __all__ = ["export_model"]
 
@@ -50,7 +50,8 @@ def export_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], c
 
     Raises:
         CheckpointError / UnsupportedModelError: the source cannot be loaded or is not DeBERTa.
-        OutputExistsError: ``out_dir`` is not empty and ``config.overwrite`` is false.
+        OutputExistsError: ``out_dir`` is not empty and ``config.overwrite`` is false; or it is the source
+            checkpoint, holds it, or holds files that no deberta-onnx export wrote (never deleted).
         ValidationError: ONNX Runtime and PyTorch disagree beyond ``config.atol``.
         ExportError: anything else that stopped the export, writing errors with the path.
     """
@@ -58,7 +59,7 @@ def export_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], c
     started = time.perf_counter()
     target = Path(out_dir).absolute()
     recover(target)  # first, so that an OUT_DIR a killed export had moved aside is back before it is checked
-    check_target(target, config.overwrite)
+    check_target(target, config.overwrite, str(src))
     with scratch_dir() as scratch, quiet_libraries():
         source = str(src)
         if source.startswith(RANDOM_PREFIX):
@@ -83,7 +84,7 @@ def export_model(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], c
             checkpoint.source["sentence_transformers"] = sentence_transformer.to_manifest()
         if config.calibration is not None and "int8-static" in config.precisions:
             read_calibration(config.calibration)  # a bad file fails now, not after the export
-        with staging_folder(target, config.overwrite) as staging:
+        with staging_folder(target, config.overwrite, str(src)) as staging:
             manifest = _build(checkpoint, staging, config, pooling=pooling, normalize=normalize,
                               sentence_transformer=sentence_transformer,
                               triton_model=config.triton_name or _model_name(target.name),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import glob
+import json
 import os
 import re
 import shutil
@@ -20,13 +21,14 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from deberta_onnx.runtime.utils import fsync_dir
+from deberta_onnx.runtime.contract import MANIFEST_FILE, MANIFEST_FORMAT
+from deberta_onnx.runtime.files import fsync_dir
 
 from ._errors import ExportError, OutputExistsError
 
-__all__ = ["check_target", "recover", "staging_folder", "write_error"]
+__all__ = ["check_target", "foreign_entries", "recover", "staging_folder", "write_error"]
 
 _PARTIAL = ".partial-"
 _OLD = ".old-"
@@ -36,21 +38,95 @@ _RENAME_EXCHANGE = 2
 _NO_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV}
 
 
-def check_target(target: Path, overwrite: bool) -> None:
-    """Refuses an OUT_DIR that is a file, or a non-empty folder unless ``overwrite``."""
+def check_target(target: Path, overwrite: bool, source: str | None = None) -> None:
+    """Refuses an OUT_DIR that is the source checkpoint or holds it, a file, a non-empty folder unless
+    ``overwrite``, and, even with ``overwrite``, a folder that holds anything a previous export did not write:
+    the swap replaces OUT_DIR as a whole, so only an export's own files may be in it.
+
+    Args:
+        target: OUT_DIR, absolute.
+        overwrite: whether a previous export in OUT_DIR may be replaced.
+        source: the checkpoint exported (a local folder, a hub id or ``random:SHAPE``).
+
+    Raises:
+        OutputExistsError: which of these it is, and what to do instead.
+    """
+    if source is not None and os.path.exists(source):
+        held, out = os.path.realpath(source), os.path.realpath(target)
+        if held == out or held.startswith(out.rstrip(os.sep) + os.sep):
+            relation = "is the source checkpoint" if held == out else f"holds the source checkpoint {source}"
+            raise OutputExistsError(
+                f"OUT_DIR {target} {relation}; the export replaces OUT_DIR as a whole, which would delete the "
+                f"checkpoint. Choose a new folder for OUT_DIR (e.g. {Path(held).name}-onnx beside it)."
+            )
     if target.exists() and not target.is_dir():
         raise OutputExistsError(f"{target} exists and is a file; choose a folder path for OUT_DIR.")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not overwrite:
         raise OutputExistsError(
             f"{target} exists and is not empty; choose another OUT_DIR or pass --overwrite (overwrite=True) to "
             "replace it once the new export is complete."
         )
+    foreign = foreign_entries(target)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputExistsError(
+            f"{target} holds {shown}, which no deberta-onnx export wrote there (--overwrite replaces only a "
+            f"previous export: the files its {MANIFEST_FILE} lists). Nothing was changed; move those out of "
+            f"{target} or choose another OUT_DIR."
+        )
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What in ``folder`` a deberta-onnx export did not write: every entry but its ``manifest.json`` and the files
+    that lists (and the folders that hold them); everything, where the folder has no such manifest. Symlinks
+    count as foreign: an export writes none."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    files = manifest.get("files") if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT else None
+    if not isinstance(files, dict):
+        return sorted(f"{p.name}{'/' if p.is_dir() else ''}" for p in folder.iterdir())
+    listed = {*map(str, files), MANIFEST_FILE}
+    holders = {str(parent) for name in listed for parent in PurePosixPath(name).parents} - {"."}
+    foreign = []
+    for root, dirs, names in os.walk(folder):
+        base = Path(root).relative_to(folder).as_posix()
+        for name in list(dirs):
+            relative = name if base == "." else f"{base}/{name}"
+            if os.path.islink(os.path.join(root, name)) or relative not in holders:
+                foreign.append(relative + ("" if os.path.islink(os.path.join(root, name)) else "/"))
+                dirs.remove(name)
+        for name in names:
+            relative = name if base == "." else f"{base}/{name}"
+            if relative not in listed or os.path.islink(os.path.join(root, name)):
+                foreign.append(relative)
+    return sorted(foreign)
+
+
+def _discard(folder: Path) -> bool:
+    """Removes a previous export that was moved aside, unless something it did not write appeared in it since the
+    check (then it is kept, and said): nothing the exporter did not write is ever deleted. Also takes the layout
+    of earlier releases' retired folders, ``.NAME.old-XXXX/NAME``."""
+    inner = list(folder.iterdir()) if folder.is_dir() and not (folder / MANIFEST_FILE).exists() else []
+    if len(inner) == 1 and inner[0].is_dir() and not inner[0].is_symlink() and not foreign_entries(inner[0]):
+        shutil.rmtree(folder, ignore_errors=True)
+        return True
+    if not folder.is_dir() or foreign_entries(folder):
+        print(f"warning: kept {folder}: it holds files no deberta-onnx export wrote; move them out, then delete it.",
+              file=sys.stderr, flush=True)
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
 
 
 @contextmanager
-def staging_folder(target: Path, overwrite: bool) -> Iterator[Path]:
-    """Yields a fresh folder beside ``target``; on success flushes it to disk and swaps it into place, on any
-    failure removes it (a failed swap leaves ``target`` as it was)."""
+def staging_folder(target: Path, overwrite: bool, source: str | None = None) -> Iterator[Path]:
+    """Yields a fresh folder beside ``target``; on success checks ``target`` again (``check_target``), flushes the
+    new folder to disk and swaps it into place, on any failure removes it (a failed swap leaves ``target`` as it
+    was)."""
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +137,7 @@ def staging_folder(target: Path, overwrite: bool) -> Iterator[Path]:
         raise write_error(exc, parent, target) from exc
     try:
         yield staging
-        check_target(target, overwrite)
+        check_target(target, overwrite, source)
         _flush(staging)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
@@ -93,7 +169,7 @@ def _swap(staging: Path, target: Path) -> None:
         return
     if _exchange(staging, target):
         fsync_dir(parent)
-        shutil.rmtree(staging, ignore_errors=True)  # now the old folder
+        _discard(staging)  # now the old folder
         return
     retired = parent / f".{target.name}{_OLD}{_owner()}-{os.urandom(4).hex()}"
     try:
@@ -106,7 +182,7 @@ def _swap(staging: Path, target: Path) -> None:
             fsync_dir(parent)
         raise
     fsync_dir(parent)
-    shutil.rmtree(retired, ignore_errors=True)
+    _discard(retired)
 
 
 def _exchange(staging: Path, target: Path) -> bool:
@@ -169,10 +245,14 @@ def _recover(parent: Path, name: str) -> None:
                 shutil.rmtree(path, ignore_errors=True)
             fsync_dir(parent)
         else:
-            shutil.rmtree(path, ignore_errors=True)
+            _discard(path)
     for path in parent.glob(f"{glob.escape('.' + name + _PARTIAL)}*"):
         if not _owner_alive(path.name[len(f".{name}{_PARTIAL}"):]):
-            shutil.rmtree(path, ignore_errors=True)
+            # A staging folder the exporter filled, or (killed after an exchange) the export it replaced.
+            if (path / MANIFEST_FILE).exists():
+                _discard(path)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _host() -> str:

@@ -81,8 +81,10 @@ def _compare(actual: np.ndarray, expected: np.ndarray, *, atol: float, rtol: flo
     ``excess`` (the largest |diff| over what its row allows: above 1 fails) and ``worst_row`` (the batch row).
     """
     if not np.isfinite(actual).all():
+        rows = np.isfinite(actual).reshape(len(actual), -1).all(axis=1)
         return {"finite": False, "max_abs_diff": float("inf"), "max_rel_diff": float("inf"),
-                "excess": float("inf"), "worst_row": -1}
+                "excess": float("inf"), "worst_row": int(np.flatnonzero(~rows)[0]),
+                "reference_finite": bool(np.isfinite(expected).all())}
     row_diff = np.abs(actual - expected).max(axis=-1, initial=0.0)
     row_scale = np.abs(expected).max(axis=-1, initial=0.0)
     allowed = atol + rtol * row_scale + rounding
@@ -164,6 +166,7 @@ def validate(
             "worst_row": compared[worst_output]["worst_row"],
             "worst_output": outputs[worst_output].name,
             "finite": all(c["finite"] for c in compared),
+            "reference_finite": all(c.get("reference_finite", True) for c in compared),
             **row,
         })
     worst = max(rows, key=lambda r: r["excess"])
@@ -175,12 +178,17 @@ def validate(
         if worst.get("float64_reference"):
             allowed += (f" + {ROUNDING_FACTOR:g} x PyTorch fp32's own distance from float64 "
                         f"({worst['pytorch_fp32_rounding']:.3g})")
+        where = (f"{worst['worst_output']} at batch {worst['batch']} x sequence {worst['sequence']} (row "
+                 f"{worst['worst_row']})")
+        if not worst["reference_finite"]:
+            raise ValidationError(
+                f"the checkpoint's own PyTorch output is NaN or infinite ({where}): its weights hold NaN or "
+                "infinity, or overflow float32. Fix or re-download the checkpoint. Nothing was written.", report)
         what = "non-finite output" if not worst["finite"] else (
             f"|diff| up to {worst['max_abs_diff']:.3g} ({worst['max_rel_diff']:.3g} of the row's largest value) "
             f"exceeds {allowed} by {worst['excess']:.3g}x")
         raise ValidationError(
-            f"ONNX Runtime and PyTorch disagree: {what} in {worst['worst_output']} at batch {worst['batch']} x "
-            f"sequence {worst['sequence']} (row {worst['worst_row']}). Nothing was written.",
+            f"ONNX Runtime and PyTorch disagree: {what} in {where}. Nothing was written.",
             report,
         )
     return report

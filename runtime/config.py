@@ -3,10 +3,11 @@ their defaults from it."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+from .checks import check_positive_int
 from .contract import PRECISIONS
-from .utils import check_positive_int
 
 __all__ = [
     "ARENA_CHOICES",
@@ -16,7 +17,10 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_CPU_MAX_TOKENS",
     "DEFAULT_SHRINK_TOKENS",
+    "MAX_THREADS_PER_CORE",
     "EncoderConfig",
+    "check_thread_count",
+    "max_threads",
     "parse_device",
 ]
 
@@ -38,6 +42,10 @@ AUTO_FULL_WIDTH = 512
 DEFAULT_SHRINK_TOKENS = 2048
 # ``cpu_arena``: how ONNX Runtime's CPU memory arena grows (or whether there is one).
 ARENA_CHOICES = ("same-as-requested", "next-power-of-two", "off")
+# The most threads a thread-count setting may ask for, per core of the machine (``os.cpu_count()``). ONNX Runtime
+# starts every thread asked for, each with its own stack and scratch memory: past a few per core they only take
+# turns on the same cores (1,000 threads took 53.6 s to embed 2 lines; 100,000 grew a process to 16 GB).
+MAX_THREADS_PER_CORE = 4
 # The CUDA provider's arena_extend_strategy values.
 CUDA_ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
 
@@ -56,6 +64,31 @@ def parse_device(device: str) -> tuple[str, int]:
     raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (N a GPU index), got {device!r}")
 
 
+def max_threads() -> int:
+    """The most threads a thread-count setting may ask for on this machine: ``MAX_THREADS_PER_CORE`` per core."""
+    return MAX_THREADS_PER_CORE * (os.cpu_count() or 1)
+
+
+def check_thread_count(name: str, value: object, *, optional: bool = True, minimum: int = 0) -> None:
+    """Raises ``ValueError`` unless ``value`` is an int from ``minimum`` to ``max_threads()`` (or ``None`` if
+    ``optional``): a thread count past a few per core only oversubscribes the cores and costs memory.
+
+    Args:
+        name: the setting, for the message (``"intra_op_threads"``, ``"--threads"``).
+        value: the count asked for.
+        optional: whether ``None`` (the library's default) is allowed.
+        minimum: the smallest count allowed (0: ONNX Runtime's default).
+    """
+    check_positive_int(name, value, optional=optional, minimum=minimum)
+    limit = max_threads()
+    if isinstance(value, int) and value > limit:
+        raise ValueError(
+            f"{name} is {value}, more than this machine can use: at most {limit} ({MAX_THREADS_PER_CORE} per core, "
+            f"{os.cpu_count() or 1} cores). Threads past that only take turns on the same cores and each costs "
+            "memory; leave it unset for one per core, or run more processes to use more machines."
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class EncoderConfig:
     """How an ``Encoder`` (or a classifier) loads and runs its model. The CLI's load flags map onto these fields.
@@ -64,8 +97,9 @@ class EncoderConfig:
         precision: which exported variant to load (``"fp32"``, ``"fp16"``, ``"int8-dynamic"``, ``"int8-static"``);
             ``None`` picks the best one the folder holds for the first provider (see
             ``deberta_onnx.runtime.loader.PREFERRED_PRECISIONS``).
-        intra_op_threads: ONNX Runtime threads inside one operator; ``None`` uses one per physical core.
-        inter_op_threads: threads across operators; ``None`` keeps ONNX Runtime's default.
+        intra_op_threads: ONNX Runtime threads inside one operator; ``None`` uses one per physical core. At most
+            ``MAX_THREADS_PER_CORE`` (4) per core of the machine.
+        inter_op_threads: threads across operators; ``None`` keeps ONNX Runtime's default. The same bound.
         allow_spinning: let idle ONNX Runtime threads spin (lower latency, busier cores); ``None`` keeps the default.
         verify_checksums: check every file's sha256 against the manifest at load (costs about 1 s per GB).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; short for a provider list (CUDA, then CPU for the few
@@ -128,7 +162,7 @@ class EncoderConfig:
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} or None, got {self.precision!r}")
         for name in ("intra_op_threads", "inter_op_threads"):
-            check_positive_int(name, getattr(self, name), optional=True, minimum=0)
+            check_thread_count(name, getattr(self, name))
         if self.max_tokens != AUTO:
             if isinstance(self.max_tokens, str):
                 raise ValueError(f"max_tokens must be a positive int, 'auto' or None, got {self.max_tokens!r}")

@@ -49,6 +49,7 @@ __all__ = [
     "TOKEN_TYPE_INPUT",
     "TensorSpec",
     "check_session",
+    "check_sizes",
     "graph_inputs",
     "graph_outputs",
     "variant_file",
@@ -277,3 +278,38 @@ def check_session(
         raise ContractMismatchError(
             f"{model_path} has no {required} output, which a {task} model needs; re-export the model."
         )
+
+
+def check_sizes(
+    session: _Session,
+    *,
+    task: str,
+    hidden_size: int,
+    labels: int,
+    outputs: Sequence[TensorSpec],
+    model_path: Path,
+    manifest_path: Path,
+) -> None:
+    """Checks the manifest's ``model.hidden_size`` and label count against the last axis of each output the
+    contract sizes by them (``hidden``, ``labels``), as the graph fixes it, else as the manifest's graph section
+    declares it: a wrong size would otherwise fail at the first call, inside numpy.
+
+    Raises:
+        ContractMismatchError: names the field, both sizes and what to do.
+    """
+    declared = {spec.name: spec for spec in outputs}
+    shapes = {node.name: list(node.shape or []) for node in session.get_outputs()}
+    sizes = {HIDDEN_AXIS: ("model.hidden_size", hidden_size), LABELS_AXIS: ("model.labels", labels)}
+    for spec in graph_outputs(task, token_embeddings=task == TASK_EMBEDDING):
+        axis = spec.dims[-1]
+        if spec.name not in declared or axis not in sizes:
+            continue
+        fixed = [d[-1] for d in (shapes.get(spec.name, []), list(declared[spec.name].dims)) if d]
+        got = next((d for d in fixed if isinstance(d, int)), None)
+        field, size = sizes[str(axis)]
+        if got is not None and got != size:
+            count = f"{size} label{'s' if size != 1 else ''}" if axis == LABELS_AXIS else str(size)
+            raise ContractMismatchError(
+                f"{manifest_path}: {field} is {count}, but {model_path}'s output {spec.name} has {got} values "
+                "on its last axis; the manifest was edited or does not belong to this graph. Re-export the model."
+            )

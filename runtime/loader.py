@@ -11,15 +11,8 @@ from typing import Generic, TypeVar, overload
 
 import onnxruntime as ort
 
-from .batching import BatchPolicy, call_memory
-from .config import (
-    AUTO,
-    AUTO_FULL_WIDTH,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_CPU_MAX_TOKENS,
-    DEFAULT_IO_BINDING_BUCKET,
-    EncoderConfig,
-)
+from .batching import BatchPolicy, batch_policy, call_memory
+from .config import EncoderConfig
 from .contract import (
     REQUIRED_OUTPUT,
     TASK_EMBEDDING,
@@ -28,6 +21,7 @@ from .contract import (
     TOKEN_TYPE_IDS,
     TOKENIZER_FILE,
     check_session,
+    check_sizes,
 )
 from .errors import ContractMismatchError, MemoryLimitError, ModelFolderError, TaskMismatchError
 from .iobinding import IOBindingRunner
@@ -223,6 +217,20 @@ def _check_max_length(manifest: Manifest, tokenizer: TextTokenizer, config: Enco
     return heads
 
 
+def _check_pad_id(manifest: Manifest, tokenizer: TextTokenizer) -> None:
+    """Checks the manifest's ``pad_token_id`` (an unchecksummed file) against the tokenizer's vocabulary (a
+    checksummed one): padding with an id past it would fail every padded batch inside the graph's embedding
+    lookup."""
+    pad_id = manifest.model.pad_token_id
+    vocab = tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
+    if not 0 <= pad_id < vocab:
+        raise ContractMismatchError(
+            f"{manifest.path}: model.pad_token_id is {pad_id}, but {TOKENIZER_FILE} has {vocab} tokens (ids 0 to "
+            f"{vocab - 1}); every padded batch would fail. The manifest was edited or does not belong to these "
+            f"files; re-export the model (`deberta-onnx export SRC {manifest.folder} --overwrite`)."
+        )
+
+
 def load_model(model_dir: str | Path, providers: ProviderList | None, config: EncoderConfig, *,
                tasks: tuple[str, ...], user: str) -> LoadedModel:
     """Loads a model folder for one of ``tasks``.
@@ -264,11 +272,14 @@ def load_model(model_dir: str | Path, providers: ProviderList | None, config: En
     tokenizer = TextTokenizer(folder / TOKENIZER_FILE, max_length=manifest.max_sequence_length,
                               pad_id=manifest.model.pad_token_id, vocab_limit=manifest.model.vocab_size)
     heads = _check_max_length(manifest, tokenizer, config)
+    _check_pad_id(manifest, tokenizer)
     settings = SessionSettings(intra_op_threads=config.intra_op_threads, inter_op_threads=config.inter_op_threads,
                                allow_spinning=config.allow_spinning, cpu_arena=config.cpu_arena)
     session = create_session(model_path, chosen, settings)
     check_session(session, inputs=manifest.inputs, outputs=manifest.outputs, task=task, model_path=model_path,
                   manifest_path=manifest.path)
+    check_sizes(session, task=task, hidden_size=manifest.hidden_size, labels=len(manifest.labels),
+                outputs=manifest.outputs, model_path=model_path, manifest_path=manifest.path)
     kind, device_id = session_device(session)
     io_binding = task == TASK_EMBEDDING and (config.io_binding if config.io_binding is not None else kind == "cuda")
     runner: Runner
@@ -279,24 +290,8 @@ def load_model(model_dir: str | Path, providers: ProviderList | None, config: En
                                  arena=arena)
     else:
         runner = SessionRunner(session, (REQUIRED_OUTPUT[task],), shrink_tokens=shrink, arena=arena)
-    max_tokens = config.max_tokens if isinstance(config.max_tokens, int) else None
-    max_call_bytes = None if config.max_call_memory_mb is None else config.max_call_memory_mb << 20
-    if config.max_tokens == AUTO:
-        max_tokens = DEFAULT_CPU_MAX_TOKENS if kind == "cpu" else None
-        if kind == "cpu":  # past 512 tokens, no more attention scores per call than a full call of 512 holds
-            full = call_memory(DEFAULT_CPU_MAX_TOKENS // AUTO_FULL_WIDTH, AUTO_FULL_WIDTH, heads)
-            max_call_bytes = full if max_call_bytes is None else min(max_call_bytes, full)
-    policy = BatchPolicy(
-        max_tokens=max_tokens,
-        # The automatic budget only caps the usual rows; a budget given by the caller may fill a call alone.
-        default_rows=DEFAULT_BATCH_SIZE if config.max_tokens == AUTO or max_tokens is None else None,
-        sequence_bucket=config.sequence_bucket or (DEFAULT_IO_BINDING_BUCKET if io_binding else 1),
-        # CUDA graphs replay fixed shapes: a short batch is padded with empty rows to a power of two.
-        fill_rows=config.cuda_graph,
-        token_types=any(spec.name == TOKEN_TYPE_IDS for spec in manifest.inputs),
-        max_call_bytes=max_call_bytes,
-        heads=heads,
-    )
+    policy = batch_policy(config, device=kind, io_binding=io_binding,
+                          token_types=any(spec.name == TOKEN_TYPE_IDS for spec in manifest.inputs), heads=heads)
     logger.info("loaded %s: precision %s (%s) on %s, %s", model_path, precision, reason, session.get_providers()[0],
                 "IO binding" if io_binding else "session.run")
     return LoadedModel(manifest=manifest, config=config, providers=chosen, precision=precision,

@@ -15,9 +15,13 @@ import pytest
 import torch
 
 from deberta_onnx.export import ExportConfig, ExportError, export_model
-from deberta_onnx.export._attention import TRANSLATIONS, fused_attention
-from deberta_onnx.export._optimize import folded_relative_attention, relative_attention_layers
-from deberta_onnx.export._validate import make_batch
+from deberta_onnx.export.testing import (
+    TRANSLATIONS,
+    folded_relative_attention,
+    fused_attention,
+    make_batch,
+    relative_attention_layers,
+)
 from deberta_onnx.runtime import Encoder
 from deberta_onnx.runtime.batching import token_batches
 
@@ -104,6 +108,7 @@ def test_without_the_folding_nothing_is_fused(tiny_checkpoint: Path) -> None:
         assert count == 0
 
 
+@pytest.mark.slow
 def test_a_fused_graph_that_fails_validation_falls_back_to_the_unfused_one(
         tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from onnxscript import opset18
@@ -130,6 +135,7 @@ def test_attention_mode_is_checked() -> None:
         ExportConfig(attention="flash")
 
 
+@pytest.mark.slow
 def test_relative_only_checkpoints_export_past_512_tokens(tiny_checkpoint: Path, tmp_path: Path) -> None:
     from transformers import AutoModel
 

@@ -13,6 +13,7 @@ from deberta_onnx.benchmarks.timing import Samples, time_calls
 from deberta_onnx.benchmarks.workloads import build_corpus, grid_batch, token_lengths
 
 
+@pytest.mark.slow
 def test_quick_bench_writes_json_markdown_and_png(tiny_model: Path, tmp_path: Path) -> None:
     from deberta_onnx.runtime.cli import main
 

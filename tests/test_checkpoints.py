@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from deberta_onnx.runtime import Encoder
 
@@ -63,7 +64,7 @@ def test_autotokenizer_loads_from_anywhere_without_sentencepiece(tiny_checkpoint
 
 def test_the_readme_pytorch_pipeline_gives_the_runtime_vectors(tiny_checkpoint: Path, tiny_model: Path,
                                                                corpus: list[str]) -> None:
-    """README, "Use it from Python": AutoTokenizer, AutoModel and a masked mean, on the checkpoint itself."""
+    """README, "The PyTorch code it replaces": AutoTokenizer, AutoModel and a masked mean, on the checkpoint itself."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -78,6 +79,7 @@ def test_the_readme_pytorch_pipeline_gives_the_runtime_vectors(tiny_checkpoint: 
     np.testing.assert_allclose(Encoder(tiny_model).encode(texts, batch_size=8), vectors, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_sentence_transformers_loads_it_as_a_mean_pooling_model(tiny_checkpoint: Path, tiny_model: Path,
                                                                 corpus: list[str]) -> None:
     from sentence_transformers import SentenceTransformer

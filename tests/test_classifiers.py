@@ -239,6 +239,7 @@ def test_export_refuses_a_head_the_checkpoint_lacks(tiny_checkpoint: Path, nli: 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_task_embedding_exports_the_encoder_of_a_classifier(nli: tuple[Path, Path], tmp_path: Path) -> None:
     from transformers import AutoModel
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -198,3 +199,38 @@ def test_search_and_classify_keep_lines_aligned(tiny_model: Path, ner: tuple[Pat
                  str(tmp_path / "spans.jsonl")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "spans.jsonl").read_text(encoding="utf-8").split("\n")[:-1]]
     assert [row["text"] for row in rows] == _ODD_LINES
+
+
+def test_search_prints_corpus_texts_without_terminal_escapes(tiny_model: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # A clear-screen, a recolouring, a C1 control sequence introducer and a right-to-left override: a corpus
+    # line could drive the terminal that shows the results.
+    hostile = ["\x1b[2J\x1b[31mred\x1b[0m alert", "price \x9b31m tag", "evil\u202etxt.exe", "plain text"]
+    (tmp_path / "corpus.txt").write_text("\n".join(hostile) + "\n", encoding="utf-8")
+    assert main(["search", str(tiny_model), "--corpus", str(tmp_path / "corpus.txt"), "--query", "\x1b]0;title\x07",
+                 "--top-k", "4"]) == 0
+    table = capsys.readouterr().out
+    assert not any(ch in table for ch in "\x1b\x07\x9b\u202e"), repr(table)
+    assert "query: \\x1b]0;title\\x07" in table
+    for shown in ("\\x1b[2J\\x1b[31mred\\x1b[0m alert", "price \\x9b31m tag", "evil\\u202etxt.exe", "plain text"):
+        assert shown in table
+    assert main(["search", str(tiny_model), "--corpus", str(tmp_path / "corpus.txt"), "--query", "red", "--json"]) == 0
+    line = capsys.readouterr().out
+    assert not any(ch in line for ch in "\x1b\x9b\u202e"), repr(line)
+    assert sorted(hit["text"] for hit in json.loads(line)["hits"]) == sorted(hostile)  # the JSON keeps the texts
+
+
+def test_info_says_whether_the_folder_loads(tiny_model: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(tiny_model)]) == 0
+    assert "check:      loads (fp32 on CPUExecutionProvider; the checksums of all 2 files verified)" in (
+        capsys.readouterr().out)
+    broken = Path(shutil.copytree(tiny_model, tmp_path / "broken"))
+    graph = broken / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:1000])
+    # It once printed the usual summary, exit 0, for a folder that cannot load.
+    assert main(["info", str(broken)]) == 1
+    captured = capsys.readouterr()
+    assert "check:" not in captured.out
+    assert captured.err.startswith(f"error: {graph} is corrupted or was replaced") and captured.err.count("\n") == 1
+    assert main(["info", str(broken), "--no-check"]) == 0  # the manifest alone, when asked for

@@ -14,10 +14,8 @@ import pytest
 from onnx import TensorProto
 
 from deberta_onnx.export import RECIPES, ExportConfig, export_model
-from deberta_onnx.export._fp16 import build_fp16
-from deberta_onnx.export._graph_edit import prepare_base
-from deberta_onnx.export._validate import make_batch
-from deberta_onnx.export._variants import _recipe_chain
+from deberta_onnx.export.precision import build_fp16, prepare_base, recipe_chain
+from deberta_onnx.export.testing import make_batch
 from deberta_onnx.runtime.cli import build_parser
 from deberta_onnx.runtime.cli.export import config_from_args
 
@@ -77,6 +75,7 @@ def test_nodes_a_range_check_names_stay_fp32(tiny_model: Path, tmp_path: Path) -
     assert any(types[by_name[name].output[0]] == TensorProto.FLOAT16 for name in skips[1:])
 
 
+@pytest.mark.slow
 def test_the_recipe_is_chosen_at_export_and_recorded(tiny_checkpoint: Path, tmp_path: Path) -> None:
     config = ExportConfig(precisions=("fp16",), fp16_recipe="cuda", validation_shapes=((2, 5), (3, 17)), quiet=True)
     folder = export_model(tiny_checkpoint, tmp_path / "model", config).out_dir
@@ -85,10 +84,10 @@ def test_the_recipe_is_chosen_at_export_and_recorded(tiny_checkpoint: Path, tmp_
     # Only the encoder's last residual add + LayerNorm stays fp32: it feeds the pooling, which is fp32.
     assert entry["nodes"]["fp32_nodes"].get("SkipLayerNormalization", 0) <= 1
     # --fallback goes on to the safer recipes after the chosen one.
-    assert [r.name for r in _recipe_chain("fp16", ExportConfig(fp16_recipe="cuda"))] == [
+    assert [r.name for r in recipe_chain("fp16", ExportConfig(fp16_recipe="cuda"))] == [
         "cuda", "standard", "elementwise-fp32"]
-    assert [r.name for r in _recipe_chain("fp16", ExportConfig())] == ["standard", "elementwise-fp32"]
-    assert _recipe_chain("int8-static", ExportConfig(fp16_recipe="cuda"))[0].name == "all"
+    assert [r.name for r in recipe_chain("fp16", ExportConfig())] == ["standard", "elementwise-fp32"]
+    assert recipe_chain("int8-static", ExportConfig(fp16_recipe="cuda"))[0].name == "all"
     with pytest.raises(ValueError, match="fp16_recipe must be one of cuda, standard, elementwise-fp32"):
         ExportConfig(fp16_recipe="fast")
     args = build_parser("export").parse_args(["export", "src", "out", "--fp16-recipe", "cuda"])

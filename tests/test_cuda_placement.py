@@ -13,8 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from deberta_onnx.export import RECIPES, ExportConfig, export_model
-from deberta_onnx.export._graph_edit import prepare_base
-from deberta_onnx.export._variants import build_variant
+from deberta_onnx.export.precision import build_variant, prepare_base
 
 from .cuda_placement import UnknownOpError, level1_graph, predict_placement
 
@@ -136,6 +135,7 @@ def test_exported_graphs_read_no_host_tensor_on_cuda(exported: tuple[Path, Path]
         _assert_no_host_reads(path, tmp_path / f"{recipe}-check")
 
 
+@pytest.mark.slow
 def test_pooling_variants_read_no_host_tensor_on_cuda(tiny_checkpoint: Path, tmp_path: Path) -> None:
     config = ExportConfig(precisions=("fp16",), validate=False, quiet=True, pooling="max", normalize=True,
                           token_embeddings=True)

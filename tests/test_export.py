@@ -16,7 +16,7 @@ from deberta_onnx.export import (
     ValidationError,
     export_model,
 )
-from deberta_onnx.export._graph import control_flow_nodes
+from deberta_onnx.export.testing import control_flow_nodes
 from deberta_onnx.runtime.contract import INPUTS, SENTENCE_OUTPUT
 from deberta_onnx.runtime.manifest import sha256_file
 
@@ -81,12 +81,20 @@ def test_existing_output_is_refused_then_overwritten(tiny_checkpoint: Path, tmp_
     config = ExportConfig(quiet=True, validation_shapes=((2, 5),))
     with pytest.raises(OutputExistsError, match="--overwrite"):
         export_model(tiny_checkpoint, out, config)
+    # --overwrite replaces a previous export only: a file no export wrote is never deleted.
+    with pytest.raises(OutputExistsError, match="holds keep.txt, which no deberta-onnx export wrote there"):
+        export_model(tiny_checkpoint, out, ExportConfig(quiet=True, overwrite=True, validation_shapes=((2, 5),)))
     assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
+    export_model(tiny_checkpoint, out, config)  # an empty folder is no obstacle
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "created_at": "the first export"}))
     export_model(tiny_checkpoint, out, ExportConfig(quiet=True, overwrite=True, validation_shapes=((2, 5),)))
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+    assert json.loads((out / "manifest.json").read_text())["created_at"] != "the first export"  # replaced
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging or retired folders left
 
 
+@pytest.mark.slow
 def test_failed_validation_leaves_nothing(tiny_checkpoint: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     # A tolerance no fp32 graph meets: no relative part, and no allowance for PyTorch fp32's own rounding (the
@@ -130,6 +138,7 @@ def test_all_padding_rows_give_zeros_not_nan(tiny_model: Path) -> None:
     assert np.array_equal(out[1], np.zeros(out.shape[1], dtype=np.float32))
 
 
+@pytest.mark.slow
 def test_deberta_v1_exports_and_validates(tiny_checkpoint: Path, tmp_path: Path) -> None:
     import shutil
 
@@ -173,5 +182,5 @@ def test_missing_extra_module_is_named_from_the_package_metadata() -> None:
     assert result.returncode != 0
     message = result.stderr.strip().splitlines()[-1]
     # MissingExtraError, an ImportError, so that `except ImportError` still catches it.
-    assert message.startswith("deberta_onnx.runtime.utils.MissingExtraError: deberta_onnx.export needs tqdm,"), message
+    assert message.startswith("deberta_onnx.runtime.errors.MissingExtraError: deberta_onnx.export needs tqdm,"), message
     assert "pip install 'deberta-onnx[export]'" in message and "pip install torch==2.13.0" in message

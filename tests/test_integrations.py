@@ -75,6 +75,7 @@ def test_an_adapter_without_its_library_names_the_extra(module: str, extra: str)
     assert f"pip install 'deberta-onnx[{extra}]'" in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_keybert_gives_the_reference_keywords(sbert: tuple[Path, Path], encoder: Encoder, docs: list[str]) -> None:
     keybert = pytest.importorskip("keybert")
     from sentence_transformers import SentenceTransformer

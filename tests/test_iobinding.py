@@ -122,6 +122,7 @@ def test_plan_batches_partitions_and_respects_limits() -> None:
 # ------------------------------------------------------------------------------------------- buffer reuse
 
 
+@pytest.mark.slow
 def test_buffers_are_reused_over_1000_calls(tiny_model: Path, corpus: list[str]) -> None:
     encoder = Encoder(tiny_model)
     runner = IOBindingRunner(encoder.session, hidden_size=encoder.hidden_size, max_buckets=8)
@@ -156,6 +157,7 @@ def test_buffers_are_reused_over_1000_calls(tiny_model: Path, corpus: list[str])
     assert growth < 8 << 20, f"RSS grew by {growth / 2**20:.1f} MiB over 1,000 calls"
 
 
+@pytest.mark.slow
 def test_lru_caps_buckets_however_many_shapes(tiny_model: Path) -> None:
     encoder = Encoder(tiny_model)
     runner = IOBindingRunner(encoder.session, hidden_size=encoder.hidden_size, max_buckets=4)

@@ -13,15 +13,15 @@ import numpy as np
 import psutil
 import pytest
 
-from deberta_onnx.benchmarks.load import ServerProcess
 from deberta_onnx.runtime import Encoder, EncoderConfig
 from deberta_onnx.runtime.batching import ModelCall, call_memory, token_batches
 from deberta_onnx.runtime.cli import main
 from deberta_onnx.runtime.config import ARENA_CHOICES, DEFAULT_BATCH_SIZE, DEFAULT_CPU_MAX_TOKENS
+from deberta_onnx.runtime.heap import fix_mmap_threshold
 from deberta_onnx.runtime.runners import SessionRunner
 from deberta_onnx.runtime.server import microbatch
 from deberta_onnx.runtime.server.microbatch import MicroBatcher
-from deberta_onnx.runtime.utils import fix_mmap_threshold
+from deberta_onnx.runtime.server.testing import ServerProcess
 
 from .conftest import HARD_TEXTS
 from .runner_helpers import burst_of_long_texts, long_text
@@ -56,6 +56,7 @@ def test_the_default_budget_changes_batches_not_vectors(tiny_model: Path) -> Non
     np.testing.assert_allclose(default.encode(TEXTS, batch_size=3), plain.encode(TEXTS), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("io_binding", [False, True])
 def test_arena_settings_and_shrinking_give_the_same_vectors(tiny_model: Path, io_binding: bool) -> None:
     reference = Encoder(tiny_model, config=EncoderConfig(max_tokens=None, cpu_arena="next-power-of-two",
@@ -156,6 +157,7 @@ def _rss_after_a_burst(model: Path, *flags: str) -> tuple[float, float, float]:
     return before / 2**20, peak / 2**20, after / 2**20
 
 
+@pytest.mark.slow
 def test_a_servers_memory_comes_back_after_a_burst_of_long_texts(tiny_model: Path) -> None:
     before, peak, after = _rss_after_a_burst(tiny_model)
     assert peak > 2 * before, (before, peak, after)  # the burst did need memory

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 
 from deberta_onnx.export import ExportConfig, export_model
-from deberta_onnx.export._optimize import folded_relative_attention, relative_attention_layers
-from deberta_onnx.export._validate import make_batch
+from deberta_onnx.export.testing import folded_relative_attention, make_batch, relative_attention_layers
 
 
 def _ops(folder: Path) -> Counter[str]:
@@ -35,6 +35,7 @@ def test_optimized_graph_is_recorded_and_has_no_per_batch_repeat(exported: tuple
     assert ops["LayerNormalization"] <= 1
 
 
+@pytest.mark.slow
 def test_optimized_equals_plain_graph(tiny_checkpoint: Path, tiny_model: Path, tmp_path: Path) -> None:
     plain = export_model(tiny_checkpoint, tmp_path / "plain", ExportConfig(quiet=True, optimize=False))
     assert plain.manifest["optimization"] == {"enabled": False, "relative_attention_layers_folded": 0,

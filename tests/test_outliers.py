@@ -13,17 +13,19 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from deberta_onnx.export import CheckpointError, ExportConfig, OutlierSpec, ValidationError, export_model
-from deberta_onnx.export._activations import collect_activation_stats
-from deberta_onnx.export._graph_edit import prepare_base
-from deberta_onnx.export._int8 import int8_units
-from deberta_onnx.export._outlier_split import find_outlier_channels, split_outlier_channels
-from deberta_onnx.export._outliers import parse_outliers
-from deberta_onnx.export._quality import held_out_set, measure, split_sentences
-from deberta_onnx.export._random import build_random_checkpoint, random_source
-from deberta_onnx.export._recipes import Recipe
-from deberta_onnx.export._validate import validate
-from deberta_onnx.export._variants import build_variant
+from deberta_onnx.export import CheckpointError, ExportConfig, Recipe, ValidationError, export_model
+from deberta_onnx.export.precision import (
+    build_variant,
+    collect_activation_stats,
+    find_outlier_channels,
+    held_out_set,
+    int8_units,
+    measure,
+    prepare_base,
+    split_outlier_channels,
+    split_sentences,
+)
+from deberta_onnx.export.testing import OutlierSpec, build_random_checkpoint, parse_outliers, random_source, validate
 from deberta_onnx.runtime import Encoder, EncoderConfig
 from deberta_onnx.runtime.tokenization import TextTokenizer
 
@@ -88,6 +90,7 @@ def test_outlier_checkpoint_has_large_dims_and_says_so(outlier_checkpoint: Path,
     assert (norms[record["token_ids"]] > 10 * norms.median()).all()
 
 
+@pytest.mark.slow
 def test_outlier_variants_differ_by_what_they_ask(tmp_path: Path, corpus: list[str]) -> None:
     spec = OutlierSpec(scale=300, dims=(3, 7), tokens=("[SEP]",), token_scale=5, final=True)
     checkpoint = build_random_checkpoint(TINY_CONFIGS["v3-shared"], tmp_path / "ckpt", texts=corpus, seed=2,
@@ -127,12 +130,13 @@ def test_large_activations_pass_validation_and_the_manifest_labels_them(outlier_
 def _module(checkpoint: Path) -> torch.nn.Module:
     from transformers import AutoModel
 
-    from deberta_onnx.export._graph import EmbeddingGraph
+    from deberta_onnx.export.testing import EmbeddingGraph
 
     return EmbeddingGraph(AutoModel.from_pretrained(checkpoint).eval(), pooling="mean", normalize=False,
                           token_embeddings=False).eval()
 
 
+@pytest.mark.slow
 def test_a_wrong_graph_still_fails_validation(outlier_checkpoint: Path, outlier_export: Path, tmp_path: Path) -> None:
     # One feed-forward weight 1% off: the kind of slip a graph rewrite makes. The outlier checkpoint is where a
     # tolerance grown to fit large values would hide it.
@@ -154,6 +158,7 @@ def test_a_wrong_graph_still_fails_validation(outlier_checkpoint: Path, outlier_
     assert caught.value.report["worst"]["max_rel_diff"] > 1e-3
 
 
+@pytest.mark.slow
 def test_float64_reference_decides_when_fp32_rounding_is_large(tmp_path: Path, corpus: list[str]) -> None:
     # At 160,000x, fp32 loses digits inside the network to cancellation: PyTorch fp32 itself misses the float64
     # result by more than atol + rtol allow; the export compares with float64 then, allowing what fp32 costs.
@@ -228,6 +233,7 @@ def test_without_the_split_int8_is_noise_on_outliers(outlier_export: Path, outli
     assert measure(tmp_path / "plain.onnx", held)["min_cosine"] < 0.95
 
 
+@pytest.mark.slow
 def test_fp16_range_audit_keeps_what_would_overflow(tmp_path: Path, corpus: list[str]) -> None:
     # Hidden values of ~120,000: past fp16's 65,504. Without the audit the fp16 graph overflows (inf, then NaN);
     # with it the nodes that compute or read such values stay fp32 and the gate passes.

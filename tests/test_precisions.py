@@ -12,9 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from deberta_onnx.export import RECIPES, ExportConfig, QualityGateError, export_model
-from deberta_onnx.export._graph_edit import fold_constants
-from deberta_onnx.export._quality import split_sentences
-from deberta_onnx.export._recipes import DEFAULT_FP16_RECIPE
+from deberta_onnx.export.precision import DEFAULT_FP16_RECIPE, fold_constants, split_sentences
 from deberta_onnx.runtime import Encoder, EncoderConfig
 from deberta_onnx.runtime.contract import PRECISIONS, variant_file
 from deberta_onnx.runtime.loader import best_precision
@@ -218,6 +216,7 @@ def fragile_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathF
     return out
 
 
+@pytest.mark.slow
 def test_fallback_tries_safer_recipes_and_says_so(fragile_checkpoint: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "model"

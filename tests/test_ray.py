@@ -27,7 +27,7 @@ ray = pytest.importorskip("ray", reason="needs the ray extra: pip install -e '.[
 pq = pytest.importorskip("pyarrow.parquet")
 pa = pytest.importorskip("pyarrow")
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a local Ray cluster: the full suite's
 
 
 @pytest.fixture(scope="module")

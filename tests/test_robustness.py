@@ -309,3 +309,35 @@ def test_one_encoder_shared_by_8_threads(encoder: Encoder, corpus: list[str]) ->
     for got, want in zip(results, expected):
         assert got is not None
         np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+
+
+# --- manifest fields the graph and the tokenizer fix: checked at load, not at the first call ----------------------
+
+
+@pytest.mark.parametrize(("edit", "says"), [
+    # Loaded, /health said 200, and every padded batch was a 500 (ONNX Runtime's Gather error).
+    (lambda m: m["model"].update(pad_token_id=5000), r"model.pad_token_id is 5000, but tokenizer.json has 2000 "
+                                                     r"tokens \(ids 0 to 1999\); every padded batch would fail"),
+    # A numpy shape error at the first call.
+    (lambda m: m["model"].update(hidden_size=64), r"model.hidden_size is 64, but .*model.onnx's output "
+                                                  r"sentence_embedding has 32 values on its last axis"),
+], ids=["pad-past-vocabulary", "hidden-size"])
+def test_manifest_fields_disagreeing_with_the_graph_fail_at_load(folder_copy: Path, edit, says: str) -> None:  # type: ignore[no-untyped-def]
+    _edit_manifest(folder_copy, edit)
+    with pytest.raises(ContractMismatchError, match=says):
+        Encoder(folder_copy)
+
+
+def test_a_label_count_disagreeing_with_the_graph_fails_at_load(nli: tuple[Path, Path], tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from deberta_onnx.runtime import SequenceClassifier
+    from deberta_onnx.runtime.cli import main
+
+    folder = Path(shutil.copytree(nli[1], tmp_path / "nli"))
+    _edit_manifest(folder, lambda m: m["model"].update(labels=["yes", "no"]))
+    with pytest.raises(ContractMismatchError, match=r"model.labels is 2 labels, but .*model.onnx's output logits "
+                                                    r"has 3 values on its last axis"):
+        SequenceClassifier(folder)
+    (tmp_path / "in.txt").write_text("a text\n", encoding="utf-8")
+    assert main(["classify", str(folder), "--input", str(tmp_path / "in.txt")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {folder / 'manifest.json'}: model.labels is 2 labels")

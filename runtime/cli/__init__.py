@@ -9,8 +9,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from ..errors import DebertaOnnxError
-from ..utils import MissingExtraError
+from ..errors import DebertaOnnxError, MissingExtraError
 from . import bench, classify, embed, export, info, search, serve
 
 __all__ = ["build_parser", "main"]
@@ -45,12 +44,14 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``deberta-onnx``; returns the process exit code."""
-    words = list(sys.argv[1:] if argv is None else argv)
-    command = next((word for word in words if not word.startswith("-")), None)
-    args = build_parser(command).parse_args(words)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
     try:
+        words = list(sys.argv[1:] if argv is None else argv)
+        command = next((word for word in words if not word.startswith("-")), None)
+        # Inside the try: `export` and `bench` read their defaults from their extras (importing torch takes
+        # seconds), and a Ctrl+C then is an interruption like any other.
+        args = build_parser(command).parse_args(words)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminate)
         return int(args.run(args))
     except MissingExtraError as exc:  # an optional part without its extra: the message names the pip command
         print(f"error: {exc}", file=sys.stderr)

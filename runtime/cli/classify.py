@@ -4,7 +4,6 @@ classifiers), one JSON object per input line."""
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from ..classifier import SequenceClassifier, TokenClassifier
@@ -12,7 +11,16 @@ from ..contract import TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
 from ..errors import TaskMismatchError
 from ..manifest import load_manifest
 from ..postprocess import AGGREGATIONS
-from .common import add_load_flags, add_progress_flags, load, read_lines, show_progress, write_text
+from .common import (
+    add_load_flags,
+    add_progress_flags,
+    check_output,
+    json_line,
+    load,
+    read_lines,
+    show_progress,
+    write_text,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -46,6 +54,8 @@ def _pair(line: str, number: int) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.output is not None:
+        check_output(args.output)  # a path that cannot take the file fails now, not after the work
     task = load_manifest(args.model_dir).task
     lines = read_lines(args.input)
     rows: list[dict[str, Any]]
@@ -66,5 +76,5 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise TaskMismatchError(f"{args.model_dir} holds an embedding model; use `deberta-onnx embed` or "
                                 "`deberta-onnx search` with it")
-    write_text((json.dumps(row, ensure_ascii=False) for row in rows), args.output)
+    write_text((json_line(row) for row in rows), args.output)
     return 0

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from ..encoder import Encoder
-from .common import add_load_flags, add_progress_flags, load, read_lines, save_npy, show_progress
+from .common import add_load_flags, add_progress_flags, check_output, load, read_lines, save_npy, show_progress
 
 __all__ = ["add_parser", "run"]
 
@@ -32,6 +32,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.output)  # a path that cannot take the file fails now, not after the work
     texts = read_lines(args.input)
     encoder = load(args, Encoder)
     vectors = encoder.encode(texts, batch_size=args.batch_size, normalize=args.normalize,

@@ -6,7 +6,9 @@ import argparse
 import json
 from typing import Any
 
+from ..config import EncoderConfig
 from ..contract import TASK_EMBEDDING, TASK_SEQUENCE_CLASSIFICATION
+from ..loader import load_model
 from ..manifest import Manifest, load_manifest
 
 __all__ = ["add_parser", "run"]
@@ -19,6 +21,9 @@ def add_parser(commands: Any) -> None:
                                              "with its size and validation against PyTorch.")
     parser.add_argument("model_dir", help="a folder written by `deberta-onnx export`")
     parser.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    parser.add_argument("--no-check", action="store_true",
+                        help="describe the folder from its manifest alone, without checking that it loads (every "
+                             "file's checksum, the tokenizer, the graph against the manifest)")
     parser.set_defaults(run=run)
 
 
@@ -26,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.model_dir)
     if args.json:
         print(json.dumps(manifest.to_dict(), indent=2, sort_keys=True, ensure_ascii=False))
+        if not args.no_check:
+            _check(manifest)
         return 0
     source = manifest.source
     weights = "RANDOM weights (for parity and speed only)" if source.random_weights else "trained weights"
@@ -61,7 +68,23 @@ def run(args: argparse.Namespace) -> int:
         print("speed-ups:  none, attention as transformers writes it (exported with --no-optimize)" if optimization
               else "speed-ups:  not recorded (exported before graph optimisation)")
     print(f"exported:   {manifest.created_at} with {', '.join(f'{k} {v}' for k, v in manifest.versions.items())}")
+    if not args.no_check:
+        print(f"check:      {_check(manifest)}")
     return 0
+
+
+def _check(manifest: Manifest) -> str:
+    """Checks that the folder loads as the runtime would load it (every file's checksum, then the variant the CPU
+    picks, its tokenizer and graph against the manifest); returns a line saying so.
+
+    Raises:
+        ModelFolderError: (or another named error) what the runtime would refuse, as it would say it.
+    """
+    manifest.verify_files(sorted(manifest.files))
+    loaded = load_model(manifest.folder, None, EncoderConfig(verify_checksums=False), tasks=(manifest.task,),
+                        user="deberta-onnx info")
+    return (f"loads ({loaded.precision} on {loaded.session.get_providers()[0]}; the checksums of all "
+            f"{len(manifest.files)} files verified)")
 
 
 def _precision_details(nodes: dict[str, Any], audit: dict[str, Any] | None) -> list[str]:

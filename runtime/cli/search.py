@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import numpy as np
 
 from ..encoder import Encoder
 from ..similarity import SCORES, semantic_search
-from .common import add_load_flags, add_progress_flags, load, read_lines, show_progress
+from .common import add_load_flags, add_progress_flags, json_line, load, read_lines, show_progress, shown
 
 __all__ = ["add_parser", "run"]
 
@@ -69,9 +68,9 @@ def run(args: argparse.Namespace) -> int:
     for query, hits in zip(queries, results):
         rows = [{"index": h.index, "score": h.score, **({"text": texts[h.index]} if texts else {})} for h in hits]
         if args.json:
-            print(json.dumps({"query": query, "hits": rows}, ensure_ascii=False))
+            print(json_line({"query": query, "hits": rows}))
             continue
-        print(f"query: {query}")
+        print(f"query: {shown(query)}")
         for rank, row in enumerate(rows, 1):
-            print(f"  {rank:>3}. {row['score']:.4f}  [{row['index']}]  {row.get('text', '')}".rstrip())
+            print(f"  {rank:>3}. {row['score']:.4f}  [{row['index']}]  {shown(str(row.get('text', '')))}".rstrip())
     return 0
