@@ -17,8 +17,10 @@ from deberta_onnx.runtime.contract import MODEL_FILE, TASK_EMBEDDING, TOKENIZER_
 from ._attention import TRANSLATIONS, fused_attention
 from ._checkpoint import LoadedCheckpoint, load_checkpoint, scratch_dir
 from ._errors import CheckpointError, ExportError, ValidationError
+from ._hub import write_hub_files
 from ._manifest import model_fields, write_export_manifest
 from ._optimize import apply_ort_fusions, folded_relative_attention
+from ._portable import check_portable
 from ._quiet import quiet_libraries
 from ._sentence_transformers import SentenceTransformerSpec, read_sentence_transformer
 from ._staging import check_target, recover, staging_folder
@@ -163,9 +165,16 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, *, 
         _say(config, f"Triton model repository: {triton['repository']}/{triton_model}/")
     fp32_quality, derived = derive_variants(graph, folder, config, scratch, max_length=max_length, pad_id=pad_id,
                                             say=lambda message: _say(config, message))
+    if config.portable:
+        check_portable(folder, [MODEL_FILE, *(entry["file"] for entry in derived.values())])
+    every = {"fp32": {"file": MODEL_FILE, "extra_files": [name for name in model_files if name != MODEL_FILE]},
+             **derived}
+    hub = write_hub_files(folder, checkpoint, every, inputs=[spec.name for spec in inputs], max_length=max_length,
+                          pad_id=pad_id, scratch=scratch)
     return write_export_manifest(folder, source=checkpoint.source, model=model, opset=config.opset, inputs=inputs,
                                  outputs=outputs, optimization=optimization, model_files=model_files,
-                                 validation=report, fp32_quality=fp32_quality, variants=derived, triton=triton)
+                                 validation=report, fp32_quality=fp32_quality, variants=derived, triton=triton,
+                                 hub=hub)
 
 
 def _tokenizer(checkpoint: LoadedCheckpoint, config: ExportConfig) -> tuple[Tokenizer, str, int]:
@@ -241,8 +250,8 @@ def _export_graph(graph: EmbeddingGraph | ClassifierGraph, checkpoint: LoadedChe
         export_onnx(graph, model_path, opset=config.opset, translations=TRANSLATIONS if fused_layers else None)
     optimization: dict[str, Any] = {"enabled": config.optimize, "relative_attention_layers_folded": folded,
                                     "attention": "fused" if fused_layers else "unfused",
-                                    "attention_layers_fused": fused_layers}
-    if config.optimize:
+                                    "attention_layers_fused": fused_layers, "portable": config.portable}
+    if config.optimize and not config.portable:
         _say(config, "applying ONNX Runtime's transformer fusions")
         model_config = checkpoint.config
         optimization["fused_operators"] = apply_ort_fusions(

@@ -76,6 +76,7 @@ def write_export_manifest(
     fp32_quality: dict[str, Any] | None,
     variants: dict[str, dict[str, Any]],
     triton: dict[str, Any] | None,
+    hub: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Writes ``folder/manifest.json`` once every other file is in place, and returns it.
 
@@ -91,6 +92,7 @@ def write_export_manifest(
         fp32_quality: the fp32 graph's quality-gate report, or ``None``.
         variants: the lower precisions' entries, by name.
         triton: the Triton repository's entry, or ``None``.
+        hub: the Hugging Face layout's entry (``_hub.write_hub_files``), or ``None``.
     """
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -119,6 +121,7 @@ def write_export_manifest(
                   for p in sorted(folder.rglob("*")) if p.is_file()},
         "versions": installed_versions(VERSIONED),
         **({"triton": triton} if triton else {}),
+        **({"hub": hub} if hub else {}),
     }
     write_manifest(folder, manifest)
     return manifest

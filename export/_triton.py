@@ -15,7 +15,7 @@ from deberta_onnx.runtime.contract import BATCH_AXIS, LOGITS, TensorSpec
 
 from ._errors import ExportError
 
-__all__ = ["TRITON_DIR", "triton_config", "triton_name", "write_triton_repository"]
+__all__ = ["TRITON_DIR", "link_or_copy", "triton_config", "triton_name", "write_triton_repository"]
 
 TRITON_DIR = "triton"
 LABELS_FILE = "labels.txt"
@@ -65,12 +65,15 @@ def triton_config(name: str, inputs: Sequence[TensorSpec], outputs: Sequence[Ten
     return "\n".join(lines) + "\n"
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    # A hard link costs no space; across file systems (or where links are refused) copy instead.
+def link_or_copy(source: Path, target: Path) -> bool:
+    """Puts ``source``'s content at ``target``: a hard link, which costs no space, or across file systems (or where
+    links are refused) a copy. Returns whether it is a link."""
     try:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
+        return False
+    return True
 
 
 def write_triton_repository(folder: Path, *, name: str, model_files: Sequence[str], inputs: Sequence[TensorSpec],
@@ -90,7 +93,7 @@ def write_triton_repository(folder: Path, *, name: str, model_files: Sequence[st
     version = model_dir / _VERSION
     version.mkdir(parents=True)
     for file in model_files:
-        _link_or_copy(folder / file, version / ("model.onnx" if file == model_files[0] else file))
+        link_or_copy(folder / file, version / ("model.onnx" if file == model_files[0] else file))
     label_file = None
     if labels:
         label_file = LABELS_FILE

@@ -66,6 +66,12 @@ class ExportConfig:
         optimize: apply DeBERTa-specific graph speed-ups (see ``export/_optimize.py``): relative-position
             projections folded into per-layer constants, no per-batch repeat, position bias computed only for
             the distances a sequence can use. Recorded in the manifest; validated like the plain graph.
+        portable: standard ONNX operators only (the ``ai.onnx`` domain): the DeBERTa-specific rewrites of
+            ``optimize`` are kept, ONNX Runtime's transformer fusions (its ``com.microsoft`` contrib operators
+            ``SkipLayerNormalization``, ``BiasGelu``, ...) are left out, so that engines other than ONNX Runtime
+            (onnxruntime-web's WebGPU backend, OpenVINO, TensorRT's ONNX parser, ``onnx.reference``) take every
+            variant. ONNX Runtime runs it a little slower on the CPU (measured: README, "Runtimes and engines").
+            Recorded in the manifest (``optimization.portable``); not with ``attention="fused"``.
         attention: ``"unfused"`` (the default): the scores, mask and softmax as separate operators, the graph
             the CPU runs fastest (measured: ``benchmarks/README.md``, "Long inputs"). ``"fused"`` (with
             ``optimize``): each layer's attention is one ONNX Runtime
@@ -107,6 +113,7 @@ class ExportConfig:
     triton_max_queue_delay_us: int = 1000
     opset: int = OPSET
     optimize: bool = True
+    portable: bool = False
     attention: str = "unfused"
     seed: int = 0
     quiet: bool = False
@@ -146,6 +153,10 @@ class ExportConfig:
         check_positive_int("max_length", self.max_length, optional=True, minimum=2)
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
+        if self.portable and self.attention == "fused":
+            raise ValueError("portable=True (--portable) keeps to standard ONNX operators, and attention='fused' is "
+                             "ONNX Runtime's MultiHeadAttention contrib operator; drop one of them (attention="
+                             "'unfused' is the default and the CPU's fastest).")
         if self.tokenizer not in TOKENIZER_SOURCES:
             raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZER_SOURCES)}, got {self.tokenizer!r}")
         if not self.atol > 0:

@@ -17,6 +17,8 @@ __all__ = [
     "ATTENTION_MASK",
     "BATCH_AXIS",
     "HIDDEN_AXIS",
+    "HUB_FILES",
+    "HUB_ONNX_DIR",
     "INPUTS",
     "INPUT_IDS",
     "LABELS_AXIS",
@@ -64,6 +66,12 @@ MANIFEST_FILE = "manifest.json"
 # Names of the exported variants (keys of manifest["variants"]). fp32 is the reference every other one is
 # derived from and compared with.
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
+
+# The Hugging Face layout beside those files (written by exports since the layout was added): each variant also under
+# the name transformers.js (its ``dtype``: fp32, fp16, q8, int8) and Optimum look for, in ``onnx/``.
+HUB_ONNX_DIR = "onnx"
+HUB_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8-dynamic": "model_quantized.onnx",
+             "int8-static": "model_int8.onnx"}
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"

@@ -324,3 +324,19 @@ def sbert(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
         SentenceTransformer(modules=stack, device="cpu").save(str(base / "st"))
     export_model(base / "st", base / "model", ExportConfig(quiet=True, tokenizer="transformers", token_embeddings=True))
     return base / "st", base / "model"
+
+
+@pytest.fixture(scope="session")
+def portable_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint exported with ``portable=True`` (standard ONNX operators only), every precision, the
+    token vectors output too; once a session (the portable tests and the Node tests share it)."""
+    from deberta_onnx.export import ExportConfig, export_model
+
+    def make() -> Path:
+        out = tmp_path_factory.mktemp("portable") / "model"
+        derived = ("fp16", "int8-dynamic", "int8-static")
+        export_model(tiny_checkpoint, out, ExportConfig(portable=True, precisions=derived, token_embeddings=True,
+                                                        validation_shapes=((2, 5), (3, 17)), quiet=True))
+        return out
+
+    return _once(("portable", str(tiny_checkpoint)), make)

@@ -21,6 +21,7 @@ from deberta_onnx.runtime.contract import INPUTS, SENTENCE_OUTPUT
 from deberta_onnx.runtime.manifest import sha256_file
 
 from .conftest import TOKENIZER_FILES
+from .graph_checks import check_folder_graphs
 
 
 def test_graph_has_no_control_flow_and_dynamic_axes(exported: tuple[Path, Path]) -> None:
@@ -52,12 +53,15 @@ def test_manifest_records_contract_checksums_and_validation(exported: tuple[Path
     _, folder = exported
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["format"] == "deberta-onnx"
+    assert check_folder_graphs(folder) == ["fp32"]
     assert manifest["source"]["random_weights"] is True
     assert manifest["model"]["hidden_size"] == 32
     assert manifest["model"]["max_sequence_length"] == 512
     assert manifest["model"]["pooling"] == "mean"
     assert manifest["graph"]["outputs"][0]["dims"] == ["batch", 32]
-    assert set(manifest["files"]) == {"model.onnx", "tokenizer.json"}
+    # The folder's own files, and the Hugging Face layout beside them (tests/test_node.py runs it).
+    assert set(manifest["files"]) == {"model.onnx", "tokenizer.json", "config.json", "tokenizer_config.json",
+                                      "special_tokens_map.json", "onnx/model.onnx"}
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == sha256_file(folder / name)
         assert entry["bytes"] == (folder / name).stat().st_size

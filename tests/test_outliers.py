@@ -30,6 +30,7 @@ from deberta_onnx.runtime import Encoder, EncoderConfig
 from deberta_onnx.runtime.tokenization import TextTokenizer
 
 from .conftest import HARD_TEXTS, TINY_CONFIGS
+from .graph_checks import check_folder_graphs
 from .reference import reference_embeddings
 
 FAST = {"validation_shapes": ((1, 1), (2, 7), (5, 40)), "quiet": True}
@@ -119,6 +120,7 @@ def test_outlier_spellings_and_bad_options(tmp_path: Path) -> None:
 def test_large_activations_pass_validation_and_the_manifest_labels_them(outlier_export: Path) -> None:
     manifest = json.loads((outlier_export / "manifest.json").read_text())
     assert manifest["source"]["random_weights"] is True
+    assert check_folder_graphs(outlier_export) == ["fp16", "fp32", "int8-dynamic", "int8-static"]
     assert manifest["source"]["outliers"]["measured_ratio"] >= 1000
     report = manifest["variants"]["fp32"]["validation"]
     assert report["passed"] is True and report["rtol"] == 1e-5 and report["atol"] == 1e-4

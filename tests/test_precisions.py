@@ -19,6 +19,7 @@ from deberta_onnx.runtime.loader import best_precision
 from deberta_onnx.runtime.manifest import sha256_file
 
 from .conftest import HARD_TEXTS
+from .graph_checks import check_folder_graphs
 from .reference import reference_embeddings
 
 DERIVED = PRECISIONS[1:]
@@ -51,6 +52,7 @@ def test_manifest_lists_every_variant_with_checksum_and_passed_gate(every_precis
     manifest = json.loads((folder / "manifest.json").read_text())
     assert set(manifest["variants"]) == set(PRECISIONS)
     assert manifest["default_variant"] == "fp32"
+    assert check_folder_graphs(folder) == sorted(PRECISIONS)  # each graph valid by the ONNX standard
     layers = manifest["model"]["num_hidden_layers"]
     _, held_out = split_sentences(corpus)
     for precision, entry in manifest["variants"].items():
@@ -325,6 +327,7 @@ def test_cli_exports_precisions_and_info_reports_the_gate(tiny_checkpoint: Path,
 def test_precisions_with_token_vectors_and_cls_pooling(tiny_checkpoint: Path, tmp_path: Path) -> None:
     config = ExportConfig(precisions=("fp16", "int8-static"), token_embeddings=True, pooling="cls", **FAST)
     manifest = export_model(tiny_checkpoint, tmp_path / "model", config).manifest
+    assert check_folder_graphs(tmp_path / "model") == ["fp16", "fp32", "int8-static"]
     for precision in ("fp16", "int8-static"):
         assert manifest["variants"][precision]["quality"]["passed"] is True
         session = ort.InferenceSession(str(tmp_path / "model" / variant_file(precision)),

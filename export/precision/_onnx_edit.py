@@ -10,7 +10,8 @@ exact and computed by no session.
 
 from __future__ import annotations
 
-from collections import Counter
+import heapq
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "producers",
     "prune",
     "save",
+    "topological_sort",
 ]
 
 # Protobuf cannot serialise a model over 2 GB; larger graphs keep their weights in FILE.data beside them.
@@ -141,8 +143,64 @@ def prune(model: onnx.ModelProto) -> None:
         graph.initializer.extend(initializers)
 
 
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (``If``/``Loop`` bodies) read from the enclosing graph: it depends on them too."""
+    reads: set[str] = set()
+    for attribute in node.attribute:
+        graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+        for graph in graphs:
+            made = {name for inner in graph.node for name in inner.output}
+            made |= {value.name for value in graph.input} | {init.name for init in graph.initializer}
+            for inner in graph.node:
+                reads |= {name for name in inner.input if name and name not in made} | _subgraph_reads(inner)
+    return reads
+
+
+def topological_sort(model: onnx.ModelProto) -> bool:
+    """Orders ``model``'s nodes so that each comes after the nodes it reads from, as the ONNX standard requires
+    (``onnx.checker`` and engines other than ONNX Runtime refuse a graph that is not). Stable: a graph already
+    in order is left as it is, and otherwise nodes keep their order wherever their inputs allow.
+
+    Returns:
+        Whether the order changed.
+
+    Raises:
+        ExportError: the graph has a cycle (or reads a tensor that nothing computes and no input provides).
+    """
+    nodes = list(model.graph.node)
+    made_by = {name: index for index, node in enumerate(nodes) for name in node.output if name}
+    waiting = [0] * len(nodes)
+    readers: dict[int, list[int]] = defaultdict(list)
+    for index, node in enumerate(nodes):
+        for parent in {made_by[name] for name in {*node.input, *_subgraph_reads(node)} if name in made_by}:
+            if parent != index:
+                waiting[index] += 1
+                readers[parent].append(index)
+    ready = [index for index, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(index)
+        for reader in readers[index]:
+            waiting[reader] -= 1
+            if waiting[reader] == 0:
+                heapq.heappush(ready, reader)
+    if len(order) != len(nodes):
+        stuck = [nodes[i].name for i, count in enumerate(waiting) if count][:3]
+        raise ExportError(f"the graph has a cycle through node(s) {stuck}; this is a bug in deberta-onnx: please "
+                          "report it.")
+    if order == sorted(order):
+        return False
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes[i] for i in order)
+    return True
+
+
 def save(model: onnx.ModelProto, path: Path) -> None:
-    """Saves ``model`` to ``path``, with its weights in ``FILE.data`` beside it when over protobuf's limit."""
+    """Saves ``model`` to ``path`` in topological order (``topological_sort``), with its weights in
+    ``FILE.data`` beside it when over protobuf's limit."""
+    topological_sort(model)
     if model.ByteSize() > EXTERNAL_DATA_BYTES:
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=f"{path.name}.data")

@@ -66,6 +66,10 @@ def add_parser(commands: Any, *, with_defaults: bool) -> None:
              f"transformers' fast tokenizer{default_note(d, 'tokenizer')}")
     add("--no-optimize", dest="optimize", action="store_false", default=unset,
         help="export DeBERTa's attention as transformers writes it, without the graph speed-ups")
+    add("--portable", action="store_true", default=unset,
+        help="standard ONNX operators only: the DeBERTa speed-ups kept, ONNX Runtime's contrib-operator fusions "
+             "left out, so that onnxruntime-web (WebGPU), OpenVINO, TensorRT and onnx.reference take every variant "
+             "(a little slower on ONNX Runtime's CPU)")
     add("--attention", default=unset, choices=["fused", "unfused"],
         help="fused: one ONNX Runtime MultiHeadAttention kernel per layer, with the relative-position scores as "
              "its bias (the unfused graph is exported instead should it fail validation); unfused: scores, mask "

@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     if optimization.get("enabled"):
         fused = ", ".join(f"{k} {v}" for k, v in sorted(optimization.get("fused_operators", {}).items()))
         print(f"speed-ups:  optimised ({optimization.get('relative_attention_layers_folded', 0)} attention layers "
-              f"folded{'; fused ' + fused if fused else ''})")
+              f"folded{'; fused ' + fused if fused else ''}"
+              f"{'; portable: standard ONNX operators only' if optimization.get('portable') else ''})")
     else:
         print("speed-ups:  none, attention as transformers writes it (exported with --no-optimize)" if optimization
               else "speed-ups:  not recorded (exported before graph optimisation)")
