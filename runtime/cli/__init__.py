@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from ..errors import DebertaOnnxError
 from ..utils import MissingExtraError
-from . import bench, classify, embed, export, info, search, serve
+from . import bench, classify, embed, export, info, search, serve, tune
 
 __all__ = ["build_parser", "main"]
 
@@ -35,6 +35,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     info.add_parser(commands)
     search.add_parser(commands)
     classify.add_parser(commands)
+    tune.add_parser(commands)
     return parser
 
 

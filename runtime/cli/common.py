@@ -12,8 +12,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..config import ARENA_CHOICES, AUTO, CUDA_ARENA_STRATEGIES, EncoderConfig
-from ..contract import PRECISIONS
+from ..config import ARENA_CHOICES, AUTO, CUDA_ARENA_STRATEGIES, ENGINES, RUNTIME_PRECISIONS, EncoderConfig
 from ..utils import atomic_write, text_lines
 
 __all__ = [
@@ -22,6 +21,7 @@ __all__ = [
     "config_defaults",
     "default_note",
     "load",
+    "load_config",
     "read_lines",
     "save_npy",
     "show_progress",
@@ -99,9 +99,19 @@ def show_progress(args: argparse.Namespace) -> bool:
 def add_load_flags(parser: argparse.ArgumentParser) -> None:
     """Flags that map onto ``EncoderConfig``, with its defaults."""
     defaults = config_defaults(EncoderConfig)
-    parser.add_argument("--precision", default=defaults["precision"], choices=list(PRECISIONS),
+    parser.add_argument("--precision", default=defaults["precision"], choices=list(RUNTIME_PRECISIONS),
                         help="which exported variant to load (default: the best in the folder for the provider: "
-                             "int8-static, then int8-dynamic, then fp32 on CPU)")
+                             "int8-static, then int8-dynamic, then fp32 on CPU); bf16: the fp32 graph computed in "
+                             "bfloat16 by OpenVINO (--engine openvino or auto; CPUs with AVX512-BF16 or AMX)")
+    parser.add_argument("--engine", default=defaults["engine"], choices=list(ENGINES),
+                        help="what runs the graph on the CPU: onnxruntime, openvino (the openvino extra), or auto: "
+                             "the faster of the two on this machine, measured once and cached (deberta-onnx tune) "
+                             f"{default_note(defaults, 'engine').strip()}")
+    parser.add_argument("--engine-cache-dir", type=_optional_path, default=defaults["engine_cache_dir"],
+                        metavar="DIR|auto|none",
+                        help="where OpenVINO caches compiled models, so that a second start does not compile again: "
+                             "auto (the user's cache directory), a folder, or none "
+                             f"{default_note(defaults, 'engine_cache_dir').strip()}")
     parser.add_argument("--threads", type=int, default=defaults["intra_op_threads"],
                         help="ONNX Runtime intra-op threads (default: cores)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the model files at load")
@@ -140,7 +150,12 @@ def add_load_flags(parser: argparse.ArgumentParser) -> None:
 def load(args: argparse.Namespace, kind: Callable[..., M], model_dir: str | None = None) -> M:
     """An ``Encoder`` or classifier (``kind``) loaded from ``model_dir`` (default ``args.model_dir``) as the load
     flags say."""
-    config = EncoderConfig(
+    return kind(args.model_dir if model_dir is None else model_dir, config=load_config(args))
+
+
+def load_config(args: argparse.Namespace) -> EncoderConfig:
+    """The ``EncoderConfig`` the load flags describe."""
+    return EncoderConfig(
         precision=args.precision,
         intra_op_threads=args.threads,
         verify_checksums=not args.no_verify,
@@ -155,8 +170,9 @@ def load(args: argparse.Namespace, kind: Callable[..., M], model_dir: str | None
         cuda_arena_extend_strategy=args.cuda_arena_extend_strategy,
         gpu_mem_limit=args.gpu_mem_limit,
         use_tf32=args.use_tf32,
+        engine=args.engine,
+        engine_cache_dir=args.engine_cache_dir,
     )
-    return kind(args.model_dir if model_dir is None else model_dir, config=config)
 
 
 def _optional_int(text: str) -> int | None:
@@ -167,6 +183,11 @@ def _optional_int(text: str) -> int | None:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+
+
+def _optional_path(text: str) -> str | None:
+    """``DIR``, ``auto`` or ``none``."""
+    return None if text.strip().lower() == "none" else text
 
 
 def _budget(text: str) -> int | str | None:
