@@ -9,6 +9,7 @@ __all__ = [
     "DebertaOnnxError",
     "ManifestError",
     "MemoryLimitError",
+    "MissingExtraError",
     "ModelFolderError",
     "ModelLoadError",
     "NotExportedError",
@@ -66,3 +67,10 @@ class NotExportedError(DebertaOnnxError):
 
 class PrecisionUnavailableError(DebertaOnnxError):
     """A precision needs instructions this CPU lacks (bf16 without AVX512-BF16 or AMX); raised at load."""
+
+
+class MissingExtraError(ImportError):
+    """An optional part of the package was used without its extra installed; the message names the pip command.
+
+    An ``ImportError`` (what a caller guarding an optional import already catches), not a ``DebertaOnnxError``.
+    """

@@ -11,18 +11,8 @@ from typing import TYPE_CHECKING, Generic, TypeVar, overload
 
 import onnxruntime as ort
 
-from .batching import BatchPolicy, call_memory
-from .config import (
-    AUTO,
-    AUTO_FULL_WIDTH,
-    BF16,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_CPU_MAX_TOKENS,
-    DEFAULT_IO_BINDING_BUCKET,
-    ENGINE_ONNXRUNTIME,
-    ENGINE_OPENVINO,
-    EncoderConfig,
-)
+from .batching import BatchPolicy, batch_policy, call_memory
+from .config import AUTO, BF16, ENGINE_ONNXRUNTIME, ENGINE_OPENVINO, EncoderConfig
 from .contract import (
     REQUIRED_OUTPUT,
     TASK_EMBEDDING,
@@ -342,24 +332,8 @@ def load_model(model_dir: str | Path, providers: ProviderList | None, config: En
         runner = IOBindingRunner(session, hidden_size=manifest.hidden_size, device=kind, device_id=device_id,
                                  max_buckets=config.max_buckets, cuda_graph=config.cuda_graph, shrink_tokens=shrink,
                                  arena=arena)
-    max_tokens = config.max_tokens if isinstance(config.max_tokens, int) else None
-    max_call_bytes = None if config.max_call_memory_mb is None else config.max_call_memory_mb << 20
-    if config.max_tokens == AUTO:
-        max_tokens = DEFAULT_CPU_MAX_TOKENS if kind == "cpu" else None
-        if kind == "cpu":  # past 512 tokens, no more attention scores per call than a full call of 512 holds
-            full = call_memory(DEFAULT_CPU_MAX_TOKENS // AUTO_FULL_WIDTH, AUTO_FULL_WIDTH, heads)
-            max_call_bytes = full if max_call_bytes is None else min(max_call_bytes, full)
-    policy = BatchPolicy(
-        max_tokens=max_tokens,
-        # The automatic budget only caps the usual rows; a budget given by the caller may fill a call alone.
-        default_rows=DEFAULT_BATCH_SIZE if config.max_tokens == AUTO or max_tokens is None else None,
-        sequence_bucket=config.sequence_bucket or (DEFAULT_IO_BINDING_BUCKET if io_binding else 1),
-        # CUDA graphs replay fixed shapes: a short batch is padded with empty rows to a power of two.
-        fill_rows=config.cuda_graph,
-        token_types=any(spec.name == TOKEN_TYPE_IDS for spec in manifest.inputs),
-        max_call_bytes=max_call_bytes,
-        heads=heads,
-    )
+    policy = batch_policy(config, device=kind, io_binding=io_binding,
+                          token_types=any(spec.name == TOKEN_TYPE_IDS for spec in manifest.inputs), heads=heads)
     loaded = LoadedModel(manifest=manifest, config=config, providers=chosen, precision=precision,
                          precision_reason=reason, session=session, tokenizer=tokenizer, runner=runner,
                          device=kind if kind == "cpu" else f"{kind}:{device_id}", io_binding=io_binding,

@@ -19,8 +19,9 @@ import numpy as np
 
 from .config import AUTO, BF16
 from .contract import ATTENTION_MASK, INPUT_IDS, TOKEN_TYPE_IDS
-from .errors import ModelLoadError, PrecisionUnavailableError
-from .utils import DISTRIBUTION, MissingExtraError, release_free_heap
+from .errors import MissingExtraError, ModelLoadError, PrecisionUnavailableError
+from .heap import release_free_heap
+from .installed import DISTRIBUTION
 
 __all__ = [
     "OpenVINOModel",

@@ -24,7 +24,8 @@ import numpy as np
 
 from .config import ENGINE_ONNXRUNTIME, ENGINE_OPENVINO
 from .runners import Runner
-from .utils import DISTRIBUTION, atomic_write
+from .files import atomic_write
+from .installed import DISTRIBUTION
 
 __all__ = [
     "CALIBRATION_SHAPES",

@@ -307,7 +307,7 @@ def test_cli_engine_flag(ov: Any, tiny_model: Path, tmp_path: Path) -> None:
 def test_health_says_which_engine_runs(ov: Any, tiny_model: Path) -> None:
     import httpx
 
-    from deberta_onnx.benchmarks.load import ServerProcess
+    from deberta_onnx.runtime.server.testing import ServerProcess
 
     with ServerProcess(tiny_model, "--threads", "1", "--engine", "openvino", "--engine-cache-dir", "none") as server:
         health = httpx.get(f"{server.url}/health", timeout=60).json()

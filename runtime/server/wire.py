@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..tokenization import lone_surrogate
-from .openai_api import ApiError, bad_request, json_type
+from .errors import ApiError, bad_request
+from .openai_api import json_type
 
 __all__ = ["bad_request", "check_bool", "check_count", "check_fields", "check_text", "json_type", "read_object",
            "too_many"]
