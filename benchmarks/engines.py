@@ -23,7 +23,7 @@ import numpy as np
 
 from deberta_onnx.benchmarks.environment import cpu_features, cpu_name
 from deberta_onnx.benchmarks.workloads import build_corpus, grid_batch, parse_shapes
-from deberta_onnx.export import shipped_sentences
+from deberta_onnx.export.testing import shipped_sentences
 from deberta_onnx.runtime import Encoder, EncoderConfig
 from deberta_onnx.runtime.contract import TOKENIZER_FILE
 from deberta_onnx.runtime.postprocess import row_cosine

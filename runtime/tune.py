@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from .config import ENGINE_ONNXRUNTIME, ENGINE_OPENVINO
-from .runners import Runner
 from .files import atomic_write
 from .installed import DISTRIBUTION
+from .runners import Runner
 
 __all__ = [
     "CALIBRATION_SHAPES",
