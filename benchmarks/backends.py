@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 
 from deberta_onnx.runtime import Encoder, EncoderConfig
+from deberta_onnx.runtime.config import BF16, ENGINE_ONNXRUNTIME, ENGINE_OPENVINO
 from deberta_onnx.runtime.contract import TOKENIZER_FILE
 from deberta_onnx.runtime.session import cuda_available
 
 from .timing import cuda_synchronizer
 
-__all__ = ["RUN_PATHS", "Backend", "OrtBackend", "ThreadSetting", "TorchBackend", "runtime_backends",
+__all__ = ["RUN_PATHS", "Backend", "OrtBackend", "ThreadSetting", "TorchBackend", "engine_variants", "runtime_backends",
            "runtime_paths", "torch_backends"]
 
 
@@ -148,20 +149,23 @@ class TorchBackend(Backend):
 
 
 class OrtBackend(Backend):
-    """This project's ``Encoder`` on one precision variant, provider and run path."""
+    """This project's ``Encoder`` on one precision variant, engine (ONNX Runtime's provider, or OpenVINO, from
+    ``config_fields["engine"]``) and run path."""
 
     def __init__(self, model_dir: Path, *, model: str, precision: str, device: str, path: str,
                  config_fields: dict[str, Any], threads: ThreadSetting, tf32: bool = False) -> None:
-        super().__init__(engine="onnxruntime", precision=precision, device=device, path=path, model=model,
-                         threads=str(threads))
+        super().__init__(engine=str(config_fields.get("engine", ENGINE_ONNXRUNTIME)), precision=precision,
+                         device=device, path=path, model=model, threads=str(threads))
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         config = EncoderConfig(precision=precision, intra_op_threads=threads.intra_op_threads,
                                allow_spinning=threads.allow_spinning, verify_checksums=False, use_tf32=tf32,
                                **config_fields)
         self.encoder = Encoder(model_dir, providers, config=config)
         # The options the session was really made with (the CUDA provider's, on CUDA), for the report.
-        self.provider_options = {name: dict(options) for name, options in
-                                 self.encoder.session.get_provider_options().items() if name != "CPUExecutionProvider"}
+        session = self.encoder.session
+        self.provider_options = {} if session is None else {
+            name: dict(options) for name, options in session.get_provider_options().items()
+            if name != "CPUExecutionProvider"}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "provider_options": self.provider_options}
@@ -192,6 +196,30 @@ def runtime_paths(device: str = "cpu") -> dict[str, dict[str, Any]]:
     if device == "cuda" and "cuda_graph" in fields:
         paths["cudagraph"] = {"io_binding": True, "cuda_graph": True}
     return paths
+
+
+def engine_variants(variants: Sequence[str], engines: Sequence[str], device: str, *,
+                    requested: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """(engine, variant) pairs to run: every variant on every engine, but OpenVINO only on the CPU and not fp16
+    (no fast CPU kernels there either), and bf16 only on OpenVINO, where the CPU has bf16 units (or where it was
+    asked for by name: then the load refuses it with the reason)."""
+    pairs = []
+    for engine in engines:
+        if engine == ENGINE_OPENVINO and device != "cpu":
+            continue
+        for variant in variants:
+            if variant == BF16 and (engine != ENGINE_OPENVINO or (requested is None and not _bf16_here())):
+                continue
+            if engine == ENGINE_OPENVINO and variant == "fp16":
+                continue
+            pairs.append((engine, variant))
+    return pairs
+
+
+def _bf16_here() -> bool:
+    from deberta_onnx.runtime.openvino_engine import bf16_support
+
+    return bf16_support()[0]
 
 
 def devices(requested: str) -> list[str]:

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from deberta_onnx.runtime.checks import check_positive_int
-from deberta_onnx.runtime.config import check_thread_count
-from deberta_onnx.runtime.contract import PRECISIONS
+from deberta_onnx.runtime.config import ENGINE_ONNXRUNTIME, ENGINE_OPENVINO, RUNTIME_PRECISIONS, check_thread_count
 
 from .backends import RUN_PATHS, ThreadSetting
 from .workloads import DEFAULT_GRID, QUICK_GRID, Shape
@@ -33,7 +32,7 @@ class ModelSpec:
         """``DIR`` or ``LABEL=DIR``, either followed by ``:PRECISION[,PRECISION]`` (``cuda16=models/b:fp16``)."""
         precisions = None
         head, sep, tail = text.rpartition(":")
-        if sep and tail and all(name in PRECISIONS for name in tail.split(",")):
+        if sep and tail and all(name in RUNTIME_PRECISIONS for name in tail.split(",")):
             text, precisions = head, tuple(tail.split(","))
         label, sep, folder = text.partition("=")
         if not sep:
@@ -71,7 +70,10 @@ class BenchConfig:
         corpus_size: texts in the realistic corpus (0 skips it).
         corpus_batch_size: texts per model call when encoding the corpus, for every backend.
         device: ``cpu``, ``cuda`` or ``auto`` (CUDA too where onnxruntime-gpu and torch see a GPU).
-        precisions: variants of the model folders to run (default all of them).
+        precisions: variants of the model folders to run (default all of them); ``bf16`` runs the fp32 variant on
+            OpenVINO in bfloat16 (with ``openvino`` among the engines; by default where the CPU has bf16 units).
+        engines: the runtime's engines to run each variant on, ``onnxruntime`` and / or ``openvino``, one
+            configuration each (default ONNX Runtime alone); OpenVINO runs the ``plain`` path.
         paths: runtime run paths to run (``plain``, ``iobinding``, ``cudagraph`` on CUDA; default all the runtime
             offers on each device).
         threads: intra-op threads for both ONNX Runtime and PyTorch (default: ONNX Runtime's and torch's own).
@@ -99,6 +101,7 @@ class BenchConfig:
     corpus_batch_size: int = 32
     device: str = "auto"
     precisions: tuple[str, ...] | None = None
+    engines: tuple[str, ...] = (ENGINE_ONNXRUNTIME,)
     paths: tuple[str, ...] | None = None
     threads: int | None = None
     ort_threads: tuple[ThreadSetting, ...] | None = None
@@ -128,6 +131,9 @@ class BenchConfig:
         check_thread_count("threads", self.threads, minimum=1)
         for setting in self.ort_threads or ():
             check_thread_count("ort_threads", setting.intra_op_threads, minimum=1)
+        engines = (ENGINE_ONNXRUNTIME, ENGINE_OPENVINO)
+        if not self.engines or set(self.engines) - set(engines):
+            raise ValueError(f"engines must be a non-empty choice of {', '.join(engines)}, got {self.engines!r}")
         if self.paths is not None:
             unknown = set(self.paths) - set(RUN_PATHS)
             if unknown:

@@ -17,7 +17,7 @@ from deberta_onnx.runtime.manifest import Manifest, load_manifest
 from .backends import runtime_paths
 from .config import BenchConfig, ModelSpec
 
-__all__ = ["cpu_features", "describe_environment", "load_average"]
+__all__ = ["cpu_features", "cpu_name", "describe_environment", "load_average"]
 
 _VERSIONED = ("deberta-onnx", "torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tokenizers", "numpy")
 
@@ -36,7 +36,7 @@ def describe_environment(config: BenchConfig, groups: Sequence[_Group], device_l
 
     versions = installed_versions(_VERSIONED)
     hardware: dict[str, Any] = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_features": cpu_features(),
         "logical_cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
@@ -110,7 +110,8 @@ def _cpuinfo() -> tuple[str, ...]:
         return ()
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo; the platform's processor name where it is absent)."""
     name = _cpuinfo_field("model name")
     if name:
         return name

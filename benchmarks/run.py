@@ -17,11 +17,20 @@ from typing import Any
 
 import numpy as np
 
+from deberta_onnx.runtime.config import BF16, ENGINE_ONNXRUNTIME, ENGINE_OPENVINO
 from deberta_onnx.runtime.contract import TOKENIZER_FILE
 from deberta_onnx.runtime.manifest import load_manifest
 from deberta_onnx.runtime.postprocess import row_cosine
 
-from .backends import Backend, ThreadSetting, devices, runtime_backends, runtime_paths, torch_backends
+from .backends import (
+    Backend,
+    ThreadSetting,
+    devices,
+    engine_variants,
+    runtime_backends,
+    runtime_paths,
+    torch_backends,
+)
 from .config import BenchConfig, ModelSpec
 from .environment import describe_environment, load_average
 from .timing import RssSampler, Timer, rss_bytes
@@ -140,6 +149,8 @@ def _load_backends(group: _Group, config: BenchConfig, device_list: list[str]) -
             before = rss_bytes()
         for spec in group.specs:
             variants = list(load_manifest(spec.folder).variants)
+            if "fp32" in variants and ENGINE_OPENVINO in config.engines and device == "cpu":
+                variants.append(BF16)  # the fp32 graph on OpenVINO in bfloat16, where engine_variants allows it
             if config.precisions is not None:
                 variants = [v for v in variants if v in config.precisions]
             if spec.precisions is not None:
@@ -154,13 +165,14 @@ def _built_one_by_one(spec: ModelSpec, variants: Sequence[str], device: str, thr
     """The runtime's backends of one folder, each made alone (with the spec's ``EncoderConfig`` fields), with the
     host and device memory its load added."""
     built: list[Backend] = []
-    for variant in variants:
-        for path in [p for p in runtime_paths(device) if config.paths is None or p in config.paths]:
+    for engine, variant in engine_variants(variants, config.engines, device, requested=config.precisions):
+        paths = runtime_paths(device) if engine == ENGINE_ONNXRUNTIME else {"plain": {}}
+        for path in [p for p in paths if config.paths is None or p in config.paths]:
             for setting in threads:
                 before, device_before = rss_bytes(), _device_used_mb(device)
                 (backend,) = runtime_backends(spec.folder, [variant], model=spec.label, device=device,
                                               threads=[setting], paths=[path], tf32=config.tf32,
-                                              fields=dict(spec.fields))
+                                              fields={**dict(spec.fields), "engine": engine})
                 group.load_mb[id(backend)] = (rss_bytes() - before) / 2**20
                 if device == "cuda":
                     group.gpu_held_mb[id(backend)] = _device_used_mb(device) - device_before

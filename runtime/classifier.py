@@ -22,7 +22,7 @@ from .config import EncoderConfig
 from .contract import LOGITS, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
 from .loader import LoadedAttributes, LoadedModel, load_model, loaded_property
 from .postprocess import AGGREGATIONS, Span, aggregate_spans, classifier_scores, cross_encoder_scores, softmax
-from .runners import Runner, SessionRunner
+from .runners import Runner
 from .sentence_transformers_api import PredictKeywords, RankKeywords, alias, check_keywords, with_prompt
 from .session import ProviderList
 from .similarity import Hit
@@ -332,9 +332,8 @@ class TokenClassifier(LoadedAttributes):
         return aggregate_spans(text, encoding.offsets, encoding.word_ids,  # type: ignore[attr-defined]
                                softmax(logits), self.labels, aggregation=aggregation, ignore_labels=ignore_labels)
 
-    def _logits_runner(self) -> SessionRunner:
-        loaded = self.loaded
-        return SessionRunner(loaded.session, (LOGITS,), shrink_tokens=loaded.shrink_tokens, arena=loaded.arena)
+    def _logits_runner(self) -> Runner:
+        return self.loaded.runner_for((LOGITS,))
 
     def _run(self, items: list[str], batch_size: int | None, truncate: bool, show_progress: bool
              ) -> list[tuple[np.ndarray, object]]:

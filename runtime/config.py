@@ -13,11 +13,16 @@ __all__ = [
     "ARENA_CHOICES",
     "AUTO",
     "AUTO_FULL_WIDTH",
+    "BF16",
     "CUDA_ARENA_STRATEGIES",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_CPU_MAX_TOKENS",
     "DEFAULT_SHRINK_TOKENS",
+    "ENGINES",
+    "ENGINE_ONNXRUNTIME",
+    "ENGINE_OPENVINO",
     "MAX_THREADS_PER_CORE",
+    "RUNTIME_PRECISIONS",
     "EncoderConfig",
     "check_thread_count",
     "max_threads",
@@ -48,6 +53,14 @@ ARENA_CHOICES = ("same-as-requested", "next-power-of-two", "off")
 MAX_THREADS_PER_CORE = 4
 # The CUDA provider's arena_extend_strategy values.
 CUDA_ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
+# The engines a CPU model runs on; ``auto`` picks one of the first two by measurement (``deberta_onnx.runtime.tune``).
+ENGINE_ONNXRUNTIME = "onnxruntime"
+ENGINE_OPENVINO = "openvino"
+ENGINES = (ENGINE_ONNXRUNTIME, ENGINE_OPENVINO, AUTO)
+# bf16 is not a file of its own: the fp32 graph run by OpenVINO with bf16 as its inference precision (CPUs with
+# AVX512-BF16 or AMX). The other precisions are the exported variants.
+BF16 = "bf16"
+RUNTIME_PRECISIONS = (*PRECISIONS, BF16)
 
 
 def parse_device(device: str) -> tuple[str, int]:
@@ -94,11 +107,21 @@ class EncoderConfig:
     """How an ``Encoder`` (or a classifier) loads and runs its model. The CLI's load flags map onto these fields.
 
     Attributes:
-        precision: which exported variant to load (``"fp32"``, ``"fp16"``, ``"int8-dynamic"``, ``"int8-static"``);
-            ``None`` picks the best one the folder holds for the first provider (see
-            ``deberta_onnx.runtime.loader.PREFERRED_PRECISIONS``).
-        intra_op_threads: ONNX Runtime threads inside one operator; ``None`` uses one per physical core. At most
-            ``MAX_THREADS_PER_CORE`` (4) per core of the machine.
+        precision: which exported variant to load (``"fp32"``, ``"fp16"``, ``"int8-dynamic"``, ``"int8-static"``),
+            or ``"bf16"``: the fp32 graph computed in bfloat16 by OpenVINO (``engine="openvino"`` or ``"auto"``, on
+            a CPU with AVX512-BF16 or AMX); ``None`` picks the best one the folder holds for the first provider
+            (see ``deberta_onnx.runtime.loader.PREFERRED_PRECISIONS``).
+        engine: what runs the graph on the CPU: ``"onnxruntime"`` (default), ``"openvino"`` (needs the
+            ``openvino`` extra; CPU only, no IO binding), or ``"auto"``: whichever of the two a short measurement
+            on this machine found faster for this folder and precision (``deberta-onnx tune``; measured at the
+            first load and cached per machine, folder and versions when not tuned before; ONNX Runtime when
+            OpenVINO is not installed). Tokenization, batching and post-processing are the same on both.
+        engine_cache_dir: where OpenVINO keeps compiled models, so that a second load does not compile again:
+            ``"auto"`` (default) a folder in the user's cache directory, a path, or ``None`` for no cache. Not
+            used by ONNX Runtime.
+        intra_op_threads: ONNX Runtime threads inside one operator (OpenVINO's ``INFERENCE_NUM_THREADS``);
+            ``None`` uses one per physical core (OpenVINO: its own default). At most ``MAX_THREADS_PER_CORE`` (4)
+            per core of the machine.
         inter_op_threads: threads across operators; ``None`` keeps ONNX Runtime's default. The same bound.
         allow_spinning: let idle ONNX Runtime threads spin (lower latency, busier cores); ``None`` keeps the default.
         verify_checksums: check every file's sha256 against the manifest at load (costs about 1 s per GB).
@@ -157,10 +180,28 @@ class EncoderConfig:
     cuda_arena_extend_strategy: str | None = None
     gpu_mem_limit: int | None = None
     use_tf32: bool = False
+    engine: str = ENGINE_ONNXRUNTIME
+    engine_cache_dir: str | None = AUTO
 
     def __post_init__(self) -> None:
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} or None, got {self.precision!r}")
+        if self.precision is not None and self.precision not in RUNTIME_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(RUNTIME_PRECISIONS)} or None, "
+                             f"got {self.precision!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.precision == BF16 and self.engine == ENGINE_ONNXRUNTIME:
+            raise ValueError("precision 'bf16' runs the fp32 graph on OpenVINO (ONNX Runtime's CPU provider has no "
+                             "bf16 kernels for it); pass engine='openvino' or engine='auto' (CLI: --engine openvino)")
+        if self.engine != ENGINE_ONNXRUNTIME:
+            if self.device is not None and parse_device(self.device)[0] != "cpu":
+                raise ValueError(f"engine {self.engine!r} runs on the CPU; device {self.device!r} needs "
+                                 "engine='onnxruntime' (its CUDA provider)")
+            if self.io_binding or self.cuda_graph:
+                raise ValueError(f"io_binding and cuda_graph are ONNX Runtime features; leave them off with "
+                                 f"engine {self.engine!r}")
+        if self.engine_cache_dir is not None and not isinstance(self.engine_cache_dir, str):
+            raise ValueError(f"engine_cache_dir must be 'auto', a folder path (str) or None, "
+                             f"got {self.engine_cache_dir!r}")
         for name in ("intra_op_threads", "inter_op_threads"):
             check_thread_count(name, getattr(self, name))
         if self.max_tokens != AUTO:

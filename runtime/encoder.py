@@ -18,7 +18,6 @@ from .contract import TASK_EMBEDDING, TOKEN_EMBEDDINGS
 from .errors import NotExportedError
 from .loader import LoadedAttributes, LoadedModel, load_model, loaded_property
 from .postprocess import quantize_embeddings, truncate_dimensions
-from .runners import SessionRunner
 from .sentence_transformers_api import EncodeKeywords, alias, check_embedding_precision, check_keywords, with_prompt
 from .session import ProviderList
 from .similarity import cos_sim
@@ -302,8 +301,7 @@ class Encoder(LoadedAttributes):
             return self.encode_tokens([texts], batch_size, truncate=truncate, show_progress=show_progress)[0]
         items = check_texts(texts)
         loaded = self.loaded
-        runner = SessionRunner(loaded.session, (TOKEN_EMBEDDINGS,), shrink_tokens=loaded.shrink_tokens,
-                               arena=loaded.arena)
+        runner = loaded.runner_for((TOKEN_EMBEDDINGS,))
         out: list[TokenEmbeddings | None] = [None] * len(items)
         for batch in token_batches(loaded.tokenizer, items, loaded.policy, batch_size, truncate=truncate,
                                    show_progress=show_progress, details=True):

@@ -13,6 +13,7 @@ __all__ = [
     "ModelFolderError",
     "ModelLoadError",
     "NotExportedError",
+    "PrecisionUnavailableError",
     "ProviderUnavailableError",
     "TaskMismatchError",
 ]
@@ -62,6 +63,10 @@ class TaskMismatchError(ModelFolderError):
 
 class NotExportedError(DebertaOnnxError):
     """The call needs a graph output that the folder was exported without (e.g. token embeddings)."""
+
+
+class PrecisionUnavailableError(DebertaOnnxError):
+    """A precision needs instructions this CPU lacks (bf16 without AVX512-BF16 or AMX); raised at load."""
 
 
 class MissingExtraError(ImportError):

@@ -7,12 +7,12 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Generic, TypeVar, overload
 
 import onnxruntime as ort
 
 from .batching import BatchPolicy, batch_policy, call_memory
-from .config import EncoderConfig
+from .config import AUTO, BF16, ENGINE_ONNXRUNTIME, ENGINE_OPENVINO, EncoderConfig
 from .contract import (
     REQUIRED_OUTPUT,
     TASK_EMBEDDING,
@@ -28,6 +28,7 @@ from .iobinding import IOBindingRunner
 from .manifest import Manifest, load_manifest
 from .runners import Runner, SessionRunner
 from .session import (
+    CPU_PROVIDER,
     CudaSettings,
     ProviderList,
     SessionSettings,
@@ -38,7 +39,11 @@ from .session import (
 )
 from .tokenization import TextTokenizer
 
+if TYPE_CHECKING:  # the openvino extra is optional: its module is imported only when OpenVINO runs
+    from .openvino_engine import OpenVINOModel
+
 __all__ = [
+    "OPENVINO_PROVIDER",
     "PREFERRED_PRECISIONS",
     "UNDECLARED_MAX_LENGTH",
     "LoadedAttributes",
@@ -51,6 +56,9 @@ __all__ = [
 logger = logging.getLogger("deberta_onnx")
 T = TypeVar("T")
 
+# How the runtime names OpenVINO where it names ONNX Runtime's first execution provider (``/health``, logs).
+OPENVINO_PROVIDER = "OpenVINO CPU"
+
 # The variant a model loads when none is asked for, by first execution provider, best first. On CPU, int8 runs on
 # integer kernels and static int8 gives the same vector whatever the batch; fp16 has no fast CPU kernels. On
 # CUDA, fp16 runs on tensor cores, while int8 graphs would dequantize back to float. Other providers get the
@@ -58,6 +66,9 @@ T = TypeVar("T")
 PREFERRED_PRECISIONS: dict[str, tuple[str, ...]] = {
     "CPUExecutionProvider": ("int8-static", "int8-dynamic", "fp32"),
     "CUDAExecutionProvider": ("fp16", "fp32"),
+    # OpenVINO (engine="openvino"): its int8-dynamic path (DynamicQuantizeLinear) measured 1.7x to 3.2x slower
+    # than ONNX Runtime's, fp32 not.
+    OPENVINO_PROVIDER: ("int8-static", "fp32", "int8-dynamic"),
 }
 
 # The longest input a folder may declare when its tokenizer.json declares no maximum (folders exported before the
@@ -100,7 +111,7 @@ class LoadedModel:
     providers: list[str | tuple[str, dict[str, object]]]
     precision: str
     precision_reason: str
-    session: ort.InferenceSession
+    session: ort.InferenceSession | None  # None when OpenVINO runs the graph
     tokenizer: TextTokenizer
     runner: Runner  # for the task's required output
     device: str  # "cpu" or "cuda:N"
@@ -109,6 +120,25 @@ class LoadedModel:
     # Runners made for other outputs shrink memory as ``runner`` does: from calls of this many tokens, the arena too.
     shrink_tokens: int | None = None
     arena: bool = True
+    engine: str = ENGINE_ONNXRUNTIME  # "onnxruntime" or "openvino", never "auto"
+    engine_reason: str = "the default"
+    openvino: OpenVINOModel | None = None
+
+    @property
+    def provider(self) -> str:
+        """What runs the graph: ONNX Runtime's first active provider, or ``"OpenVINO CPU"``."""
+        if self.session is None:
+            return OPENVINO_PROVIDER
+        return str(self.session.get_providers()[0])
+
+    def runner_for(self, outputs: tuple[str, ...]) -> Runner:
+        """A runner of this model's engine for other outputs than ``runner``'s (token vectors, logits), shrinking
+        memory as ``runner`` does."""
+        if self.openvino is not None:
+            return self.openvino.runner(outputs, shrink_tokens=self.shrink_tokens)
+        if self.session is None:
+            raise ValueError("a loaded model has either an ONNX Runtime session or an OpenVINO model")
+        return SessionRunner(self.session, outputs, shrink_tokens=self.shrink_tokens, arena=self.arena)
 
     @property
     def model_dir(self) -> Path:
@@ -160,7 +190,10 @@ class LoadedAttributes:
     precision = loaded_property(lambda m: m.precision, "The variant loaded (``fp32``, ``int8-static``, ...).")
     precision_reason = loaded_property(lambda m: m.precision_reason, "Why that variant was chosen.")
     providers = loaded_property(lambda m: m.providers, "The execution providers the session was made with.")
-    session = loaded_property(lambda m: m.session, "The ONNX Runtime session.")
+    session = loaded_property(lambda m: m.session, "The ONNX Runtime session (``None`` when OpenVINO runs the graph).")
+    engine = loaded_property(lambda m: m.engine, "What runs the graph: ``onnxruntime`` or ``openvino``.")
+    engine_reason = loaded_property(lambda m: m.engine_reason, "Why that engine (``requested``, or what "
+                                                                  "``auto`` measured).")
     device = loaded_property(lambda m: m.device, "Where the session keeps its tensors: ``cpu`` or ``cuda:N``.")
     max_length = loaded_property(lambda m: m.max_length,
                                  "Longest input in tokens (special tokens included); longer inputs are truncated.")
@@ -177,8 +210,13 @@ def _check_task(manifest: Manifest, tasks: tuple[str, ...], user: str) -> None:
         )
 
 
-def _pick_precision(manifest: Manifest, requested: str | None, providers: ProviderList) -> tuple[str, str]:
+def _pick_precision(manifest: Manifest, requested: str | None, provider: str) -> tuple[str, str]:
     variants = manifest.variants
+    if requested == BF16:
+        if "fp32" not in variants:
+            raise ValueError(f"precision 'bf16' runs the fp32 graph, which {manifest.folder} does not hold (it holds "
+                             f"{sorted(variants)}); export the folder with fp32.")
+        return requested, "requested"
     if requested is not None:
         if requested not in variants:
             raise ValueError(
@@ -187,7 +225,7 @@ def _pick_precision(manifest: Manifest, requested: str | None, providers: Provid
                 f"--overwrite --precision {','.join(sorted({*variants, requested}))}`."
             )
         return requested, "requested"
-    return best_precision(variants, provider_names(providers)[0], manifest.default_variant)
+    return best_precision(variants, provider, manifest.default_variant)
 
 
 def _check_max_length(manifest: Manifest, tokenizer: TextTokenizer, config: EncoderConfig) -> int:
@@ -232,7 +270,7 @@ def _check_pad_id(manifest: Manifest, tokenizer: TextTokenizer) -> None:
 
 
 def load_model(model_dir: str | Path, providers: ProviderList | None, config: EncoderConfig, *,
-               tasks: tuple[str, ...], user: str) -> LoadedModel:
+               tasks: tuple[str, ...], user: str, remeasure: bool = False) -> LoadedModel:
     """Loads a model folder for one of ``tasks``.
 
     Args:
@@ -241,6 +279,7 @@ def load_model(model_dir: str | Path, providers: ProviderList | None, config: En
         config: loading, device, batching and threading options.
         tasks: the tasks the caller runs.
         user: the caller's class name, for messages.
+        remeasure: with ``engine="auto"``, measure the engines even when a choice is cached (``deberta-onnx tune``).
 
     Raises:
         ModelFolderError: (or a subclass) the folder is missing, corrupted, or disagrees with its manifest.
@@ -261,9 +300,13 @@ def load_model(model_dir: str | Path, providers: ProviderList | None, config: En
     if config.io_binding and task != TASK_EMBEDDING:
         raise ValueError(f"io_binding runs embedding graphs; {folder} holds a {task} model. Leave io_binding "
                          "unset (None) or False.")
+    if config.engine != ENGINE_ONNXRUNTIME and providers is not None and provider_names(providers) != [CPU_PROVIDER]:
+        raise ValueError(f"engine {config.engine!r} runs on the CPU without ONNX Runtime's providers; drop providers "
+                         f"({provider_names(providers)}) or load with engine='onnxruntime'")
     chosen = resolve_providers(providers, config.device, cuda=CudaSettings.from_config(config))
-    precision, reason = _pick_precision(manifest, config.precision, chosen)
-    variant = manifest.variants[precision]
+    preference = OPENVINO_PROVIDER if config.engine == ENGINE_OPENVINO else provider_names(chosen)[0]
+    precision, reason = _pick_precision(manifest, config.precision, preference)
+    variant = manifest.variants["fp32" if precision == BF16 else precision]
     model_path = folder / variant.file
     if config.verify_checksums:
         manifest.verify_files([*variant.files, TOKENIZER_FILE])
@@ -273,28 +316,89 @@ def load_model(model_dir: str | Path, providers: ProviderList | None, config: En
                               pad_id=manifest.model.pad_token_id, vocab_limit=manifest.model.vocab_size)
     heads = _check_max_length(manifest, tokenizer, config)
     _check_pad_id(manifest, tokenizer)
-    settings = SessionSettings(intra_op_threads=config.intra_op_threads, inter_op_threads=config.inter_op_threads,
-                               allow_spinning=config.allow_spinning, cpu_arena=config.cpu_arena)
-    session = create_session(model_path, chosen, settings)
-    check_session(session, inputs=manifest.inputs, outputs=manifest.outputs, task=task, model_path=model_path,
-                  manifest_path=manifest.path)
-    check_sizes(session, task=task, hidden_size=manifest.hidden_size, labels=len(manifest.labels),
-                outputs=manifest.outputs, model_path=model_path, manifest_path=manifest.path)
-    kind, device_id = session_device(session)
-    io_binding = task == TASK_EMBEDDING and (config.io_binding if config.io_binding is not None else kind == "cuda")
-    runner: Runner
     shrink, arena = config.arena_shrink_tokens, config.cpu_arena != "off"
-    if io_binding:
+    outputs = (REQUIRED_OUTPUT[task],)
+    engines = _engines(config, precision)
+    sessions: dict[str, ort.InferenceSession | OpenVINOModel] = {}
+    runners: dict[str, Runner] = {}
+    for engine in engines:
+        if engine == ENGINE_OPENVINO:
+            from .openvino_engine import compile_model
+
+            compiled = compile_model(model_path, threads=config.intra_op_threads, precision=precision,
+                                     cache_dir=config.engine_cache_dir)
+            sessions[engine], runners[engine] = compiled, compiled.runner(outputs, shrink_tokens=shrink)
+        else:
+            settings = SessionSettings(intra_op_threads=config.intra_op_threads,
+                                       inter_op_threads=config.inter_op_threads,
+                                       allow_spinning=config.allow_spinning, cpu_arena=config.cpu_arena)
+            session = create_session(model_path, chosen, settings)
+            sessions[engine] = session
+            runners[engine] = SessionRunner(session, outputs, shrink_tokens=shrink, arena=arena)
+        check_session(sessions[engine], inputs=manifest.inputs, outputs=manifest.outputs, task=task,
+                      model_path=model_path, manifest_path=manifest.path)
+        check_sizes(sessions[engine], task=task, hidden_size=manifest.hidden_size, labels=len(manifest.labels),
+                    outputs=manifest.outputs, model_path=model_path, manifest_path=manifest.path)
+    engine, engine_reason = _choose_engine(config, engines, manifest, variant.file, precision, runners, remeasure)
+    chosen_session = sessions[engine]
+    runner: Runner = runners[engine]
+    session = chosen_session if isinstance(chosen_session, ort.InferenceSession) else None
+    openvino = None if session is not None else chosen_session
+    kind, device_id = session_device(session) if session is not None else ("cpu", 0)
+    io_binding = task == TASK_EMBEDDING and (config.io_binding if config.io_binding is not None else kind == "cuda")
+    if io_binding and session is not None:
         runner = IOBindingRunner(session, hidden_size=manifest.hidden_size, device=kind, device_id=device_id,
                                  max_buckets=config.max_buckets, cuda_graph=config.cuda_graph, shrink_tokens=shrink,
                                  arena=arena)
-    else:
-        runner = SessionRunner(session, (REQUIRED_OUTPUT[task],), shrink_tokens=shrink, arena=arena)
     policy = batch_policy(config, device=kind, io_binding=io_binding,
                           token_types=any(spec.name == TOKEN_TYPE_IDS for spec in manifest.inputs), heads=heads)
-    logger.info("loaded %s: precision %s (%s) on %s, %s", model_path, precision, reason, session.get_providers()[0],
-                "IO binding" if io_binding else "session.run")
-    return LoadedModel(manifest=manifest, config=config, providers=chosen, precision=precision,
-                       precision_reason=reason, session=session, tokenizer=tokenizer, runner=runner,
-                       device=kind if kind == "cpu" else f"{kind}:{device_id}", io_binding=io_binding, policy=policy,
-                       shrink_tokens=shrink, arena=arena)
+    loaded = LoadedModel(manifest=manifest, config=config, providers=chosen, precision=precision,
+                         precision_reason=reason, session=session, tokenizer=tokenizer, runner=runner,
+                         device=kind if kind == "cpu" else f"{kind}:{device_id}", io_binding=io_binding,
+                         policy=policy, shrink_tokens=shrink, arena=arena, engine=engine,
+                         engine_reason=engine_reason, openvino=openvino)
+    logger.info("loaded %s: precision %s (%s) on %s (%s), %s", model_path, precision, reason, loaded.provider,
+                engine_reason, "IO binding" if io_binding else "session.run")
+    return loaded
+
+
+def _engines(config: EncoderConfig, precision: str) -> tuple[str, ...]:
+    """The engines to load: the one asked for, or for ``auto`` both when OpenVINO is installed and ONNX Runtime
+    can run the precision."""
+    if config.engine != AUTO:
+        return (config.engine,)
+    if precision == BF16:
+        return (ENGINE_OPENVINO,)
+    from .openvino_engine import openvino_version
+
+    return (ENGINE_ONNXRUNTIME, ENGINE_OPENVINO) if openvino_version() is not None else (ENGINE_ONNXRUNTIME,)
+
+
+def _choose_engine(config: EncoderConfig, engines: tuple[str, ...], manifest: Manifest, graph: str, precision: str,
+                   runners: dict[str, Runner], remeasure: bool) -> tuple[str, str]:
+    """The engine that runs, and why: the one asked for, or for ``auto`` the faster one as cached or measured."""
+    if config.engine != AUTO:
+        return config.engine, "requested"
+    if len(engines) == 1:
+        why = ("bf16 runs on OpenVINO only" if precision == BF16 else
+               "OpenVINO is not installed (pip install 'deberta-onnx[openvino]' to measure it)")
+        return engines[0], f"auto: {why}"
+    from . import tune
+    from .openvino_engine import openvino_version
+
+    entry = manifest.files.get(graph)
+    digest = entry.sha256 if entry is not None else str(manifest.folder / graph)
+    versions = {"onnxruntime": ort.__version__, "openvino": openvino_version()}
+    key = tune.choice_key(digest, precision, config.intra_op_threads, versions)
+    path = tune.tune_file()
+    cached = None if remeasure else tune.lookup(path, key)
+    if cached is not None:
+        return cached.engine, f"auto: {cached.reason} on {cached.measured_at} (cached in {path})"
+    choice = tune.measure(runners, vocab=manifest.model.vocab_size or 128)
+    try:
+        tune.remember(path, key, choice, {"folder": str(manifest.folder), "graph": graph, "graph_sha256": digest,
+                                          "precision": precision, "threads": config.intra_op_threads,
+                                          "machine": tune.machine(), "versions": versions})
+    except OSError as exc:  # a read-only home: the choice holds for this process, and is measured again next time
+        logger.warning("could not cache the engine choice in %s: %s", path, exc)
+    return choice.engine, f"auto: {choice.reason}"

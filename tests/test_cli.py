@@ -148,6 +148,7 @@ def test_every_encoder_config_field_has_a_load_flag() -> None:
         "--device", "cpu", "--no-io-binding", "--sequence-bucket", "8", "--max-tokens", "none", "--max-buckets", "3",
         "--cpu-arena", "off", "--arena-shrink-tokens", "none", "--max-call-memory-mb", "none",
         "--cuda-arena-extend-strategy", "kSameAsRequested", "--gpu-mem-limit", "1024", "--no-tf32",
+        "--engine", "openvino", "--engine-cache-dir", "none",
     ])
     captured: list[EncoderConfig] = []
     load(args, lambda folder, config: captured.append(config), "folder")
@@ -155,7 +156,7 @@ def test_every_encoder_config_field_has_a_load_flag() -> None:
         precision="fp32", intra_op_threads=1, inter_op_threads=1, allow_spinning=False, verify_checksums=False,
         device="cpu", io_binding=False, sequence_bucket=8, max_tokens=None, max_buckets=3, cpu_arena="off",
         arena_shrink_tokens=None, max_call_memory_mb=None, cuda_arena_extend_strategy="kSameAsRequested",
-        gpu_mem_limit=1024, use_tf32=False,
+        gpu_mem_limit=1024, use_tf32=False, engine="openvino", engine_cache_dir=None,
     )]
 
 

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Sequence
 
 from ..errors import DebertaOnnxError, MissingExtraError
-from . import bench, classify, embed, export, info, search, serve
+from . import bench, classify, embed, export, info, search, serve, tune
 
 __all__ = ["build_parser", "main"]
 
@@ -34,6 +34,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     info.add_parser(commands)
     search.add_parser(commands)
     classify.add_parser(commands)
+    tune.add_parser(commands)
     return parser
 
 

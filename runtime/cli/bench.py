@@ -51,7 +51,11 @@ def add_parser(commands: Any, *, with_defaults: bool) -> None:
         help=f"texts per call on the corpus{default_note(d, 'corpus_batch_size')}")
     add("--device", default=unset, choices=["auto", "cpu", "cuda"],
         help="auto: the CPU, and CUDA too where onnxruntime-gpu and torch see a GPU")
-    add("--precisions", default=unset, help="variants to run, comma-separated (default all)")
+    add("--precisions", default=unset,
+        help="variants to run, comma-separated (default all); bf16 runs the fp32 graph on OpenVINO in bfloat16")
+    add("--engines", default=unset,
+        help="runtime engines to run each variant on, comma-separated: onnxruntime, openvino (the openvino extra) "
+             f"{default_note(d, 'engines', ','.join(d['engines']) if 'engines' in d else None).strip()}")
     add("--paths", default=unset,
         help="runtime run paths: plain,iobinding and, on CUDA, cudagraph (default all offered)")
     add("--tf32", action="store_true", default=unset,
@@ -89,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     converters = {
         "shapes": parse_shapes,
         "precisions": lambda text: tuple(text.split(",")),
+        "engines": lambda text: tuple(text.split(",")),
         "paths": lambda text: tuple(text.split(",")),
         "ort_threads": lambda text: tuple(ThreadSetting.parse(t) for t in text.split(",")),
     }

@@ -18,8 +18,7 @@ from typing import IO, Any, TypeVar
 
 import numpy as np
 
-from ..config import ARENA_CHOICES, AUTO, CUDA_ARENA_STRATEGIES, EncoderConfig, check_thread_count
-from ..contract import PRECISIONS
+from ..config import ARENA_CHOICES, AUTO, CUDA_ARENA_STRATEGIES, ENGINES, RUNTIME_PRECISIONS, EncoderConfig, check_thread_count
 from ..files import atomic_write, text_lines
 
 __all__ = [
@@ -30,6 +29,7 @@ __all__ = [
     "default_note",
     "json_line",
     "load",
+    "load_config",
     "read_lines",
     "save_npy",
     "show_progress",
@@ -219,9 +219,10 @@ def _load_flags(defaults: dict[str, Any]) -> dict[str, tuple[tuple[str, ...], di
     dataclass's."""
     return {
         "precision": (("--precision",), dict(
-            choices=list(PRECISIONS),
+            choices=list(RUNTIME_PRECISIONS),
             help="which exported variant to load (default: the best in the folder for the provider: int8-static, "
-                 "then int8-dynamic, then fp32 on CPU)")),
+                 "then int8-dynamic, then fp32 on CPU); bf16: the fp32 graph computed in bfloat16 by OpenVINO "
+                 "(--engine openvino or auto; CPUs with AVX512-BF16 or AMX)")),
         "intra_op_threads": (("--threads",), dict(
             type=_threads, help="ONNX Runtime intra-op threads (default: cores; at most 4 per core)")),
         "inter_op_threads": (("--inter-op-threads",), dict(
@@ -269,6 +270,15 @@ def _load_flags(defaults: dict[str, Any]) -> dict[str, tuple[tuple[str, ...], di
         "use_tf32": (("--tf32",), dict(
             action=argparse.BooleanOptionalAction,
             help="run fp32 matrix products on TF32 tensor cores on CUDA (default: off, as PyTorch fp32)")),
+        "engine": (("--engine",), dict(
+            choices=list(ENGINES),
+            help="what runs the graph on the CPU: onnxruntime, openvino (the openvino extra), or auto: the faster "
+                 "of the two on this machine, measured once and cached (deberta-onnx tune) "
+                 f"{default_note(defaults, 'engine').strip()}")),
+        "engine_cache_dir": (("--engine-cache-dir",), dict(
+            type=_optional_path, metavar="DIR|auto|none",
+            help="where OpenVINO caches compiled models, so that a second start does not compile again: auto (the "
+                 f"user's cache directory), a folder, or none {default_note(defaults, 'engine_cache_dir').strip()}")),
     }
 
 
@@ -292,8 +302,12 @@ def add_load_flags(parser: argparse.ArgumentParser) -> None:
 def load(args: argparse.Namespace, kind: Callable[..., M], model_dir: str | None = None) -> M:
     """An ``Encoder`` or classifier (``kind``) loaded from ``model_dir`` (default ``args.model_dir``) as the load
     flags say."""
-    config = EncoderConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(EncoderConfig)})
-    return kind(args.model_dir if model_dir is None else model_dir, config=config)
+    return kind(args.model_dir if model_dir is None else model_dir, config=load_config(args))
+
+
+def load_config(args: argparse.Namespace) -> EncoderConfig:
+    """The ``EncoderConfig`` the load flags describe."""
+    return EncoderConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(EncoderConfig)})
 
 
 def _threads(text: str) -> int:
@@ -315,6 +329,11 @@ def _optional_int(text: str) -> int | None:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+
+
+def _optional_path(text: str) -> str | None:
+    """``DIR``, ``auto`` or ``none``."""
+    return None if text.strip().lower() == "none" else text
 
 
 def _budget(text: str) -> int | str | None:

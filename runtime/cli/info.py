@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from .. import tune
 from ..config import EncoderConfig
 from ..contract import TASK_EMBEDDING, TASK_SEQUENCE_CLASSIFICATION
 from ..errors import TaskMismatchError
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         print("speed-ups:  none, attention as transformers writes it (exported with --no-optimize)" if optimization
               else "speed-ups:  not recorded (exported before graph optimisation)")
     print(f"exported:   {manifest.created_at} with {', '.join(f'{k} {v}' for k, v in manifest.versions.items())}")
+    _print_engines(manifest)
     if not args.no_check:
         print(f"check:      {_check(manifest)}")
     return 0
@@ -87,6 +89,33 @@ def _check(manifest: Manifest) -> str:
                         user="deberta-onnx info")
     return (f"loads ({loaded.precision} on {loaded.session.get_providers()[0]}; the checksums of all "
             f"{len(manifest.files)} files verified)")
+
+
+def _print_engines(manifest: Manifest) -> None:
+    """The engines lines of ``info``: what is installed here, whether bf16 can run, and what ``--engine auto``
+    runs for this folder on this machine (the choices ``deberta-onnx tune`` or a first load measured)."""
+    import onnxruntime
+
+    from ..openvino_engine import bf16_support, openvino_version
+
+    version = openvino_version()
+    if version is None:
+        print(f"engines:    onnxruntime {onnxruntime.__version__}; openvino not installed "
+              "(pip install 'deberta-onnx[openvino]'; --engine auto then runs ONNX Runtime)")
+        return
+    supported, detail = bf16_support()
+    print(f"engines:    onnxruntime {onnxruntime.__version__}; openvino {version} (bf16 "
+          f"{'available' if supported else 'unavailable'}: {detail})")
+    graphs = {entry.sha256: name for name, variant in manifest.variants.items()
+              if (entry := manifest.files.get(variant.file)) is not None}
+    choices = tune.choices_for(tune.tune_file(), graphs)
+    if not choices:
+        print(f"auto:       not measured on this machine yet (the first load with --engine auto measures it, or "
+              f"`deberta-onnx tune {manifest.folder}`)")
+    for choice in choices:
+        threads = choice.get("threads")
+        print(f"auto:       {choice.get('precision')} with {threads if threads is not None else 'default'} threads "
+              f"runs {choice.get('engine')}: {choice.get('reason')} on {choice.get('measured_at')}")
 
 
 def _precision_details(nodes: dict[str, Any], audit: dict[str, Any] | None) -> list[str]:

@@ -106,7 +106,7 @@ class ServedModel:
         self.config = config
         self.task = model.manifest.task
         self.routes = ROUTES[self.task]
-        self.provider = model.session.get_providers()[0]
+        self.provider = model.loaded.provider
         budget = None
         if config.max_batch_tokens is not None:
             budget = TokenBudget(max_texts=config.max_batch_size, max_padded_tokens=config.max_batch_tokens,
@@ -122,7 +122,8 @@ class ServedModel:
         model = self.model
         info: dict[str, Any] = {"model": self.name, "task": self.task, "routes": list(self.routes),
                                 "model_dir": str(model.model_dir), "precision": model.precision,
-                                "provider": self.provider, "max_length": model.max_length}
+                                "provider": self.provider, "engine": model.engine,
+                                "engine_reason": model.engine_reason, "max_length": model.max_length}
         if isinstance(model, Encoder):
             info["hidden_size"] = model.hidden_size
         else:

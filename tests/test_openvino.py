@@ -1,0 +1,320 @@
+"""OpenVINO as a second CPU engine: the same folder, tokenizer, batching and outputs as ONNX Runtime; f32 forced
+for fp32, bf16 as a runtime precision, ``auto`` by measurement, and the extra kept optional."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from deberta_onnx.runtime import CrossEncoder, Encoder, EncoderConfig, SequenceClassifier, TokenClassifier
+from deberta_onnx.runtime.cli import main
+from deberta_onnx.runtime.errors import PrecisionUnavailableError
+from deberta_onnx.runtime.postprocess import row_cosine
+
+from .conftest import HARD_TEXTS
+
+TEXTS = ["a", "a short sentence.", "A longer sentence, with commas, numbers (1,234) and more words than the others.",
+         *HARD_TEXTS[:5], "x " * 60]
+# Shapes the parity runs through: one text, texts padded beside longer ones, and batches that split the list.
+BATCHES = (1, 3, 8)
+
+
+def _ov(**fields: Any) -> EncoderConfig:
+    return EncoderConfig(engine="openvino", engine_cache_dir=None, intra_op_threads=1, **fields)
+
+
+def _ort(**fields: Any) -> EncoderConfig:
+    return EncoderConfig(intra_op_threads=1, **fields)
+
+
+def _assert_close(got: np.ndarray, want: np.ndarray, *, atol: float = 1e-4, cosine: float = 0.99999) -> None:
+    assert got.shape == want.shape
+    assert float(np.abs(got - want).max()) < atol, float(np.abs(got - want).max())
+    assert float(row_cosine(got.astype(np.float64), want.astype(np.float64)).min()) >= cosine
+
+
+# --- optional extra ---------------------------------------------------------------------------------------------
+
+
+def test_onnxruntime_engine_never_imports_openvino(tiny_model: Path) -> None:
+    code = textwrap.dedent("""
+        import sys
+        import deberta_onnx.runtime
+        from deberta_onnx.runtime import Encoder, EncoderConfig
+        from deberta_onnx.runtime.cli import build_parser
+        build_parser("embed")
+        vectors = Encoder(sys.argv[1], config=EncoderConfig(engine="onnxruntime")).encode(["a text", "another"])
+        print("SHAPE", vectors.shape)
+        print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] == "openvino"))
+    """)
+    result = subprocess.run([sys.executable, "-c", code, str(tiny_model)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "SHAPE (2, " in result.stdout and "LOADED []" in result.stdout
+
+
+def test_missing_openvino_names_the_extra_and_auto_falls_back(tiny_model: Path, tmp_path: Path) -> None:
+    code = textwrap.dedent("""
+        import sys
+        class _Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "openvino":
+                    raise ImportError(f"blocked: {name}")
+        sys.meta_path.insert(0, _Block())
+        from deberta_onnx.runtime import Encoder, EncoderConfig
+        try:
+            Encoder(sys.argv[1], config=EncoderConfig(engine="openvino"))
+        except ImportError as exc:
+            print("REFUSED", type(exc).__name__, exc)
+        auto = Encoder(sys.argv[1], config=EncoderConfig(engine="auto"))
+        print("AUTO", auto.engine, "|", auto.engine_reason)
+    """)
+    result = subprocess.run([sys.executable, "-c", code, str(tiny_model)], capture_output=True, text=True,
+                            timeout=300, env={"XDG_CACHE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert "REFUSED MissingExtraError" in result.stdout and "pip install 'deberta-onnx[openvino]'" in result.stdout
+    assert "AUTO onnxruntime | auto: OpenVINO is not installed" in result.stdout
+    assert not (tmp_path / "deberta-onnx").exists()  # nothing measured, nothing cached
+
+
+def test_config_refuses_what_openvino_cannot_do() -> None:
+    with pytest.raises(ValueError, match="engine must be one of onnxruntime, openvino, auto"):
+        EncoderConfig(engine="tensorrt")
+    with pytest.raises(ValueError, match="engine='openvino' or engine='auto'"):
+        EncoderConfig(precision="bf16")
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        EncoderConfig(engine="openvino", device="cuda")
+    with pytest.raises(ValueError, match="ONNX Runtime features"):
+        EncoderConfig(engine="openvino", io_binding=True)
+
+
+# --- the same vectors -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ov() -> Any:
+    """openvino; the tests that take it are skipped without the extra (the ones above run without it)."""
+    return pytest.importorskip("openvino")
+
+
+def test_fp32_vectors_equal_onnxruntime_with_f32_forced(ov: Any, tiny_model: Path) -> None:
+    reference = Encoder(tiny_model, config=_ort(precision="fp32"))
+    encoder = Encoder(tiny_model, config=_ov(precision="fp32"))
+    assert encoder.engine == "openvino" and encoder.engine_reason == "requested" and encoder.session is None
+    properties = encoder.loaded.openvino.compiled  # type: ignore[union-attr]
+    assert properties.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+    assert int(properties.get_property("INFERENCE_NUM_THREADS")) == 1
+    for batch in BATCHES:
+        _assert_close(encoder.encode(TEXTS, batch_size=batch), reference.encode(TEXTS, batch_size=batch))
+    # Padding: a text's vector alone equals its vector in a batch padded to a longer text.
+    _assert_close(encoder.encode(TEXTS[:1]), encoder.encode(TEXTS, batch_size=len(TEXTS))[:1], atol=1e-5)
+
+
+def test_runner_takes_any_shape_after_one_compile(ov: Any, tiny_model: Path) -> None:
+    reference = Encoder(tiny_model, config=_ort(precision="fp32")).loaded.runner
+    runner = Encoder(tiny_model, config=_ov(precision="fp32")).loaded.runner
+    rng = np.random.default_rng(0)
+    for rows, tokens in ((1, 1), (2, 7), (5, 40), (3, 129), (1, 7)):
+        ids = rng.integers(5, 100, size=(rows, tokens), dtype=np.int64)
+        mask = np.ones_like(ids)
+        mask[0, tokens // 2 + 1:] = 0  # the first row padded
+        (got,), (want,) = runner.run(ids, mask), reference.run(ids, mask)
+        _assert_close(got, want)
+
+
+def test_compiled_model_is_cached_for_the_next_start(ov: Any, tiny_model: Path, tmp_path: Path) -> None:
+    config = EncoderConfig(engine="openvino", precision="fp32", engine_cache_dir=str(tmp_path / "cache"))
+    first = Encoder(tiny_model, config=config).encode(TEXTS)
+    blobs = sorted((tmp_path / "cache").glob("*.blob"))
+    assert blobs, "OpenVINO wrote no compiled model to CACHE_DIR"
+    stamps = [blob.stat().st_mtime_ns for blob in blobs]
+    second = Encoder(tiny_model, config=config).encode(TEXTS)
+    assert sorted((tmp_path / "cache").glob("*.blob")) == blobs  # read, not compiled and written again
+    assert [blob.stat().st_mtime_ns for blob in blobs] == stamps
+    np.testing.assert_array_equal(first, second)
+
+
+@pytest.fixture(scope="module")
+def int8_static(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from deberta_onnx.export import ExportConfig, export_model
+
+    out = tmp_path_factory.mktemp("ov-int8") / "model"
+    export_model(tiny_checkpoint, out, ExportConfig(precisions=("int8-static",), quiet=True,
+                                                    validation_shapes=((2, 5), (3, 17))))
+    return out
+
+
+def test_int8_static_within_the_gate(ov: Any, int8_static: Path, tiny_checkpoint: Path, corpus: list[str]) -> None:
+    from deberta_onnx.export.precision._quality import split_sentences
+
+    from .reference import reference_embeddings
+
+    texts = split_sentences(corpus)[1][:40]
+    encoder = Encoder(int8_static, config=_ov())
+    assert encoder.precision == "int8-static"  # OpenVINO's preference, as ONNX Runtime's, is int8-static first
+    vectors = encoder.encode(texts, batch_size=8)
+    gate = json.loads((int8_static / "manifest.json").read_text())["variants"]["int8-static"]["quality"]["threshold"]
+    assert row_cosine(vectors.astype(np.float64), reference_embeddings(tiny_checkpoint, texts)).min() >= gate
+    onnxruntime = Encoder(int8_static, config=_ort()).encode(texts, batch_size=8)
+    assert row_cosine(vectors.astype(np.float64), onnxruntime.astype(np.float64)).min() >= 0.999
+
+
+def test_classifiers_and_token_vectors_through_openvino(ov: Any, nli: tuple[Path, Path], reranker: tuple[Path, Path],
+                                                        ner: tuple[Path, Path], sbert: tuple[Path, Path]) -> None:
+    pairs = [("A man plays a guitar.", "Someone makes music."), ("It rains.", "The sun is out all day long.")]
+    for kind, folder in ((SequenceClassifier, nli[1]), (CrossEncoder, reranker[1])):
+        got = kind(folder, config=_ov(precision="fp32")).predict(pairs)  # type: ignore[operator]
+        want = kind(folder, config=_ort(precision="fp32")).predict(pairs)  # type: ignore[operator]
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=0)
+    tagger, tagger_ort = TokenClassifier(ner[1], config=_ov()), TokenClassifier(ner[1], config=_ort())
+    texts = ["Anna lives in Paris.", "Bob"]
+    assert tagger.predict(texts) == tagger_ort.predict(texts)
+    logits = [row for call in tagger.plan(texts) for row, _ in call.run()]
+    logits_ort = [row for call in tagger_ort.plan(texts) for row, _ in call.run()]
+    for got_row, want_row in zip(logits, logits_ort):
+        np.testing.assert_allclose(got_row, want_row, atol=1e-4, rtol=0)
+    tokens = Encoder(sbert[1], config=_ov()).encode_tokens(TEXTS)
+    tokens_ort = Encoder(sbert[1], config=_ort()).encode_tokens(TEXTS)
+    for got_item, want_item in zip(tokens, tokens_ort):
+        assert got_item.tokens == want_item.tokens
+        _assert_close(got_item.vectors, want_item.vectors)
+
+
+# --- bf16 -------------------------------------------------------------------------------------------------------
+
+
+def _bf16_or_skip() -> None:
+    from deberta_onnx.runtime.openvino_engine import bf16_support
+
+    supported, detail = bf16_support()
+    if not supported:
+        pytest.skip(f"no bf16 on this CPU ({detail}); the refusal is tested on its own")
+
+
+def _bf16_gate(ov: Any, folder: Path, checkpoint: Path, texts: list[str]) -> float:
+    """The export gate's check for bf16: per-sentence cosine to PyTorch fp32, texts alone and in batches of 8."""
+    from .reference import reference_embeddings
+
+    encoder = Encoder(folder, config=EncoderConfig(engine="openvino", precision="bf16", engine_cache_dir=None))
+    compiled = encoder.loaded.openvino.compiled  # type: ignore[union-attr]
+    assert compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+    reference = reference_embeddings(checkpoint, texts)
+    batched = encoder.encode(texts, batch_size=8).astype(np.float64)
+    alone = np.concatenate([encoder.encode([text]) for text in texts]).astype(np.float64)
+    fp32 = Encoder(folder, config=_ort(precision="fp32")).encode(texts, batch_size=8).astype(np.float64)
+    assert row_cosine(fp32, reference).min() > 0.99999  # the reference is what the fp32 graph computes
+    return float(min(row_cosine(batched, reference).min(), row_cosine(alone, reference).min()))
+
+
+def test_bf16_passes_the_gate_on_random_weights(ov: Any, tiny_model: Path, tiny_checkpoint: Path,
+                                                 corpus: list[str]) -> None:
+    from deberta_onnx.export.precision._quality import split_sentences
+
+    _bf16_or_skip()
+    assert _bf16_gate(ov, tiny_model, tiny_checkpoint, split_sentences(corpus)[1]) >= 0.999
+
+
+def test_bf16_passes_the_gate_on_activation_outliers(ov: Any, corpus: list[str],
+                                                      tmp_path_factory: pytest.TempPathFactory) -> None:
+    from deberta_onnx.export import ExportConfig, export_model
+    from deberta_onnx.export.precision._quality import split_sentences
+    from deberta_onnx.export.testing import OutlierSpec, build_random_checkpoint
+
+    from .conftest import TINY_CONFIGS
+
+    _bf16_or_skip()
+    base = tmp_path_factory.mktemp("ov-outliers")
+    checkpoint = build_random_checkpoint(TINY_CONFIGS["v3-shared"], base / "ckpt", texts=corpus, seed=1,
+                                         outliers=OutlierSpec())
+    export_model(checkpoint, base / "model", ExportConfig(quiet=True, validation_shapes=((2, 5),)))
+    assert _bf16_gate(ov, base / "model", checkpoint, split_sentences(corpus)[1]) >= 0.999
+
+
+def test_bf16_refused_where_the_cpu_lacks_it(ov: Any, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deberta_onnx.runtime import openvino_engine
+
+    monkeypatch.setattr(openvino_engine, "bf16_support", lambda: (False, "a CPU without AVX512-BF16 or AMX"))
+    with pytest.raises(PrecisionUnavailableError, match="needs a CPU with AVX512-BF16 or AMX.*load precision 'fp32'"):
+        Encoder(tiny_model, config=_ov(precision="bf16"))
+
+
+# --- auto -------------------------------------------------------------------------------------------------------
+
+
+def test_auto_measures_once_then_reads_the_cache(ov: Any, tiny_model: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    config = EncoderConfig(engine="auto", precision="fp32", engine_cache_dir=None, intra_op_threads=1)
+    first = Encoder(tiny_model, config=config)
+    assert first.engine in ("onnxruntime", "openvino")
+    assert first.engine_reason.startswith("auto: measured faster on this CPU") and "1x32" in first.engine_reason
+    entries = json.loads((tmp_path / "deberta-onnx" / "engine-choices.json").read_text())
+    (entry,) = entries.values()
+    assert entry["engine"] == first.engine and entry["precision"] == "fp32" and entry["threads"] == 1
+    assert set(entry["timings_ms"]) == {"onnxruntime", "openvino"}
+    second = Encoder(tiny_model, config=config)
+    assert second.engine == first.engine and "cached in" in second.engine_reason
+    _assert_close(second.encode(TEXTS), Encoder(tiny_model, config=_ort(precision="fp32")).encode(TEXTS))
+    # info reports what auto runs here; tune measures again and says so.
+    assert main(["info", str(tiny_model)]) == 0
+    out = capsys.readouterr().out
+    assert f"fp32 with 1 threads runs {first.engine}: measured faster" in out and "openvino" in out
+    assert main(["tune", str(tiny_model), "--precision", "fp32", "--threads", "1", "--no-verify"]) == 0
+    assert "--engine auto runs" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "deberta-onnx" / "engine-choices.json").read_text())) == 1
+
+
+def test_measure_picks_the_lower_geometric_mean() -> None:
+    from deberta_onnx.runtime.tune import measure
+
+    class Fake:
+        """A runner whose calls 'take' a set time on a fake clock: fast at 1x32, slow at 8x128, or the other way."""
+
+        def __init__(self, clock: list[float], small: float, large: float) -> None:
+            self.clock, self.small, self.large = clock, small, large
+
+        def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: Any = None) -> list[Any]:
+            self.clock[0] += self.small if input_ids.shape[0] == 1 else self.large
+            return []
+
+    now = [0.0]
+    runners = {"onnxruntime": Fake(now, 0.010, 0.400), "openvino": Fake(now, 0.012, 0.250)}
+    choice = measure(runners, vocab=100, clock=lambda: now[0])  # type: ignore[arg-type]
+    assert choice.engine == "openvino"
+    assert choice.timings_ms == {"onnxruntime": {"1x32": 10.0, "8x128": 400.0},
+                                 "openvino": {"1x32": 12.0, "8x128": 250.0}}
+    assert "8x128 250.0 vs 400.0 ms" in choice.reason
+
+
+# --- CLI and server ---------------------------------------------------------------------------------------------
+
+
+def test_cli_engine_flag(ov: Any, tiny_model: Path, tmp_path: Path) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(TEXTS[:4]) + "\n", encoding="utf-8")
+    for engine in ("openvino", "onnxruntime"):
+        assert main(["embed", str(tiny_model), "--input", str(source), "--output", str(tmp_path / f"{engine}.npy"),
+                     "--engine", engine, "--engine-cache-dir", "none", "--precision", "fp32", "--threads", "1"]) == 0
+    _assert_close(np.load(tmp_path / "openvino.npy"), np.load(tmp_path / "onnxruntime.npy"))
+
+
+def test_health_says_which_engine_runs(ov: Any, tiny_model: Path) -> None:
+    import httpx
+
+    from deberta_onnx.runtime.server.testing import ServerProcess
+
+    with ServerProcess(tiny_model, "--threads", "1", "--engine", "openvino", "--engine-cache-dir", "none") as server:
+        health = httpx.get(f"{server.url}/health", timeout=60).json()
+        response = httpx.post(f"{server.url}/v1/embeddings", json={"input": TEXTS[:3]}, timeout=60)
+    assert health["engine"] == "openvino" and health["engine_reason"] == "requested"
+    assert health["provider"] == "OpenVINO CPU" and health["models"][0]["engine"] == "openvino"
+    assert response.status_code == 200
+    vectors = np.array([item["embedding"] for item in response.json()["data"]], dtype=np.float32)
+    want = Encoder(tiny_model, config=_ort(precision=health["precision"])).encode(TEXTS[:3], normalize=True)
+    _assert_close(vectors, want)
