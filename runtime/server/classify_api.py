@@ -31,7 +31,17 @@ import numpy as np
 
 from ..contract import TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
 from ..postprocess import AGGREGATIONS, Span
-from .wire import bad_request, check_bool, check_count, check_fields, check_text, json_type, read_object, too_many
+from .wire import (
+    bad_request,
+    check_bool,
+    check_count,
+    check_fields,
+    check_model,
+    check_text,
+    json_type,
+    read_object,
+    too_many,
+)
 
 __all__ = ["ClassifyRequest", "classify_response", "parse_classify_request", "token_classify_response"]
 
@@ -87,9 +97,7 @@ def parse_classify_request(body: bytes, *, max_inputs: int, task: str) -> Classi
     why = f"it applies to {'token' if sequence else 'sequence'} classifiers, and this model is a {task} model"
     check_fields(data, (*_COMMON, *own), ("input",), dict.fromkeys(other, why))
     inputs = _inputs(data["input"], max_inputs, pairs=sequence)
-    model = data.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad_request(f"field 'model' must be a string, got {json_type(model)}", "model")
+    model = check_model(data)
     if sequence:
         return ClassifyRequest(inputs=inputs, model=model, top_k=check_count(data, "top_k"),
                                raw_scores=check_bool(data, "raw_scores", False))
