@@ -8,7 +8,8 @@ or ``deberta-onnx bench models/base --out bench-out``. ``timing`` is the one tim
 
 from __future__ import annotations
 
-from deberta_onnx.runtime.utils import DISTRIBUTION, MissingExtraError, missing_extra
+from deberta_onnx.runtime.errors import MissingExtraError
+from deberta_onnx.runtime.installed import DISTRIBUTION, missing_extra
 
 # The PyTorch reference needs the export extra; the report needs the bench extra.
 _EXTRAS = ("export", "bench")

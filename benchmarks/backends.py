@@ -104,7 +104,7 @@ class TorchBackend(Backend):
         import torch
         from transformers import AutoModel, PreTrainedTokenizerFast
 
-        from deberta_onnx.export import quiet_libraries
+        from deberta_onnx.export.testing import quiet_libraries
 
         super().__init__(engine="pytorch", precision=precision, device=device, path="eager", model=model,
                          threads=str(torch.get_num_threads()))

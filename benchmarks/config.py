@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deberta_onnx.runtime.checks import check_positive_int
 from deberta_onnx.runtime.contract import PRECISIONS
-from deberta_onnx.runtime.utils import check_positive_int
 
 from .backends import RUN_PATHS, ThreadSetting
 from .workloads import DEFAULT_GRID, QUICK_GRID, Shape

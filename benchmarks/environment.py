@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
+from deberta_onnx.runtime.installed import installed_versions
 from deberta_onnx.runtime.manifest import Manifest, load_manifest
-from deberta_onnx.runtime.utils import installed_versions
 
 from .backends import runtime_paths
 from .config import BenchConfig, ModelSpec

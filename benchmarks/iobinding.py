@@ -39,7 +39,8 @@ SENTENCES = Path(__file__).resolve().parents[1] / "export" / "data" / "sentences
 
 def build_models(workdir: Path) -> dict[str, Path]:
     """Exports the tiny shape and deberta-v3-xsmall with random weights (speed only; validation skipped)."""
-    from deberta_onnx.export import ExportConfig, build_random_checkpoint, export_model
+    from deberta_onnx.export import ExportConfig, export_model
+    from deberta_onnx.export.testing import build_random_checkpoint
 
     config = ExportConfig(validate=False, quiet=True)
     tiny = build_random_checkpoint(TINY, workdir / "tiny-checkpoint", seed=0)

@@ -25,11 +25,10 @@ import onnxruntime as ort
 import torch
 
 from deberta_onnx.benchmarks.workloads import build_corpus
-from deberta_onnx.export import ExportConfig, OutlierSpec, build_random_checkpoint, export_model, masked_mean
-from deberta_onnx.export import shipped_sentences as sentences
-from deberta_onnx.export._graph_edit import prepare_base
-from deberta_onnx.export._recipes import Recipe
-from deberta_onnx.export._variants import build_variant
+from deberta_onnx.export import ExportConfig, Recipe, export_model
+from deberta_onnx.export.precision import build_variant, prepare_base
+from deberta_onnx.export.testing import OutlierSpec, build_random_checkpoint, masked_mean
+from deberta_onnx.export.testing import shipped_sentences as sentences
 from deberta_onnx.runtime import Encoder, EncoderConfig
 from deberta_onnx.runtime.contract import ATTENTION_MASK, INPUT_IDS, SENTENCE_EMBEDDING
 from deberta_onnx.runtime.postprocess import row_cosine

@@ -25,8 +25,9 @@ import torch
 
 from deberta_onnx.benchmarks.timing import Timer
 from deberta_onnx.benchmarks.workloads import build_corpus
-from deberta_onnx.export import ExportConfig, build_random_checkpoint, export_model, masked_mean
-from deberta_onnx.export import shipped_sentences as sentences
+from deberta_onnx.export import ExportConfig, export_model
+from deberta_onnx.export.testing import build_random_checkpoint, masked_mean
+from deberta_onnx.export.testing import shipped_sentences as sentences
 from deberta_onnx.runtime import Encoder, EncoderConfig
 from deberta_onnx.runtime.contract import PRECISIONS
 from deberta_onnx.runtime.errors import ModelFolderError

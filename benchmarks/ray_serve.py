@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from deberta_onnx.benchmarks.load import ServerProcess, run_load
+from deberta_onnx.benchmarks.load import run_load
+from deberta_onnx.runtime.server.testing import ServerProcess
 
 
 def _free_port() -> int:
@@ -142,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "p99_ms": round(float(np.mean([r["latency_ms"]["p99"] for r in runs])), 1),
                       "lost": sum(r["lost"] for r in runs), "mismatched": sum(r["mismatched"] for r in runs)}
                for name, runs in results.items()}
-    from deberta_onnx.runtime.utils import installed_versions
+    from deberta_onnx.runtime.installed import installed_versions
 
     report = {"model_dir": str(args.model_dir), "replicas": args.replicas, "server_threads": args.threads,
               "requests": args.requests, "concurrency": args.concurrency, "rounds": args.rounds,

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from deberta_onnx.runtime.utils import atomic_write
+from deberta_onnx.runtime.files import atomic_write
 
 __all__ = ["JSON_FILE", "MARKDOWN_FILE", "PLOT_FILE", "markdown", "plot", "write_reports"]
 

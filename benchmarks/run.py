@@ -80,7 +80,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
             first = group.specs[0].folder
             corpus: list[str] = []
             if config.corpus_size:
-                from deberta_onnx.export import shipped_sentences as sentences
+                from deberta_onnx.export.testing import shipped_sentences as sentences
 
                 corpus = build_corpus(sentences(), first / TOKENIZER_FILE, size=config.corpus_size, seed=config.seed)
             steps = len(config.shapes) * config.rounds * len(group.backends)
@@ -119,7 +119,7 @@ def _groups(config: BenchConfig, scratch: Path) -> list[_Group]:
 def reference_checkpoint(source: str, scratch: Path) -> str:
     """The manifest's source as a loadable checkpoint; ``random:SHAPE`` is rebuilt (seeded, so identical)."""
     if source.startswith(_RANDOM):
-        from deberta_onnx.export import build_random_checkpoint, quiet_libraries
+        from deberta_onnx.export.testing import build_random_checkpoint, quiet_libraries
 
         with quiet_libraries():
             return str(build_random_checkpoint(source[len(_RANDOM):], scratch / source[len(_RANDOM):]))

@@ -2,11 +2,14 @@
 
     from deberta_onnx.export import export_model
     export_model("microsoft/deberta-v3-base", "out/deberta-v3-base")
+
+The names here are the exporter's API. ``deberta_onnx.export.precision`` holds the lower precisions' steps and
+``deberta_onnx.export.testing`` what tests and benchmarks build exports from (random checkpoints, outliers).
 """
 
 from __future__ import annotations
 
-from deberta_onnx.runtime.utils import require_extra
+from deberta_onnx.runtime.installed import require_extra
 
 require_extra(
     "export",
@@ -24,32 +27,21 @@ from ._errors import (  # noqa: E402
     ValidationError,
 )
 from ._export import export_model  # noqa: E402
-from ._graph import masked_mean  # noqa: E402
-from ._outliers import OutlierSpec  # noqa: E402
-from ._quiet import quiet_libraries  # noqa: E402
-from ._random import RANDOM_SHAPES, build_random_checkpoint, shipped_sentences, train_sentencepiece  # noqa: E402
-from ._recipes import RECIPES, Recipe  # noqa: E402
 from ._validate import DEFAULT_VALIDATION_SHAPES  # noqa: E402
 from .config import ExportConfig, ExportResult  # noqa: E402
+from .precision import RECIPES, Recipe  # noqa: E402
 
 __all__ = [
     "DEFAULT_VALIDATION_SHAPES",
-    "RANDOM_SHAPES",
     "RECIPES",
     "CheckpointError",
     "ExportConfig",
     "ExportError",
     "ExportResult",
-    "OutlierSpec",
     "OutputExistsError",
     "QualityGateError",
     "Recipe",
     "UnsupportedModelError",
     "ValidationError",
-    "build_random_checkpoint",
     "export_model",
-    "masked_mean",
-    "quiet_libraries",
-    "shipped_sentences",
-    "train_sentencepiece",
 ]

@@ -17,18 +17,18 @@ from deberta_onnx.runtime.contract import MODEL_FILE, TASK_EMBEDDING, TOKENIZER_
 from ._attention import TRANSLATIONS, fused_attention
 from ._checkpoint import LoadedCheckpoint, load_checkpoint, scratch_dir
 from ._errors import CheckpointError, ExportError, ValidationError
-from ._graph import ClassifierGraph, EmbeddingGraph, export_onnx
 from ._manifest import model_fields, write_export_manifest
 from ._optimize import apply_ort_fusions, folded_relative_attention
 from ._quiet import quiet_libraries
-from ._random import RANDOM_PREFIX, random_source
 from ._sentence_transformers import SentenceTransformerSpec, read_sentence_transformer
 from ._staging import check_target, recover, staging_folder
 from ._tokenizer import build_tokenizer
+from ._torch_graph import ClassifierGraph, EmbeddingGraph, export_onnx
 from ._triton import write_triton_repository
 from ._validate import DEFAULT_VALIDATION_SHAPES, LONG_VALIDATION_SHAPES, format_report, validate
-from ._variants import derive_variants, read_calibration
 from .config import LONGEST_RELATIVE_LENGTH, ExportConfig, ExportResult
+from .precision import derive_variants, read_calibration
+from .testing import RANDOM_PREFIX, random_source
 
 __all__ = ["export_model"]
 

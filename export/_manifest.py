@@ -16,8 +16,8 @@ from deberta_onnx.runtime.contract import (
     TASK_SEQUENCE_CLASSIFICATION,
     TensorSpec,
 )
+from deberta_onnx.runtime.installed import installed_versions
 from deberta_onnx.runtime.manifest import sha256_file, write_manifest
-from deberta_onnx.runtime.utils import installed_versions
 
 from ._checkpoint import LoadedCheckpoint
 

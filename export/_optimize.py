@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from deberta_onnx.runtime.utils import quiet_loggers
+from deberta_onnx.runtime.loggers import quiet_loggers
 
 __all__ = ["apply_ort_fusions", "folded_relative_attention", "relative_attention_layers"]
 

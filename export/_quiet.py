@@ -12,7 +12,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from deberta_onnx.runtime.utils import quiet_loggers
+from deberta_onnx.runtime.loggers import quiet_loggers
 
 __all__ = ["quiet_libraries", "quiet_quantization"]
 

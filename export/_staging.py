@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from deberta_onnx.runtime.utils import fsync_dir
+from deberta_onnx.runtime.files import fsync_dir
 
 from ._errors import ExportError, OutputExistsError
 

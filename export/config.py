@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deberta_onnx.runtime.checks import check_positive_int
 from deberta_onnx.runtime.contract import OPSET, POOLINGS, PRECISIONS, TASKS
-from deberta_onnx.runtime.utils import check_positive_int
 
-from ._recipes import DEFAULT_FP16_RECIPE, RECIPES
 from ._tokenizer import TOKENIZER_SOURCES
 from ._triton import triton_name
 from ._validate import DEFAULT_VALIDATION_SHAPES
+from .precision import DEFAULT_FP16_RECIPE, RECIPES
 
 __all__ = ["ATTENTION_MODES", "LONGEST_RELATIVE_LENGTH", "ExportConfig", "ExportResult"]
 

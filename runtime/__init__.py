@@ -17,8 +17,8 @@ from .classifier import CrossEncoder, SequenceClassifier, TokenClassifier
 from .config import EncoderConfig
 from .encoder import Encoder
 from .errors import DebertaOnnxError
+from .installed import DISTRIBUTION
 from .similarity import Hit, cos_sim, semantic_search
-from .utils import DISTRIBUTION
 
 try:
     __version__ = metadata.version(DISTRIBUTION)

@@ -13,9 +13,16 @@ from typing import Any, NamedTuple
 import numpy as np
 from tokenizers import Encoding
 
-from .config import DEFAULT_BATCH_SIZE
+from .checks import check_positive_int
+from .config import (
+    AUTO,
+    AUTO_FULL_WIDTH,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CPU_MAX_TOKENS,
+    DEFAULT_IO_BINDING_BUCKET,
+    EncoderConfig,
+)
 from .tokenization import TextTokenizer, bucket_width
-from .utils import check_positive_int
 
 __all__ = [
     "ATTENTION_TENSORS",
@@ -24,6 +31,7 @@ __all__ = [
     "ModelCall",
     "TokenBatch",
     "batch_capacity",
+    "batch_policy",
     "bucket_width",
     "call_memory",
     "capped",
@@ -155,6 +163,42 @@ def capped(policy: BatchPolicy, max_tokens: int | None) -> BatchPolicy:
     if max_tokens is None or (policy.max_tokens is not None and policy.max_tokens <= max_tokens):
         return policy
     return replace(policy, max_tokens=max_tokens)
+
+
+def batch_policy(config: EncoderConfig, *, device: str, io_binding: bool, token_types: bool, heads: int) -> BatchPolicy:
+    """The one place ``EncoderConfig``'s batching fields become a ``BatchPolicy``: ``max_tokens`` (``"auto"``, an
+    int or ``None``), ``max_call_memory_mb``, ``sequence_bucket`` and ``cuda_graph``.
+
+    ``"auto"`` is ``DEFAULT_CPU_MAX_TOKENS`` on the CPU, with rows still ``DEFAULT_BATCH_SIZE`` when the call gives
+    no batch size, and past ``AUTO_FULL_WIDTH`` tokens no more attention scores per call than a full call of that
+    width holds (the memory cap is the smaller of that and ``max_call_memory_mb``); no budget on CUDA.
+
+    Args:
+        config: the load configuration.
+        device: ``"cpu"`` or ``"cuda"``, where the session runs.
+        io_binding: the model runs through IO binding (sequence bucket 16 unless the config gives one).
+        token_types: the graph takes ``token_type_ids``.
+        heads: the model's attention heads, for the memory estimate (``call_memory``).
+    """
+    auto = config.max_tokens == AUTO
+    max_tokens = config.max_tokens if isinstance(config.max_tokens, int) else None
+    max_call_bytes = None if config.max_call_memory_mb is None else config.max_call_memory_mb << 20
+    if auto and device == "cpu":
+        max_tokens = DEFAULT_CPU_MAX_TOKENS
+        # Past 512 tokens, no more attention scores per call than a full call of 512 holds.
+        full = call_memory(DEFAULT_CPU_MAX_TOKENS // AUTO_FULL_WIDTH, AUTO_FULL_WIDTH, heads)
+        max_call_bytes = full if max_call_bytes is None else min(max_call_bytes, full)
+    return BatchPolicy(
+        max_tokens=max_tokens,
+        # The automatic budget only caps the usual rows; a budget given by the caller may fill a call alone.
+        default_rows=DEFAULT_BATCH_SIZE if auto or max_tokens is None else None,
+        sequence_bucket=config.sequence_bucket or (DEFAULT_IO_BINDING_BUCKET if io_binding else 1),
+        # CUDA graphs replay fixed shapes: a short batch is padded with empty rows to a power of two.
+        fill_rows=config.cuda_graph,
+        token_types=token_types,
+        max_call_bytes=max_call_bytes,
+        heads=heads,
+    )
 
 
 class TokenBatch(NamedTuple):

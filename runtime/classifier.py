@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING, Literal, NamedTuple, TypedDict, overload
 import numpy as np
 
 from .batching import ModelCall, TokenBatch, capped, token_batches
-from .compat import PredictKeywords, RankKeywords, alias, check_keywords, with_prompt
+from .checks import check_positive_int
 from .config import EncoderConfig
 from .contract import LOGITS, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
 from .loader import LoadedAttributes, LoadedModel, load_model, loaded_property
 from .postprocess import AGGREGATIONS, Span, aggregate_spans, classifier_scores, cross_encoder_scores, softmax
 from .runners import Runner, SessionRunner
+from .sentence_transformers_api import PredictKeywords, RankKeywords, alias, check_keywords, with_prompt
 from .session import ProviderList
 from .similarity import Hit
 from .tokenization import check_pairs, check_texts
-from .utils import check_positive_int
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

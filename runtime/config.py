@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .checks import check_positive_int
 from .contract import PRECISIONS
-from .utils import check_positive_int
 
 __all__ = [
     "ARENA_CHOICES",

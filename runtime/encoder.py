@@ -12,17 +12,17 @@ from typing import TYPE_CHECKING, Literal, overload
 import numpy as np
 
 from .batching import ModelCall, TokenBatch, capped, token_batches
-from .compat import EncodeKeywords, alias, check_embedding_precision, check_keywords, with_prompt
+from .checks import check_positive_int
 from .config import EncoderConfig
 from .contract import TASK_EMBEDDING, TOKEN_EMBEDDINGS
 from .errors import NotExportedError
 from .loader import LoadedAttributes, LoadedModel, load_model, loaded_property
 from .postprocess import quantize_embeddings, truncate_dimensions
 from .runners import SessionRunner
+from .sentence_transformers_api import EncodeKeywords, alias, check_embedding_precision, check_keywords, with_prompt
 from .session import ProviderList
 from .similarity import cos_sim
 from .tokenization import check_texts
-from .utils import check_positive_int
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

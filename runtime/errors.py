@@ -9,6 +9,7 @@ __all__ = [
     "DebertaOnnxError",
     "ManifestError",
     "MemoryLimitError",
+    "MissingExtraError",
     "ModelFolderError",
     "ModelLoadError",
     "NotExportedError",
@@ -61,3 +62,10 @@ class TaskMismatchError(ModelFolderError):
 
 class NotExportedError(DebertaOnnxError):
     """The call needs a graph output that the folder was exported without (e.g. token embeddings)."""
+
+
+class MissingExtraError(ImportError):
+    """An optional part of the package was used without its extra installed; the message names the pip command.
+
+    An ``ImportError`` (what a caller guarding an optional import already catches), not a ``DebertaOnnxError``.
+    """

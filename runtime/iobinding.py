@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
+from .checks import check_positive_int
 from .contract import ATTENTION_MASK, INPUT_IDS, ORT_TYPES, SENTENCE_EMBEDDING
 from .errors import ContractMismatchError, CudaGraphError
+from .heap import release_free_heap
 from .session import shrink_run_options
-from .utils import check_positive_int, release_free_heap
 
 __all__ = ["EAGER_GRAPH_ID", "GRAPH_ID_OPTION", "CudaGraphRegistry", "IOBindingRunner"]
 

@@ -11,15 +11,8 @@ from typing import Generic, TypeVar, overload
 
 import onnxruntime as ort
 
-from .batching import BatchPolicy, call_memory
-from .config import (
-    AUTO,
-    AUTO_FULL_WIDTH,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_CPU_MAX_TOKENS,
-    DEFAULT_IO_BINDING_BUCKET,
-    EncoderConfig,
-)
+from .batching import BatchPolicy, batch_policy, call_memory
+from .config import EncoderConfig
 from .contract import (
     REQUIRED_OUTPUT,
     TASK_EMBEDDING,
@@ -279,24 +272,8 @@ def load_model(model_dir: str | Path, providers: ProviderList | None, config: En
                                  arena=arena)
     else:
         runner = SessionRunner(session, (REQUIRED_OUTPUT[task],), shrink_tokens=shrink, arena=arena)
-    max_tokens = config.max_tokens if isinstance(config.max_tokens, int) else None
-    max_call_bytes = None if config.max_call_memory_mb is None else config.max_call_memory_mb << 20
-    if config.max_tokens == AUTO:
-        max_tokens = DEFAULT_CPU_MAX_TOKENS if kind == "cpu" else None
-        if kind == "cpu":  # past 512 tokens, no more attention scores per call than a full call of 512 holds
-            full = call_memory(DEFAULT_CPU_MAX_TOKENS // AUTO_FULL_WIDTH, AUTO_FULL_WIDTH, heads)
-            max_call_bytes = full if max_call_bytes is None else min(max_call_bytes, full)
-    policy = BatchPolicy(
-        max_tokens=max_tokens,
-        # The automatic budget only caps the usual rows; a budget given by the caller may fill a call alone.
-        default_rows=DEFAULT_BATCH_SIZE if config.max_tokens == AUTO or max_tokens is None else None,
-        sequence_bucket=config.sequence_bucket or (DEFAULT_IO_BINDING_BUCKET if io_binding else 1),
-        # CUDA graphs replay fixed shapes: a short batch is padded with empty rows to a power of two.
-        fill_rows=config.cuda_graph,
-        token_types=any(spec.name == TOKEN_TYPE_IDS for spec in manifest.inputs),
-        max_call_bytes=max_call_bytes,
-        heads=heads,
-    )
+    policy = batch_policy(config, device=kind, io_binding=io_binding,
+                          token_types=any(spec.name == TOKEN_TYPE_IDS for spec in manifest.inputs), heads=heads)
     logger.info("loaded %s: precision %s (%s) on %s, %s", model_path, precision, reason, session.get_providers()[0],
                 "IO binding" if io_binding else "session.run")
     return LoadedModel(manifest=manifest, config=config, providers=chosen, precision=precision,

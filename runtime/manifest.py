@@ -18,7 +18,7 @@ from typing import Any
 from ._manifest_fields import Reader, file_fields, model_fields, source_fields, tensor_specs, variant_fields
 from .contract import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, TensorSpec
 from .errors import ChecksumMismatchError, ManifestError, ModelFolderError
-from .utils import atomic_write
+from .files import atomic_write
 
 __all__ = [
     "FileEntry",

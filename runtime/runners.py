@@ -10,8 +10,8 @@ import numpy as np
 import onnxruntime as ort
 
 from .contract import ATTENTION_MASK, INPUT_IDS, SENTENCE_EMBEDDING, TOKEN_TYPE_IDS
+from .heap import release_free_heap
 from .session import shrink_run_options
-from .utils import release_free_heap
 
 __all__ = ["Runner", "SessionRunner"]
 

@@ -13,7 +13,7 @@ import onnxruntime as ort
 
 from .config import EncoderConfig, parse_device
 from .errors import CudaGraphError, ModelFolderError, ModelLoadError, ProviderUnavailableError
-from .utils import installed_versions
+from .installed import installed_versions
 
 __all__ = [
     "CPU_PROVIDER",

@@ -13,8 +13,8 @@ from typing import NamedTuple, SupportsIndex, overload
 
 import numpy as np
 
+from .checks import check_positive_int
 from .postprocess import normalize_rows
-from .utils import check_positive_int
 
 __all__ = ["SCORES", "Hit", "cos_sim", "dot_score", "semantic_search"]
 

@@ -142,7 +142,7 @@ def corpus(pytestconfig: pytest.Config) -> list[str]:
     if _stored_only(pytestconfig):  # deberta_onnx.export cannot be imported without its extra; its file can be read
         path = Path(__file__).parents[1] / "export" / "data" / "sentences.txt"
         return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    from deberta_onnx.export import shipped_sentences
+    from deberta_onnx.export.testing import shipped_sentences
 
     return shipped_sentences()
 
@@ -150,7 +150,7 @@ def corpus(pytestconfig: pytest.Config) -> list[str]:
 @pytest.fixture(scope="session")
 def spm_dir(tmp_path_factory: pytest.TempPathFactory, corpus: list[str]) -> Path:
     """A DeBERTa-v3-style SentencePiece model (byte fallback on), trained here on the shipped sentences."""
-    from deberta_onnx.export import train_sentencepiece
+    from deberta_onnx.export.testing import train_sentencepiece
 
     out = tmp_path_factory.mktemp("spm")
     train_sentencepiece(corpus, out, vocab_size=2000)
@@ -176,7 +176,7 @@ def _once(key: tuple[str, str], make: Callable[[], Path]) -> Path:
 
 
 def _checkpoint(tmp_path_factory: pytest.TempPathFactory, corpus: list[str], name: str) -> Path:
-    from deberta_onnx.export import build_random_checkpoint
+    from deberta_onnx.export.testing import build_random_checkpoint
 
     return _once(("checkpoint", name), lambda: build_random_checkpoint(
         TINY_CONFIGS[name], tmp_path_factory.mktemp(f"ckpt-{name}"), texts=corpus, seed=1))
@@ -270,7 +270,7 @@ def build_classifier_checkpoint(tiny_checkpoint: Path, out: Path, *, task: str, 
 def _export_classifier(src: Path, out: Path) -> Path:
     from deberta_onnx.export import ExportConfig, export_model
 
-    # transformers' tokenizer, so that PyTorch references tokenize exactly alike (README, "Tokenization").
+    # transformers' tokenizer, so that PyTorch references tokenize exactly alike (docs/export.md, "Tokenization").
     export_model(src, out, ExportConfig(quiet=True, tokenizer="transformers"))
     return out
 

@@ -15,9 +15,13 @@ import pytest
 import torch
 
 from deberta_onnx.export import ExportConfig, ExportError, export_model
-from deberta_onnx.export._attention import TRANSLATIONS, fused_attention
-from deberta_onnx.export._optimize import folded_relative_attention, relative_attention_layers
-from deberta_onnx.export._validate import make_batch
+from deberta_onnx.export.testing import (
+    TRANSLATIONS,
+    folded_relative_attention,
+    fused_attention,
+    make_batch,
+    relative_attention_layers,
+)
 from deberta_onnx.runtime import Encoder
 from deberta_onnx.runtime.batching import token_batches
 

@@ -63,7 +63,7 @@ def test_autotokenizer_loads_from_anywhere_without_sentencepiece(tiny_checkpoint
 
 def test_the_readme_pytorch_pipeline_gives_the_runtime_vectors(tiny_checkpoint: Path, tiny_model: Path,
                                                                corpus: list[str]) -> None:
-    """README, "Use it from Python": AutoTokenizer, AutoModel and a masked mean, on the checkpoint itself."""
+    """README, "The PyTorch code it replaces": AutoTokenizer, AutoModel and a masked mean, on the checkpoint itself."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 

@@ -127,3 +127,29 @@ def test_runtime_never_imports_ray(tiny_model: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "LOADED []" in result.stdout
     assert "REFUSED" in result.stdout and "pip install 'deberta-onnx[ray]'" in result.stdout
+
+
+def test_every_encoder_config_field_has_a_load_flag() -> None:
+    import argparse
+    import dataclasses
+
+    from deberta_onnx.runtime.cli.common import add_load_flags, load
+    from deberta_onnx.runtime.config import EncoderConfig
+
+    parser = argparse.ArgumentParser()
+    add_load_flags(parser)
+    assert vars(parser.parse_args([])) == {f.name: f.default for f in dataclasses.fields(EncoderConfig)}
+    args = parser.parse_args([
+        "--precision", "fp32", "--threads", "1", "--inter-op-threads", "1", "--no-allow-spinning", "--no-verify",
+        "--device", "cpu", "--no-io-binding", "--sequence-bucket", "8", "--max-tokens", "none", "--max-buckets", "3",
+        "--cpu-arena", "off", "--arena-shrink-tokens", "none", "--max-call-memory-mb", "none",
+        "--cuda-arena-extend-strategy", "kSameAsRequested", "--gpu-mem-limit", "1024", "--no-tf32",
+    ])
+    captured: list[EncoderConfig] = []
+    load(args, lambda folder, config: captured.append(config), "folder")
+    assert captured == [EncoderConfig(
+        precision="fp32", intra_op_threads=1, inter_op_threads=1, allow_spinning=False, verify_checksums=False,
+        device="cpu", io_binding=False, sequence_bucket=8, max_tokens=None, max_buckets=3, cpu_arena="off",
+        arena_shrink_tokens=None, max_call_memory_mb=None, cuda_arena_extend_strategy="kSameAsRequested",
+        gpu_mem_limit=1024, use_tf32=False,
+    )]

@@ -14,10 +14,8 @@ import pytest
 from onnx import TensorProto
 
 from deberta_onnx.export import RECIPES, ExportConfig, export_model
-from deberta_onnx.export._fp16 import build_fp16
-from deberta_onnx.export._graph_edit import prepare_base
-from deberta_onnx.export._validate import make_batch
-from deberta_onnx.export._variants import _recipe_chain
+from deberta_onnx.export.precision import build_fp16, prepare_base, recipe_chain
+from deberta_onnx.export.testing import make_batch
 from deberta_onnx.runtime.cli import build_parser
 from deberta_onnx.runtime.cli.export import config_from_args
 
@@ -85,10 +83,10 @@ def test_the_recipe_is_chosen_at_export_and_recorded(tiny_checkpoint: Path, tmp_
     # Only the encoder's last residual add + LayerNorm stays fp32: it feeds the pooling, which is fp32.
     assert entry["nodes"]["fp32_nodes"].get("SkipLayerNormalization", 0) <= 1
     # --fallback goes on to the safer recipes after the chosen one.
-    assert [r.name for r in _recipe_chain("fp16", ExportConfig(fp16_recipe="cuda"))] == [
+    assert [r.name for r in recipe_chain("fp16", ExportConfig(fp16_recipe="cuda"))] == [
         "cuda", "standard", "elementwise-fp32"]
-    assert [r.name for r in _recipe_chain("fp16", ExportConfig())] == ["standard", "elementwise-fp32"]
-    assert _recipe_chain("int8-static", ExportConfig(fp16_recipe="cuda"))[0].name == "all"
+    assert [r.name for r in recipe_chain("fp16", ExportConfig())] == ["standard", "elementwise-fp32"]
+    assert recipe_chain("int8-static", ExportConfig(fp16_recipe="cuda"))[0].name == "all"
     with pytest.raises(ValueError, match="fp16_recipe must be one of cuda, standard, elementwise-fp32"):
         ExportConfig(fp16_recipe="fast")
     args = build_parser("export").parse_args(["export", "src", "out", "--fp16-recipe", "cuda"])

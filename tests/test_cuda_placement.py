@@ -13,8 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from deberta_onnx.export import RECIPES, ExportConfig, export_model
-from deberta_onnx.export._graph_edit import prepare_base
-from deberta_onnx.export._variants import build_variant
+from deberta_onnx.export.precision import build_variant, prepare_base
 
 from .cuda_placement import UnknownOpError, level1_graph, predict_placement
 

@@ -16,7 +16,7 @@ from deberta_onnx.export import (
     ValidationError,
     export_model,
 )
-from deberta_onnx.export._graph import control_flow_nodes
+from deberta_onnx.export.testing import control_flow_nodes
 from deberta_onnx.runtime.contract import INPUTS, SENTENCE_OUTPUT
 from deberta_onnx.runtime.manifest import sha256_file
 
@@ -169,5 +169,5 @@ def test_missing_extra_module_is_named_from_the_package_metadata() -> None:
     assert result.returncode != 0
     message = result.stderr.strip().splitlines()[-1]
     # MissingExtraError, an ImportError, so that `except ImportError` still catches it.
-    assert message.startswith("deberta_onnx.runtime.utils.MissingExtraError: deberta_onnx.export needs tqdm,"), message
+    assert message.startswith("deberta_onnx.runtime.errors.MissingExtraError: deberta_onnx.export needs tqdm,"), message
     assert "pip install 'deberta-onnx[export]'" in message and "pip install torch==2.13.0" in message

@@ -13,15 +13,15 @@ import numpy as np
 import psutil
 import pytest
 
-from deberta_onnx.benchmarks.load import ServerProcess
 from deberta_onnx.runtime import Encoder, EncoderConfig
 from deberta_onnx.runtime.batching import ModelCall, call_memory, token_batches
 from deberta_onnx.runtime.cli import main
 from deberta_onnx.runtime.config import ARENA_CHOICES, DEFAULT_BATCH_SIZE, DEFAULT_CPU_MAX_TOKENS
+from deberta_onnx.runtime.heap import fix_mmap_threshold
 from deberta_onnx.runtime.runners import SessionRunner
 from deberta_onnx.runtime.server import microbatch
 from deberta_onnx.runtime.server.microbatch import MicroBatcher
-from deberta_onnx.runtime.utils import fix_mmap_threshold
+from deberta_onnx.runtime.server.testing import ServerProcess
 
 from .conftest import HARD_TEXTS
 from .runner_helpers import burst_of_long_texts, long_text

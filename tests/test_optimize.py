@@ -13,8 +13,7 @@ import onnxruntime as ort
 import torch
 
 from deberta_onnx.export import ExportConfig, export_model
-from deberta_onnx.export._optimize import folded_relative_attention, relative_attention_layers
-from deberta_onnx.export._validate import make_batch
+from deberta_onnx.export.testing import folded_relative_attention, make_batch, relative_attention_layers
 
 
 def _ops(folder: Path) -> Counter[str]:

@@ -13,17 +13,19 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from deberta_onnx.export import CheckpointError, ExportConfig, OutlierSpec, ValidationError, export_model
-from deberta_onnx.export._activations import collect_activation_stats
-from deberta_onnx.export._graph_edit import prepare_base
-from deberta_onnx.export._int8 import int8_units
-from deberta_onnx.export._outlier_split import find_outlier_channels, split_outlier_channels
-from deberta_onnx.export._outliers import parse_outliers
-from deberta_onnx.export._quality import held_out_set, measure, split_sentences
-from deberta_onnx.export._random import build_random_checkpoint, random_source
-from deberta_onnx.export._recipes import Recipe
-from deberta_onnx.export._validate import validate
-from deberta_onnx.export._variants import build_variant
+from deberta_onnx.export import CheckpointError, ExportConfig, Recipe, ValidationError, export_model
+from deberta_onnx.export.precision import (
+    build_variant,
+    collect_activation_stats,
+    find_outlier_channels,
+    held_out_set,
+    int8_units,
+    measure,
+    prepare_base,
+    split_outlier_channels,
+    split_sentences,
+)
+from deberta_onnx.export.testing import OutlierSpec, build_random_checkpoint, parse_outliers, random_source, validate
 from deberta_onnx.runtime import Encoder, EncoderConfig
 from deberta_onnx.runtime.tokenization import TextTokenizer
 
@@ -125,7 +127,7 @@ def test_large_activations_pass_validation_and_the_manifest_labels_them(outlier_
 def _module(checkpoint: Path) -> torch.nn.Module:
     from transformers import AutoModel
 
-    from deberta_onnx.export._graph import EmbeddingGraph
+    from deberta_onnx.export.testing import EmbeddingGraph
 
     return EmbeddingGraph(AutoModel.from_pretrained(checkpoint).eval(), pooling="mean", normalize=False,
                           token_embeddings=False).eval()

@@ -12,9 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from deberta_onnx.export import RECIPES, ExportConfig, QualityGateError, export_model
-from deberta_onnx.export._graph_edit import fold_constants
-from deberta_onnx.export._quality import split_sentences
-from deberta_onnx.export._recipes import DEFAULT_FP16_RECIPE
+from deberta_onnx.export.precision import DEFAULT_FP16_RECIPE, fold_constants, split_sentences
 from deberta_onnx.runtime import Encoder, EncoderConfig
 from deberta_onnx.runtime.contract import PRECISIONS, variant_file
 from deberta_onnx.runtime.loader import best_precision

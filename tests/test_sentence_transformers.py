@@ -68,7 +68,7 @@ def st_case(request: pytest.FixtureRequest, tiny_checkpoint: Path, tmp_path_fact
     if request.param.endswith("legacy"):
         st_dir = _write_legacy(tiny_checkpoint, base / "st")
         # The checkpoint has spm.model; sentence-transformers tokenizes with transformers' tokenizer, so take
-        # that one for byte-exact agreement on every text (README, "Tokenization").
+        # that one for byte-exact agreement on every text (docs/export.md, "Tokenization").
         config = ExportConfig(quiet=True, tokenizer="transformers")
     else:
         st_dir = _save_current(tiny_checkpoint, base / "st", pooling, normalize)

@@ -23,13 +23,15 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from deberta_onnx.benchmarks.load import ServerProcess, decode_embeddings, run_load
+from deberta_onnx.benchmarks.load import run_load
 from deberta_onnx.runtime import Encoder
 from deberta_onnx.runtime.batching import ModelCall
 from deberta_onnx.runtime.postprocess import normalize_rows
 from deberta_onnx.runtime.server import ServerConfig
+from deberta_onnx.runtime.server.errors import ApiError
 from deberta_onnx.runtime.server.microbatch import MicroBatcher
-from deberta_onnx.runtime.server.openai_api import ApiError, parse_embedding_request
+from deberta_onnx.runtime.server.openai_api import parse_embedding_request
+from deberta_onnx.runtime.server.testing import ServerProcess, decode_embeddings
 
 from .conftest import HARD_TEXTS
 

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from deberta_onnx.benchmarks.load import ServerProcess
 from deberta_onnx.runtime import CrossEncoder, Encoder, TokenClassifier
 from deberta_onnx.runtime.server.models import load_folder
+from deberta_onnx.runtime.server.testing import ServerProcess
 
 _THREADS = ("--threads", "1")
 # ~512 tokens (the tiny models' maximum) each.
@@ -87,16 +87,16 @@ def test_a_huge_text_costs_memory_by_max_length_not_by_its_size(tiny_model: Path
 def test_a_rerank_query_is_tokenized_once_not_per_document(reranker: tuple[Path, Path]) -> None:
     model = reranker[1]
     bound = _tokenize_bound_mb(model)
-    with ServerProcess(model, *_THREADS, "--max-request-bytes", str(16 << 20)) as server:
+    with ServerProcess(model, *_THREADS, "--max-request-bytes", str(16 << 20), "--timeout-s", "900") as server:
         for _ in range(2):
-            body = {"query": _LONG, "documents": [_LONG] * 64}
+            body = {"query": _LONG, "documents": [_LONG] * 16}
             assert _post(server, "/v1/rerank", body).status_code == 200
         legit = _peak_mb(server)
         query = "lorem ipsum " * 1700  # 20 KB
-        for documents in (["x"] * 2048, [query] * 2048, ["y " * 1000] * 2048):
+        for documents in (["x"] * 2048, [query] * 256, ["y " * 1000] * 256):
             response = _post(server, "/v1/rerank", {"query": query, "documents": documents})
             assert response.status_code == 200, response.text
-            assert len(response.json()["results"]) == 2048
+            assert len(response.json()["results"]) == len(documents)
         peak = _peak_mb(server)
     print(f"rerank: legitimate peak {legit:.0f} MB, after hostile bodies {peak:.0f} MB, bound +{bound:.0f} MB")
     assert peak - legit < bound, (legit, peak, bound)

@@ -22,8 +22,8 @@ import httpx
 import numpy as np
 import pytest
 
-from deberta_onnx.benchmarks.load import ServerProcess, decode_embeddings
 from deberta_onnx.runtime import Encoder
+from deberta_onnx.runtime.server.testing import ServerProcess, decode_embeddings
 
 _THREADS = ("--threads", "1")
 _HOLD = ("--max-wait-ms", "600000")  # a batch that is not full waits for the whole test

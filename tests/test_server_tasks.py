@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from deberta_onnx.benchmarks.load import RERANK_QUERIES, ServerProcess, decode_embeddings, rerank_scores, run_load
+from deberta_onnx.benchmarks.load import RERANK_QUERIES, rerank_scores, run_load
 from deberta_onnx.runtime import CrossEncoder, Encoder, SequenceClassifier, TokenClassifier
 from deberta_onnx.runtime.batching import padded_tokens
+from deberta_onnx.runtime.server.testing import ServerProcess, decode_embeddings
 
 from .conftest import HARD_TEXTS, NLI_LABELS
 

@@ -2,7 +2,7 @@
 
 The default export converts the checkpoint's ``spm.model`` with its normaliser (nmt_nfkc) and byte fallback,
 so the ids must equal SentencePiece's exactly. ``--tokenizer transformers`` keeps the installed transformers'
-fast tokenizer instead; its ids must equal ``AutoTokenizer``'s (README, "Tokenization").
+fast tokenizer instead; its ids must equal ``AutoTokenizer``'s (docs/export.md, "Tokenization").
 """
 
 from __future__ import annotations

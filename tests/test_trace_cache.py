@@ -10,10 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from deberta_onnx.export._attention import TRANSLATIONS, fused_attention
-from deberta_onnx.export._checkpoint import load_checkpoint
-from deberta_onnx.export._graph import EmbeddingGraph, export_onnx
-from deberta_onnx.export._optimize import folded_relative_attention
+from deberta_onnx.export.testing import (
+    TRANSLATIONS,
+    EmbeddingGraph,
+    export_onnx,
+    folded_relative_attention,
+    fused_attention,
+    load_checkpoint,
+)
 from deberta_onnx.runtime.contract import OPSET
 
 from .trace_cache import TraceCache, Uncacheable, trace_key

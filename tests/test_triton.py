@@ -90,7 +90,7 @@ def test_repository_holds_the_same_model_and_is_in_the_manifest(triton_export: P
 
 
 def test_client_side_tokenization_as_documented(triton_export: Path, corpus: list[str]) -> None:
-    """The README's Triton client recipe (tokenize with tokenizer.json, pad, send ids and mask), with
+    """docs/triton.md's client recipe (tokenize with tokenizer.json, pad, send ids and mask), with
     ONNX Runtime standing in for the server: the same vectors as the runtime."""
     from tokenizers import Tokenizer
 
@@ -156,7 +156,7 @@ def triton_classifiers(reranker: tuple[Path, Path], ner: tuple[Path, Path],
 
 
 def _client_inputs(folder: Path, items: list, token_types: bool) -> dict[str, np.ndarray]:  # type: ignore[type-arg]
-    """Tokenized as the README's Triton client does, pairs included (text, text_pair), segment ids if asked."""
+    """Tokenized as docs/triton.md's client does, pairs included (text, text_pair), segment ids if asked."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -173,7 +173,7 @@ def _client_inputs(folder: Path, items: list, token_types: bool) -> dict[str, np
 def test_exported_reranker_repository_scores_as_cross_encoder(
         triton_classifiers: dict[str, Path], model_config_pb2: ModuleType) -> None:
     """export --triton on a cross-encoder: config.pbtxt with logits, labels and token_type_ids, in the manifest;
-    fed as a Triton client would, its logits, through the sigmoid the README gives, are CrossEncoder.predict's."""
+    fed as a Triton client would, its logits, through the sigmoid docs/triton.md gives, are CrossEncoder.predict's."""
     from deberta_onnx.runtime import CrossEncoder
     from deberta_onnx.runtime.postprocess import sigmoid
 

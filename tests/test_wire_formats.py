@@ -18,7 +18,7 @@ from deberta_onnx.runtime.server.classify_api import (
     parse_classify_request,
     token_classify_response,
 )
-from deberta_onnx.runtime.server.openai_api import ApiError
+from deberta_onnx.runtime.server.errors import ApiError
 from deberta_onnx.runtime.server.rerank_api import parse_rerank_request, rerank_response
 
 SEQ, TOK = "sequence-classification", "token-classification"

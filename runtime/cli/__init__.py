@@ -9,8 +9,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from ..errors import DebertaOnnxError
-from ..utils import MissingExtraError
+from ..errors import DebertaOnnxError, MissingExtraError
 from . import bench, classify, embed, export, info, search, serve
 
 __all__ = ["build_parser", "main"]

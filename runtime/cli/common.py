@@ -14,7 +14,7 @@ import numpy as np
 
 from ..config import ARENA_CHOICES, AUTO, CUDA_ARENA_STRATEGIES, EncoderConfig
 from ..contract import PRECISIONS
-from ..utils import atomic_write, text_lines
+from ..files import atomic_write, text_lines
 
 __all__ = [
     "add_load_flags",
@@ -47,7 +47,7 @@ def read_lines(source: str) -> list[str]:
     """The lines of a UTF-8 text file (or stdin for ``-``), one text per ``\\n``-terminated line.
 
     A trailing ``\\r`` is stripped (Windows line ends); no other character splits a line (see
-    ``utils.text_lines``), so that output row N belongs to input line N. Read as bytes, so that stdin's
+    ``files.text_lines``), so that output row N belongs to input line N. Read as bytes, so that stdin's
     newline translation cannot split a lone ``\\r`` either.
 
     Raises:
@@ -96,66 +96,85 @@ def show_progress(args: argparse.Namespace) -> bool:
     return bool(args.progress) if args.progress is not None else sys.stderr.isatty()
 
 
+def _load_flags(defaults: dict[str, Any]) -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
+    """``{EncoderConfig field: (flag names, argparse options)}``, one row per field: the one table that both
+    ``add_load_flags`` and ``load`` iterate. Each flag's value lands in ``args.<field>``; defaults are the
+    dataclass's."""
+    return {
+        "precision": (("--precision",), dict(
+            choices=list(PRECISIONS),
+            help="which exported variant to load (default: the best in the folder for the provider: int8-static, "
+                 "then int8-dynamic, then fp32 on CPU)")),
+        "intra_op_threads": (("--threads",), dict(type=int, help="ONNX Runtime intra-op threads (default: cores)")),
+        "inter_op_threads": (("--inter-op-threads",), dict(
+            type=int, help="ONNX Runtime threads across operators (default: ONNX Runtime's)")),
+        "allow_spinning": (("--allow-spinning",), dict(
+            action=argparse.BooleanOptionalAction,
+            help="let idle ONNX Runtime threads spin: lower latency, busier cores (default: ONNX Runtime's)")),
+        "verify_checksums": (("--no-verify",), dict(
+            action="store_false", help="skip the sha256 check of the model files at load")),
+        "device": (("--device",), dict(help="cpu, cuda or cuda:N (default: cpu)")),
+        "io_binding": (("--io-binding",), dict(
+            action=argparse.BooleanOptionalAction,
+            help="reuse bound device buffers per batch shape (default: on with CUDA, off on the CPU)")),
+        "sequence_bucket": (("--sequence-bucket",), dict(
+            type=int, help="pad batch lengths to a multiple of N tokens (default: 16 with IO binding, else 1)")),
+        "max_tokens": (("--max-tokens",), dict(
+            type=_budget, metavar="N|auto|none",
+            help="token budget per batch (rows x padded length): auto is 4096 on the CPU (rows still capped at the "
+                 "batch size) and none on CUDA; none: a fixed batch size "
+                 f"{default_note(defaults, 'max_tokens').strip()}")),
+        "max_buckets": (("--max-buckets",), dict(
+            type=int, help="most batch shapes whose IO-binding buffers (and CUDA graphs) are kept "
+                           f"{default_note(defaults, 'max_buckets').strip()}")),
+        "cuda_graph": (("--cuda-graph",), dict(
+            action="store_true", help="capture and replay one CUDA graph per batch shape (CUDA, IO binding)")),
+        "cpu_arena": (("--cpu-arena",), dict(
+            choices=list(ARENA_CHOICES),
+            help="how ONNX Runtime's CPU memory arena grows: by what a call needs, doubling (ONNX Runtime's "
+                 f"default), or no arena {default_note(defaults, 'cpu_arena').strip()}")),
+        "arena_shrink_tokens": (("--arena-shrink-tokens",), dict(
+            type=_optional_int, metavar="N|none",
+            help="after a model call of at least N padded tokens, hand the CPU arena's unused memory back to the "
+                 f"system; none: never {default_note(defaults, 'arena_shrink_tokens').strip()}")),
+        "max_call_memory_mb": (("--max-call-memory-mb",), dict(
+            type=_optional_int, metavar="N|none",
+            help="most memory one model call may take, estimated from its attention scores: batches hold fewer "
+                 "rows past it, and a folder whose longest input alone passes it is refused at load; none: no "
+                 f"limit {default_note(defaults, 'max_call_memory_mb').strip()}")),
+        "cuda_arena_extend_strategy": (("--cuda-arena-extend-strategy",), dict(
+            choices=list(CUDA_ARENA_STRATEGIES),
+            help="how the CUDA provider's memory arena grows (default: kSameAsRequested with --cuda-graph, else "
+                 "ONNX Runtime's kNextPowerOfTwo)")),
+        "gpu_mem_limit": (("--gpu-mem-limit",), dict(
+            type=int, help="most bytes the CUDA provider's arena may hold (default: no limit)")),
+        "use_tf32": (("--tf32",), dict(
+            action=argparse.BooleanOptionalAction,
+            help="run fp32 matrix products on TF32 tensor cores on CUDA (default: off, as PyTorch fp32)")),
+    }
+
+
 def add_load_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags that map onto ``EncoderConfig``, with its defaults."""
+    """One flag per ``EncoderConfig`` field (``_load_flags``), with its defaults.
+
+    Raises:
+        RuntimeError: ``EncoderConfig`` has a field the table has no flag for, or the table names one it lacks.
+    """
     defaults = config_defaults(EncoderConfig)
-    parser.add_argument("--precision", default=defaults["precision"], choices=list(PRECISIONS),
-                        help="which exported variant to load (default: the best in the folder for the provider: "
-                             "int8-static, then int8-dynamic, then fp32 on CPU)")
-    parser.add_argument("--threads", type=int, default=defaults["intra_op_threads"],
-                        help="ONNX Runtime intra-op threads (default: cores)")
-    parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the model files at load")
-    parser.add_argument("--device", default=defaults["device"], help="cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument("--io-binding", action=argparse.BooleanOptionalAction, default=defaults["io_binding"],
-                        help="reuse bound device buffers per batch shape (default: on with CUDA, off on the CPU)")
-    parser.add_argument("--sequence-bucket", type=int, default=defaults["sequence_bucket"],
-                        help="pad batch lengths to a multiple of N tokens (default: 16 with IO binding, else 1)")
-    parser.add_argument("--max-tokens", type=_budget, default=defaults["max_tokens"], metavar="N|auto|none",
-                        help="token budget per batch (rows x padded length): auto is 4096 on the CPU (rows still "
-                             "capped at the batch size) and none on CUDA; none: a fixed batch size "
-                             f"{default_note(defaults, 'max_tokens').strip()}")
-    parser.add_argument("--max-buckets", type=int, default=defaults["max_buckets"],
-                        help="most batch shapes whose IO-binding buffers (and CUDA graphs) are kept "
-                             f"{default_note(defaults, 'max_buckets').strip()}")
-    parser.add_argument("--cuda-graph", action="store_true", default=defaults["cuda_graph"],
-                        help="capture and replay one CUDA graph per batch shape (CUDA, IO binding)")
-    parser.add_argument("--cpu-arena", default=defaults["cpu_arena"], choices=list(ARENA_CHOICES),
-                        help="how ONNX Runtime's CPU memory arena grows: by what a call needs, doubling (ONNX "
-                             f"Runtime's default), or no arena {default_note(defaults, 'cpu_arena').strip()}")
-    parser.add_argument("--arena-shrink-tokens", type=_optional_int, default=defaults["arena_shrink_tokens"],
-                        metavar="N|none",
-                        help="after a model call of at least N padded tokens, hand the CPU arena's unused memory "
-                             f"back to the system; none: never {default_note(defaults, 'arena_shrink_tokens').strip()}")
-    parser.add_argument("--cuda-arena-extend-strategy", default=defaults["cuda_arena_extend_strategy"],
-                        choices=list(CUDA_ARENA_STRATEGIES),
-                        help="how the CUDA provider's memory arena grows (default: kSameAsRequested with "
-                             "--cuda-graph, else ONNX Runtime's kNextPowerOfTwo)")
-    parser.add_argument("--gpu-mem-limit", type=int, default=defaults["gpu_mem_limit"],
-                        help="most bytes the CUDA provider's arena may hold (default: no limit)")
-    parser.add_argument("--tf32", dest="use_tf32", action=argparse.BooleanOptionalAction,
-                        default=defaults["use_tf32"],
-                        help="run fp32 matrix products on TF32 tensor cores on CUDA (default: off, as PyTorch fp32)")
+    table = _load_flags(defaults)
+    fields = [field.name for field in dataclasses.fields(EncoderConfig)]
+    if sorted(table) != sorted(fields):
+        raise RuntimeError(f"the CLI's load flags and EncoderConfig's fields differ: no flag for "
+                           f"{sorted(set(fields) - set(table))}, no field for {sorted(set(table) - set(fields))}")
+    for field in fields:
+        names, options = table[field]
+        parser.add_argument(*names, dest=field, default=defaults[field], **options)
 
 
 def load(args: argparse.Namespace, kind: Callable[..., M], model_dir: str | None = None) -> M:
     """An ``Encoder`` or classifier (``kind``) loaded from ``model_dir`` (default ``args.model_dir``) as the load
     flags say."""
-    config = EncoderConfig(
-        precision=args.precision,
-        intra_op_threads=args.threads,
-        verify_checksums=not args.no_verify,
-        device=args.device,
-        io_binding=args.io_binding,
-        sequence_bucket=args.sequence_bucket,
-        max_tokens=args.max_tokens,
-        max_buckets=args.max_buckets,
-        cuda_graph=args.cuda_graph,
-        cpu_arena=args.cpu_arena,
-        arena_shrink_tokens=args.arena_shrink_tokens,
-        cuda_arena_extend_strategy=args.cuda_arena_extend_strategy,
-        gpu_mem_limit=args.gpu_mem_limit,
-        use_tf32=args.use_tf32,
-    )
+    config = EncoderConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(EncoderConfig)})
     return kind(args.model_dir if model_dir is None else model_dir, config=config)
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..heap import fix_mmap_threshold
 from ..server import ServerConfig
-from ..utils import fix_mmap_threshold
 from .common import add_load_flags, config_defaults, load
 
 __all__ = ["add_parser", "run"]

@@ -20,7 +20,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from ..utils import require_extra
+from ..installed import require_extra
 
 require_extra("chroma", __name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils import require_extra
+from ..installed import require_extra
 
 require_extra("keybert", __name__)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..utils import require_extra
+from ..installed import require_extra
 
 require_extra("langchain", __name__)
 

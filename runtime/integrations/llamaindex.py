@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..utils import require_extra
+from ..installed import require_extra
 
 require_extra("llamaindex", __name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..utils import require_extra
+from ..installed import require_extra
 
 require_extra("ray", "deberta_onnx.runtime.ray")
 

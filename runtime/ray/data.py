@@ -34,10 +34,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from ..checks import check_positive_int
 from ..config import EncoderConfig
 from ..encoder import Encoder
+from ..files import atomic_write
+from ..heap import fix_mmap_threshold
 from ..manifest import sha256_file
-from ..utils import atomic_write, check_positive_int, fix_mmap_threshold
 
 __all__ = ["SHARD_SUFFIXES", "EmbedReport", "embed_corpus", "embed_dataset", "pending_shards"]
 

@@ -26,10 +26,11 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from ..checks import check_positive_int
 from ..config import EncoderConfig
+from ..heap import fix_mmap_threshold
 from ..server import ServerConfig, create_app
 from ..server.models import load_folder
-from ..utils import check_positive_int, fix_mmap_threshold
 
 __all__ = ["DebertaServer", "app", "deployment"]
 

@@ -1,4 +1,4 @@
-"""The HTTP app: routes, error handling and the uvicorn runner (needs the ``server`` extra).
+"""The HTTP app: routes, error handling and the uvicorn launch (needs the ``server`` extra).
 
 Routes: ``POST /v1/embeddings`` (OpenAI's request and response shape), ``POST /v1/rerank`` (Cohere's and Jina's),
 ``POST /v1/classify``, each served by the models of the task that has it (``models.ROUTES``); ``GET /health``
@@ -22,11 +22,12 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
-from ..utils import require_extra
+from ..installed import require_extra
 from .config import ServerConfig
+from .errors import ApiError
 from .microbatch import BatcherClosedError, QueueFullError
 from .models import CLASSIFY, EMBEDDINGS, RERANK, Job, Model, ServedModel
-from .openai_api import ApiError, check_model, read_object
+from .openai_api import check_model, read_object
 
 require_extra("server", "deberta_onnx.runtime.server")
 
@@ -49,8 +50,8 @@ from .guards import (  # noqa: E402
     read_body,
     require_json,
 )
+from .launch import run_uvicorn  # noqa: E402
 from .metrics import ModelObserver, RequestMetrics, ServerMetrics  # noqa: E402
-from .runner import run_uvicorn  # noqa: E402
 
 __all__ = ["create_app", "serve"]
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..batching import BatchPolicy, padded_tokens
-from ..utils import check_positive_int
+from ..checks import check_positive_int
 
 __all__ = ["TokenBudget", "plan_batch"]
 

@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .openai_api import ApiError
+from .errors import ApiError
 
 __all__ = [
     "CLIENT_CLOSED",

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from ..utils import require_extra
+from ..installed import require_extra
 
 require_extra("server", "deberta_onnx.runtime.server.metrics")
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..batching import ModelCall
 from ..errors import DebertaOnnxError
-from ..utils import release_free_heap
+from ..heap import release_free_heap
 from .budget import TokenBudget, plan_batch
 
 __all__ = ["BatchObserver", "BatchStats", "BatcherClosedError", "MicroBatcher", "Outputs", "PlanFn",

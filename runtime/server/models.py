@@ -27,8 +27,9 @@ from ..postprocess import classifier_scores, cross_encoder_scores, truncate_dime
 from .budget import TokenBudget
 from .classify_api import classify_response, parse_classify_request, token_classify_response
 from .config import ServerConfig
+from .errors import ApiError
 from .microbatch import BatchObserver, MicroBatcher, Outputs
-from .openai_api import ApiError, embedding_response, parse_embedding_request
+from .openai_api import embedding_response, parse_embedding_request
 from .rerank_api import parse_rerank_request, rerank_response
 
 __all__ = ["CLASSIFY", "EMBEDDINGS", "RERANK", "ROUTES", "Job", "Model", "ServedModel", "load_folder"]

@@ -14,12 +14,11 @@ from typing import Any
 import numpy as np
 
 from ..tokenization import lone_surrogate
+from .errors import ApiError, bad_request
 
 __all__ = [
     "ENCODING_FORMATS",
-    "ApiError",
     "EmbeddingRequest",
-    "bad_request",
     "check_model",
     "decode_json",
     "embedding_response",
@@ -32,32 +31,6 @@ ENCODING_FORMATS = ("float", "base64")
 _FIELDS = ("input", "model", "encoding_format", "dimensions", "user")
 
 
-class ApiError(Exception):
-    """An error answered to the client as ``{"error": {"message", "type", "param", "code"}}``.
-
-    Args:
-        status: the HTTP status code.
-        message: what is wrong and how to fix it.
-        type: the error family (``invalid_request_error``, ``overloaded_error``, ...), as in OpenAI's API.
-        param: the request field at fault (``"input[3]"``), or ``None``.
-        code: a short machine-readable reason (``"invalid_json"``, ``"queue_full"``, ...), or ``None``.
-    """
-
-    def __init__(
-        self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
 @dataclass(frozen=True, kw_only=True)
 class EmbeddingRequest:
     """A checked ``POST /v1/embeddings`` body."""
@@ -66,11 +39,6 @@ class EmbeddingRequest:
     model: str | None
     encoding_format: str
     dimensions: int | None
-
-
-def bad_request(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
-    """A 400 ``invalid_request_error`` naming ``param``."""
-    return ApiError(400, message, param=param, code=code)
 
 
 def decode_json(body: bytes) -> object:

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..tokenization import lone_surrogate
-from .openai_api import ApiError, bad_request, check_model, json_type, read_object
+from .errors import ApiError, bad_request
+from .openai_api import check_model, json_type, read_object
 
 __all__ = [
     "bad_request",

@@ -21,9 +21,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from deberta_onnx.export import ExportConfig, build_random_checkpoint, export_model, shipped_sentences
+from deberta_onnx.export import ExportConfig, export_model
+from deberta_onnx.export.testing import build_random_checkpoint, shipped_sentences
 from deberta_onnx.runtime.contract import MANIFEST_VERSION
-from deberta_onnx.runtime.utils import installed_versions
+from deberta_onnx.runtime.installed import installed_versions
 
 from ..conftest import HARD_TEXTS, TINY_CONFIGS
 from ..reference import reference_embeddings, reference_ids

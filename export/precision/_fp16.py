@@ -11,9 +11,9 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 
-from ._errors import ExportError
-from ._graph_edit import ancestors, matmul_summary, producers, prune, save
-from ._quiet import quiet_quantization
+from .._errors import ExportError
+from .._quiet import quiet_quantization
+from ._onnx_edit import ancestors, matmul_summary, producers, prune, save
 from ._recipes import Recipe
 
 __all__ = ["build_fp16"]

@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -20,14 +20,15 @@ from deberta_onnx.runtime.contract import (
     TOKENIZER_FILE,
     variant_file,
 )
+from deberta_onnx.runtime.files import text_lines
 from deberta_onnx.runtime.tokenization import TextTokenizer
-from deberta_onnx.runtime.utils import text_lines
 
+from .._errors import ExportError, QualityGateError
+from .._sentences import shipped_sentences
 from ._activations import ActivationStats, collect_activation_stats
-from ._errors import ExportError, QualityGateError
 from ._fp16 import build_fp16
-from ._graph_edit import prepare_base
 from ._int8 import build_int8, int8_source, int8_units
+from ._onnx_edit import prepare_base
 from ._quality import (
     BATCH_INVARIANCE,
     HeldOut,
@@ -37,17 +38,18 @@ from ._quality import (
     measure,
     split_sentences,
 )
-from ._random import shipped_sentences
 from ._range_audit import audit_fp16_range
 from ._recipes import RECIPES, Recipe
 from ._sensitivity import PROBE_TEXTS, probe_set, rank_matmuls, search_fp32_matmuls
-from .config import ExportConfig
 
-__all__ = ["build_variant", "derive_variants", "read_calibration"]
+if TYPE_CHECKING:  # config.py reads RECIPES from this package: a run-time import would be a cycle
+    from ..config import ExportConfig
+
+__all__ = ["build_variant", "derive_variants", "read_calibration", "recipe_chain"]
 
 
 def read_calibration(path: str | Path) -> list[str]:
-    """The non-empty lines of a UTF-8 text file, one calibration text each (split as ``utils.text_lines`` does).
+    """The non-empty lines of a UTF-8 text file, one calibration text each (split as ``files.text_lines`` does).
 
     Raises:
         ValueError: the file is missing, unreadable, or has no text.
@@ -176,7 +178,7 @@ class _Search:
         config, say = self.config, self.say
         threshold = config.min_cosine_fp16 if precision == "fp16" else config.min_cosine_int8
         invariance = BATCH_INVARIANCE if precision == "int8-static" else None
-        chain = _recipe_chain(precision, config)
+        chain = recipe_chain(precision, config)
         recipes = chain if config.fallback else chain[:1]
         path = self.folder / variant_file(precision)
         reports: list[dict[str, Any]] = []
@@ -252,7 +254,7 @@ class _Search:
         return nodes
 
 
-def _recipe_chain(precision: str, config: ExportConfig) -> tuple[Recipe, ...]:
+def recipe_chain(precision: str, config: ExportConfig) -> tuple[Recipe, ...]:
     """The recipe the config asks for, then the safer ones (the order ``--fallback`` tries them in)."""
     recipes = RECIPES[precision]
     first = config.fp16_recipe if precision == "fp16" else recipes[0].name

@@ -12,16 +12,16 @@ from typing import Any
 
 import torch
 
-from ._errors import CheckpointError
+from .._errors import CheckpointError
+from .._sentences import shipped_sentences
+from .._tokenizer import sentencepiece_tokenizer
 from ._outliers import OutlierSpec, add_outliers, parse_outliers
-from ._tokenizer import sentencepiece_tokenizer
 
 __all__ = [
     "RANDOM_PREFIX",
     "RANDOM_SHAPES",
     "build_random_checkpoint",
     "random_source",
-    "shipped_sentences",
     "train_sentencepiece",
 ]
 
@@ -57,12 +57,6 @@ RANDOM_SHAPES: dict[str, dict[str, Any]] = {
 
 # Special pieces in DeBERTa-v3's SentencePiece model, at these ids.
 _SPECIAL_PIECES = {"pad": "[PAD]", "bos": "[CLS]", "eos": "[SEP]", "unk": "[UNK]"}
-
-
-def shipped_sentences() -> list[str]:
-    """The sentences shipped with the package (``export/data/sentences.txt``), one per line."""
-    path = Path(__file__).with_name("data") / "sentences.txt"
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def train_sentencepiece(texts: Iterable[str], out_dir: str | Path, *, vocab_size: int = 2000, seed: int = 0) -> Path:

@@ -15,11 +15,11 @@ from onnx import helper, numpy_helper
 
 from deberta_onnx.runtime.contract import ATTENTION_MASK, INPUT_IDS
 
+from .._errors import ExportError
+from .._quiet import quiet_quantization
 from ._activations import ActivationStats
-from ._errors import ExportError
-from ._graph_edit import EXTERNAL_DATA_BYTES, matmul_summary, producers, prune, save
+from ._onnx_edit import EXTERNAL_DATA_BYTES, matmul_summary, producers, prune, save
 from ._outlier_split import find_outlier_channels, split_outlier_channels
-from ._quiet import quiet_quantization
 from ._recipes import Recipe
 
 __all__ = ["build_int8", "int8_source", "int8_units"]

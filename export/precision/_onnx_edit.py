@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deberta_onnx.runtime.contract import INPUT_IDS
 
-from ._errors import ExportError
+from .._errors import ExportError
 
 __all__ = [
     "EXTERNAL_DATA_BYTES",

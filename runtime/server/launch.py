@@ -29,7 +29,7 @@ logger = logging.getLogger("deberta_onnx")
 
 
 class Drainable(Protocol):
-    """What the runner needs of the app's state: to be told that the server drains."""
+    """What the launch needs of the app's state: to be told that the server drains."""
 
     def start_draining(self) -> None: ...
 

@@ -1,0 +1,78 @@
+"""Files in and out: atomic writes, durable folder entries, and input text split into one line per row.
+Standard library only."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+__all__ = ["atomic_write", "fsync_dir", "text_lines"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object], *, durable: bool = False) -> Path:
+    """Writes a file through ``write(handle)`` beside ``path`` and renames it into place.
+
+    A failed or interrupted write never leaves a truncated file at ``path``; the file gets the usual
+    permissions (0666 less the umask), not the private 0600 of a temporary file.
+
+    Args:
+        path: the file to write; its folder is created if needed.
+        write: called with the open binary handle.
+        durable: fsync the file and its folder, so that the rename survives a power cut.
+
+    Returns:
+        ``path``.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            write(out)
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+        if durable:
+            fsync_dir(target.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Flushes a folder's entries (renames, new files) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def text_lines(text: str) -> list[str]:
+    """One text per ``\\n``-terminated line, a trailing ``\\r`` (Windows line ends) stripped.
+
+    Unlike ``str.splitlines``, no other character ends a line: ``\\v``, ``\\f``, ``\\x1c``-``\\x1e``, U+0085,
+    U+2028, U+2029 and a lone ``\\r`` stay inside their text, so that row N of an output is line N of the input.
+    A final ``\\n`` ends the last line rather than starting an empty one; an empty string has no lines.
+    """
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
