@@ -7,7 +7,7 @@ each batch is padded to a multiple of the sequence bucket, so that few shapes oc
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -34,6 +34,7 @@ __all__ = [
     "batch_policy",
     "bucket_width",
     "call_memory",
+    "capped",
     "filled_rows",
     "padded_tokens",
     "plan_batches",
@@ -149,6 +150,19 @@ class BatchPolicy:
     token_types: bool = False
     max_call_bytes: int | None = None
     heads: int = 1
+
+
+def capped(policy: BatchPolicy, max_tokens: int | None) -> BatchPolicy:
+    """``policy`` with at most ``max_tokens`` padded tokens per call (``None``: ``policy`` as it is). A call still
+    holds at least one row, so a text of ``width`` tokens runs even when ``width`` is over the cap.
+
+    Raises:
+        ValueError: ``max_tokens`` is neither None nor a positive int.
+    """
+    check_positive_int("max_tokens", max_tokens, optional=True)
+    if max_tokens is None or (policy.max_tokens is not None and policy.max_tokens <= max_tokens):
+        return policy
+    return replace(policy, max_tokens=max_tokens)
 
 
 def batch_policy(config: EncoderConfig, *, device: str, io_binding: bool, token_types: bool, heads: int) -> BatchPolicy:

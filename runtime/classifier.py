@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple, TypedDict, overload
 
 import numpy as np
 
-from .batching import ModelCall, TokenBatch, token_batches
+from .batching import ModelCall, TokenBatch, capped, token_batches
 from .checks import check_positive_int
 from .config import EncoderConfig
 from .contract import LOGITS, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
@@ -68,11 +68,13 @@ def _one_or_many(inputs: object, *, texts_allowed: bool) -> tuple[list[str | tup
 
 
 def _plan(loaded: LoadedModel, runner: Runner, items: Sequence[str | tuple[str, str]], batch_size: int | None,
-          truncate: bool, show_progress: bool, *, per_row: bool = False) -> Iterator[ModelCall]:
+          truncate: bool, show_progress: bool, *, per_row: bool = False, max_tokens: int | None = None
+          ) -> Iterator[ModelCall]:
     """The model calls of ``items``: raw logits ``[rows, labels]``, or per row (``per_row``, token classifiers)
-    ``(logits [tokens, labels], encoding)``."""
+    ``(logits [tokens, labels], encoding)``; at most ``max_tokens`` padded tokens per call (``batching.capped``)."""
     run = _run_per_row if per_row else _run_rows
-    for batch in token_batches(loaded.tokenizer, items, loaded.policy, batch_size, truncate=truncate,
+    policy = capped(loaded.policy, max_tokens)
+    for batch in token_batches(loaded.tokenizer, items, policy, batch_size, truncate=truncate,
                                show_progress=show_progress, details=per_row):
         yield ModelCall(rows=batch.rows, token_counts=[len(e.ids) for e in batch.encodings],
                         run=partial(run, runner, batch), padded_tokens=batch.input_ids.size)
@@ -123,11 +125,12 @@ class SequenceClassifier(LoadedAttributes):
         return _token_count(self.loaded, _one_or_many(inputs, texts_allowed=True)[0])
 
     def plan(self, inputs: Sequence[str | tuple[str, str]], batch_size: int | None = None, *,
-             truncate: bool = True) -> Iterator[ModelCall]:
+             truncate: bool = True, max_tokens: int | None = None) -> Iterator[ModelCall]:
         """``logits``' work as separate model calls, run one by one by the caller (the server): each
         ``call.run()`` gives the raw logits ``[len(call.rows), len(labels)]`` of ``call.rows``, positions in
         ``inputs``. ``logits`` runs exactly these calls; ``probabilities`` and ``CrossEncoder.predict`` apply their
         activation (``postprocess.classifier_scores``, ``postprocess.cross_encoder_scores``) to them.
+        ``max_tokens`` caps each call's padded tokens, as ``Encoder.plan``'s does.
 
         Raises:
             TypeError: an input is neither a str nor a pair of str (at once).
@@ -135,7 +138,8 @@ class SequenceClassifier(LoadedAttributes):
         """
         items = check_pairs(inputs, texts_allowed=True)
         check_positive_int("batch_size", batch_size, optional=True)
-        return _plan(self.loaded, self.loaded.runner, items, batch_size, truncate, False)
+        check_positive_int("max_tokens", max_tokens, optional=True)
+        return _plan(self.loaded, self.loaded.runner, items, batch_size, truncate, False, max_tokens=max_tokens)
 
     def logits(self, inputs: _Inputs, batch_size: int | None = None, *, truncate: bool = True,
                show_progress: bool = False) -> np.ndarray:
@@ -309,12 +313,12 @@ class TokenClassifier(LoadedAttributes):
             return self.logits([texts], batch_size, truncate=truncate, show_progress=show_progress)[0]
         return [logits for logits, _ in self._run(check_texts(texts), batch_size, truncate, show_progress)]
 
-    def plan(self, texts: Sequence[str], batch_size: int | None = None, *, truncate: bool = True
-             ) -> Iterator[ModelCall]:
+    def plan(self, texts: Sequence[str], batch_size: int | None = None, *, truncate: bool = True,
+             max_tokens: int | None = None) -> Iterator[ModelCall]:
         """``predict``'s work as separate model calls, run one by one by the caller (the server): each
         ``call.run()`` gives, per row of ``call.rows`` (positions in ``texts``), ``(logits, encoding)``: the raw
         logits ``[tokens, labels]`` of that text's own tokens and its tokenizer encoding, which ``spans`` turns
-        into ``predict``'s spans.
+        into ``predict``'s spans. ``max_tokens`` caps each call's padded tokens, as ``Encoder.plan``'s does.
 
         Raises:
             TypeError: ``texts`` is not a list of str (at once).
@@ -322,8 +326,9 @@ class TokenClassifier(LoadedAttributes):
         """
         items = check_texts(texts)
         check_positive_int("batch_size", batch_size, optional=True)
+        check_positive_int("max_tokens", max_tokens, optional=True)
         return _plan(self.loaded, self._logits_runner(), items, batch_size, truncate, False,
-                     per_row=True)
+                     per_row=True, max_tokens=max_tokens)
 
     def spans(self, text: str, output: tuple[np.ndarray, object], *, aggregation: str = "first",
               ignore_labels: Sequence[str] = ("O",)) -> list[Span]:

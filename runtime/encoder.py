@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Literal, overload
 
 import numpy as np
 
-from .batching import ModelCall, TokenBatch, token_batches
+from .batching import ModelCall, TokenBatch, capped, token_batches
 from .checks import check_positive_int
 from .config import EncoderConfig
 from .contract import TASK_EMBEDDING, TOKEN_EMBEDDINGS
@@ -230,23 +230,26 @@ class Encoder(LoadedAttributes):
         return out[0] if single else out
 
     def plan(self, texts: Sequence[str], batch_size: int | None = None, *, truncate: bool = True,
-             show_progress: bool = False) -> Iterator[ModelCall]:
+             show_progress: bool = False, max_tokens: int | None = None) -> Iterator[ModelCall]:
         """``encode``'s work as separate model calls, tokenized and batched as ``encode`` does, run one by one by
         the caller: each ``call.run()`` gives the raw (unnormalised) vectors of ``call.rows``, which are positions
         in ``texts``. ``encode`` runs exactly these calls, so the vectors are the same.
 
         Tokenization happens as the iterator advances, a chunk at a time; nothing runs until ``run()`` is called.
+        ``max_tokens`` caps each call's padded tokens below the model's own batching (``batching.capped``), so that
+        no call runs longer than that many tokens take (the server stops between calls at a deadline).
 
         Raises:
             TypeError: ``texts`` is not a list of str.
-            ValueError: ``batch_size`` < 1 (at once), or ``truncate`` is false and a text is too long (when its
-                chunk is tokenized).
+            ValueError: ``batch_size`` or ``max_tokens`` < 1 (at once), or ``truncate`` is false and a text is too
+                long (when its chunk is tokenized).
         """
         items = check_texts(texts)
         check_positive_int("batch_size", batch_size, optional=True)
+        check_positive_int("max_tokens", max_tokens, optional=True)
         loaded = self.loaded
-        batches = token_batches(loaded.tokenizer, items, loaded.policy, batch_size, truncate=truncate,
-                                show_progress=show_progress)
+        batches = token_batches(loaded.tokenizer, items, capped(loaded.policy, max_tokens), batch_size,
+                                truncate=truncate, show_progress=show_progress)
         return (ModelCall(rows=batch.rows, token_counts=[len(e.ids) for e in batch.encodings],
                           run=partial(self._run_batch, batch), padded_tokens=batch.input_ids.size)
                 for batch in batches)

@@ -18,7 +18,15 @@ from typing import IO, Any, TypeVar
 
 import numpy as np
 
-from ..config import ARENA_CHOICES, AUTO, CUDA_ARENA_STRATEGIES, ENGINES, RUNTIME_PRECISIONS, EncoderConfig, check_thread_count
+from ..config import (
+    ARENA_CHOICES,
+    AUTO,
+    CUDA_ARENA_STRATEGIES,
+    ENGINES,
+    RUNTIME_PRECISIONS,
+    EncoderConfig,
+    check_thread_count,
+)
 from ..files import atomic_write, text_lines
 
 __all__ = [

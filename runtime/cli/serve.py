@@ -48,6 +48,11 @@ def add_parser(commands: Any) -> None:
                        help="also cap a merged batch at this many padded tokens, so that short and long requests "
                             "do not share a padded batch (default: none; costs one extra tokenization per "
                             "request)")
+    parser.add_argument("--max-call-tokens", type=_optional_int, default=d.max_call_tokens,
+                       help="most padded tokens (rows x width) of one model call; at a request's deadline the "
+                            "worker finishes the call it is in, so it is free again within one call of this size "
+                            "(or of one text of the model's maximum length, if larger) (default %(default)s; "
+                            "'none': the model's batching alone)")
     parser.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                        help="how long a queued request waits for others to join its batch (default %(default)s)")
     parser.add_argument("--max-queue", type=int, default=d.max_queue,
@@ -81,6 +86,15 @@ def add_parser(commands: Any) -> None:
                                             "only the listening address, and localhost on loopback)")
     add_load_flags(parser)
     parser.set_defaults(run=run)
+
+
+def _optional_int(value: str) -> int | None:
+    if value.lower() == "none":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {value!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:

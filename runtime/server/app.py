@@ -27,6 +27,7 @@ from .config import ServerConfig
 from .errors import ApiError
 from .microbatch import BatcherClosedError, QueueFullError
 from .models import CLASSIFY, EMBEDDINGS, RERANK, Job, Model, ServedModel
+from .openai_api import check_model, read_object
 
 require_extra("server", "deberta_onnx.runtime.server")
 
@@ -40,6 +41,7 @@ from starlette.routing import Route  # noqa: E402
 
 from .guards import (  # noqa: E402
     ClientGone,
+    CloseUnread,
     HostCheck,
     answer_or_leave,
     error_response,
@@ -53,9 +55,6 @@ from .metrics import ModelObserver, RequestMetrics, ServerMetrics  # noqa: E402
 
 __all__ = ["create_app", "serve"]
 
-# Above this many floats a JSON body is serialised in a worker thread, so that one large response does not hold
-# the event loop (and every other request) while it is written.
-_LARGE_RESPONSE_FLOATS = 100_000
 MODEL_ROUTES = (EMBEDDINGS, RERANK, CLASSIFY)
 
 
@@ -151,9 +150,9 @@ class _Service:
             ) from exc
         except Exception as exc:  # the model call failed; the batcher logged it
             raise internal_error() from exc
-        if job.floats > _LARGE_RESPONSE_FLOATS:
-            return Response(await run_in_threadpool(_answer, job, outputs, counts), media_type="application/json")
-        return Response(_answer(job, outputs, counts), media_type="application/json")
+        # Answers are built and serialised in a worker thread, never on the event loop: a token classifier's
+        # spans of 2,048 long texts, or a large float body, would hold every other request (and /health) meanwhile.
+        return Response(await run_in_threadpool(_answer, job, outputs, counts), media_type="application/json")
 
     def _pick(self, path: str, body: bytes) -> ServedModel:
         """The model a request goes to: the only one served, else the one its ``model`` field names, else the
@@ -199,7 +198,8 @@ class _Service:
             **first.describe(),
             "normalize": config.normalize,
             "limits": {name: getattr(config, name) for name in (
-                "max_batch_size", "max_batch_tokens", "batch_size", "max_wait_ms", "max_queue", "max_request_bytes",
+                "max_batch_size", "max_batch_tokens", "max_call_tokens", "batch_size", "max_wait_ms", "max_queue",
+                "max_request_bytes",
                 "max_inputs", "timeout_s", "read_timeout_s", "keep_alive_s", "max_connections",
                 "shutdown_timeout_s")},
             "queue": {"texts": sum(m.batcher.queued_texts for m in self.models),
@@ -222,14 +222,13 @@ class _Service:
 
 
 def _requested_model(body: bytes) -> str | None:
-    """The ``model`` field of a JSON object body, if it is a string; anything else is left to the route's parser
-    (which answers malformed bodies with the field named)."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    model = data.get("model") if isinstance(data, dict) else None
-    return model if isinstance(model, str) else None
+    """The ``model`` field of a JSON object body (``None`` when absent).
+
+    Raises:
+        ApiError: 400 ``invalid_json`` for a body that is not a JSON object (as the route's own parser would say
+            on a server of one model), or 400 naming ``model`` when it is not a string of valid Unicode.
+    """
+    return check_model(read_object(body, example='{"model": "...", ...}'))
 
 
 def _sum_stats(stats: list[dict[str, int]]) -> dict[str, int]:
@@ -297,7 +296,7 @@ def _build(models: Model | Sequence[Model] | Mapping[str, Model], config: Server
         Route("/metrics", guarded(service.prometheus), methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=service.lifespan, exception_handlers={HTTPException: _http_error},  # type: ignore[dict-item]
-                    middleware=[Middleware(RequestMetrics, metrics=service.metrics),
+                    middleware=[Middleware(CloseUnread), Middleware(RequestMetrics, metrics=service.metrics),
                                 Middleware(HostCheck, host=config.host, allowed=config.allowed_hosts)])
     return app, service
 

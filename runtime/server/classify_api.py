@@ -39,7 +39,17 @@ from ..contract import TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
 from ..postprocess import AGGREGATIONS, Span
 from ..zero_shot import DEFAULT_HYPOTHESIS_TEMPLATE, hypotheses, label_order
 from .errors import ApiError
-from .wire import bad_request, check_bool, check_count, check_fields, check_text, json_type, read_object, too_many
+from .wire import (
+    bad_request,
+    check_bool,
+    check_count,
+    check_fields,
+    check_model,
+    check_text,
+    json_type,
+    read_object,
+    too_many,
+)
 
 __all__ = ["ClassifyRequest", "classify_response", "parse_classify_request", "token_classify_response",
            "zero_shot_response"]
@@ -111,9 +121,7 @@ def parse_classify_request(body: bytes, *, max_inputs: int, task: str) -> Classi
     zero_shot = sequence and data.get("candidate_labels") is not None
     inputs = _inputs(data["input"], max_inputs, pairs=sequence and not zero_shot,
                      single="zero-shot classification (with 'candidate_labels')" if zero_shot else "a token classifier")
-    model = data.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad_request(f"field 'model' must be a string, got {json_type(model)}", "model")
+    model = check_model(data)
     if zero_shot:
         return _zero_shot_request(data, inputs, model, max_inputs)
     if sequence:

@@ -23,6 +23,12 @@ class ServerConfig:
             (``server.budget``): requests whose merged batch would pad past it wait for the next one, so short and
             long requests do not share a padded batch. Costs one extra tokenization per request (the token counts
             must be known before queueing). ``None`` (default): texts alone limit a batch.
+        max_call_tokens: the most padded token positions (rows x width) of one model call, below what the model's
+            own batching allows; a call still runs one text of any length the model takes (up to its
+            ``max_length``). When a request's deadline passes (``timeout_s``, or its client leaving), the worker
+            finishes the call it is in and runs nothing more for it, so it is free again within one call of at
+            most ``max(max_call_tokens, max_length)`` padded tokens: ``model_call_seconds`` in ``/metrics`` says
+            how long such calls take on the machine. ``None``: the model's batching alone sizes calls.
         max_wait_ms: how long the oldest queued request waits for others to join its batch.
         max_queue: the most texts waiting for the model; a request that would pass it gets 429 at once.
         max_request_bytes: the largest request body; larger ones get 413.
@@ -51,6 +57,7 @@ class ServerConfig:
     max_batch_size: int = 32
     batch_size: int = 8
     max_batch_tokens: int | None = None
+    max_call_tokens: int | None = 2048
     max_wait_ms: float = 5.0
     max_queue: int = 4096
     max_request_bytes: int = 4 << 20
@@ -74,8 +81,9 @@ class ServerConfig:
         for name in ("max_batch_size", "batch_size", "max_queue", "max_request_bytes", "max_inputs",
                      "max_connections"):
             _check_int(name, getattr(self, name), 1)
-        if self.max_batch_tokens is not None:
-            _check_int("max_batch_tokens", self.max_batch_tokens, 1)
+        for name in ("max_batch_tokens", "max_call_tokens"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
         if self.max_inputs > self.max_queue:
             raise ValueError(
                 f"max_inputs ({self.max_inputs}) must not exceed max_queue ({self.max_queue}): a request of "

@@ -16,13 +16,14 @@ from typing import Any, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError
 
 __all__ = [
     "CLIENT_CLOSED",
     "ClientGone",
+    "CloseUnread",
     "HostCheck",
     "answer_or_leave",
     "error_response",
@@ -37,7 +38,6 @@ T = TypeVar("T")
 
 # A status for the logs and counters only (nginx's): the client closed the connection before the answer.
 CLIENT_CLOSED = 499
-_CLOSE_AFTER = (408, 413)  # the body was not read to its end: the connection cannot carry another request
 
 
 class ClientGone(Exception):
@@ -45,12 +45,10 @@ class ClientGone(Exception):
 
 
 def error_response(error: ApiError) -> Response:
-    """``error`` in OpenAI's shape, with ``Retry-After`` on 429 and 503 and ``Connection: close`` where the body
-    was left unread."""
-    headers = {"Retry-After": "1"} if error.status in (429, 503) else {}
-    if error.status in _CLOSE_AFTER:
-        headers["Connection"] = "close"
-    return JSONResponse(error.body(), status_code=error.status, headers=headers or None)
+    """``error`` in OpenAI's shape, with ``Retry-After`` on 429 and 503 (``CloseUnread`` adds ``Connection:
+    close`` where the body was left unread)."""
+    headers = {"Retry-After": "1"} if error.status in (429, 503) else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
 def guarded(route: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -181,6 +179,47 @@ async def answer_or_leave(request: Request, work: Awaitable[T], timeout_s: float
     if left in done:
         raise ClientGone
     raise asyncio.TimeoutError
+
+
+class CloseUnread:
+    """ASGI middleware: a response to a request whose body was not read to its end says ``Connection: close``, so
+    that the server closes the connection once the response is sent.
+
+    Without it the connection would wait for the rest of a body nobody reads (a 415, a refused ``Host``, a 404, a
+    ``GET /health`` sent with a body, a 408 or 413): a client that trickles a byte now and then would hold its
+    connection, and its place under ``max_connections``, past every deadline, since neither the header deadline
+    nor the body deadline watch a body that no route reads.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _has_body(scope):
+            await self.app(scope, receive, send)
+            return
+        read = False
+
+        async def receive_noting_the_end() -> Message:
+            nonlocal read
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                read = True
+            return message
+
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and not read:
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive_noting_the_end, send_closing)
+
+
+def _has_body(scope: Scope) -> bool:
+    """The request declares a body: a ``Content-Length`` other than 0, or a ``Transfer-Encoding``."""
+    length = _header(scope, b"content-length")
+    return (length is not None and length.strip().lstrip("0") != "") or _header(scope, b"transfer-encoding") is not None
 
 
 class HostCheck:

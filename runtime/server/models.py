@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..batching import capped
 from ..classifier import SequenceClassifier, TokenClassifier
 from ..config import EncoderConfig
 from ..contract import TASK_EMBEDDING, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
@@ -81,13 +82,12 @@ class Job:
 
     Attributes:
         items: texts, or ``(text, text_pair)`` pairs, as the model's ``plan`` takes them.
-        answer: (outputs in input order, token counts) -> the response body.
-        floats: how many floats the answer will hold, roughly (large ones are serialised off the event loop).
+        answer: (outputs in input order, token counts) -> the response body; called in a worker thread, off the
+            event loop.
     """
 
     items: list[Any]
     answer: Callable[[Outputs, list[int]], dict[str, Any]]
-    floats: int
 
 
 class ServedModel:
@@ -110,10 +110,13 @@ class ServedModel:
         budget = None
         if config.max_batch_tokens is not None:
             budget = TokenBudget(max_texts=config.max_batch_size, max_padded_tokens=config.max_batch_tokens,
-                                 batch_size=config.batch_size, policy=model.loaded.policy,
+                                 batch_size=config.batch_size,
+                                 policy=capped(model.loaded.policy, config.max_call_tokens),
                                  max_length=model.max_length)
         batch_size = config.batch_size
-        self.batcher = MicroBatcher(lambda items: model.plan(items, batch_size), max_batch_size=config.max_batch_size,
+        call_tokens = config.max_call_tokens
+        self.batcher = MicroBatcher(lambda items: model.plan(items, batch_size, max_tokens=call_tokens),
+                                    max_batch_size=config.max_batch_size,
                                     max_wait_s=config.max_wait_ms / 1000, max_queue=config.max_queue, budget=budget,
                                     observer=observer, release_tokens=model.loaded.shrink_tokens)
 
@@ -163,7 +166,7 @@ class ServedModel:
                          for text, output in zip(texts, outputs)]
                 return token_classify_response(found, token_counts=counts, model=name)
 
-            return Job(items=texts, answer=spans, floats=0)
+            return Job(items=texts, answer=spans)
         if parsed.candidate_labels is not None:
             return self._zero_shot(model, parsed, name)
         labels = list(model.labels)
@@ -175,7 +178,7 @@ class ServedModel:
                                                                         labels=len(labels))
             return classify_response(scores, labels=labels, top_k=parsed.top_k, token_counts=counts, model=name)
 
-        return Job(items=list(parsed.inputs), answer=classes, floats=len(parsed.inputs) * len(labels))
+        return Job(items=list(parsed.inputs), answer=classes)
 
     def _zero_shot(self, model: SequenceClassifier, parsed: ClassifyRequest, name: str) -> Job:
         try:
@@ -191,7 +194,7 @@ class ServedModel:
             scores = zero_shot_scores(logits, entailment=entailment, multi_label=parsed.multi_label)
             return zero_shot_response(scores, labels=labels, top_k=parsed.top_k, token_counts=counts, model=name)
 
-        return Job(items=list(pairs), answer=answer, floats=len(pairs))
+        return Job(items=list(pairs), answer=answer)
 
     def _name(self, requested: str | None, echo: bool) -> str:
         return requested if echo and requested else self.name
@@ -208,8 +211,7 @@ class ServedModel:
             return embedding_response(vectors, token_counts=counts, encoding_format=parsed.encoding_format,
                                       model=name)
 
-        floats = len(parsed.texts) * (parsed.dimensions or model.hidden_size)
-        return Job(items=parsed.texts, answer=answer, floats=floats if parsed.encoding_format == "float" else 0)
+        return Job(items=parsed.texts, answer=answer)
 
     def _rerank(self, model: SequenceClassifier, body: bytes, echo: bool) -> Job:
         if len(model.labels) != 1:
@@ -225,4 +227,4 @@ class ServedModel:
             scores = cross_encoder_scores(np.asarray(outputs), activation, labels=1)[:, 0]
             return rerank_response(scores, request=parsed, token_counts=counts, model=name)
 
-        return Job(items=parsed.pairs(), answer=answer, floats=0)
+        return Job(items=parsed.pairs(), answer=answer)

@@ -19,10 +19,12 @@ from .errors import ApiError, bad_request
 __all__ = [
     "ENCODING_FORMATS",
     "EmbeddingRequest",
+    "check_model",
     "decode_json",
     "embedding_response",
     "json_type",
     "parse_embedding_request",
+    "read_object",
 ]
 
 ENCODING_FORMATS = ("float", "base64")
@@ -65,6 +67,42 @@ def decode_json(body: bytes) -> object:
                           "this API takes such a number", None, "invalid_json") from exc
 
 
+def read_object(body: bytes, *, example: str) -> dict[str, Any]:
+    """The request body as a JSON object (``decode_json``).
+
+    Args:
+        body: the raw body (UTF-8 JSON).
+        example: a short valid body, shown when the body is not an object.
+
+    Raises:
+        ApiError: 400 ``invalid_json`` for a body ``decode_json`` refuses, or one that is not an object.
+    """
+    data = decode_json(body)
+    if not isinstance(data, dict):
+        raise bad_request(f"request body must be a JSON object, got {json_type(data)}; send {example}", None,
+                          "invalid_json")
+    return data
+
+
+def check_model(data: dict[str, Any]) -> str | None:
+    """The optional ``model`` field of a parsed body: ``None`` when absent or null, else a str of valid Unicode
+    (it is echoed in the answer, which must encode as UTF-8).
+
+    Raises:
+        ApiError: 400 naming ``model``: not a string, or a lone surrogate in it.
+    """
+    model = data.get("model")
+    if model is None:
+        return None
+    if not isinstance(model, str):
+        raise bad_request(f"field 'model' must be a string, got {json_type(model)}", "model")
+    position = None if model.isascii() else lone_surrogate(model)
+    if position is not None:
+        raise bad_request(f"field 'model' holds an unpaired surrogate (U+{ord(model[position]):04X} at character "
+                          f"{position}); send the model's name as valid Unicode text", "model")
+    return model
+
+
 def parse_embedding_request(body: bytes, *, max_inputs: int, hidden_size: int) -> EmbeddingRequest:
     """Parses and checks an embeddings request body.
 
@@ -80,10 +118,7 @@ def parse_embedding_request(body: bytes, *, max_inputs: int, hidden_size: int) -
         ApiError: 400 for malformed or hostile JSON (see ``decode_json``), a missing or mistyped field (the
             message names it, and the index of a bad list element); 413 for more than ``max_inputs`` texts.
     """
-    data = decode_json(body)
-    if not isinstance(data, dict):
-        raise bad_request(f"request body must be a JSON object, got {json_type(data)}; send "
-                          '{"input": ["text", ...], "model": "..."}', None, "invalid_json")
+    data = read_object(body, example='{"input": ["text", ...], "model": "..."}')
     unknown = sorted(set(data) - set(_FIELDS))
     if unknown:
         raise bad_request(f"unknown field(s) {', '.join(map(repr, unknown))}; accepted fields are {', '.join(_FIELDS)}",
@@ -92,9 +127,7 @@ def parse_embedding_request(body: bytes, *, max_inputs: int, hidden_size: int) -
         raise bad_request("field 'input' is required: a string or a list of strings", "input", "missing_field")
     texts = _parse_input(data["input"], max_inputs)
 
-    model = data.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad_request(f"field 'model' must be a string, got {json_type(model)}", "model")
+    model = check_model(data)
     encoding_format = data.get("encoding_format")
     encoding_format = "float" if encoding_format is None else encoding_format
     if encoding_format not in ENCODING_FORMATS:

@@ -27,7 +27,17 @@ from typing import Any
 
 import numpy as np
 
-from .wire import bad_request, check_bool, check_count, check_fields, check_text, json_type, read_object, too_many
+from .wire import (
+    bad_request,
+    check_bool,
+    check_count,
+    check_fields,
+    check_model,
+    check_text,
+    json_type,
+    read_object,
+    too_many,
+)
 
 __all__ = ["RerankRequest", "parse_rerank_request", "rerank_response"]
 
@@ -83,9 +93,7 @@ def parse_rerank_request(body: bytes, *, max_documents: int) -> RerankRequest:
     check_fields(data, _FIELDS, ("query", "documents"), _UNSUPPORTED)
     query = check_text(data["query"], "query")
     documents = _documents(data["documents"], max_documents)
-    model = data.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad_request(f"field 'model' must be a string, got {json_type(model)}", "model")
+    model = check_model(data)
     return RerankRequest(query=query, documents=documents, top_n=check_count(data, "top_n"),
                          return_documents=check_bool(data, "return_documents", False), model=model)
 

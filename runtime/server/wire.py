@@ -5,47 +5,24 @@ names the field at fault and says what is accepted.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
 from ..tokenization import lone_surrogate
 from .errors import ApiError, bad_request
-from .openai_api import json_type
+from .openai_api import check_model, json_type, read_object
 
-__all__ = ["bad_request", "check_bool", "check_count", "check_fields", "check_text", "json_type", "read_object",
-           "too_many"]
-
-
-def read_object(body: bytes, *, example: str) -> dict[str, Any]:
-    """The request body as a JSON object.
-
-    Args:
-        body: the raw body (UTF-8 JSON).
-        example: a short valid body, shown when the body is not an object.
-
-    Raises:
-        ApiError: 400 for a body that is not UTF-8, not JSON, nested too deeply to parse, holds an integer too
-            long to convert, or is not an object.
-    """
-    try:
-        data = json.loads(body.decode("utf-8"))  # bytes would let json guess UTF-16 or UTF-32 from a BOM
-    except UnicodeDecodeError as exc:
-        raise bad_request(f"request body is not UTF-8 ({exc.reason} at byte {exc.start}); send UTF-8 encoded JSON",
-                          None, "invalid_json") from exc
-    except json.JSONDecodeError as exc:
-        raise bad_request(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
-                          None, "invalid_json") from exc
-    except RecursionError as exc:
-        raise bad_request("request body is nested too deeply to parse; send a flat JSON object", None,
-                          "invalid_json") from exc
-    except ValueError as exc:  # an integer literal past Python's digit limit
-        raise bad_request(f"request body holds a number that cannot be read ({exc}); send shorter numbers", None,
-                          "invalid_json") from exc
-    if not isinstance(data, dict):
-        raise bad_request(f"request body must be a JSON object, got {json_type(data)}; send {example}", None,
-                          "invalid_json")
-    return data
+__all__ = [
+    "bad_request",
+    "check_bool",
+    "check_count",
+    "check_fields",
+    "check_model",
+    "check_text",
+    "json_type",
+    "read_object",
+    "too_many",
+]
 
 
 def check_fields(data: dict[str, Any], accepted: Sequence[str], required: Sequence[str],
