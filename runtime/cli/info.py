@@ -87,7 +87,7 @@ def _check(manifest: Manifest) -> str:
     manifest.verify_files(sorted(manifest.files))
     loaded = load_model(manifest.folder, None, EncoderConfig(verify_checksums=False), tasks=(manifest.task,),
                         user="deberta-onnx info")
-    return (f"loads ({loaded.precision} on {loaded.session.get_providers()[0]}; the checksums of all "
+    return (f"loads ({loaded.precision} on {loaded.provider}; the checksums of all "
             f"{len(manifest.files)} files verified)")
 
 
