@@ -42,7 +42,7 @@ def _tiny_head(name: str, out: Path) -> Path:
 @pytest.mark.parametrize("name", _head_classes())
 def test_every_deberta_head_is_exported_or_refused_by_name(name: str, tmp_path: Path) -> None:
     from deberta_onnx.export import ExportConfig, UnsupportedHeadError, export_model
-    from deberta_onnx.export._checkpoint import checkpoint_task
+    from deberta_onnx.export.testing import checkpoint_task
 
     src = _tiny_head(name, tmp_path / "ckpt")
     assert json.loads((src / "config.json").read_text())["architectures"] == [name]
@@ -70,7 +70,7 @@ def test_task_embedding_keeps_the_encoder_of_an_unsupported_head(tmp_path: Path,
 
     import torch
 
-    from deberta_onnx.export._checkpoint import load_checkpoint
+    from deberta_onnx.export.testing import load_checkpoint
 
     from .conftest import TOKENIZER_FILES
 

@@ -152,7 +152,7 @@ def int8_static(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 def test_int8_static_within_the_gate(ov: Any, int8_static: Path, tiny_checkpoint: Path, corpus: list[str]) -> None:
-    from deberta_onnx.export.precision._quality import split_sentences
+    from deberta_onnx.export.precision import split_sentences
 
     from .reference import reference_embeddings
 
@@ -235,7 +235,7 @@ def _bf16_gate(ov: Any, folder: Path, checkpoint: Path, texts: list[str]) -> flo
 
 def test_bf16_passes_the_gate_on_random_weights(ov: Any, tiny_model: Path, tiny_checkpoint: Path,
                                                  corpus: list[str]) -> None:
-    from deberta_onnx.export.precision._quality import split_sentences
+    from deberta_onnx.export.precision import split_sentences
 
     _bf16_or_skip()
     assert _bf16_gate(ov, tiny_model, tiny_checkpoint, split_sentences(corpus)[1]) >= 0.999
@@ -244,7 +244,7 @@ def test_bf16_passes_the_gate_on_random_weights(ov: Any, tiny_model: Path, tiny_
 def test_bf16_passes_the_gate_on_activation_outliers(ov: Any, corpus: list[str],
                                                       tmp_path_factory: pytest.TempPathFactory) -> None:
     from deberta_onnx.export import ExportConfig, export_model
-    from deberta_onnx.export.precision._quality import split_sentences
+    from deberta_onnx.export.precision import split_sentences
     from deberta_onnx.export.testing import OutlierSpec, build_random_checkpoint
 
     from .conftest import TINY_CONFIGS

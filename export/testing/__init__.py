@@ -12,7 +12,7 @@ the attention fusion, the validation batches).
 from __future__ import annotations
 
 from .._attention import TRANSLATIONS, fused_attention
-from .._checkpoint import load_checkpoint
+from .._checkpoint import checkpoint_task, load_checkpoint
 from .._optimize import folded_relative_attention, relative_attention_layers
 from .._quiet import quiet_libraries
 from .._sentences import shipped_sentences
@@ -29,6 +29,7 @@ __all__ = [
     "OutlierSpec",
     "add_outliers",
     "build_random_checkpoint",
+    "checkpoint_task",
     "control_flow_nodes",
     "export_onnx",
     "folded_relative_attention",
