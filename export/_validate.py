@@ -30,8 +30,10 @@ LONG_VALIDATION_SHAPES: tuple[tuple[int, int], ...] = ((1, 2048), (2, 1000), (4,
 
 # Where the plain tolerance fails, ONNX Runtime may be this many times further from PyTorch's float64 result
 # than PyTorch's own fp32 result is, at worst over the shape's rows. Two fp32 computations in different orders
-# land about equally far from the exact result (measured: ONNX Runtime 0.8x to 2x PyTorch's distance).
-ROUNDING_FACTOR = 4.0
+# land about equally far from the exact result (measured: ONNX Runtime 0.8x to 2x PyTorch's distance on AMD Zen 3,
+# and 4.2x on an Intel Xeon with AVX-512 and AMX, whose kernels sum in another order, on the 200,000x outlier
+# checkpoint of tests/test_outliers.py): 8 leaves room for other CPUs' kernels.
+ROUNDING_FACTOR = 8.0
 
 
 def make_batch(batch: int, sequence: int, vocab: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -241,6 +241,9 @@ def test_bf16_passes_the_gate_on_random_weights(ov: Any, tiny_model: Path, tiny_
     assert _bf16_gate(ov, tiny_model, tiny_checkpoint, split_sentences(corpus)[1]) >= 0.999
 
 
+@pytest.mark.xfail(strict=True, reason="OpenVINO's bf16 loses the outlier checkpoint (min cosine 0.80 against the "
+                   "0.999 gate, measured on an Intel Xeon with AMX): bf16 is not yet fit for trained models, whose "
+                   "activations have such outliers; this test turns green when bf16 keeps them in fp32")
 def test_bf16_passes_the_gate_on_activation_outliers(ov: Any, corpus: list[str],
                                                       tmp_path_factory: pytest.TempPathFactory) -> None:
     from deberta_onnx.export import ExportConfig, export_model

@@ -39,7 +39,8 @@ def test_optimized_graph_is_recorded_and_has_no_per_batch_repeat(exported: tuple
 def test_optimized_equals_plain_graph(tiny_checkpoint: Path, tiny_model: Path, tmp_path: Path) -> None:
     plain = export_model(tiny_checkpoint, tmp_path / "plain", ExportConfig(quiet=True, optimize=False))
     assert plain.manifest["optimization"] == {"enabled": False, "relative_attention_layers_folded": 0,
-                                              "attention": "unfused", "attention_layers_fused": 0}
+                                              "attention": "unfused", "attention_layers_fused": 0,
+                                              "portable": False}
     assert _ops(tmp_path / "plain")["Tile"] > 0  # the plain graph still repeats per batch
     # tiny_model: the same checkpoint's export with the default settings, the speed-ups on.
     assert json.loads((tiny_model / "manifest.json").read_text())["optimization"]["enabled"] is True
