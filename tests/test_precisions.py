@@ -178,8 +178,9 @@ def test_fold_constants_keeps_the_outputs(tiny_checkpoint: Path, tmp_path: Path)
 def test_gate_fails_with_an_impossible_threshold(tiny_checkpoint: Path, tmp_path: Path, precision: str) -> None:
     out = tmp_path / "model"
     config = ExportConfig(precisions=(precision,), min_cosine_fp16=1.0, min_cosine_int8=1.0, fallback=False, **FAST)
-    with pytest.raises(QualityGateError, match=rf"{precision} failed the quality gate.*min cosine 0\.\d+ "
-                                               r"< 1\.00000000; worst: held-out sentence \d+ .*drop --no-fallback") as caught:
+    message = (rf"{precision} failed the quality gate.*min cosine 0\.\d+ < 1\.00000000; "
+               r"worst: held-out sentence \d+ .*drop --no-fallback")
+    with pytest.raises(QualityGateError, match=message) as caught:
         export_model(tiny_checkpoint, out, config)
     assert caught.value.precision == precision
     (report,) = caught.value.reports
