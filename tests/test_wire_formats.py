@@ -76,7 +76,7 @@ def test_rerank_response_ranks_as_cross_encoder(reranker: tuple[Path, Path], top
 @pytest.mark.parametrize(("body", "status", "param", "fragment"), [
     (b"\xff", 400, None, "not UTF-8"),
     (b"[1, 2]", 400, None, "must be a JSON object"),
-    (b"[" * 100_000 + b"]" * 100_000, 400, None, "nested too deeply"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, None, "nests arrays or objects too deeply"),
     (b'{"query": "q", "documents": ["a"], "top_n": ' + b"9" * 5000 + b"}", 400, None, "number"),
     ({"documents": ["a"]}, 400, "query", "'query' is required"),
     ({"query": "q"}, 400, "documents", "'documents' is required"),

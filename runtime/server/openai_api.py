@@ -60,8 +60,8 @@ def decode_json(body: bytes) -> object:
         raise bad_request(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
                           None, "invalid_json") from exc
     except RecursionError as exc:
-        raise bad_request("request body nests arrays or objects too deeply to be read; send a flat "
-                          '{"input": ["text", ...]}', None, "invalid_json") from exc
+        raise bad_request("request body nests arrays or objects too deeply to be read; send one JSON object whose "
+                          "fields hold strings or lists of strings", None, "invalid_json") from exc
     except ValueError as exc:  # int() of a number past sys.get_int_max_str_digits() (4,300 by default)
         raise bad_request(f"request body holds a number that cannot be read ({str(exc).split(':')[0]}); no field of "
                           "this API takes such a number", None, "invalid_json") from exc
