@@ -316,6 +316,17 @@ def _stopped(code: str, *args: str) -> subprocess.Popen[str]:
     return wait_until_stopped(process, f"the import of {args[0]}")
 
 
+def test_ctrl_c_while_the_runtime_imports_is_one_line(tmp_path: Path) -> None:
+    # The console script's own code: its import of the entry point loads nothing heavy, so that numpy, ONNX
+    # Runtime and tokenizers load inside main's error handling. Interrupted there, it once printed a traceback.
+    code = "from deberta_onnx.runtime.cli import main\nsys.exit(main())\n"
+    process = _stopped(code, "numpy", "info", str(tmp_path / "missing"))
+    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGCONT)
+    _, stderr = process.communicate(timeout=300)
+    assert (process.returncode, stderr) == (130, "interrupted\n")
+
+
 def test_ctrl_c_during_start_up_is_one_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
     # `export` imports torch while it builds its flags (seconds): interrupted there, it once printed a traceback.
     code = "from deberta_onnx.runtime.cli import main\nsys.exit(main(sys.argv[1:]))\n"

@@ -10,7 +10,6 @@ import threading
 from collections.abc import Sequence
 
 from ..errors import DebertaOnnxError, MissingExtraError
-from . import bench, classify, embed, export, info, search, serve, tune
 
 __all__ = ["build_parser", "main"]
 
@@ -18,6 +17,10 @@ __all__ = ["build_parser", "main"]
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser. ``command`` names the subcommand about to run: only its flags' defaults are read from
     an optional extra's config (``export``, ``bench``), so that other commands start without importing torch."""
+    # The subcommands import numpy, ONNX Runtime and tokenizers: here, not at this module's import, so that the
+    # command's entry point imports nothing heavy before main's error handling runs (a Ctrl+C then is one line).
+    from . import bench, classify, embed, export, info, search, serve, tune
+
     parser = argparse.ArgumentParser(
         prog="deberta-onnx",
         description="Export DeBERTa checkpoints to ONNX with fused pooling, and run them without PyTorch: "
