@@ -80,6 +80,7 @@ def folder(request: pytest.FixtureRequest, hub_model: Path) -> Path:
     return hub_model if request.param == "default" else Path(request.getfixturevalue("portable_model"))
 
 
+@pytest.mark.slow
 def test_onnxruntime_node_and_web_give_python_s_vectors(folder: Path) -> None:
     files = _variants(folder)
     tokenizer = Encoder(folder, config=EncoderConfig(precision="fp32")).loaded.tokenizer

@@ -117,6 +117,7 @@ def test_outlier_spellings_and_bad_options(tmp_path: Path) -> None:
         OutlierSpec(tokens="[SEP]")  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_large_activations_pass_validation_and_the_manifest_labels_them(outlier_export: Path) -> None:
     manifest = json.loads((outlier_export / "manifest.json").read_text())
     assert manifest["source"]["random_weights"] is True
@@ -170,6 +171,7 @@ def test_float64_reference_decides_when_fp32_rounding_is_large(tmp_path: Path, c
     assert any(row.get("float64_reference") and row["pytorch_fp32_rounding"] > 1e-3 for row in rows)
 
 
+@pytest.mark.slow
 def test_outlier_split_is_exact_in_fp32(outlier_export: Path, outlier_checkpoint: Path, tmp_path: Path,
                                         corpus: list[str]) -> None:
     base = prepare_base(outlier_export / "model.onnx", tmp_path / "folded.onnx")
@@ -197,6 +199,7 @@ def test_outlier_split_is_exact_in_fp32(outlier_export: Path, outlier_checkpoint
     assert split_outlier_channels(onnx.load(str(base)), {}, matmuls)["matmuls_split"] == 0
 
 
+@pytest.mark.slow
 def test_int8_on_outliers_passes_the_gate_by_splitting_the_outlier_channels(
         outlier_export: Path, outlier_checkpoint: Path, corpus: list[str]) -> None:
     manifest = json.loads((outlier_export / "manifest.json").read_text())
@@ -220,6 +223,7 @@ def test_int8_on_outliers_passes_the_gate_by_splitting_the_outlier_channels(
         assert cosine.min() >= 0.99, (precision, texts[int(cosine.argmin())], cosine.min())
 
 
+@pytest.mark.slow
 def test_without_the_split_int8_is_noise_on_outliers(outlier_export: Path, outlier_checkpoint: Path,
                                                     tmp_path: Path, corpus: list[str]) -> None:
     # What the fixture is for: ONNX Runtime's quantizer alone, one scale per tensor, loses the other channels.
