@@ -286,3 +286,26 @@ def test_info_says_what_runs_in_int8_and_the_audit(outlier_export: Path, capsys:
     info = capsys.readouterr().out
     assert "RANDOM weights with activation outliers: 3 hidden dims at" in info
     assert "outlier channels:" in info and "int8 weight" in info and "fp16 range audit:" in info
+
+
+@pytest.mark.slow
+def test_the_portable_graphs_pass_the_same_gates_on_outliers(outlier_checkpoint: Path, outlier_export: Path,
+                                                             tmp_path: Path, corpus: list[str]) -> None:
+    # --portable computes LayerNorm, Gelu and the residual adds from standard operators instead of ONNX Runtime's
+    # fused kernels: on values 1,000x the median, that is where rounding could part from the fused graph.
+    out = tmp_path / "portable"
+    export_model(outlier_checkpoint, out, ExportConfig(precisions=("fp16", "int8-static"), portable=True, **FAST))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["optimization"]["portable"] is True
+    assert check_folder_graphs(out) == ["fp16", "fp32", "int8-static"]
+    assert manifest["variants"]["fp32"]["validation"]["passed"] is True
+    for precision in ("fp16", "int8-static"):
+        quality = manifest["variants"][precision]["quality"]
+        print(f"portable {precision} on outliers: min cosine {quality['min_cosine']:.8f}")
+        assert quality["passed"] is True, quality
+    texts = corpus[:40]
+    fused = Encoder(outlier_export, config=EncoderConfig(precision="fp32")).encode(texts)
+    portable = Encoder(out, config=EncoderConfig(precision="fp32")).encode(texts)
+    cosines = _cosine(fused, portable)
+    print(f"portable fp32 against the fused fp32 on outliers: min cosine {cosines.min():.8f}")
+    assert cosines.min() > 0.99999
