@@ -327,6 +327,19 @@ def sbert(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
 
 
 @pytest.fixture(scope="session")
+def every_variant_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint, default graph, every precision, the token vectors output too (what transformers.js
+    reads); once a session (the Node and OpenVINO tests share it)."""
+    from deberta_onnx.export import ExportConfig, export_model
+
+    out = tmp_path_factory.mktemp("every-variant") / "model"
+    export_model(tiny_checkpoint, out, ExportConfig(precisions=("fp16", "int8-dynamic", "int8-static"),
+                                                    token_embeddings=True, validation_shapes=((2, 5), (3, 17)),
+                                                    quiet=True))
+    return out
+
+
+@pytest.fixture(scope="session")
 def portable_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint exported with ``portable=True`` (standard ONNX operators only), every precision, the
     token vectors output too; once a session (the portable tests and the Node tests share it)."""
