@@ -18,6 +18,7 @@ from .config import EncoderConfig
 from .encoder import Encoder
 from .errors import DebertaOnnxError
 from .installed import DISTRIBUTION
+from .question_answering import Answer, QuestionAnswerer
 from .similarity import Hit, cos_sim, semantic_search
 from .zero_shot import ZeroShotClassifier, ZeroShotResult
 
@@ -27,11 +28,13 @@ except metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "Answer",
     "CrossEncoder",
     "DebertaOnnxError",
     "Encoder",
     "EncoderConfig",
     "Hit",
+    "QuestionAnswerer",
     "SequenceClassifier",
     "TokenClassifier",
     "ZeroShotClassifier",

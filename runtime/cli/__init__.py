@@ -10,7 +10,7 @@ import threading
 from collections.abc import Sequence
 
 from ..errors import DebertaOnnxError, MissingExtraError
-from . import bench, classify, embed, export, info, search, serve, tune
+from . import bench, classify, embed, export, info, qa, search, serve, tune
 
 __all__ = ["build_parser", "main"]
 
@@ -21,7 +21,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deberta-onnx",
         description="Export DeBERTa checkpoints to ONNX with fused pooling, and run them without PyTorch: "
-                    "`export` writes a model folder (needs the export extra); `embed`, `search`, `classify` and "
+                    "`export` writes a model folder (needs the export extra); `embed`, `search`, `classify`, `qa` and "
                     "`info` use it with the base install, `serve` with the server extra, `bench` (against "
                     "PyTorch) with the export and bench extras.",
         epilog="Run `deberta-onnx COMMAND --help` for a command's options.",
@@ -34,6 +34,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     info.add_parser(commands)
     search.add_parser(commands)
     classify.add_parser(commands)
+    qa.add_parser(commands)
     tune.add_parser(commands)
     return parser
 
