@@ -247,3 +247,24 @@ def test_lower_precisions_pass_the_gate_on_start_and_end_logits(qa: tuple[Path, 
     int8 = QuestionAnswerer(out, config=EncoderConfig(precision="int8-static")).answer(*map(list, zip(*pairs)))
     same = sum((a["start"], a["end"]) == (b["start"], b["end"]) for a, b in zip(fp32, int8))  # type: ignore[index]
     assert same >= 0.8 * len(pairs), f"int8-static keeps the fp32 span on {same} of {len(pairs)} pairs"
+
+
+def test_qa_command_answers_from_flags_and_jsonl(qa: tuple[Path, Path], answerer: QuestionAnswerer, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str], corpus: list[str]) -> None:
+    from deberta_onnx.runtime.cli import main
+
+    assert main(["qa", str(qa[1]), "--question", "What is it?", "--context", corpus[3]]) == 0
+    assert json.loads(capsys.readouterr().out) == answerer.answer("What is it?", corpus[3])
+    lines = tmp_path / "in.jsonl"
+    pairs = [("Who?", corpus[5]), ("Where is the answer in the long one?", " ".join(corpus[40:90]))]
+    lines.write_text("".join(json.dumps({"question": q, "context": c}) + "\n" for q, c in pairs), encoding="utf-8")
+    assert main(["qa", str(qa[1]), "--input", str(lines), "--top-k", "2", "--output", str(tmp_path / "out")]) == 0
+    written = [json.loads(line) for line in (tmp_path / "out").read_text(encoding="utf-8").splitlines()]
+    assert written == answerer.answer([q for q, _ in pairs], [c for _, c in pairs], top_k=2)
+    lines.write_text('{"question": "Who?"}\n', encoding="utf-8")
+    assert main(["qa", str(qa[1]), "--input", str(lines)]) == 1
+    assert '"question" and "context" strings' in capsys.readouterr().err
+    assert main(["qa", str(qa[1]), "--question", "Who?"]) == 1
+    assert "give --question and --context" in capsys.readouterr().err
+    assert main(["info", str(qa[1])]) == 0
+    assert "task:       question-answering (QuestionAnswerer)" in capsys.readouterr().out

@@ -88,5 +88,5 @@ def run(args: argparse.Namespace) -> int:
                               max_answer_len=args.max_answer_len, max_seq_len=args.max_seq_len,
                               doc_stride=args.doc_stride, handle_impossible_answer=args.handle_impossible_answer,
                               align_to_words=args.align_to_words, batch_size=args.batch_size)
-    write_text((json_line(result) for result in results), args.output)  # type: ignore[arg-type]
+    write_text((json_line(result) for result in results), args.output)
     return 0
