@@ -6,7 +6,6 @@ too). The comparison with the real pipeline, where transformers still has it, is
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ from deberta_onnx.runtime import EncoderConfig, QuestionAnswerer
 from deberta_onnx.runtime.contract import END_LOGITS, START_LOGITS, TASK_QUESTION_ANSWERING
 from deberta_onnx.runtime.question_answering import AnswerOptions, Window, pick_answers
 
-from .conftest import TOKENIZER_FILES
 from .reference import reference_answers
 
 
@@ -201,29 +199,14 @@ def test_other_tasks_are_not_question_answering(qa: tuple[Path, Path], nli: tupl
 
 
 def _outlier_qa_checkpoint(corpus: list[str], out: Path) -> Path:
-    """The outlier checkpoint of tests/test_outliers.py under a question-answering head (unit-scale weights)."""
-    import torch
-    from transformers import AutoModel, DebertaV2Config, DebertaV2ForQuestionAnswering
-
-    from deberta_onnx.export.testing import OutlierSpec, build_random_checkpoint
+    """The outlier checkpoint of tests/test_outliers.py under a question-answering head."""
+    from deberta_onnx.export.testing import OutlierSpec, add_question_answering_head, build_random_checkpoint
 
     from .conftest import TINY_CONFIGS
 
     base = build_random_checkpoint(TINY_CONFIGS["v3-shared"], out / "base", texts=corpus, seed=1,
                                    outliers=OutlierSpec())
-    config = DebertaV2Config.from_pretrained(base)
-    config.architectures = ["DebertaV2ForQuestionAnswering"]
-    model = DebertaV2ForQuestionAnswering(config).eval()
-    model.deberta.load_state_dict(AutoModel.from_pretrained(base).state_dict())
-    torch.manual_seed(11)
-    with torch.no_grad():
-        model.qa_outputs.weight.normal_(0.0, 0.3)
-        model.qa_outputs.bias.zero_()
-    model.save_pretrained(out / "qa")
-    for name in TOKENIZER_FILES:
-        if (base / name).is_file():
-            shutil.copy(base / name, out / "qa" / name)
-    return out / "qa"
+    return add_question_answering_head(base, out / "qa", seed=11)
 
 
 @pytest.mark.slow
