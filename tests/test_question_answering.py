@@ -251,3 +251,37 @@ def test_qa_command_answers_from_flags_and_jsonl(qa: tuple[Path, Path], answerer
     assert "give --question and --context" in capsys.readouterr().err
     assert main(["info", str(qa[1])]) == 0
     assert "task:       question-answering (QuestionAnswerer)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_deberta_v1_question_answering_exports_and_answers(tiny_checkpoint: Path, tmp_path: Path,
+                                                          corpus: list[str]) -> None:
+    """DeBERTa v1's head (``DebertaForQuestionAnswering``) exports and answers as v2's does."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, DebertaConfig, DebertaForQuestionAnswering
+
+    from deberta_onnx.export import ExportConfig, export_model
+
+    from .conftest import TOKENIZER_FILES
+
+    src = tmp_path / "v1"
+    config = DebertaConfig(vocab_size=4000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, relative_attention=True, max_relative_positions=64,
+                           pos_att_type=["c2p", "p2c"], position_biased_input=False, type_vocab_size=0)
+    torch.manual_seed(0)
+    model = DebertaForQuestionAnswering(config).eval()
+    with torch.no_grad():
+        model.qa_outputs.weight.normal_(0.0, 0.3)
+    model.save_pretrained(src)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tiny_checkpoint / name, src / name)
+    result = export_model(src, tmp_path / "out", ExportConfig(quiet=True, tokenizer="transformers",
+                                                             validation_shapes=((1, 1), (2, 7), (5, 40))))
+    assert result.manifest["source"]["architecture"] == "DebertaForQuestionAnswering"
+    assert result.manifest["model"]["task"] == TASK_QUESTION_ANSWERING
+    answerer, tokenizer = QuestionAnswerer(tmp_path / "out"), AutoTokenizer.from_pretrained(src)
+    for question, context in _contexts(corpus):
+        _same(answerer.answer(question, context, top_k=2),
+              reference_answers(model, tokenizer, question, context, top_k=2))
