@@ -89,8 +89,7 @@ class AnswerOptions:
     def __post_init__(self) -> None:
         for name in ("top_k", "max_answer_len", "max_seq_len"):
             check_positive_int(name, getattr(self, name))
-        if isinstance(self.doc_stride, bool) or not isinstance(self.doc_stride, int) or self.doc_stride < 0:
-            raise ValueError(f"doc_stride must be an int >= 0, got {self.doc_stride!r}")
+        check_positive_int("doc_stride", self.doc_stride, minimum=0)
         if self.doc_stride >= self.max_seq_len:
             raise ValueError(f"doc_stride ({self.doc_stride}) must be less than max_seq_len ({self.max_seq_len}): "
                              "windows overlap by doc_stride tokens")
