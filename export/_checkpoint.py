@@ -10,6 +10,7 @@ from typing import Any
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
@@ -19,6 +20,7 @@ from transformers import (
 
 from deberta_onnx.runtime.contract import (
     TASK_EMBEDDING,
+    TASK_QUESTION_ANSWERING,
     TASK_SEQUENCE_CLASSIFICATION,
     TASK_TOKEN_CLASSIFICATION,
     TASKS,
@@ -41,6 +43,7 @@ _TASK_LOADERS: dict[str, tuple[Any, str]] = {
     TASK_EMBEDDING: (AutoModel, ""),
     TASK_SEQUENCE_CLASSIFICATION: (AutoModelForSequenceClassification, "ForSequenceClassification"),
     TASK_TOKEN_CLASSIFICATION: (AutoModelForTokenClassification, "ForTokenClassification"),
+    TASK_QUESTION_ANSWERING: (AutoModelForQuestionAnswering, "ForQuestionAnswering"),
 }
 # The bare encoders' architecture names: no head, exported as ``embedding``.
 _ENCODERS = frozenset({"DebertaV2Model", "DebertaModel"})
@@ -99,13 +102,14 @@ def _loaded(loader: Any, src: str, **kwargs: Any) -> Any:
 
 
 def checkpoint_task(config: PretrainedConfig, src: str = "the checkpoint") -> str:
-    """The task a checkpoint's head is for, from its ``architectures``: a sequence or token classifier, or
+    """The task a checkpoint's head is for, from its ``architectures``: a sequence or token classifier, an
+    extractive question-answering head, or
     ``embedding`` for the bare encoder (``DebertaV2Model``, ``DebertaModel``, or no ``architectures`` at all, as
     the released DeBERTa-v3 checkpoints have).
 
     Raises:
-        UnsupportedHeadError: the checkpoint declares a head this exporter has no graph for (question answering,
-            multiple choice, masked LM, ...); exporting it as an encoder would drop the head without a word.
+        UnsupportedHeadError: the checkpoint declares a head this exporter has no graph for (multiple choice,
+            masked LM, ...); exporting it as an encoder would drop the head without a word.
     """
     unsupported = []
     for architecture in config.architectures or []:
@@ -126,7 +130,7 @@ def checkpoint_task(config: PretrainedConfig, src: str = "the checkpoint") -> st
 
 def load_checkpoint(src: str, task: str | None = None) -> LoadedCheckpoint:
     """Loads ``src`` (a local folder or a hub id) with its fast tokenizer: the encoder alone for ``embedding``,
-    encoder and head for the classification tasks. ``task=None`` follows the checkpoint's architecture.
+    encoder and head for the other tasks. ``task=None`` follows the checkpoint's architecture.
 
     Raises:
         CheckpointError: not found, unreadable, or without a tokenizer.

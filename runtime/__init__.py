@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .config import EncoderConfig
     from .encoder import Encoder
     from .errors import DebertaOnnxError
+    from .question_answering import Answer, QuestionAnswerer
     from .similarity import Hit, cos_sim, semantic_search
     from .zero_shot import ZeroShotClassifier, ZeroShotResult
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 # command's entry point) then imports nothing heavy before the command's own error handling runs, so that a Ctrl+C
 # while numpy and ONNX Runtime load is one "interrupted" line, and commands that need neither start faster.
 _LAZY = {
+    "Answer": "question_answering",
+    "QuestionAnswerer": "question_answering",
     "CrossEncoder": "classifier",
     "SequenceClassifier": "classifier",
     "TokenClassifier": "classifier",
@@ -66,11 +69,13 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "Answer",
     "CrossEncoder",
     "DebertaOnnxError",
     "Encoder",
     "EncoderConfig",
     "Hit",
+    "QuestionAnswerer",
     "SequenceClassifier",
     "TokenClassifier",
     "ZeroShotClassifier",

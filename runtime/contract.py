@@ -16,6 +16,7 @@ from .errors import ContractMismatchError
 __all__ = [
     "ATTENTION_MASK",
     "BATCH_AXIS",
+    "END_LOGITS",
     "HIDDEN_AXIS",
     "HUB_FILES",
     "HUB_ONNX_DIR",
@@ -32,13 +33,16 @@ __all__ = [
     "ORT_TYPES",
     "POOLINGS",
     "PRECISIONS",
+    "QUESTION_ANSWERING_OUTPUTS",
     "REQUIRED_OUTPUT",
     "SENTENCE_EMBEDDING",
     "SENTENCE_OUTPUT",
     "SEQUENCE_AXIS",
     "SEQUENCE_LOGITS_OUTPUT",
+    "START_LOGITS",
     "TASKS",
     "TASK_EMBEDDING",
+    "TASK_QUESTION_ANSWERING",
     "TASK_SEQUENCE_CLASSIFICATION",
     "TASK_TOKEN_CLASSIFICATION",
     "TOKENIZER_FILE",
@@ -79,6 +83,9 @@ SENTENCE_EMBEDDING = "sentence_embedding"
 TOKEN_TYPE_IDS = "token_type_ids"
 TOKEN_EMBEDDINGS = "token_embeddings"
 LOGITS = "logits"
+# An extractive question-answering graph's outputs: per token, the logit that the answer starts / ends there.
+START_LOGITS = "start_logits"
+END_LOGITS = "end_logits"
 
 BATCH_AXIS = "batch"
 SEQUENCE_AXIS = "sequence"
@@ -89,7 +96,8 @@ LABELS_AXIS = "labels"
 TASK_EMBEDDING = "embedding"
 TASK_SEQUENCE_CLASSIFICATION = "sequence-classification"
 TASK_TOKEN_CLASSIFICATION = "token-classification"
-TASKS = (TASK_EMBEDDING, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION)
+TASK_QUESTION_ANSWERING = "question-answering"
+TASKS = (TASK_EMBEDDING, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION, TASK_QUESTION_ANSWERING)
 
 # How an embedding graph turns token vectors into one sentence vector (``model.pooling``): masked mean,
 # the first ([CLS]) token's vector, or the masked per-dimension maximum.
@@ -145,12 +153,15 @@ SENTENCE_OUTPUT = TensorSpec(name=SENTENCE_EMBEDDING, dtype="float32", dims=(BAT
 TOKEN_OUTPUT = TensorSpec(name=TOKEN_EMBEDDINGS, dtype="float32", dims=(BATCH_AXIS, SEQUENCE_AXIS, HIDDEN_AXIS))
 SEQUENCE_LOGITS_OUTPUT = TensorSpec(name=LOGITS, dtype="float32", dims=(BATCH_AXIS, LABELS_AXIS))
 TOKEN_LOGITS_OUTPUT = TensorSpec(name=LOGITS, dtype="float32", dims=(BATCH_AXIS, SEQUENCE_AXIS, LABELS_AXIS))
+QUESTION_ANSWERING_OUTPUTS = (TensorSpec(name=START_LOGITS, dtype="float32", dims=(BATCH_AXIS, SEQUENCE_AXIS)),
+                              TensorSpec(name=END_LOGITS, dtype="float32", dims=(BATCH_AXIS, SEQUENCE_AXIS)))
 
 # The output each task's graph must have.
 REQUIRED_OUTPUT = {
     TASK_EMBEDDING: SENTENCE_EMBEDDING,
     TASK_SEQUENCE_CLASSIFICATION: LOGITS,
     TASK_TOKEN_CLASSIFICATION: LOGITS,
+    TASK_QUESTION_ANSWERING: START_LOGITS,  # and END_LOGITS: QuestionAnswerer checks both at load
 }
 
 
@@ -163,7 +174,7 @@ def graph_outputs(task: str, *, token_embeddings: bool = False) -> tuple[TensorS
     """The graph's outputs in order for ``task`` (one of ``TASKS``), before ``hidden``/``labels`` are resolved.
 
     Raises:
-        ValueError: unknown task, or token embeddings asked for a classification task.
+        ValueError: unknown task, or token embeddings asked for a task with a head.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -171,6 +182,8 @@ def graph_outputs(task: str, *, token_embeddings: bool = False) -> tuple[TensorS
         return (SENTENCE_OUTPUT, TOKEN_OUTPUT) if token_embeddings else (SENTENCE_OUTPUT,)
     if token_embeddings:
         raise ValueError(f"token embeddings are an output of embedding graphs only, not of {task}")
+    if task == TASK_QUESTION_ANSWERING:
+        return QUESTION_ANSWERING_OUTPUTS
     return (SEQUENCE_LOGITS_OUTPUT,) if task == TASK_SEQUENCE_CLASSIFICATION else (TOKEN_LOGITS_OUTPUT,)
 
 

@@ -246,22 +246,25 @@ NLI_LABELS = ["entailment", "neutral", "contradiction"]
 
 def build_classifier_checkpoint(tiny_checkpoint: Path, out: Path, *, task: str, labels: list[str],
                                 type_vocab_size: int = 0, seed: int = 3) -> Path:
-    """A tiny DeBERTa-v2 sequence or token classifier with random weights and the tiny checkpoint's tokenizer.
+    """A tiny DeBERTa-v2 sequence or token classifier (or question-answering head) with random weights and the tiny
+    checkpoint's tokenizer.
 
     The head is re-drawn with unit-scale weights: at transformers' initialisation (std 0.02) every logit is
     about 1e-3, too small for a 1e-4 parity check to mean anything."""
     import torch
-    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, DebertaV2ForTokenClassification
+    import transformers
+    from transformers import DebertaV2Config
 
     config = DebertaV2Config(**{**TINY_CONFIGS["v3-shared"], "type_vocab_size": type_vocab_size},
                              id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
-    sequence = task == "sequence-classification"
-    loader = DebertaV2ForSequenceClassification if sequence else DebertaV2ForTokenClassification
+    head = {"sequence-classification": "ForSequenceClassification", "token-classification": "ForTokenClassification",
+            "question-answering": "ForQuestionAnswering"}[task]
+    loader = getattr(transformers, f"DebertaV2{head}")
     torch.manual_seed(seed)
     model = loader(config).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if name.startswith(("classifier.", "pooler.")):
+            if name.startswith(("classifier.", "pooler.", "qa_outputs.")):
                 parameter.normal_(0.0, 0.3) if name.endswith("weight") else parameter.zero_()
     model.save_pretrained(out)
     for name in TOKENIZER_FILES:
@@ -292,6 +295,15 @@ def reranker(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
     base = tmp_path_factory.mktemp("reranker")
     src = build_classifier_checkpoint(tiny_checkpoint, base / "ckpt", task="sequence-classification",
                                       labels=["LABEL_0"], type_vocab_size=2, seed=3)
+    return src, _export_classifier(src, base / "model")
+
+
+@pytest.fixture(scope="session")
+def qa(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, model folder): an extractive question-answering head (start and end logits), fp32 only."""
+    base = tmp_path_factory.mktemp("qa")
+    src = build_classifier_checkpoint(tiny_checkpoint, base / "ckpt", task="question-answering",
+                                      labels=["LABEL_0", "LABEL_1"], seed=7)
     return src, _export_classifier(src, base / "model")
 
 

@@ -1,6 +1,6 @@
 """No head dropped in silence: every ``DebertaV2For*`` and ``DebertaFor*`` class transformers has is either exported
-with its head (sequence and token classification) or refused with a message that names the head and the way to keep
-only the encoder (``--task embedding``); the refusal happens before anything is written."""
+with its head (sequence and token classification, question answering) or refused with a message that names the head
+and the way to keep only the encoder (``--task embedding``); the refusal happens before anything is written."""
 
 from __future__ import annotations
 
@@ -12,13 +12,19 @@ import pytest
 import transformers
 from transformers import DebertaConfig, DebertaV2Config
 
-from deberta_onnx.runtime.contract import TASK_EMBEDDING, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
+from deberta_onnx.runtime.contract import (
+    TASK_EMBEDDING,
+    TASK_QUESTION_ANSWERING,
+    TASK_SEQUENCE_CLASSIFICATION,
+    TASK_TOKEN_CLASSIFICATION,
+)
 
 from .conftest import TINY_CONFIGS
 
 # The heads that export as themselves; every other ``...For...`` class must be refused.
 _EXPORTED = {"ForSequenceClassification": TASK_SEQUENCE_CLASSIFICATION,
-             "ForTokenClassification": TASK_TOKEN_CLASSIFICATION}
+             "ForTokenClassification": TASK_TOKEN_CLASSIFICATION,
+             "ForQuestionAnswering": TASK_QUESTION_ANSWERING}
 
 
 def _head_classes() -> list[str]:
@@ -64,7 +70,7 @@ def test_every_deberta_head_is_exported_or_refused_by_name(name: str, tmp_path: 
 
 
 def test_task_embedding_keeps_the_encoder_of_an_unsupported_head(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    """``--task embedding`` on a question-answering checkpoint loads its encoder, with the trained weights (the
+    """``--task embedding`` on a multiple-choice checkpoint loads its encoder, with the trained weights (the
     export of an encoder is tested on classifiers in test_classifiers.py)."""
     import shutil
 
@@ -74,12 +80,12 @@ def test_task_embedding_keeps_the_encoder_of_an_unsupported_head(tmp_path: Path,
 
     from .conftest import TOKENIZER_FILES
 
-    src = _tiny_head("DebertaV2ForQuestionAnswering", tmp_path / "ckpt")
+    src = _tiny_head("DebertaV2ForMultipleChoice", tmp_path / "ckpt")
     for file in TOKENIZER_FILES:
         shutil.copy(tiny_checkpoint / file, src / file)
     loaded = load_checkpoint(str(src), task=TASK_EMBEDDING)
     assert loaded.task == TASK_EMBEDDING and loaded.source["architecture"] == "DebertaV2Model"
-    trained = transformers.DebertaV2ForQuestionAnswering.from_pretrained(src).deberta.state_dict()
+    trained = transformers.DebertaV2ForMultipleChoice.from_pretrained(src).deberta.state_dict()
     for name, value in loaded.model.state_dict().items():
         torch.testing.assert_close(value, trained[name], rtol=0, atol=0)
 
@@ -88,8 +94,8 @@ def test_export_command_refuses_the_head_and_names_the_way_out(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     from deberta_onnx.runtime.cli import main
 
-    src = _tiny_head("DebertaV2ForQuestionAnswering", tmp_path / "ckpt")
+    src = _tiny_head("DebertaV2ForMultipleChoice", tmp_path / "ckpt")
     assert main(["export", str(src), str(tmp_path / "out"), "--quiet"]) == 1
     error = capsys.readouterr().err
-    assert "DebertaV2ForQuestionAnswering checkpoint" in error and "--task embedding" in error
+    assert "DebertaV2ForMultipleChoice checkpoint" in error and "--task embedding" in error
     assert not (tmp_path / "out").exists()

@@ -1,9 +1,10 @@
-"""The quality gate: a variant's sentence vectors against the fp32 PyTorch reference, on held-out sentences."""
+"""The quality gate: a variant's outputs against the fp32 PyTorch reference, on held-out sentences: the sentence
+vectors of an embedding graph, the start and end logits of a question-answering graph (``Readout``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +12,21 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from deberta_onnx.runtime.contract import ATTENTION_MASK, INPUT_IDS, SENTENCE_EMBEDDING
+from deberta_onnx.runtime.contract import (
+    ATTENTION_MASK,
+    END_LOGITS,
+    INPUT_IDS,
+    SENTENCE_EMBEDDING,
+    START_LOGITS,
+    TASK_EMBEDDING,
+    TASK_QUESTION_ANSWERING,
+    TOKEN_TYPE_IDS,
+)
 from deberta_onnx.runtime.postprocess import row_cosine
 from deberta_onnx.runtime.tokenization import TextTokenizer
 
-__all__ = ["BATCH_INVARIANCE", "GATE_BATCH", "HELD_OUT_STRIDE", "HeldOut", "format_quality", "gate_failure",
-           "held_out_set", "measure", "split_sentences"]
+__all__ = ["BATCH_INVARIANCE", "GATED_TASKS", "GATE_BATCH", "HELD_OUT_STRIDE", "HeldOut", "Readout", "format_quality",
+           "gate_failure", "gate_feeds", "gate_items", "gate_readout", "held_out_set", "measure", "split_sentences"]
 
 # Every 4th shipped sentence (the 1st, 5th, 9th, ...; 100 of 400) is held out for the gate; the other 300
 # are int8-static's default calibration set, so the gate never scores a text the scales were fitted on.
@@ -28,6 +38,62 @@ GATE_BATCH = 8
 BATCH_INVARIANCE = 0.9999
 
 
+@dataclass(frozen=True)
+class Readout:
+    """What the gate compares of a graph's outputs: one vector per input row, built from the named outputs.
+
+    ``sentence``: the sentence vector as it is. ``span``: a question-answering graph's start and end logits over
+    the row's own tokens, each less its mean there (the span scores are a softmax of them, which a shift of every
+    logit leaves alone), side by side; the gate's cosine of two such vectors is the correlation of their logits.
+    """
+
+    outputs: tuple[str, ...]
+    kind: str  # "sentence" or "span"
+
+    def vectors(self, outputs: Sequence[np.ndarray], mask: np.ndarray, width: int) -> np.ndarray:
+        """float64 ``[rows, features]`` from the outputs of one call (``width``: the longest row a gate input can
+        have, so that every call's span vectors have one length)."""
+        if self.kind == "sentence":
+            return np.asarray(outputs[0], dtype=np.float64)
+        keep = mask.astype(bool)
+        rows = []
+        for logits in outputs:
+            values = np.asarray(logits, dtype=np.float64)
+            counts = np.maximum(keep.sum(axis=1, keepdims=True), 1)
+            centred = np.where(keep, values - np.where(keep, values, 0.0).sum(axis=1, keepdims=True) / counts, 0.0)
+            padded = np.zeros((len(values), width))
+            padded[:, : values.shape[1]] = centred
+            rows.append(padded)
+        return np.concatenate(rows, axis=1)
+
+
+# The tasks whose lower precisions the gate can judge, and what it compares of each.
+_READOUTS = {
+    TASK_EMBEDDING: Readout(outputs=(SENTENCE_EMBEDDING,), kind="sentence"),
+    TASK_QUESTION_ANSWERING: Readout(outputs=(START_LOGITS, END_LOGITS), kind="span"),
+}
+GATED_TASKS = tuple(_READOUTS)
+
+
+def gate_readout(task: str) -> Readout:
+    """The gate's ``Readout`` for ``task``.
+
+    Raises:
+        ValueError: a task the gate cannot judge (the export refuses lower precisions for it before).
+    """
+    if task not in _READOUTS:
+        raise ValueError(f"the quality gate judges {', '.join(GATED_TASKS)} graphs, not {task}")
+    return _READOUTS[task]
+
+
+def gate_items(task: str, texts: Sequence[str]) -> list[str | tuple[str, str]]:
+    """The gate's inputs made of ``texts``: the texts themselves, or for question answering ``(question, context)``
+    pairs of each text and the two that follow it (a context of two sentences)."""
+    if task != TASK_QUESTION_ANSWERING:
+        return list(texts)
+    return [(text, " ".join(texts[(i + 1 + k) % len(texts)] for k in range(2))) for i, text in enumerate(texts)]
+
+
 def split_sentences(texts: Sequence[str]) -> tuple[list[str], list[str]]:
     """Returns ``(calibration, held_out)``: every ``HELD_OUT_STRIDE``-th text, from the first, is held out."""
     held = [text for i, text in enumerate(texts) if i % HELD_OUT_STRIDE == 0]
@@ -37,41 +103,69 @@ def split_sentences(texts: Sequence[str]) -> tuple[list[str], list[str]]:
 
 @dataclass(frozen=True)
 class HeldOut:
-    """The held-out texts as model inputs, one text at a time and in batches, and PyTorch's vectors for them."""
+    """The held-out inputs as model feeds (arrays in ``inputs`` order), one input at a time and in batches, and the
+    reference vectors for them (``readout`` says which outputs make them)."""
 
     texts: list[str]
-    alone: list[tuple[np.ndarray, np.ndarray]]
-    batches: list[tuple[np.ndarray, np.ndarray]]
+    alone: list[tuple[np.ndarray, ...]]
+    batches: list[tuple[np.ndarray, ...]]
     reference: np.ndarray
+    readout: Readout = _READOUTS[TASK_EMBEDDING]
+    inputs: tuple[str, ...] = (INPUT_IDS, ATTENTION_MASK)
+    width: int = field(default=0)
+
+    def vectors(self, outputs: Sequence[np.ndarray], feed: tuple[np.ndarray, ...]) -> np.ndarray:
+        return self.readout.vectors(outputs, feed[1], self.width)
 
 
-def held_out_set(module: torch.nn.Module, tokenizer: TextTokenizer, texts: Sequence[str]) -> HeldOut:
-    """Tokenizes ``texts`` and computes the reference vectors with ``module`` (encoder + pooling) in fp32."""
-    ids = tokenizer.encode(list(texts))
-    alone = [tokenizer.pad([row]) for row in ids]
-    batches = [tokenizer.pad(ids[i : i + GATE_BATCH]) for i in range(0, len(ids), GATE_BATCH)]
-    outputs = []
+def gate_feeds(tokenizer: TextTokenizer, items: Sequence[str | tuple[str, str]], inputs: Sequence[str]
+               ) -> tuple[list[tuple[np.ndarray, ...]], list[tuple[np.ndarray, ...]]]:
+    """``(alone, batches)``: each input padded alone, and ``GATE_BATCH`` at a time, as arrays in ``inputs`` order."""
+    encodings = tokenizer.encodings(list(items))
+
+    def feed(chunk: list[Any]) -> tuple[np.ndarray, ...]:
+        ids, mask = tokenizer.pad([e.ids for e in chunk])
+        arrays = {INPUT_IDS: ids, ATTENTION_MASK: mask}
+        if TOKEN_TYPE_IDS in inputs:
+            arrays[TOKEN_TYPE_IDS] = tokenizer.pad([e.type_ids for e in chunk], fill=0)[0]
+        return tuple(arrays[name] for name in inputs)
+
+    alone = [feed([e]) for e in encodings]
+    batches = [feed(encodings[i : i + GATE_BATCH]) for i in range(0, len(encodings), GATE_BATCH)]
+    return alone, batches
+
+
+def held_out_set(module: torch.nn.Module, tokenizer: TextTokenizer, texts: Sequence[str], *,
+                 task: str = TASK_EMBEDDING, inputs: Sequence[str] = (INPUT_IDS, ATTENTION_MASK)) -> HeldOut:
+    """Tokenizes the gate's inputs made of ``texts`` (``gate_items``) and computes the reference vectors with
+    ``module`` (the exported graph's PyTorch module, taking ``inputs``) in fp32."""
+    readout = gate_readout(task)
+    alone, batches = gate_feeds(tokenizer, gate_items(task, texts), inputs)
+    vectors = []
     with torch.no_grad():
-        for ids_batch, mask_batch in batches:
-            output = module(torch.from_numpy(ids_batch), torch.from_numpy(mask_batch))
-            # A graph with token vectors returns (sentence vectors, token vectors); the gate compares the former.
-            outputs.append((output[0] if isinstance(output, tuple) else output).numpy())
-    reference = np.concatenate(outputs)
-    return HeldOut(texts=list(texts), alone=alone, batches=batches, reference=reference.astype(np.float64))
+        for feed in batches:
+            output = module(*(torch.from_numpy(array) for array in feed))
+            # A graph with token vectors returns (sentence vectors, token vectors); the readout takes what it needs.
+            outputs = [t.numpy() for t in (output if isinstance(output, tuple) else (output,))]
+            vectors.append(readout.vectors(outputs, feed[1], tokenizer.max_length))
+    return HeldOut(texts=list(texts), alone=alone, batches=batches, reference=np.concatenate(vectors),
+                   readout=readout, inputs=tuple(inputs), width=tokenizer.max_length)
 
 
 def measure(model_path: Path, held: HeldOut) -> dict[str, Any]:
-    """Runs the graph on the held-out texts (alone, then in batches) on the CPU and compares with the reference.
+    """Runs the graph on the held-out inputs (alone, then in batches) on the CPU and compares its vectors (see
+    ``Readout``) with the reference.
 
     Returns:
         ``min_cosine`` / ``mean_cosine`` (per text, both runs), ``max_abs_diff``, ``batch_invariance`` (the
         lowest cosine between a text's vector alone and in its batch), the ``worst`` text, ``finite``, ``bytes``.
     """
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    names = list(held.readout.outputs)
 
-    def run(pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        outputs = [session.run([SENTENCE_EMBEDDING], {INPUT_IDS: ids, ATTENTION_MASK: mask})[0] for ids, mask in pairs]
-        return np.concatenate(outputs).astype(np.float64)
+    def run(feeds: list[tuple[np.ndarray, ...]]) -> np.ndarray:
+        return np.concatenate([held.vectors(session.run(names, dict(zip(held.inputs, feed))), feed)
+                               for feed in feeds])
 
     alone, batched = run(held.alone), run(held.batches)
     finite = bool(np.isfinite(alone).all() and np.isfinite(batched).all())

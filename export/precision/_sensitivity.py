@@ -20,10 +20,10 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from deberta_onnx.runtime.contract import ATTENTION_MASK, INPUT_IDS, SENTENCE_EMBEDDING
+from deberta_onnx.runtime.contract import ATTENTION_MASK, INPUT_IDS, TASK_EMBEDDING
 from deberta_onnx.runtime.tokenization import TextTokenizer
 
-from ._quality import GATE_BATCH, HeldOut
+from ._quality import HeldOut, gate_feeds, gate_items, gate_readout
 
 __all__ = ["probe_set", "rank_matmuls", "search_fp32_matmuls"]
 
@@ -73,15 +73,16 @@ def _uint8(x: np.ndarray, low: float, high: float) -> np.ndarray:
     return (np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale
 
 
-def probe_set(fp32_path: Path, tokenizer: TextTokenizer, texts: Sequence[str]) -> HeldOut:
+def probe_set(fp32_path: Path, tokenizer: TextTokenizer, texts: Sequence[str], *, task: str = TASK_EMBEDDING,
+              inputs: Sequence[str] = (INPUT_IDS, ATTENTION_MASK)) -> HeldOut:
     """``texts`` as the gate runs them (alone and in batches), with the fp32 graph's vectors as reference."""
-    ids = tokenizer.encode(list(texts))
-    alone = [tokenizer.pad([row]) for row in ids]
-    batches = [tokenizer.pad(ids[i : i + GATE_BATCH]) for i in range(0, len(ids), GATE_BATCH)]
+    readout = gate_readout(task)
+    alone, batches = gate_feeds(tokenizer, gate_items(task, texts), inputs)
     session = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
-    reference = np.concatenate([session.run([SENTENCE_EMBEDDING], {INPUT_IDS: i, ATTENTION_MASK: m})[0]
-                                for i, m in batches])
-    return HeldOut(texts=list(texts), alone=alone, batches=batches, reference=reference.astype(np.float64))
+    reference = np.concatenate([readout.vectors(session.run(list(readout.outputs), dict(zip(inputs, feed))),
+                                                feed[1], tokenizer.max_length) for feed in batches])
+    return HeldOut(texts=list(texts), alone=alone, batches=batches, reference=reference, readout=readout,
+                   inputs=tuple(inputs), width=tokenizer.max_length)
 
 
 def search_fp32_matmuls(ranking: Sequence[tuple[str, float]], build: Callable[[list[str]], dict[str, Any]],

@@ -17,6 +17,8 @@ from deberta_onnx.runtime.contract import (
     INPUT_IDS,
     MODEL_FILE,
     PRECISIONS,
+    TASK_EMBEDDING,
+    TOKEN_TYPE_IDS,
     TOKENIZER_FILE,
     variant_file,
 )
@@ -128,14 +130,20 @@ def derive_variants(
     fp32_path = folder / MODEL_FILE
     held = fp32_report = None
     base_bytes = sum(p.stat().st_size for p in folder.glob(f"{MODEL_FILE}*"))
+    # What the graph takes and gives: an embedding graph's sentence vectors, or another task's outputs (Readout).
+    task = str(getattr(module, "task", TASK_EMBEDDING))
+    inputs = tuple(spec.name for spec in getattr(module, "inputs", ())) or (INPUT_IDS, ATTENTION_MASK)
     if config.validate:
-        say(f"quality gate: {len(held_texts)} held-out sentences against the fp32 PyTorch reference")
-        held = held_out_set(module, tokenizer, held_texts)
+        what = "held-out sentences" if task == TASK_EMBEDDING else f"{task} inputs made of held-out sentences"
+        say(f"quality gate: {len(held_texts)} {what} against the fp32 PyTorch reference")
+        held = held_out_set(module, tokenizer, held_texts, task=task, inputs=inputs)
         fp32_report = measure(fp32_path, held)
         say(format_quality("fp32", "reference", fp32_report, base_bytes))
     base = prepare_base(fp32_path, scratch / "folded.onnx")
     texts = read_calibration(config.calibration) if config.calibration else default_calibration
     feeds = [dict(zip((INPUT_IDS, ATTENTION_MASK), tokenizer.pad([ids]))) for ids in tokenizer.encode(texts)]
+    if TOKEN_TYPE_IDS in inputs:  # one text per feed: a single segment
+        feeds = [{**feed, TOKEN_TYPE_IDS: np.zeros_like(feed[INPUT_IDS])} for feed in feeds]
     calibration = {
         "source": str(config.calibration) if config.calibration else "shipped sentences not held out",
         "texts": len(texts),
@@ -144,11 +152,12 @@ def derive_variants(
     }
     say(f"activation ranges: the fp32 graph on {len(texts)} calibration texts")
     weights = int8_units(onnx.load(str(base), load_external_data=False))[0]
-    inputs = {node.input[0] for node in onnx.load(str(base), load_external_data=False).graph.node
-              if node.name in set(weights)}
-    stats = collect_activation_stats(base, feeds, channels_of=inputs)
+    matmul_inputs = {node.input[0] for node in onnx.load(str(base), load_external_data=False).graph.node
+                     if node.name in set(weights)}
+    stats = collect_activation_stats(base, feeds, channels_of=matmul_inputs)
     search = _Search(base=base, folder=folder, config=config, held=held, feeds=feeds, stats=stats,
-                     probe_texts=texts[:PROBE_TEXTS], tokenizer=tokenizer, base_bytes=base_bytes, say=say)
+                     probe_texts=texts[:PROBE_TEXTS], tokenizer=tokenizer, base_bytes=base_bytes, say=say,
+                     task=task, inputs=inputs)
     entries: dict[str, dict[str, Any]] = {}
     for precision in derived:
         entry = search.derive(precision)
@@ -172,6 +181,8 @@ class _Search:
     tokenizer: TextTokenizer
     base_bytes: int
     say: Callable[[str], None]
+    task: str = TASK_EMBEDDING
+    inputs: tuple[str, ...] = (INPUT_IDS, ATTENTION_MASK)
     _probes: HeldOut | None = None
 
     def derive(self, precision: str) -> dict[str, Any]:
@@ -232,7 +243,7 @@ class _Search:
             return build_variant(recipe, self.base, path, calibration=self.feeds, stats=self.stats, keep_fp32=keep)
 
         if self._probes is None:
-            self._probes = probe_set(self.base, self.tokenizer, self.probe_texts)
+            self._probes = probe_set(self.base, self.tokenizer, self.probe_texts, task=self.task, inputs=self.inputs)
         probes = self._probes
 
         def test() -> tuple[str | None, dict[str, Any]]:

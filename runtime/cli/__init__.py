@@ -19,12 +19,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     an optional extra's config (``export``, ``bench``), so that other commands start without importing torch."""
     # The subcommands import numpy, ONNX Runtime and tokenizers: here, not at this module's import, so that the
     # command's entry point imports nothing heavy before main's error handling runs (a Ctrl+C then is one line).
-    from . import bench, classify, embed, export, info, search, serve, tune
+    from . import bench, classify, embed, export, info, qa, search, serve, tune
 
     parser = argparse.ArgumentParser(
         prog="deberta-onnx",
         description="Export DeBERTa checkpoints to ONNX with fused pooling, and run them without PyTorch: "
-                    "`export` writes a model folder (needs the export extra); `embed`, `search`, `classify` and "
+                    "`export` writes a model folder (needs the export extra); `embed`, `search`, `classify`, `qa` and "
                     "`info` use it with the base install, `serve` with the server extra, `bench` (against "
                     "PyTorch) with the export and bench extras.",
         epilog="Run `deberta-onnx COMMAND --help` for a command's options.",
@@ -37,6 +37,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     info.add_parser(commands)
     search.add_parser(commands)
     classify.add_parser(commands)
+    qa.add_parser(commands)
     tune.add_parser(commands)
     return parser
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import tune
 from ..config import EncoderConfig
-from ..contract import TASK_EMBEDDING, TASK_SEQUENCE_CLASSIFICATION
+from ..contract import TASK_EMBEDDING, TASK_QUESTION_ANSWERING, TASK_SEQUENCE_CLASSIFICATION
 from ..errors import TaskMismatchError
 from ..loader import load_model
 from ..manifest import Manifest, load_manifest
@@ -150,6 +150,9 @@ def _print_task(manifest: Manifest) -> None:
     inputs = ", ".join(spec.name for spec in manifest.inputs)
     if manifest.task == TASK_EMBEDDING:
         print(f"task:       embedding (Encoder)   normalized in the graph: {'yes' if manifest.normalize else 'no'}")
+    elif manifest.task == TASK_QUESTION_ANSWERING:
+        print(f"task:       {manifest.task} (QuestionAnswerer)   extractive: answer spans of the context, from "
+              "start and end logits")
     else:
         sequence = manifest.task == TASK_SEQUENCE_CLASSIFICATION
         runner = "SequenceClassifier, CrossEncoder" if sequence else "TokenClassifier"
