@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from ..errors import DebertaOnnxError, MissingExtraError
 
@@ -48,7 +49,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``deberta-onnx``; returns the process exit code."""
+    """Entry point of ``deberta-onnx``; returns the process exit code. Called in a process's main thread, it turns
+    SIGTERM into an orderly exit while it runs, and gives the caller's SIGTERM handler back when it returns."""
+    previous: Any = None
     try:
         words = list(sys.argv[1:] if argv is None else argv)
         command = next((word for word in words if not word.startswith("-")), None)
@@ -56,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # seconds), and a Ctrl+C then is an interruption like any other.
         args = build_parser(command).parse_args(words)
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _terminate)
+            previous = signal.signal(signal.SIGTERM, _terminate)
         return int(args.run(args))
     except MissingExtraError as exc:  # an optional part without its extra: the message names the pip command
         print(f"error: {exc}", file=sys.stderr)
@@ -67,3 +70,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
