@@ -203,6 +203,8 @@ def export_peers(work: Path, *, steps: Sequence[str], memory_cap_gb: float, time
         seconds = round(time.perf_counter() - start, 1)
         if stopped:
             outcome = stopped
+        elif child.returncode == -15:
+            outcome = "stopped (SIGTERM), unfinished"
         elif child.returncode == -9:
             outcome = "killed (SIGKILL: the kernel's OOM killer, most likely)"
         elif child.returncode:
@@ -269,8 +271,11 @@ def _peer(key: str, work: Path, threads: int, exports: dict[str, Any]) -> _Confi
 
     note = ""
     if backend == "openvino":
-        compiled = model[0].auto_model.request.get_compiled_model()  # type: ignore[union-attr, operator]
-        note = f"OpenVINO INFERENCE_PRECISION_HINT {compiled.get_property('INFERENCE_PRECISION_HINT')}"
+        compiled: Any = model[0].auto_model.request  # type: ignore[union-attr]
+        if hasattr(compiled, "get_compiled_model"):  # an InferRequest in some optimum-intel versions
+            compiled = compiled.get_compiled_model()
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+        note = f"OpenVINO INFERENCE_PRECISION_HINT {getattr(hint, 'get_type_name', lambda: hint)()}"
     return _Config(key, label, call=call, encode=encode, note=note)
 
 
