@@ -86,7 +86,9 @@ def add_parser(commands: Any, *, with_defaults: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deberta_onnx.benchmarks import BenchConfig, ModelSpec, ThreadSetting, parse_shapes, run_benchmark
+    from deberta_onnx.benchmarks import BenchConfig, ModelSpec, ThreadSetting, check_extras, parse_shapes, run_benchmark
+
+    check_extras()
 
     given = {name: value for name, value in vars(args).items()
              if name not in ("models", "out", "quick", "run", "command", "encoder_config")}
