@@ -10,6 +10,7 @@ from typing import Any
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForMultipleChoice,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
@@ -19,12 +20,15 @@ from transformers import (
 
 from deberta_onnx.runtime.contract import (
     TASK_EMBEDDING,
+    TASK_FILL_MASK,
+    TASK_MULTIPLE_CHOICE,
     TASK_SEQUENCE_CLASSIFICATION,
     TASK_TOKEN_CLASSIFICATION,
     TASKS,
 )
 
 from ._errors import CheckpointError, UnsupportedHeadError, UnsupportedModelError
+from ._heads import MaskedLMLoader
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "LoadedCheckpoint", "checkpoint_task", "load_checkpoint", "scratch_dir"]
 
@@ -41,7 +45,12 @@ _TASK_LOADERS: dict[str, tuple[Any, str]] = {
     TASK_EMBEDDING: (AutoModel, ""),
     TASK_SEQUENCE_CLASSIFICATION: (AutoModelForSequenceClassification, "ForSequenceClassification"),
     TASK_TOKEN_CLASSIFICATION: (AutoModelForTokenClassification, "ForTokenClassification"),
+    TASK_MULTIPLE_CHOICE: (AutoModelForMultipleChoice, "ForMultipleChoice"),
+    TASK_FILL_MASK: (MaskedLMLoader, "ForMaskedLM"),
 }
+# Heads a pre-trained encoder checkpoint may carry without naming them in ``architectures`` (DeBERTa v1/v2's MLM
+# head): asked for with --task, they are loaded, and refused there if their weights are not in the checkpoint.
+_UNDECLARED_HEADS = frozenset({TASK_FILL_MASK})
 # The bare encoders' architecture names: no head, exported as ``embedding``.
 _ENCODERS = frozenset({"DebertaV2Model", "DebertaModel"})
 
@@ -153,7 +162,8 @@ def load_checkpoint(src: str, task: str | None = None) -> LoadedCheckpoint:
     else:
         own_task = checkpoint_task(config, str(src))
     task = task or own_task
-    if task != TASK_EMBEDDING and task != own_task:
+    undeclared = task in _UNDECLARED_HEADS and own_task == TASK_EMBEDDING
+    if task != TASK_EMBEDDING and task != own_task and not undeclared:
         raise UnsupportedModelError(
             f"{src} has no {task} head (architectures: {', '.join(config.architectures or []) or 'none'}); "
             f"exporting it as {task} would add an untrained, random head. Export a checkpoint fine-tuned for "

@@ -17,7 +17,9 @@ from .classifier import CrossEncoder, SequenceClassifier, TokenClassifier
 from .config import EncoderConfig
 from .encoder import Encoder
 from .errors import DebertaOnnxError
+from .fill_mask import FillMask
 from .installed import DISTRIBUTION
+from .multiple_choice import MultipleChoice, MultipleChoiceResult
 from .similarity import Hit, cos_sim, semantic_search
 from .zero_shot import ZeroShotClassifier, ZeroShotResult
 
@@ -31,7 +33,10 @@ __all__ = [
     "DebertaOnnxError",
     "Encoder",
     "EncoderConfig",
+    "FillMask",
     "Hit",
+    "MultipleChoice",
+    "MultipleChoiceResult",
     "SequenceClassifier",
     "TokenClassifier",
     "ZeroShotClassifier",

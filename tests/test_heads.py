@@ -1,6 +1,6 @@
 """No head dropped in silence: every ``DebertaV2For*`` and ``DebertaFor*`` class transformers has is either exported
-with its head (sequence and token classification) or refused with a message that names the head and the way to keep
-only the encoder (``--task embedding``); the refusal happens before anything is written."""
+with its head (sequence and token classification, multiple choice, masked LM) or refused with a message that names
+the head and the way to keep only the encoder (``--task embedding``); the refusal happens before anything is written."""
 
 from __future__ import annotations
 
@@ -12,13 +12,21 @@ import pytest
 import transformers
 from transformers import DebertaConfig, DebertaV2Config
 
-from deberta_onnx.runtime.contract import TASK_EMBEDDING, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
+from deberta_onnx.runtime.contract import (
+    TASK_EMBEDDING,
+    TASK_FILL_MASK,
+    TASK_MULTIPLE_CHOICE,
+    TASK_SEQUENCE_CLASSIFICATION,
+    TASK_TOKEN_CLASSIFICATION,
+)
 
 from .conftest import TINY_CONFIGS
 
 # The heads that export as themselves; every other ``...For...`` class must be refused.
 _EXPORTED = {"ForSequenceClassification": TASK_SEQUENCE_CLASSIFICATION,
-             "ForTokenClassification": TASK_TOKEN_CLASSIFICATION}
+             "ForTokenClassification": TASK_TOKEN_CLASSIFICATION,
+             "ForMultipleChoice": TASK_MULTIPLE_CHOICE,
+             "ForMaskedLM": TASK_FILL_MASK}
 
 
 def _head_classes() -> list[str]:

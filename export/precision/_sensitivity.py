@@ -20,10 +20,9 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from deberta_onnx.runtime.contract import ATTENTION_MASK, INPUT_IDS, SENTENCE_EMBEDDING
 from deberta_onnx.runtime.tokenization import TextTokenizer
 
-from ._quality import GATE_BATCH, HeldOut
+from ._quality import SENTENCE_GATE, Gate, HeldOut, gate_feeds, output_rows
 
 __all__ = ["probe_set", "rank_matmuls", "search_fp32_matmuls"]
 
@@ -73,15 +72,13 @@ def _uint8(x: np.ndarray, low: float, high: float) -> np.ndarray:
     return (np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale
 
 
-def probe_set(fp32_path: Path, tokenizer: TextTokenizer, texts: Sequence[str]) -> HeldOut:
-    """``texts`` as the gate runs them (alone and in batches), with the fp32 graph's vectors as reference."""
-    ids = tokenizer.encode(list(texts))
-    alone = [tokenizer.pad([row]) for row in ids]
-    batches = [tokenizer.pad(ids[i : i + GATE_BATCH]) for i in range(0, len(ids), GATE_BATCH)]
+def probe_set(fp32_path: Path, tokenizer: TextTokenizer, texts: Sequence[str], gate: Gate | None = None) -> HeldOut:
+    """``texts`` as the gate runs them (alone and in batches), with the fp32 graph's rows as reference."""
+    gate = gate or SENTENCE_GATE
+    alone, batches = gate_feeds(gate, tokenizer, texts)
     session = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
-    reference = np.concatenate([session.run([SENTENCE_EMBEDDING], {INPUT_IDS: i, ATTENTION_MASK: m})[0]
-                                for i, m in batches])
-    return HeldOut(texts=list(texts), alone=alone, batches=batches, reference=reference.astype(np.float64))
+    reference = np.concatenate([output_rows(session.run([gate.output], feed)[0], gate.center) for feed in batches])
+    return HeldOut(texts=list(texts), alone=alone, batches=batches, reference=reference, gate=gate)
 
 
 def search_fp32_matmuls(ranking: Sequence[tuple[str, float]], build: Callable[[list[str]], dict[str, Any]],

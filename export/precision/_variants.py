@@ -13,8 +13,6 @@ import onnx
 import torch
 
 from deberta_onnx.runtime.contract import (
-    ATTENTION_MASK,
-    INPUT_IDS,
     MODEL_FILE,
     PRECISIONS,
     TOKENIZER_FILE,
@@ -31,9 +29,11 @@ from ._int8 import build_int8, int8_source, int8_units
 from ._onnx_edit import prepare_base
 from ._quality import (
     BATCH_INVARIANCE,
+    Gate,
     HeldOut,
     format_quality,
     gate_failure,
+    gate_for,
     held_out_set,
     measure,
     split_sentences,
@@ -135,7 +135,8 @@ def derive_variants(
         say(format_quality("fp32", "reference", fp32_report, base_bytes))
     base = prepare_base(fp32_path, scratch / "folded.onnx")
     texts = read_calibration(config.calibration) if config.calibration else default_calibration
-    feeds = [dict(zip((INPUT_IDS, ATTENTION_MASK), tokenizer.pad([ids]))) for ids in tokenizer.encode(texts)]
+    gate = gate_for(module)
+    feeds = [gate.feed(*tokenizer.pad([ids])) for ids in tokenizer.encode(texts)]
     calibration = {
         "source": str(config.calibration) if config.calibration else "shipped sentences not held out",
         "texts": len(texts),
@@ -147,7 +148,7 @@ def derive_variants(
     inputs = {node.input[0] for node in onnx.load(str(base), load_external_data=False).graph.node
               if node.name in set(weights)}
     stats = collect_activation_stats(base, feeds, channels_of=inputs)
-    search = _Search(base=base, folder=folder, config=config, held=held, feeds=feeds, stats=stats,
+    search = _Search(base=base, folder=folder, config=config, held=held, gate=gate, feeds=feeds, stats=stats,
                      probe_texts=texts[:PROBE_TEXTS], tokenizer=tokenizer, base_bytes=base_bytes, say=say)
     entries: dict[str, dict[str, Any]] = {}
     for precision in derived:
@@ -166,6 +167,7 @@ class _Search:
     folder: Path
     config: ExportConfig
     held: HeldOut | None
+    gate: Gate
     feeds: list[dict[str, np.ndarray]]
     stats: ActivationStats
     probe_texts: list[str]
@@ -232,7 +234,7 @@ class _Search:
             return build_variant(recipe, self.base, path, calibration=self.feeds, stats=self.stats, keep_fp32=keep)
 
         if self._probes is None:
-            self._probes = probe_set(self.base, self.tokenizer, self.probe_texts)
+            self._probes = probe_set(self.base, self.tokenizer, self.probe_texts, self.gate)
         probes = self._probes
 
         def test() -> tuple[str | None, dict[str, Any]]:
