@@ -10,7 +10,7 @@ import threading
 from collections.abc import Sequence
 
 from ..errors import DebertaOnnxError, MissingExtraError
-from . import bench, classify, embed, export, info, search, serve, tune
+from . import bench, classify, embed, export, fill_mask, info, multiple_choice, search, serve, tune
 
 __all__ = ["build_parser", "main"]
 
@@ -35,6 +35,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     search.add_parser(commands)
     classify.add_parser(commands)
     tune.add_parser(commands)
+    multiple_choice.add_parser(commands)
+    fill_mask.add_parser(commands)
     return parser
 
 

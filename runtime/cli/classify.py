@@ -8,7 +8,12 @@ import argparse
 from typing import Any
 
 from ..classifier import SequenceClassifier, TokenClassifier
-from ..contract import TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
+from ..contract import (
+    TASK_FILL_MASK,
+    TASK_MULTIPLE_CHOICE,
+    TASK_SEQUENCE_CLASSIFICATION,
+    TASK_TOKEN_CLASSIFICATION,
+)
 from ..errors import TaskMismatchError
 from ..manifest import load_manifest
 from ..postprocess import AGGREGATIONS
@@ -97,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
         spans = tagger.predict(lines, batch_size=args.batch_size, aggregation=args.aggregation,
                               show_progress=show_progress(args))
         rows = [{"text": text, "spans": [span._asdict() for span in found]} for text, found in zip(lines, spans)]
+    elif task in (TASK_MULTIPLE_CHOICE, TASK_FILL_MASK):
+        raise TaskMismatchError(f"{args.model_dir} holds a {task} model; use `deberta-onnx {task}` with it")
     else:
         raise TaskMismatchError(f"{args.model_dir} holds an embedding model; use `deberta-onnx embed` or "
                                 "`deberta-onnx search` with it")

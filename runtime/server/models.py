@@ -5,7 +5,8 @@ above the runtime; no HTTP stack, so that it can be tested, and reused, without 
 Routes per task: an ``embedding`` model serves ``POST /v1/embeddings``; a ``sequence-classification`` model
 (classifier or cross-encoder) serves ``POST /v1/rerank`` (one-label models) and ``POST /v1/classify`` (zero-shot
 with ``candidate_labels`` where its labels name entailment); a
-``token-classification`` model serves ``POST /v1/classify`` with spans.
+``token-classification`` model serves ``POST /v1/classify`` with spans; a ``multiple-choice`` model
+``POST /v1/multiple-choice``, a ``fill-mask`` model ``POST /v1/fill-mask`` (``tasks_api``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,18 @@ import numpy as np
 from ..batching import capped
 from ..classifier import SequenceClassifier, TokenClassifier
 from ..config import EncoderConfig
-from ..contract import TASK_EMBEDDING, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
+from ..contract import (
+    TASK_EMBEDDING,
+    TASK_FILL_MASK,
+    TASK_MULTIPLE_CHOICE,
+    TASK_SEQUENCE_CLASSIFICATION,
+    TASK_TOKEN_CLASSIFICATION,
+)
 from ..encoder import Encoder
 from ..errors import TaskMismatchError
+from ..fill_mask import FillMask, fill_mask_candidates
 from ..manifest import load_manifest
+from ..multiple_choice import MultipleChoice, MultipleChoiceResult, choice_scores
 from ..postprocess import classifier_scores, cross_encoder_scores, truncate_dimensions
 from ..zero_shot import entailment_index, zero_shot_scores
 from .budget import TokenBudget
@@ -39,25 +48,38 @@ from .errors import ApiError
 from .microbatch import BatchObserver, MicroBatcher, Outputs
 from .openai_api import embedding_response, parse_embedding_request
 from .rerank_api import parse_rerank_request, rerank_response
+from .tasks_api import (
+    fill_mask_response,
+    multiple_choice_response,
+    parse_fill_mask_request,
+    parse_multiple_choice_request,
+)
 
-__all__ = ["CLASSIFY", "EMBEDDINGS", "RERANK", "ROUTES", "Job", "Model", "ServedModel", "load_folder"]
+__all__ = ["CLASSIFY", "EMBEDDINGS", "FILL_MASK", "MULTIPLE_CHOICE", "RERANK", "ROUTES", "Job", "Model", "ServedModel",
+           "load_folder"]
 
 EMBEDDINGS = "/v1/embeddings"
 RERANK = "/v1/rerank"
 CLASSIFY = "/v1/classify"
+MULTIPLE_CHOICE = "/v1/multiple-choice"
+FILL_MASK = "/v1/fill-mask"
 # The model routes each task serves.
 ROUTES = {
     TASK_EMBEDDING: (EMBEDDINGS,),
     TASK_SEQUENCE_CLASSIFICATION: (RERANK, CLASSIFY),
     TASK_TOKEN_CLASSIFICATION: (CLASSIFY,),
+    TASK_MULTIPLE_CHOICE: (MULTIPLE_CHOICE,),
+    TASK_FILL_MASK: (FILL_MASK,),
 }
-_KINDS: dict[str, type[Encoder | SequenceClassifier | TokenClassifier]] = {
+_KINDS: dict[str, type[Encoder | SequenceClassifier | TokenClassifier | MultipleChoice | FillMask]] = {
     TASK_EMBEDDING: Encoder,
     TASK_SEQUENCE_CLASSIFICATION: SequenceClassifier,
     TASK_TOKEN_CLASSIFICATION: TokenClassifier,
+    TASK_MULTIPLE_CHOICE: MultipleChoice,
+    TASK_FILL_MASK: FillMask,
 }
 
-Model = Encoder | SequenceClassifier | TokenClassifier
+Model = Encoder | SequenceClassifier | TokenClassifier | MultipleChoice | FillMask
 
 
 def load_folder(model_dir: str | Path, config: EncoderConfig | None = None) -> Model:
@@ -129,7 +151,9 @@ class ServedModel:
                                 "engine_reason": model.engine_reason, "max_length": model.max_length}
         if isinstance(model, Encoder):
             info["hidden_size"] = model.hidden_size
-        else:
+        elif isinstance(model, FillMask):
+            info["mask_token"] = model.mask_token
+        elif not isinstance(model, MultipleChoice):
             info["labels"] = list(model.labels)
         return info
 
@@ -154,6 +178,10 @@ class ServedModel:
         model = self.model
         if isinstance(model, Encoder):
             return self._embeddings(model, body, echo)
+        if isinstance(model, MultipleChoice):
+            return self._multiple_choice(body, echo)
+        if isinstance(model, FillMask):
+            return self._fill_mask(model, body, echo)
         if route == RERANK and isinstance(model, SequenceClassifier):
             return self._rerank(model, body, echo)
         parsed = parse_classify_request(body, max_inputs=config.max_inputs, task=self.task)
@@ -195,6 +223,35 @@ class ServedModel:
             return zero_shot_response(scores, labels=labels, top_k=parsed.top_k, token_counts=counts, model=name)
 
         return Job(items=list(pairs), answer=answer)
+
+    def _multiple_choice(self, body: bytes, echo: bool) -> Job:
+        parsed = parse_multiple_choice_request(body, max_inputs=self.config.max_inputs)
+        name = self._name(parsed.model, echo)
+
+        def answer(outputs: Outputs, counts: list[int]) -> dict[str, Any]:
+            results = [MultipleChoiceResult(prompt, choices, [float(s) for s in scores], int(scores.argmax()),
+                                            choices[int(scores.argmax())])
+                       for (prompt, choices), scores in zip(parsed.questions, map(choice_scores, outputs))]
+            return multiple_choice_response(results, token_counts=counts, model=name)
+
+        return Job(items=list(parsed.questions), answer=answer)
+
+    def _fill_mask(self, model: FillMask, body: bytes, echo: bool) -> Job:
+        parsed = parse_fill_mask_request(body, max_inputs=self.config.max_inputs, mask_token=model.mask_token)
+        name = self._name(parsed.model, echo)
+        try:
+            targets = None if parsed.targets is None else np.asarray(model.target_ids(parsed.targets))
+        except ValueError as exc:
+            raise ApiError(400, f"field 'targets': {exc}", param="targets", code="invalid_value") from exc
+
+        def answer(outputs: Outputs, counts: list[int]) -> dict[str, Any]:
+            answers = []
+            for logits, token_ids in outputs:
+                found = fill_mask_candidates(logits, token_ids, model, top_k=parsed.top_k, target_ids=targets)
+                answers.append(found if len(logits) > 1 else [found])
+            return fill_mask_response(answers, token_counts=counts, model=name)
+
+        return Job(items=list(parsed.texts), answer=answer)
 
     def _name(self, requested: str | None, echo: bool) -> str:
         return requested if echo and requested else self.name
