@@ -21,7 +21,7 @@ from tokenizers import Encoding
 from .batching import DEFAULT_BATCH_SIZE, ModelCall, capped
 from .checks import check_positive_int
 from .classifier import _load
-from .config import EncoderConfig
+from .config import ENGINE_ONNXRUNTIME, EncoderConfig
 from .contract import TASK_MULTIPLE_CHOICE
 from .loader import LoadedAttributes, LoadedModel
 from .postprocess import softmax
@@ -75,11 +75,16 @@ class MultipleChoice(LoadedAttributes):
     Each choice is paired with its prompt (``tokenizer(prompt, choice)``, cut longest first past the model's
     maximum, as transformers cuts pairs), and a question's choices run in one call as one ``[choices, sequence]``
     row; questions with as many choices are batched together. Loading options and errors are those of
-    ``Encoder``; ``TaskMismatchError`` if the folder holds another kind of model.
+    ``Encoder``; ``TaskMismatchError`` if the folder holds another kind of model; ``ValueError`` for an engine
+    other than ONNX Runtime.
     """
 
     def __init__(self, model_dir: str | Path, providers: ProviderList | None = None, *,
                  config: EncoderConfig | None = None) -> None:
+        if config is not None and config.engine != ENGINE_ONNXRUNTIME:
+            # The engine choice measures [batch, sequence] calls; this graph takes [batch, choices, sequence].
+            raise ValueError(f"MultipleChoice runs on ONNX Runtime; load {model_dir} with "
+                             f"EncoderConfig(engine='onnxruntime'), not {config.engine!r}.")
         self.config, self.loaded = _load(model_dir, providers, config, TASK_MULTIPLE_CHOICE, type(self).__name__)
 
     def token_count(self, questions: Sequence[Question]) -> list[int]:

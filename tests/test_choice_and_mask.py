@@ -70,6 +70,14 @@ def test_choice_scores_and_question_checks() -> None:
         check_questions("q")
 
 
+@pytest.mark.parametrize("kind", [MultipleChoice, FillMask])
+def test_other_engines_are_refused_before_loading(kind: Any, tmp_path: Path) -> None:
+    """OpenVINO (or ``auto``, which measures [batch, sequence] calls) cannot feed these graphs' inputs."""
+    for engine in ("openvino", "auto"):
+        with pytest.raises(ValueError, match="runs on ONNX Runtime"):
+            kind(tmp_path, config=EncoderConfig(engine=engine))
+
+
 def test_a_checkpoint_without_its_mlm_head_is_refused_as_v3_discriminators_are(tmp_path: Path,
                                                                               tiny_checkpoint: Path) -> None:
     """The released DeBERTa-v3 checkpoints carry no MLM head: asked for fill-mask, the load refuses, naming the
