@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -78,29 +79,87 @@ def _compare(name: str, ours: Callable[[], Any], theirs: Callable[[], Any], item
     return row
 
 
+def _zero_shot(encoder: Path, root: Path, config: Any, texts: list[str], repeats: int) -> dict[str, Any]:
+    from transformers import pipeline
+
+    from deberta_onnx.runtime import ZeroShotClassifier
+
+    src = _head(encoder, root / "nli", "DebertaV2ForSequenceClassification")
+    zero_shot = ZeroShotClassifier(_export(src, root / "nli-onnx"), config=config)
+    pipe = pipeline("zero-shot-classification", model=str(src), device="cpu")
+    ours, theirs = zero_shot.predict(texts, _LABELS), pipe(texts, _LABELS)
+    _agree([r.labels for r in ours] == [r["labels"] for r in theirs], "zero-shot labels")
+    return _compare("zero-shot", lambda: zero_shot.predict(texts, _LABELS), lambda: pipe(texts, _LABELS), len(texts),
+                    repeats)
+
+
+def _multiple_choice(encoder: Path, root: Path, config: Any, questions: list[tuple[str, list[str]]], repeats: int
+                     ) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForMultipleChoice, AutoTokenizer
+
+    from deberta_onnx.runtime import MultipleChoice
+
+    src = _head(encoder, root / "mc", "DebertaV2ForMultipleChoice")
+    chooser = MultipleChoice(_export(src, root / "mc-onnx"), config=config)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForMultipleChoice.from_pretrained(src).eval()
+    choices = len(questions[0][1])
+
+    def pytorch_choices() -> np.ndarray:
+        encoded = tokenizer([p for p, offered in questions for _ in offered],
+                            [c for _, offered in questions for c in offered], padding=True, truncation=True,
+                            return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**{k: v.view(len(questions), choices, -1) for k, v in encoded.items()}).logits
+        return logits.softmax(-1).numpy()
+
+    _agree(np.allclose([r.scores for r in chooser.predict(questions)], pytorch_choices(), atol=1e-4, rtol=0),
+           "multiple-choice scores")
+    return _compare("multiple-choice", lambda: chooser.predict(questions), pytorch_choices, len(questions), repeats)
+
+
+def _fill_mask(encoder: Path, root: Path, config: Any, masked: list[str], repeats: int) -> list[dict[str, Any]]:
+    from transformers import pipeline
+
+    from deberta_onnx.runtime import FillMask
+
+    src = _head(encoder, root / "mlm", "DebertaV2ForMaskedLM")
+    unmasker = FillMask(_export(src, root / "mlm-onnx"), config=config)
+    fill = pipeline("fill-mask", model=str(src), device="cpu")
+    _agree([[c["token"] for c in r] for r in unmasker(masked)] == [[c["token"] for c in r] for r in fill(masked)],
+           "fill-mask tokens")
+    return [_compare("fill-mask", lambda: unmasker(masked), lambda: fill(masked), len(masked), repeats),
+            _compare("fill-mask (pipeline batch_size=8)", lambda: unmasker(masked),
+                     lambda: fill(masked, batch_size=8), len(masked), repeats)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="deberta-v3-xsmall", help="random checkpoint shape, or 'tiny'")
     parser.add_argument("--threads", type=int, default=2, help="threads on both sides (default 2)")
     parser.add_argument("--texts", type=int, default=16, help="texts / questions per call (default 16)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per side (default 5)")
+    parser.add_argument("--tasks", default="zero-shot,multiple-choice,fill-mask",
+                        help="comma-separated: which of zero-shot, multiple-choice, fill-mask to run (default all)")
     parser.add_argument("--output", default=None, help="also write the result as JSON here")
     args = parser.parse_args()
+    tasks = set(args.tasks.split(","))
 
     import onnxruntime
     import torch
     import transformers
-    from transformers import AutoModelForMultipleChoice, AutoTokenizer, pipeline
 
     from deberta_onnx.export.testing import build_random_checkpoint, shipped_sentences
-    from deberta_onnx.runtime import EncoderConfig, FillMask, MultipleChoice, ZeroShotClassifier
+    from deberta_onnx.runtime import EncoderConfig
 
     torch.set_num_threads(args.threads)
     config = EncoderConfig(precision="fp32", intra_op_threads=args.threads)
     sentences = shipped_sentences()
     texts = sentences[: args.texts]
-    masked = [" ".join(w if i != 3 else "[MASK]" for i, w in enumerate(s.split())) for s in sentences[: args.texts]]
-    questions = [(sentences[i], sentences[100 + 4 * i: 104 + 4 * i]) for i in range(args.texts)]
+    masked = [" ".join(w if i != min(3, len(s.split()) - 1) else "[MASK]" for i, w in enumerate(s.split()))
+              for s in sentences[: args.texts]]
+    questions = [(sentences[i], sentences[100 + 4 * i : 104 + 4 * i]) for i in range(args.texts)]
     rows = []
     with tempfile.TemporaryDirectory(prefix="deberta-onnx-tasks-") as scratch, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -109,43 +168,15 @@ def main() -> None:
                                           texts=sentences, seed=1)
         transformers.logging.set_verbosity_error()
 
-        src = _head(encoder, root / "nli", "DebertaV2ForSequenceClassification")
-        zero_shot = ZeroShotClassifier(_export(src, root / "nli-onnx"), config=config)
-        pipe = pipeline("zero-shot-classification", model=str(src), device="cpu")
-        ours_zs, theirs_zs = zero_shot.predict(texts, _LABELS), pipe(texts, _LABELS)
-        _agree([r.labels for r in ours_zs] == [r["labels"] for r in theirs_zs], "zero-shot labels")
-        rows.append(_compare("zero-shot", lambda: zero_shot.predict(texts, _LABELS), lambda: pipe(texts, _LABELS),
-                             len(texts), args.repeats))
-
-        src = _head(encoder, root / "mc", "DebertaV2ForMultipleChoice")
-        chooser = MultipleChoice(_export(src, root / "mc-onnx"), config=config)
-        tokenizer = AutoTokenizer.from_pretrained(src)
-        model = AutoModelForMultipleChoice.from_pretrained(src).eval()
-
-        def pytorch_choices() -> np.ndarray:
-            prompts = [p for p, choices in questions for _ in choices]
-            encoded = tokenizer(prompts, [c for _, choices in questions for c in choices], padding=True,
-                                truncation=True, return_tensors="pt")
-            with torch.no_grad():
-                logits = model(**{k: v.view(len(questions), 4, -1) for k, v in encoded.items()}).logits
-            return logits.softmax(-1).numpy()
-
-        _agree(np.allclose([r.scores for r in chooser.predict(questions)], pytorch_choices(), atol=1e-4, rtol=0),
-               "multiple-choice scores")
-        rows.append(_compare("multiple-choice", lambda: chooser.predict(questions), pytorch_choices,
-                             len(questions), args.repeats))
-
-        src = _head(encoder, root / "mlm", "DebertaV2ForMaskedLM")
-        unmasker = FillMask(_export(src, root / "mlm-onnx"), config=config)
-        fill = pipeline("fill-mask", model=str(src), device="cpu")
-        _agree([[c["token"] for c in r] for r in unmasker(masked)] == [[c["token"] for c in r] for r in fill(masked)],
-               "fill-mask tokens")
-        rows.append(_compare("fill-mask", lambda: unmasker(masked), lambda: fill(masked), len(masked),
-                             args.repeats))
-        rows.append(_compare("fill-mask (pipeline batch_size=8)", lambda: unmasker(masked),
-                             lambda: fill(masked, batch_size=8), len(masked), args.repeats))
+        if "zero-shot" in tasks:
+            rows.append(_zero_shot(encoder, root, config, texts, args.repeats))
+        if "multiple-choice" in tasks:
+            rows.append(_multiple_choice(encoder, root, config, questions, args.repeats))
+        if "fill-mask" in tasks:
+            rows += _fill_mask(encoder, root, config, masked, args.repeats)
 
     document = {"cpu": cpu_name(), "extensions": cpu_features(), "threads": args.threads, "shape": args.shape,
+                "load_average": os.getloadavg()[0],
                 "random_weights": True, "versions": {"torch": torch.__version__,
                                                      "transformers": transformers.__version__,
                                                      "onnxruntime": onnxruntime.__version__},
