@@ -333,3 +333,27 @@ def test_multiple_choice_gate_refuses_fp16_on_the_outlier_fixture(outlier_encode
     with pytest.raises(QualityGateError, match=r"fp16 failed the quality gate .* worst: held-out sentence \d+"):
         _export_precisions(src, tmp_path / "model", ("fp16",))
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.slow
+def test_cli_commands_print_the_library_answers(multiple_choice: tuple[Path, Path], fill_mask: tuple[Path, Path],
+                                                tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from deberta_onnx.runtime.cli import main
+
+    questions = tmp_path / "questions.tsv"
+    questions.write_text("".join(f"{p}\t" + "\t".join(c) + "\n" for p, c in QUESTIONS[:2]), encoding="utf-8")
+    assert main(["multiple-choice", str(multiple_choice[1]), "--input", str(questions), "--precision", "fp32"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for row, result in zip(printed, MultipleChoice(multiple_choice[1], config=FP32).predict(QUESTIONS[:2])):
+        assert row["answer"] == result.answer and row["scores"] == pytest.approx(result.scores, abs=1e-6)
+    masked = tmp_path / "masked.txt"
+    masked.write_text("\n".join(MASKED[:3]) + "\n", encoding="utf-8")
+    assert main(["fill-mask", str(fill_mask[1]), "--input", str(masked), "--top-k", "2", "--targets", "city,▁the",
+                 "--precision", "fp32"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == json.loads(json.dumps(FillMask(fill_mask[1], config=FP32)(
+        MASKED[:3], top_k=2, targets=["city", "▁the"])))
+    assert main(["classify", str(fill_mask[1]), "--input", str(masked)]) == 1
+    assert "use `deberta-onnx fill-mask`" in capsys.readouterr().err
+    assert main(["info", str(multiple_choice[1]), "--no-check"]) == 0
+    assert "task:       multiple-choice (MultipleChoice" in capsys.readouterr().out
