@@ -11,6 +11,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForMultipleChoice,
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
@@ -22,6 +23,7 @@ from deberta_onnx.runtime.contract import (
     TASK_EMBEDDING,
     TASK_FILL_MASK,
     TASK_MULTIPLE_CHOICE,
+    TASK_QUESTION_ANSWERING,
     TASK_SEQUENCE_CLASSIFICATION,
     TASK_TOKEN_CLASSIFICATION,
     TASKS,
@@ -47,6 +49,7 @@ _TASK_LOADERS: dict[str, tuple[Any, str]] = {
     TASK_TOKEN_CLASSIFICATION: (AutoModelForTokenClassification, "ForTokenClassification"),
     TASK_MULTIPLE_CHOICE: (AutoModelForMultipleChoice, "ForMultipleChoice"),
     TASK_FILL_MASK: (MaskedLMLoader, "ForMaskedLM"),
+    TASK_QUESTION_ANSWERING: (AutoModelForQuestionAnswering, "ForQuestionAnswering"),
 }
 # Heads a pre-trained encoder checkpoint may carry without naming them in ``architectures`` (DeBERTa v1/v2's MLM
 # head): asked for with --task, they are loaded, and refused there if their weights are not in the checkpoint.
@@ -108,13 +111,14 @@ def _loaded(loader: Any, src: str, **kwargs: Any) -> Any:
 
 
 def checkpoint_task(config: PretrainedConfig, src: str = "the checkpoint") -> str:
-    """The task a checkpoint's head is for, from its ``architectures``: a sequence or token classifier, or
+    """The task a checkpoint's head is for, from its ``architectures``: a sequence or token classifier, an
+    extractive question-answering head, a multiple-choice head, a masked-LM head (``fill-mask``), or
     ``embedding`` for the bare encoder (``DebertaV2Model``, ``DebertaModel``, or no ``architectures`` at all, as
     the released DeBERTa-v3 checkpoints have).
 
     Raises:
-        UnsupportedHeadError: the checkpoint declares a head this exporter has no graph for (question answering,
-            multiple choice, masked LM, ...); exporting it as an encoder would drop the head without a word.
+        UnsupportedHeadError: the checkpoint declares a head this exporter has no graph for (one transformers has
+            no class for, or adds later); exporting it as an encoder would drop the head without a word.
     """
     unsupported = []
     for architecture in config.architectures or []:
@@ -135,7 +139,7 @@ def checkpoint_task(config: PretrainedConfig, src: str = "the checkpoint") -> st
 
 def load_checkpoint(src: str, task: str | None = None) -> LoadedCheckpoint:
     """Loads ``src`` (a local folder or a hub id) with its fast tokenizer: the encoder alone for ``embedding``,
-    encoder and head for the classification tasks. ``task=None`` follows the checkpoint's architecture.
+    encoder and head for the other tasks. ``task=None`` follows the checkpoint's architecture.
 
     Raises:
         CheckpointError: not found, unreadable, or without a tokenizer.

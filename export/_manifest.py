@@ -35,7 +35,8 @@ def model_fields(checkpoint: LoadedCheckpoint, *, max_length: int, pad_id: int, 
     """The manifest's ``model`` section: sizes, task, pooling, a classifier's labels, the tokenizer's origin."""
     config = checkpoint.config
     head = checkpoint.task != TASK_EMBEDDING
-    # Multiple choice scores the choices given and fill-mask the vocabulary: labels belong to the classifiers.
+    # Labels belong to the classifiers: question answering scores token positions, multiple choice the choices
+    # given and fill-mask the vocabulary.
     classifier = checkpoint.task in (TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION)
     return {
         "hidden_size": int(config.hidden_size),

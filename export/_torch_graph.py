@@ -16,6 +16,7 @@ from deberta_onnx.runtime.contract import (
     OPSET,
     POOLINGS,
     TASK_EMBEDDING,
+    TASK_QUESTION_ANSWERING,
     TASKS,
     TOKEN_TYPE_IDS,
     TensorSpec,
@@ -126,11 +127,12 @@ def control_flow_nodes(model: onnx.ModelProto) -> list[str]:
 
 class ClassifierGraph(torch.nn.Module):
     """``(input_ids, attention_mask[, token_type_ids]) -> logits``: a sequence or token classification model
-    (encoder and head) exported as one graph.
+    (encoder and head) exported as one graph; for ``question-answering``, ``-> (start_logits, end_logits)``.
 
     Args:
-        model: a transformers ``...ForSequenceClassification`` or ``...ForTokenClassification`` model.
-        task: ``sequence-classification`` or ``token-classification``.
+        model: a transformers ``...ForSequenceClassification``, ``...ForTokenClassification`` or
+            ``...ForQuestionAnswering`` model.
+        task: ``sequence-classification``, ``token-classification`` or ``question-answering``.
         token_type_ids: take segment ids as a third input (only for checkpoints with ``type_vocab_size > 0``).
 
     Raises:
@@ -140,7 +142,7 @@ class ClassifierGraph(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, task: str, *, token_type_ids: bool = False) -> None:
         super().__init__()
         if task not in TASKS or task == TASK_EMBEDDING:
-            raise ValueError(f"task must be a classification task, got {task!r}")
+            raise ValueError(f"task must be a task with a head, got {task!r}")
         self.model = model
         self.task = task
         self.token_type_ids = token_type_ids
@@ -154,9 +156,12 @@ class ClassifierGraph(torch.nn.Module):
         return graph_outputs(self.task)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        if self.task == TASK_QUESTION_ANSWERING:
+            return output.start_logits, output.end_logits
+        return output.logits
 
 
 def _dummy_inputs(specs: tuple[TensorSpec, ...]) -> tuple[torch.Tensor, ...]:

@@ -68,7 +68,9 @@ def _masked(value: np.ndarray, spec: TensorSpec, mask: np.ndarray) -> np.ndarray
     """``value`` in float64, per-token outputs zeroed where the mask is 0 (padded positions are never read)."""
     value = value.astype(np.float64)
     if len(spec.dims) > 1 and spec.dims[1] == SEQUENCE_AXIS:
-        value = np.where(mask.astype(bool)[..., None], value, 0.0)
+        # [batch, sequence, ...]: the mask spread over the axes after the sequence (none for per-token scalars).
+        keep = mask.astype(bool).reshape(mask.shape + (1,) * (value.ndim - 2))
+        value = np.where(keep, value, 0.0)
     return value
 
 

@@ -13,6 +13,7 @@ from .contract import (
     TASK_EMBEDDING,
     TASK_FILL_MASK,
     TASK_MULTIPLE_CHOICE,
+    TASK_QUESTION_ANSWERING,
     TASKS,
     TensorSpec,
 )
@@ -117,8 +118,9 @@ def model_fields(reader: Reader, data: Mapping[str, Any]) -> dict[str, Any]:
     if task == TASK_EMBEDDING and pooling is None and "pooling" in model:
         raise reader.fail("model.pooling", f"must be one of {', '.join(POOLINGS)} for an embedding model, got null")
     labels = reader.strings(model, "labels", "model.labels")
-    # A multiple-choice graph scores the choices it is given and a fill-mask graph the vocabulary: no labels.
-    if task not in (TASK_EMBEDDING, TASK_MULTIPLE_CHOICE, TASK_FILL_MASK) and not labels:
+    # Labels belong to the classifiers: a question-answering graph scores token positions, a multiple-choice graph
+    # the choices it is given and a fill-mask graph the vocabulary (older question-answering folders have some).
+    if task not in (TASK_EMBEDDING, TASK_QUESTION_ANSWERING, TASK_MULTIPLE_CHOICE, TASK_FILL_MASK) and not labels:
         raise reader.fail("model.labels", f"must name at least one label for a {task} model")
     return dict(
         hidden_size=reader.integer(model, "hidden_size", "model.hidden_size"),

@@ -35,6 +35,7 @@ __all__ = [
     "bucket_width",
     "call_memory",
     "capped",
+    "encoding_batches",
     "filled_rows",
     "padded_tokens",
     "plan_batches",
@@ -261,34 +262,48 @@ def token_batches(
             input is too long.
     """
     check_positive_int("batch_size", batch_size, optional=True)
-    max_tokens = policy.max_tokens
     rows_cap = _rows_cap(batch_size, policy)
-    bucket = policy.sequence_bucket
     progress = _progress(len(items), show_progress)
     try:
-        for start, stop in _chunks(len(items), batch_capacity(bucket, batch_size=rows_cap, max_tokens=max_tokens)):
+        for start, stop in _chunks(len(items), batch_capacity(policy.sequence_bucket, batch_size=rows_cap,
+                                                              max_tokens=policy.max_tokens)):
             encodings = tokenizer.encodings(items[start:stop], truncate=truncate, offset=start, details=details)
-            # Longest first: the first batch shows at once whether memory suffices.
-            order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i].ids))
-            plan = plan_batches([len(encodings[i].ids) for i in order], batch_size=rows_cap,
-                                max_tokens=max_tokens, multiple_of=bucket, max_length=tokenizer.max_length,
-                                max_call_bytes=policy.max_call_bytes, heads=policy.heads)
-            for planned in plan:
-                rows = order[planned.start : planned.stop]
-                chosen = [encodings[i] for i in rows]
-                sequences = [e.ids for e in chosen]
-                if policy.fill_rows:
-                    sequences += [[]] * (filled_rows(len(rows), planned.capacity) - len(rows))
-                input_ids, mask = tokenizer.pad(sequences, multiple_of=bucket)
-                types = None
-                if policy.token_types:
-                    types = tokenizer.pad([e.type_ids for e in chosen], multiple_of=bucket, fill=0)[0]
-                yield TokenBatch([start + i for i in rows], chosen, input_ids, mask, types)
+            for batch in encoding_batches(tokenizer, encodings, policy, batch_size, first_row=start):
+                yield batch
                 if progress is not None:
-                    progress.update(len(rows))
+                    progress.update(len(batch.rows))
     finally:
         if progress is not None:
             progress.close()
+
+
+def encoding_batches(tokenizer: TextTokenizer, encodings: Sequence[Encoding], policy: BatchPolicy,
+                     batch_size: int | None, *, first_row: int = 0) -> Iterator[TokenBatch]:
+    """``token_batches`` for inputs already tokenized (e.g. a long context's windows, several per input): padded
+    batches of neighbours in token length; a batch's ``rows`` are positions in ``encodings`` plus ``first_row``.
+
+    Raises:
+        ValueError: ``batch_size`` is neither None nor a positive int.
+    """
+    check_positive_int("batch_size", batch_size, optional=True)
+    rows_cap = _rows_cap(batch_size, policy)
+    bucket = policy.sequence_bucket
+    # Longest first: the first batch shows at once whether memory suffices.
+    order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i].ids))
+    plan = plan_batches([len(encodings[i].ids) for i in order], batch_size=rows_cap, max_tokens=policy.max_tokens,
+                        multiple_of=bucket, max_length=tokenizer.max_length, max_call_bytes=policy.max_call_bytes,
+                        heads=policy.heads)
+    for planned in plan:
+        rows = order[planned.start : planned.stop]
+        chosen = [encodings[i] for i in rows]
+        sequences = [e.ids for e in chosen]
+        if policy.fill_rows:
+            sequences += [[]] * (filled_rows(len(rows), planned.capacity) - len(rows))
+        input_ids, mask = tokenizer.pad(sequences, multiple_of=bucket)
+        types = None
+        if policy.token_types:
+            types = tokenizer.pad([e.type_ids for e in chosen], multiple_of=bucket, fill=0)[0]
+        yield TokenBatch([first_row + i for i in rows], chosen, input_ids, mask, types)
 
 
 def padded_tokens(lengths: Sequence[int], policy: BatchPolicy, batch_size: int | None, *, max_length: int) -> int:

@@ -18,6 +18,7 @@ __all__ = [
     "BATCH_AXIS",
     "CHOICES_AXIS",
     "CHOICE_LOGITS_OUTPUT",
+    "END_LOGITS",
     "HIDDEN_AXIS",
     "HUB_FILES",
     "HUB_ONNX_DIR",
@@ -38,15 +39,18 @@ __all__ = [
     "ORT_TYPES",
     "POOLINGS",
     "PRECISIONS",
+    "QUESTION_ANSWERING_OUTPUTS",
     "REQUIRED_OUTPUT",
     "SENTENCE_EMBEDDING",
     "SENTENCE_OUTPUT",
     "SEQUENCE_AXIS",
     "SEQUENCE_LOGITS_OUTPUT",
+    "START_LOGITS",
     "TASKS",
     "TASK_EMBEDDING",
     "TASK_FILL_MASK",
     "TASK_MULTIPLE_CHOICE",
+    "TASK_QUESTION_ANSWERING",
     "TASK_SEQUENCE_CLASSIFICATION",
     "TASK_TOKEN_CLASSIFICATION",
     "TOKENIZER_FILE",
@@ -92,6 +96,9 @@ LOGITS = "logits"
 # Fill-mask graphs: where each row's [MASK] tokens are (the runtime finds them in the token ids), so that the
 # vocabulary projection runs at those positions only and [batch, sequence, vocab] scores never exist.
 MASK_POSITIONS = "mask_positions"
+# An extractive question-answering graph's outputs: per token, the logit that the answer starts / ends there.
+START_LOGITS = "start_logits"
+END_LOGITS = "end_logits"
 
 BATCH_AXIS = "batch"
 SEQUENCE_AXIS = "sequence"
@@ -105,10 +112,11 @@ VOCAB_AXIS = "vocab"
 TASK_EMBEDDING = "embedding"
 TASK_SEQUENCE_CLASSIFICATION = "sequence-classification"
 TASK_TOKEN_CLASSIFICATION = "token-classification"
+TASK_QUESTION_ANSWERING = "question-answering"
 TASK_MULTIPLE_CHOICE = "multiple-choice"
 TASK_FILL_MASK = "fill-mask"
-TASKS = (TASK_EMBEDDING, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION, TASK_MULTIPLE_CHOICE,
-         TASK_FILL_MASK)
+TASKS = (TASK_EMBEDDING, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION, TASK_QUESTION_ANSWERING,
+         TASK_MULTIPLE_CHOICE, TASK_FILL_MASK)
 
 # How an embedding graph turns token vectors into one sentence vector (``model.pooling``): masked mean,
 # the first ([CLS]) token's vector, or the masked per-dimension maximum.
@@ -173,6 +181,8 @@ _LOGITS_OUTPUTS = {
     TASK_MULTIPLE_CHOICE: CHOICE_LOGITS_OUTPUT,
     TASK_FILL_MASK: MASK_LOGITS_OUTPUT,
 }
+QUESTION_ANSWERING_OUTPUTS = (TensorSpec(name=START_LOGITS, dtype="float32", dims=(BATCH_AXIS, SEQUENCE_AXIS)),
+                              TensorSpec(name=END_LOGITS, dtype="float32", dims=(BATCH_AXIS, SEQUENCE_AXIS)))
 
 # The output each task's graph must have.
 REQUIRED_OUTPUT = {
@@ -181,6 +191,7 @@ REQUIRED_OUTPUT = {
     TASK_TOKEN_CLASSIFICATION: LOGITS,
     TASK_MULTIPLE_CHOICE: LOGITS,
     TASK_FILL_MASK: LOGITS,
+    TASK_QUESTION_ANSWERING: START_LOGITS,  # and END_LOGITS: QuestionAnswerer checks both at load
 }
 
 
@@ -200,7 +211,7 @@ def graph_outputs(task: str, *, token_embeddings: bool = False) -> tuple[TensorS
     """The graph's outputs in order for ``task`` (one of ``TASKS``), before ``hidden``/``labels`` are resolved.
 
     Raises:
-        ValueError: unknown task, or token embeddings asked for a classification task.
+        ValueError: unknown task, or token embeddings asked for a task with a head.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -208,6 +219,8 @@ def graph_outputs(task: str, *, token_embeddings: bool = False) -> tuple[TensorS
         return (SENTENCE_OUTPUT, TOKEN_OUTPUT) if token_embeddings else (SENTENCE_OUTPUT,)
     if token_embeddings:
         raise ValueError(f"token embeddings are an output of embedding graphs only, not of {task}")
+    if task == TASK_QUESTION_ANSWERING:
+        return QUESTION_ANSWERING_OUTPUTS
     return (_LOGITS_OUTPUTS[task],)
 
 

@@ -97,6 +97,8 @@ class TextTokenizer:
         # The same pipeline without truncation: the words of a text's prefix, before special tokens.
         self._words = Tokenizer.from_str(self._tokenizer.to_str())
         self._words.no_truncation()
+        # Question-answering windows: the pipeline truncating only the context, with overflow (``windows``).
+        self._windowed: dict[tuple[int, int], Tokenizer] = {}
         self._tokenizer.enable_truncation(max_length)
         self.max_length = max_length
         self.pad_id = pad_id
@@ -272,6 +274,34 @@ class TextTokenizer:
             return False
         end = encoding.offsets[self.kept_tokens - 1][1]
         return piece.find(" ", end) != -1
+
+    def windows(self, question: str, context: str, *, max_length: int, stride: int) -> list[Encoding]:
+        """The ``(question, context)`` pair as windows of at most ``max_length`` tokens: the question whole in each,
+        the context cut into pieces that overlap by ``stride`` tokens (truncation ``only_second`` with overflow, as
+        transformers' fast tokenizers and its question-answering pipeline make them), with character offsets.
+
+        Raises:
+            ValueError: ``max_length`` is over the model's maximum, or the question leaves no more than ``stride``
+                context tokens per window (tokenizers would stop the process); the message gives the counts.
+        """
+        if not 0 <= stride < max_length <= self.max_length:
+            raise ValueError(f"windows need 0 <= stride < max_length <= the model's maximum ({self.max_length}); got "
+                             f"stride {stride}, max_length {max_length}")
+        question_tokens = len(self._words.encode(question, add_special_tokens=False).ids)
+        room = max_length - self._tokenizer.num_special_tokens_to_add(True) - question_tokens
+        if room <= stride:
+            raise ValueError(
+                f"the question is {question_tokens} tokens long: a window of {max_length} tokens then holds {room} "
+                f"context tokens, and must hold more than the {stride} that windows overlap by. Shorten the question, "
+                "or lower doc_stride (or raise max_seq_len, up to the model's maximum)."
+            )
+        windowed = self._windowed.get((max_length, stride))
+        if windowed is None:
+            windowed = Tokenizer.from_str(self._words.to_str())
+            windowed.enable_truncation(max_length, stride=stride, strategy="only_second")
+            self._windowed[max_length, stride] = windowed
+        first = windowed.encode(question, context, add_special_tokens=True)
+        return [first, *first.overflowing]
 
     def pad(self, sequences: Sequence[Sequence[int]], *, multiple_of: int = 1, fill: int | None = None
             ) -> tuple[np.ndarray, np.ndarray]:

@@ -246,22 +246,25 @@ NLI_LABELS = ["entailment", "neutral", "contradiction"]
 
 def build_classifier_checkpoint(tiny_checkpoint: Path, out: Path, *, task: str, labels: list[str],
                                 type_vocab_size: int = 0, seed: int = 3) -> Path:
-    """A tiny DeBERTa-v2 sequence or token classifier with random weights and the tiny checkpoint's tokenizer.
+    """A tiny DeBERTa-v2 sequence or token classifier (or question-answering head) with random weights and the tiny
+    checkpoint's tokenizer.
 
     The head is re-drawn with unit-scale weights: at transformers' initialisation (std 0.02) every logit is
     about 1e-3, too small for a 1e-4 parity check to mean anything."""
     import torch
-    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, DebertaV2ForTokenClassification
+    import transformers
+    from transformers import DebertaV2Config
 
     config = DebertaV2Config(**{**TINY_CONFIGS["v3-shared"], "type_vocab_size": type_vocab_size},
                              id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
-    sequence = task == "sequence-classification"
-    loader = DebertaV2ForSequenceClassification if sequence else DebertaV2ForTokenClassification
+    head = {"sequence-classification": "ForSequenceClassification", "token-classification": "ForTokenClassification",
+            "question-answering": "ForQuestionAnswering"}[task]
+    loader = getattr(transformers, f"DebertaV2{head}")
     torch.manual_seed(seed)
     model = loader(config).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if name.startswith(("classifier.", "pooler.")):
+            if name.startswith(("classifier.", "pooler.", "qa_outputs.")):
                 parameter.normal_(0.0, 0.3) if name.endswith("weight") else parameter.zero_()
     model.save_pretrained(out)
     for name in TOKENIZER_FILES:
@@ -296,6 +299,15 @@ def reranker(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="session")
+def qa(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, model folder): an extractive question-answering head (start and end logits), fp32 only."""
+    base = tmp_path_factory.mktemp("qa")
+    src = build_classifier_checkpoint(tiny_checkpoint, base / "ckpt", task="question-answering",
+                                      labels=["LABEL_0", "LABEL_1"], seed=7)
+    return src, _export_classifier(src, base / "model")
+
+
+@pytest.fixture(scope="session")
 def ner(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(checkpoint, model folder): a token classifier with IOB labels."""
     base = tmp_path_factory.mktemp("ner")
@@ -324,6 +336,19 @@ def sbert(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
         SentenceTransformer(modules=stack, device="cpu").save(str(base / "st"))
     export_model(base / "st", base / "model", ExportConfig(quiet=True, tokenizer="transformers", token_embeddings=True))
     return base / "st", base / "model"
+
+
+@pytest.fixture(scope="session")
+def every_variant_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint, default graph, every precision, the token vectors output too (what transformers.js
+    reads); once a session (the Node and OpenVINO tests share it)."""
+    from deberta_onnx.export import ExportConfig, export_model
+
+    out = tmp_path_factory.mktemp("every-variant") / "model"
+    export_model(tiny_checkpoint, out, ExportConfig(precisions=("fp16", "int8-dynamic", "int8-static"),
+                                                    token_embeddings=True, validation_shapes=((2, 5), (3, 17)),
+                                                    quiet=True))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,7 @@ def _session(folder: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.slow
 def test_each_layer_is_one_kernel_and_the_manifest_says_so(exported: tuple[Path, Path]) -> None:
     checkpoint, folder = exported
     optimization = json.loads((folder / "manifest.json").read_text())["optimization"]
@@ -63,6 +64,7 @@ def test_each_layer_is_one_kernel_and_the_manifest_says_so(exported: tuple[Path,
     assert kernels[0].input[3] == "" and all(kernels[0].input[i] for i in (0, 1, 2, 4, 5))
 
 
+@pytest.mark.slow
 def test_fused_equals_unfused_with_padding(exported: tuple[Path, Path], tmp_path: Path) -> None:
     checkpoint, fused = exported
     # The fused graph was validated against PyTorch; the unfused one is compared with it here.

@@ -63,6 +63,7 @@ def test_sequence_classifier_matches_pytorch_on_texts_and_pairs(nli: tuple[Path,
     assert len(classifier.predict(list(PAIRS[0]))) == 2  # a list of two str is two texts
 
 
+@pytest.mark.slow
 def test_graph_declares_token_type_ids_only_when_the_model_uses_them(nli: tuple[Path, Path],
                                                                       reranker: tuple[Path, Path]) -> None:
     for (_, folder), wanted in ((nli, ["input_ids", "attention_mask"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -197,9 +198,15 @@ def test_output_fifos_and_devices_are_streamed_to_not_replaced(tiny_model: Path,
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     received: list[bytes] = []
-    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
     reader.start()
-    assert _embed(tiny_model, tmp_path, fifo) == 0
+    try:
+        code = _embed(tiny_model, tmp_path, fifo)
+    finally:  # a reader whose writer never came would block forever: one writer's open and close ends its read
+        if reader.is_alive():
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert code == 0
     reader.join(timeout=120)
     assert stat.S_ISFIFO(fifo.stat().st_mode)  # was replaced by a regular file
     vectors = np.load(io.BytesIO(received[0]))
@@ -314,6 +321,27 @@ def _stopped(code: str, *args: str) -> subprocess.Popen[str]:
     process = subprocess.Popen([sys.executable, "-c", _STOP_AT_IMPORT + code, *args], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     return wait_until_stopped(process, f"the import of {args[0]}")
+
+
+def test_main_gives_the_callers_sigterm_handler_back(tmp_path: Path) -> None:
+    # Called in-process (a test, a script), main once left its SIGTERM handler installed: `timeout` could then no
+    # longer stop that process.
+    from deberta_onnx.runtime.cli import main
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["info", str(tmp_path / "missing")]) == 1
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_ctrl_c_while_the_runtime_imports_is_one_line(tmp_path: Path) -> None:
+    # The console script's own code: its import of the entry point loads nothing heavy, so that numpy, ONNX
+    # Runtime and tokenizers load inside main's error handling. Interrupted there, it once printed a traceback.
+    code = "from deberta_onnx.runtime.cli import main\nsys.exit(main())\n"
+    process = _stopped(code, "numpy", "info", str(tmp_path / "missing"))
+    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGCONT)
+    _, stderr = process.communicate(timeout=300)
+    assert (process.returncode, stderr) == (130, "interrupted\n")
 
 
 def test_ctrl_c_during_start_up_is_one_line(tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -124,6 +124,7 @@ def _assert_no_host_reads(path: Path, scratch: Path) -> None:
     assert len(placement.cuda) > 5 * len(placement.cpu)
 
 
+@pytest.mark.slow
 def test_exported_graphs_read_no_host_tensor_on_cuda(exported: tuple[Path, Path], tmp_path: Path) -> None:
     """fp32 and both fp16 recipes of every tiny configuration (shared and separate position keys, v2's conv)."""
     _, folder = exported

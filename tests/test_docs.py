@@ -38,7 +38,7 @@ _INLINE = re.compile(r"(?<!`)`(deberta-onnx [^`]+)`(?!`)")
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 # Names standing in the docs for model folders of another task than embedding, and the fixture holding one.
-_FOLDER_FIXTURES = {"nli": "nli", "reranker": "reranker", "ner": "ner", "my-sbert": "sbert"}
+_FOLDER_FIXTURES = {"nli": "nli", "reranker": "reranker", "ner": "ner", "my-sbert": "sbert", "squad2": "qa"}
 # Checkpoint folders the docs export from, and the fixture holding one.
 _SOURCE_FIXTURES = {"my-finetuned-deberta": "tiny_checkpoint"}
 

@@ -42,6 +42,7 @@ def test_the_cpu_gets_a_token_budget_by_default(tiny_model: Path) -> None:
     assert explicit.max_tokens == 1000 and explicit.default_rows is None  # a caller's budget alone sets the rows
 
 
+@pytest.mark.slow
 def test_the_default_budget_changes_batches_not_vectors(tiny_model: Path) -> None:
     default = Encoder(tiny_model)
     plain = Encoder(tiny_model, config=EncoderConfig(max_tokens=None, cpu_arena="next-power-of-two",

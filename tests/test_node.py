@@ -64,15 +64,10 @@ def _variants(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def hub_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def hub_model(every_variant_model: Path) -> Path:
     """Every precision of the tiny checkpoint, default graph, with the token vectors transformers.js reads."""
     _node()
-    from deberta_onnx.export import ExportConfig, export_model
-
-    out = tmp_path_factory.mktemp("hub") / "model"
-    export_model(tiny_checkpoint, out, ExportConfig(precisions=PRECISIONS[1:], token_embeddings=True,
-                                                    validation_shapes=((2, 5), (3, 17)), quiet=True))
-    return out
+    return every_variant_model
 
 
 @pytest.fixture(params=["default", "portable"])
@@ -80,6 +75,7 @@ def folder(request: pytest.FixtureRequest, hub_model: Path) -> Path:
     return hub_model if request.param == "default" else Path(request.getfixturevalue("portable_model"))
 
 
+@pytest.mark.slow
 def test_onnxruntime_node_and_web_give_python_s_vectors(folder: Path) -> None:
     files = _variants(folder)
     tokenizer = Encoder(folder, config=EncoderConfig(precision="fp32")).loaded.tokenizer

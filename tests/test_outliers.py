@@ -117,6 +117,7 @@ def test_outlier_spellings_and_bad_options(tmp_path: Path) -> None:
         OutlierSpec(tokens="[SEP]")  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_large_activations_pass_validation_and_the_manifest_labels_them(outlier_export: Path) -> None:
     manifest = json.loads((outlier_export / "manifest.json").read_text())
     assert manifest["source"]["random_weights"] is True
@@ -170,6 +171,7 @@ def test_float64_reference_decides_when_fp32_rounding_is_large(tmp_path: Path, c
     assert any(row.get("float64_reference") and row["pytorch_fp32_rounding"] > 1e-3 for row in rows)
 
 
+@pytest.mark.slow
 def test_outlier_split_is_exact_in_fp32(outlier_export: Path, outlier_checkpoint: Path, tmp_path: Path,
                                         corpus: list[str]) -> None:
     base = prepare_base(outlier_export / "model.onnx", tmp_path / "folded.onnx")
@@ -197,6 +199,7 @@ def test_outlier_split_is_exact_in_fp32(outlier_export: Path, outlier_checkpoint
     assert split_outlier_channels(onnx.load(str(base)), {}, matmuls)["matmuls_split"] == 0
 
 
+@pytest.mark.slow
 def test_int8_on_outliers_passes_the_gate_by_splitting_the_outlier_channels(
         outlier_export: Path, outlier_checkpoint: Path, corpus: list[str]) -> None:
     manifest = json.loads((outlier_export / "manifest.json").read_text())
@@ -220,6 +223,7 @@ def test_int8_on_outliers_passes_the_gate_by_splitting_the_outlier_channels(
         assert cosine.min() >= 0.99, (precision, texts[int(cosine.argmin())], cosine.min())
 
 
+@pytest.mark.slow
 def test_without_the_split_int8_is_noise_on_outliers(outlier_export: Path, outlier_checkpoint: Path,
                                                     tmp_path: Path, corpus: list[str]) -> None:
     # What the fixture is for: ONNX Runtime's quantizer alone, one scale per tensor, loses the other channels.
@@ -282,3 +286,26 @@ def test_info_says_what_runs_in_int8_and_the_audit(outlier_export: Path, capsys:
     info = capsys.readouterr().out
     assert "RANDOM weights with activation outliers: 3 hidden dims at" in info
     assert "outlier channels:" in info and "int8 weight" in info and "fp16 range audit:" in info
+
+
+@pytest.mark.slow
+def test_the_portable_graphs_pass_the_same_gates_on_outliers(outlier_checkpoint: Path, outlier_export: Path,
+                                                             tmp_path: Path, corpus: list[str]) -> None:
+    # --portable computes LayerNorm, Gelu and the residual adds from standard operators instead of ONNX Runtime's
+    # fused kernels: on values 1,000x the median, that is where rounding could part from the fused graph.
+    out = tmp_path / "portable"
+    export_model(outlier_checkpoint, out, ExportConfig(precisions=("fp16", "int8-static"), portable=True, **FAST))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["optimization"]["portable"] is True
+    assert check_folder_graphs(out) == ["fp16", "fp32", "int8-static"]
+    assert manifest["variants"]["fp32"]["validation"]["passed"] is True
+    for precision in ("fp16", "int8-static"):
+        quality = manifest["variants"][precision]["quality"]
+        print(f"portable {precision} on outliers: min cosine {quality['min_cosine']:.8f}")
+        assert quality["passed"] is True, quality
+    texts = corpus[:40]
+    fused = Encoder(outlier_export, config=EncoderConfig(precision="fp32")).encode(texts)
+    portable = Encoder(out, config=EncoderConfig(precision="fp32")).encode(texts)
+    cosines = _cosine(fused, portable)
+    print(f"portable fp32 against the fused fp32 on outliers: min cosine {cosines.min():.8f}")
+    assert cosines.min() > 0.99999

@@ -17,7 +17,9 @@ from .reference import reference_embeddings
 MODES = [("cls", False), ("max", True), ("mean", True)]
 
 
-@pytest.fixture(scope="module", params=MODES, ids=[f"{p}-{'norm' if n else 'raw'}" for p, n in MODES])
+# The quick tier (``-m "not slow"``) exports mean-norm alone; cls and max run the same tests in the full suite.
+@pytest.fixture(scope="module", ids=[f"{p}-{'norm' if n else 'raw'}" for p, n in MODES],
+                params=[mode if mode[0] == "mean" else pytest.param(mode, marks=pytest.mark.slow) for mode in MODES])
 def pooled_model(request: pytest.FixtureRequest, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
                  ) -> tuple[str, bool, Path]:
     from deberta_onnx.export import ExportConfig, export_model

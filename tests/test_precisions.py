@@ -174,6 +174,7 @@ def test_fold_constants_keeps_the_outputs(tiny_checkpoint: Path, tmp_path: Path)
     np.testing.assert_allclose(result, original, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", DERIVED)
 def test_gate_fails_with_an_impossible_threshold(tiny_checkpoint: Path, tmp_path: Path, precision: str) -> None:
     out = tmp_path / "model"
@@ -249,6 +250,7 @@ def test_fallback_tries_safer_recipes_and_says_so(fragile_checkpoint: Path, tmp_
     assert "fell back to recipe 'mixed'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_custom_calibration_file(tiny_checkpoint: Path, tmp_path: Path, corpus: list[str]) -> None:
     texts = corpus[1::4][:40]
     (tmp_path / "calibration.txt").write_text("\n".join(texts) + "\n\n", encoding="utf-8")
@@ -307,6 +309,7 @@ def test_best_precision_by_provider() -> None:
     assert best_precision(every, "SomeOtherExecutionProvider", default="fp16") == ("fp16", "the manifest's default")
 
 
+@pytest.mark.slow
 def test_cli_exports_precisions_and_info_reports_the_gate(tiny_checkpoint: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     from deberta_onnx.runtime.cli import main
@@ -325,6 +328,7 @@ def test_cli_exports_precisions_and_info_reports_the_gate(tiny_checkpoint: Path,
     assert "unknown precision" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_precisions_with_token_vectors_and_cls_pooling(tiny_checkpoint: Path, tmp_path: Path) -> None:
     config = ExportConfig(precisions=("fp16", "int8-static"), token_embeddings=True, pooling="cls", **FAST)
     manifest = export_model(tiny_checkpoint, tmp_path / "model", config).manifest
@@ -348,6 +352,7 @@ def test_classifiers_refuse_lower_precisions(tiny_checkpoint: Path, tmp_path: Pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_quantization_advice_is_silenced_but_the_callers_logging_is_not(tiny_checkpoint: Path, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # ONNX Runtime's quantizer logs its advice ("Please consider to run pre-processing ...") with module-level

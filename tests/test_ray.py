@@ -334,3 +334,28 @@ def test_serve_deployments_of_multiple_choice_and_fill_mask(serve_url: str, mult
         assert [c["token"] for c in body["data"][0]["masks"][0]] == expected_tokens
     finally:
         serve.delete("deberta-fill")
+
+
+def test_serve_deployment_of_a_question_answering_folder_answers(serve_url: str, qa: tuple[Path, Path],
+                                                                  corpus: list[str]) -> None:
+    """A question-answering folder deploys like any other: its replica serves ``/v1/question-answering`` with
+    ``QuestionAnswerer.answer``'s answers."""
+    import httpx
+    from ray import serve
+
+    from deberta_onnx.runtime import QuestionAnswerer
+    from deberta_onnx.runtime.ray import deployment
+
+    serve.run(deployment(qa[1], num_replicas=1), name="deberta-qa", route_prefix="/")
+    try:
+        questions, context = ["Where?", "Who?"], " ".join(corpus[40:70])
+        expected = QuestionAnswerer(qa[1]).answer(questions, [context] * 2)
+        body = httpx.post(f"{serve_url}/v1/question-answering", json={"question": questions, "context": context},
+                          timeout=60).json()
+        got = [item["answers"][0] for item in body["data"]]
+        assert [(a["start"], a["end"], a["answer"]) for a in got] == [
+            (a["start"], a["end"], a["answer"]) for a in expected]  # type: ignore[index]
+        scores = [a["score"] for a in expected]  # type: ignore[index]
+        np.testing.assert_allclose([a["score"] for a in got], scores, atol=1e-5)
+    finally:
+        serve.delete("deberta-qa")

@@ -71,6 +71,7 @@ def test_100kb_text_is_truncated_or_refused(encoder: Encoder) -> None:
         encoder.encode([huge], truncate=False)
 
 
+@pytest.mark.slow
 def test_100k_texts_stream_in_bounded_memory(tiny_model: Path) -> None:
     # Peak RSS after 20,000 texts and after 100,000 texts in one process: streaming keeps the growth to about
     # the output array (100,000 x 32 float32 = 12.8 MB), where holding every tokenized text would cost far more.
@@ -286,6 +287,7 @@ def test_cuda_requested_without_it_is_an_error_not_a_cpu_run(tiny_model: Path) -
 # --- concurrency --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_one_encoder_shared_by_8_threads(encoder: Encoder, corpus: list[str]) -> None:
     rng = np.random.default_rng(7)
     calls = [[corpus[i] for i in rng.choice(len(corpus), size=int(rng.integers(1, 9)))] for _ in range(1000)]

@@ -57,7 +57,9 @@ def _write_legacy(checkpoint: Path, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+# The quick tier (``-m "not slow"``) takes the legacy layout alone; the full suite each case.
+@pytest.fixture(scope="module", params=[case if case == "mean-legacy" else pytest.param(case, marks=pytest.mark.slow)
+                                        for case in sorted(CASES)])
 def st_case(request: pytest.FixtureRequest, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
             ) -> tuple[str, Path, Path]:
     """(case, sentence-transformers folder, exported folder)."""

@@ -106,6 +106,7 @@ def test_empty_corpus_and_queries() -> None:
     assert semantic_search(np.ones((0, 3)), np.ones((4, 3))) == []
 
 
+@pytest.mark.slow
 def test_memory_mapped_corpus_never_needs_the_full_matrix(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     corpus = rng.standard_normal((400_000, 8)).astype(np.float32)

@@ -25,6 +25,7 @@ def token_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
     return out
 
 
+@pytest.mark.slow
 def test_manifest_declares_the_second_output(token_model: Path) -> None:
     manifest = json.loads((token_model / "manifest.json").read_text())
     outputs = {o["name"]: o for o in manifest["graph"]["outputs"]}

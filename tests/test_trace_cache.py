@@ -83,6 +83,7 @@ def test_a_value_the_key_cannot_describe_is_not_cached(tiny_checkpoint: Path) ->
         trace_key(graph, 18, None)
 
 
+@pytest.mark.slow
 def test_a_reused_trace_is_what_a_fresh_trace_writes(tiny_model: Path, tiny_checkpoint: Path,
                                                     trace_memo: TraceCache, tmp_path: Path) -> None:
     """The dynamo trace is deterministic: a fresh trace writes the bytes the session kept from ``tiny_model``'s

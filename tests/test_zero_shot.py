@@ -50,7 +50,7 @@ def _assert_same(ours: list[ZeroShotResult], theirs: list[dict[str, Any]]) -> No
             assert mine.labels == reference["labels"]
 
 
-@pytest.mark.parametrize("multi_label", [False, True])
+@pytest.mark.parametrize("multi_label", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_zero_shot_equals_the_transformers_pipeline(nli: tuple[Path, Path], multi_label: bool) -> None:
     src, folder = nli
     classifier = ZeroShotClassifier(folder)

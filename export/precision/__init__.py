@@ -13,12 +13,13 @@ from ._fp16 import build_fp16
 from ._int8 import int8_units
 from ._onnx_edit import fold_constants, prepare_base
 from ._outlier_split import find_outlier_channels, split_outlier_channels
-from ._quality import held_out_set, measure, split_sentences
+from ._quality import GATED_TASKS, gate_readout, held_out_set, measure, split_sentences
 from ._recipes import DEFAULT_FP16_RECIPE, RECIPES, Recipe  # first: config.py reads these
 from ._variants import build_variant, derive_variants, read_calibration, recipe_chain
 
 __all__ = [
     "DEFAULT_FP16_RECIPE",
+    "GATED_TASKS",
     "RECIPES",
     "ActivationStats",
     "Recipe",
@@ -28,6 +29,7 @@ __all__ = [
     "derive_variants",
     "find_outlier_channels",
     "fold_constants",
+    "gate_readout",
     "held_out_set",
     "int8_units",
     "measure",

@@ -20,9 +20,10 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from deberta_onnx.runtime.contract import ATTENTION_MASK, INPUT_IDS, TASK_EMBEDDING
 from deberta_onnx.runtime.tokenization import TextTokenizer
 
-from ._quality import SENTENCE_GATE, Gate, HeldOut, gate_feeds, output_rows
+from ._quality import ExampleFeed, HeldOut, gate_feeds, gate_items, gate_readout
 
 __all__ = ["probe_set", "rank_matmuls", "search_fp32_matmuls"]
 
@@ -72,13 +73,17 @@ def _uint8(x: np.ndarray, low: float, high: float) -> np.ndarray:
     return (np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale
 
 
-def probe_set(fp32_path: Path, tokenizer: TextTokenizer, texts: Sequence[str], gate: Gate | None = None) -> HeldOut:
-    """``texts`` as the gate runs them (alone and in batches), with the fp32 graph's rows as reference."""
-    gate = gate or SENTENCE_GATE
-    alone, batches = gate_feeds(gate, tokenizer, texts)
+def probe_set(fp32_path: Path, tokenizer: TextTokenizer, texts: Sequence[str], *, task: str = TASK_EMBEDDING,
+              inputs: Sequence[str] = (INPUT_IDS, ATTENTION_MASK), example_feed: ExampleFeed | None = None) -> HeldOut:
+    """``texts`` as the gate runs them (alone and in batches, fed by ``example_feed`` where the graph has one), with
+    the fp32 graph's vectors as reference."""
+    readout = gate_readout(task)
+    alone, batches = gate_feeds(tokenizer, gate_items(task, texts), inputs, example_feed)
     session = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
-    reference = np.concatenate([output_rows(session.run([gate.output], feed)[0], gate.center) for feed in batches])
-    return HeldOut(texts=list(texts), alone=alone, batches=batches, reference=reference, gate=gate)
+    reference = np.concatenate([readout.vectors(session.run(list(readout.outputs), dict(zip(inputs, feed))),
+                                                feed[1], tokenizer.max_length) for feed in batches])
+    return HeldOut(texts=list(texts), alone=alone, batches=batches, reference=reference, readout=readout,
+                   inputs=tuple(inputs), width=tokenizer.max_length)
 
 
 def search_fp32_matmuls(ranking: Sequence[tuple[str, float]], build: Callable[[list[str]], dict[str, Any]],

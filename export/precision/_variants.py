@@ -13,8 +13,11 @@ import onnx
 import torch
 
 from deberta_onnx.runtime.contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
     MODEL_FILE,
     PRECISIONS,
+    TASK_EMBEDDING,
     TOKENIZER_FILE,
     variant_file,
 )
@@ -29,11 +32,11 @@ from ._int8 import build_int8, int8_source, int8_units
 from ._onnx_edit import prepare_base
 from ._quality import (
     BATCH_INVARIANCE,
-    Gate,
+    ExampleFeed,
     HeldOut,
     format_quality,
     gate_failure,
-    gate_for,
+    gate_feeds,
     held_out_set,
     measure,
     split_sentences,
@@ -128,15 +131,20 @@ def derive_variants(
     fp32_path = folder / MODEL_FILE
     held = fp32_report = None
     base_bytes = sum(p.stat().st_size for p in folder.glob(f"{MODEL_FILE}*"))
+    # What the graph takes and gives: an embedding graph's sentence vectors, or another task's outputs (Readout).
+    task = str(getattr(module, "task", TASK_EMBEDDING))
+    inputs = tuple(spec.name for spec in getattr(module, "inputs", ())) or (INPUT_IDS, ATTENTION_MASK)
+    example_feed = getattr(module, "example_feed", None)
     if config.validate:
-        say(f"quality gate: {len(held_texts)} held-out sentences against the fp32 PyTorch reference")
-        held = held_out_set(module, tokenizer, held_texts)
+        what = "held-out sentences" if task == TASK_EMBEDDING else f"{task} inputs made of held-out sentences"
+        say(f"quality gate: {len(held_texts)} {what} against the fp32 PyTorch reference")
+        held = held_out_set(module, tokenizer, held_texts, task=task, inputs=inputs)
         fp32_report = measure(fp32_path, held)
         say(format_quality("fp32", "reference", fp32_report, base_bytes))
     base = prepare_base(fp32_path, scratch / "folded.onnx")
     texts = read_calibration(config.calibration) if config.calibration else default_calibration
-    gate = gate_for(module)
-    feeds = [gate.feed(*tokenizer.pad([ids])) for ids in tokenizer.encode(texts)]
+    # One text per feed (a single segment), made into the graph's feed by its example_feed where it has one.
+    feeds = [dict(zip(inputs, feed)) for feed in gate_feeds(tokenizer, texts, inputs, example_feed)[0]]
     calibration = {
         "source": str(config.calibration) if config.calibration else "shipped sentences not held out",
         "texts": len(texts),
@@ -145,11 +153,12 @@ def derive_variants(
     }
     say(f"activation ranges: the fp32 graph on {len(texts)} calibration texts")
     weights = int8_units(onnx.load(str(base), load_external_data=False))[0]
-    inputs = {node.input[0] for node in onnx.load(str(base), load_external_data=False).graph.node
-              if node.name in set(weights)}
-    stats = collect_activation_stats(base, feeds, channels_of=inputs)
-    search = _Search(base=base, folder=folder, config=config, held=held, gate=gate, feeds=feeds, stats=stats,
-                     probe_texts=texts[:PROBE_TEXTS], tokenizer=tokenizer, base_bytes=base_bytes, say=say)
+    matmul_inputs = {node.input[0] for node in onnx.load(str(base), load_external_data=False).graph.node
+                     if node.name in set(weights)}
+    stats = collect_activation_stats(base, feeds, channels_of=matmul_inputs)
+    search = _Search(base=base, folder=folder, config=config, held=held, feeds=feeds, stats=stats,
+                     probe_texts=texts[:PROBE_TEXTS], tokenizer=tokenizer, base_bytes=base_bytes, say=say,
+                     task=task, inputs=inputs, example_feed=example_feed)
     entries: dict[str, dict[str, Any]] = {}
     for precision in derived:
         entry = search.derive(precision)
@@ -167,13 +176,15 @@ class _Search:
     folder: Path
     config: ExportConfig
     held: HeldOut | None
-    gate: Gate
     feeds: list[dict[str, np.ndarray]]
     stats: ActivationStats
     probe_texts: list[str]
     tokenizer: TextTokenizer
     base_bytes: int
     say: Callable[[str], None]
+    task: str = TASK_EMBEDDING
+    inputs: tuple[str, ...] = (INPUT_IDS, ATTENTION_MASK)
+    example_feed: ExampleFeed | None = None
     _probes: HeldOut | None = None
 
     def derive(self, precision: str) -> dict[str, Any]:
@@ -234,7 +245,8 @@ class _Search:
             return build_variant(recipe, self.base, path, calibration=self.feeds, stats=self.stats, keep_fp32=keep)
 
         if self._probes is None:
-            self._probes = probe_set(self.base, self.tokenizer, self.probe_texts, self.gate)
+            self._probes = probe_set(self.base, self.tokenizer, self.probe_texts, task=self.task, inputs=self.inputs,
+                                     example_feed=self.example_feed)
         probes = self._probes
 
         def test() -> tuple[str | None, dict[str, Any]]:

@@ -18,7 +18,14 @@ from .._quiet import quiet_libraries
 from .._sentences import shipped_sentences
 from .._torch_graph import EmbeddingGraph, control_flow_nodes, export_onnx, masked_mean
 from .._validate import make_batch, validate
-from ._checkpoints import RANDOM_PREFIX, RANDOM_SHAPES, build_random_checkpoint, random_source, train_sentencepiece
+from ._checkpoints import (
+    RANDOM_PREFIX,
+    RANDOM_SHAPES,
+    add_question_answering_head,
+    build_random_checkpoint,
+    random_source,
+    train_sentencepiece,
+)
 from ._outliers import OutlierSpec, add_outliers, parse_outliers
 
 __all__ = [
@@ -28,6 +35,7 @@ __all__ = [
     "EmbeddingGraph",
     "OutlierSpec",
     "add_outliers",
+    "add_question_answering_head",
     "build_random_checkpoint",
     "checkpoint_task",
     "control_flow_nodes",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from ._outliers import OutlierSpec, add_outliers, parse_outliers
 __all__ = [
     "RANDOM_PREFIX",
     "RANDOM_SHAPES",
+    "add_question_answering_head",
     "build_random_checkpoint",
     "random_source",
     "train_sentencepiece",
@@ -187,3 +189,27 @@ def random_source(src: str, workdir: str | Path) -> str:
     except ValueError as exc:
         raise CheckpointError(str(exc)) from exc
     return str(build_random_checkpoint(shape, Path(workdir) / src[len(RANDOM_PREFIX):], outliers=outliers))
+
+
+def add_question_answering_head(encoder_dir: str | Path, out_dir: str | Path, *, seed: int = 0) -> Path:
+    """The checkpoint at ``encoder_dir`` (a ``DebertaV2Model``, e.g. from ``build_random_checkpoint``) under a
+    ``DebertaV2ForQuestionAnswering`` head, saved to ``out_dir`` with the tokenizer files beside it.
+
+    The head's weights are drawn at unit scale: at transformers' initialisation (std 0.02) every logit is about 1e-3
+    and every span about as likely as the next, which would test nothing."""
+    from transformers import AutoModel, DebertaV2Config, DebertaV2ForQuestionAnswering
+
+    source, out = Path(encoder_dir), Path(out_dir)
+    config = DebertaV2Config.from_pretrained(source)
+    config.architectures = ["DebertaV2ForQuestionAnswering"]
+    model = DebertaV2ForQuestionAnswering(config).eval()
+    model.deberta.load_state_dict(AutoModel.from_pretrained(source).state_dict())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.qa_outputs.weight.copy_(torch.randn(model.qa_outputs.weight.shape, generator=generator) * 0.3)
+        model.qa_outputs.bias.zero_()
+    model.save_pretrained(out)
+    for item in source.iterdir():
+        if item.is_file() and item.name not in ("config.json", "model.safetensors", "pytorch_model.bin"):
+            shutil.copy(item, out / item.name)
+    return out

@@ -8,9 +8,9 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from ..errors import DebertaOnnxError, MissingExtraError
-from . import bench, classify, embed, export, fill_mask, info, multiple_choice, search, serve, tune
 
 __all__ = ["build_parser", "main"]
 
@@ -18,10 +18,14 @@ __all__ = ["build_parser", "main"]
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser. ``command`` names the subcommand about to run: only its flags' defaults are read from
     an optional extra's config (``export``, ``bench``), so that other commands start without importing torch."""
+    # The subcommands import numpy, ONNX Runtime and tokenizers: here, not at this module's import, so that the
+    # command's entry point imports nothing heavy before main's error handling runs (a Ctrl+C then is one line).
+    from . import bench, classify, embed, export, fill_mask, info, multiple_choice, qa, search, serve, tune
+
     parser = argparse.ArgumentParser(
         prog="deberta-onnx",
         description="Export DeBERTa checkpoints to ONNX with fused pooling, and run them without PyTorch: "
-                    "`export` writes a model folder (needs the export extra); `embed`, `search`, `classify` and "
+                    "`export` writes a model folder (needs the export extra); `embed`, `search`, `classify`, `qa` and "
                     "`info` use it with the base install, `serve` with the server extra, `bench` (against "
                     "PyTorch) with the export and bench extras.",
         epilog="Run `deberta-onnx COMMAND --help` for a command's options.",
@@ -34,6 +38,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     info.add_parser(commands)
     search.add_parser(commands)
     classify.add_parser(commands)
+    qa.add_parser(commands)
     tune.add_parser(commands)
     multiple_choice.add_parser(commands)
     fill_mask.add_parser(commands)
@@ -46,7 +51,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``deberta-onnx``; returns the process exit code."""
+    """Entry point of ``deberta-onnx``; returns the process exit code. Called in a process's main thread, it turns
+    SIGTERM into an orderly exit while it runs, and gives the caller's SIGTERM handler back when it returns."""
+    previous: Any = None
     try:
         words = list(sys.argv[1:] if argv is None else argv)
         command = next((word for word in words if not word.startswith("-")), None)
@@ -54,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # seconds), and a Ctrl+C then is an interruption like any other.
         args = build_parser(command).parse_args(words)
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _terminate)
+            previous = signal.signal(signal.SIGTERM, _terminate)
         return int(args.run(args))
     except MissingExtraError as exc:  # an optional part without its extra: the message names the pip command
         print(f"error: {exc}", file=sys.stderr)
@@ -65,3 +72,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

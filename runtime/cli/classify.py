@@ -11,6 +11,7 @@ from ..classifier import SequenceClassifier, TokenClassifier
 from ..contract import (
     TASK_FILL_MASK,
     TASK_MULTIPLE_CHOICE,
+    TASK_QUESTION_ANSWERING,
     TASK_SEQUENCE_CLASSIFICATION,
     TASK_TOKEN_CLASSIFICATION,
 )
@@ -104,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         rows = [{"text": text, "spans": [span._asdict() for span in found]} for text, found in zip(lines, spans)]
     elif task in (TASK_MULTIPLE_CHOICE, TASK_FILL_MASK):
         raise TaskMismatchError(f"{args.model_dir} holds a {task} model; use `deberta-onnx {task}` with it")
+    elif task == TASK_QUESTION_ANSWERING:
+        raise TaskMismatchError(f"{args.model_dir} holds a question-answering model; use `deberta-onnx qa` with it")
     else:
         raise TaskMismatchError(f"{args.model_dir} holds an embedding model; use `deberta-onnx embed` or "
                                 "`deberta-onnx search` with it")

@@ -8,7 +8,13 @@ from typing import Any
 
 from .. import tune
 from ..config import EncoderConfig
-from ..contract import TASK_EMBEDDING, TASK_FILL_MASK, TASK_MULTIPLE_CHOICE, TASK_SEQUENCE_CLASSIFICATION
+from ..contract import (
+    TASK_EMBEDDING,
+    TASK_FILL_MASK,
+    TASK_MULTIPLE_CHOICE,
+    TASK_QUESTION_ANSWERING,
+    TASK_SEQUENCE_CLASSIFICATION,
+)
 from ..errors import TaskMismatchError
 from ..loader import load_model
 from ..manifest import Manifest, load_manifest
@@ -155,6 +161,9 @@ def _print_task(manifest: Manifest) -> None:
     elif manifest.task == TASK_FILL_MASK:
         print(f"task:       {manifest.task} (FillMask; `deberta-onnx fill-mask`)   mask token: "
               f"{manifest.model.mask_token}")
+    elif manifest.task == TASK_QUESTION_ANSWERING:
+        print(f"task:       {manifest.task} (QuestionAnswerer)   extractive: answer spans of the context, from "
+              "start and end logits")
     else:
         sequence = manifest.task == TASK_SEQUENCE_CLASSIFICATION
         runner = "SequenceClassifier, CrossEncoder" if sequence else "TokenClassifier"

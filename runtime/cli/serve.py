@@ -18,12 +18,13 @@ _FIELDS = tuple(config_defaults(ServerConfig))
 def add_parser(commands: Any) -> None:
     d = ServerConfig()
     parser = commands.add_parser(
-        "serve", help="serve model folders over HTTP (/v1/embeddings, /v1/rerank, /v1/classify, /metrics; needs "
-                      "the server extra)",
+        "serve", help="serve model folders over HTTP (/v1/embeddings, /v1/rerank, /v1/classify, "
+                      "/v1/question-answering, /metrics; needs the server extra)",
         description="Serve each MODEL_DIR over HTTP as its task allows: an embedding model on POST /v1/embeddings "
                     "(OpenAI's request and response shape), a sequence classifier or cross-encoder on POST "
                     "/v1/rerank (Cohere's and Jina's shape; one-label models) and POST /v1/classify, a token "
-                    "classifier on POST /v1/classify (spans). With several folders a request names its model in "
+                    "classifier on POST /v1/classify (spans), a question-answering model on POST "
+                    "/v1/question-answering (answer spans). With several folders a request names its model in "
                     "'model' (the folder's name; unknown: 404). GET /health, GET /v1/models, GET /metrics "
                     "(Prometheus). Concurrent requests are merged into one model call. "
                     "Queue full: 429; body too large or too many inputs: 413; bad JSON or fields, or a Host "
@@ -33,7 +34,7 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR",
                         help="one or more folders written by `deberta-onnx export` (embedding, sequence- or "
-                             "token-classification)")
+                             "token-classification, question-answering)")
     parser.add_argument("--host", default=d.host, help="address to listen on (default %(default)s: this "
                        "machine only; put a proxy or firewall in front before listening wider)")
     parser.add_argument("--port", type=int, default=d.port, help="TCP port (default %(default)s; 0 picks a "

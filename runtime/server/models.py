@@ -5,8 +5,9 @@ above the runtime; no HTTP stack, so that it can be tested, and reused, without 
 Routes per task: an ``embedding`` model serves ``POST /v1/embeddings``; a ``sequence-classification`` model
 (classifier or cross-encoder) serves ``POST /v1/rerank`` (one-label models) and ``POST /v1/classify`` (zero-shot
 with ``candidate_labels`` where its labels name entailment); a
-``token-classification`` model serves ``POST /v1/classify`` with spans; a ``multiple-choice`` model
-``POST /v1/multiple-choice``, a ``fill-mask`` model ``POST /v1/fill-mask`` (``tasks_api``).
+``token-classification`` model serves ``POST /v1/classify`` with spans; a ``question-answering`` model serves
+``POST /v1/question-answering`` (each question's context cut into windows, the windows micro-batched); a
+``multiple-choice`` model ``POST /v1/multiple-choice``, a ``fill-mask`` model ``POST /v1/fill-mask`` (``tasks_api``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..contract import (
     TASK_EMBEDDING,
     TASK_FILL_MASK,
     TASK_MULTIPLE_CHOICE,
+    TASK_QUESTION_ANSWERING,
     TASK_SEQUENCE_CLASSIFICATION,
     TASK_TOKEN_CLASSIFICATION,
 )
@@ -34,6 +36,7 @@ from ..fill_mask import FillMask, fill_mask_candidates
 from ..manifest import load_manifest
 from ..multiple_choice import MultipleChoice, MultipleChoiceResult, choice_scores
 from ..postprocess import classifier_scores, cross_encoder_scores, truncate_dimensions
+from ..question_answering import QuestionAnswerer
 from ..zero_shot import entailment_index, zero_shot_scores
 from .budget import TokenBudget
 from .classify_api import (
@@ -47,6 +50,7 @@ from .config import ServerConfig
 from .errors import ApiError
 from .microbatch import BatchObserver, MicroBatcher, Outputs
 from .openai_api import embedding_response, parse_embedding_request
+from .qa_api import parse_qa_request, qa_response
 from .rerank_api import parse_rerank_request, rerank_response
 from .tasks_api import (
     fill_mask_response,
@@ -55,12 +59,15 @@ from .tasks_api import (
     parse_multiple_choice_request,
 )
 
-__all__ = ["CLASSIFY", "EMBEDDINGS", "FILL_MASK", "MULTIPLE_CHOICE", "RERANK", "ROUTES", "Job", "Model", "ServedModel",
-           "load_folder"]
+__all__ = ["CLASSIFY", "EMBEDDINGS", "FILL_MASK", "MULTIPLE_CHOICE", "QUESTION_ANSWERING", "RERANK", "ROUTES", "Job",
+           "Model", "ServedModel", "load_folder"]
+
+Model = Encoder | SequenceClassifier | TokenClassifier | QuestionAnswerer | MultipleChoice | FillMask
 
 EMBEDDINGS = "/v1/embeddings"
 RERANK = "/v1/rerank"
 CLASSIFY = "/v1/classify"
+QUESTION_ANSWERING = "/v1/question-answering"
 MULTIPLE_CHOICE = "/v1/multiple-choice"
 FILL_MASK = "/v1/fill-mask"
 # The model routes each task serves.
@@ -68,18 +75,18 @@ ROUTES = {
     TASK_EMBEDDING: (EMBEDDINGS,),
     TASK_SEQUENCE_CLASSIFICATION: (RERANK, CLASSIFY),
     TASK_TOKEN_CLASSIFICATION: (CLASSIFY,),
+    TASK_QUESTION_ANSWERING: (QUESTION_ANSWERING,),
     TASK_MULTIPLE_CHOICE: (MULTIPLE_CHOICE,),
     TASK_FILL_MASK: (FILL_MASK,),
 }
-_KINDS: dict[str, type[Encoder | SequenceClassifier | TokenClassifier | MultipleChoice | FillMask]] = {
+_KINDS: dict[str, type[Model]] = {
     TASK_EMBEDDING: Encoder,
     TASK_SEQUENCE_CLASSIFICATION: SequenceClassifier,
     TASK_TOKEN_CLASSIFICATION: TokenClassifier,
+    TASK_QUESTION_ANSWERING: QuestionAnswerer,
     TASK_MULTIPLE_CHOICE: MultipleChoice,
     TASK_FILL_MASK: FillMask,
 }
-
-Model = Encoder | SequenceClassifier | TokenClassifier | MultipleChoice | FillMask
 
 
 def load_folder(model_dir: str | Path, config: EncoderConfig | None = None) -> Model:
@@ -153,7 +160,7 @@ class ServedModel:
             info["hidden_size"] = model.hidden_size
         elif isinstance(model, FillMask):
             info["mask_token"] = model.mask_token
-        elif not isinstance(model, MultipleChoice):
+        elif not isinstance(model, (MultipleChoice, QuestionAnswerer)):
             info["labels"] = list(model.labels)
         return info
 
@@ -182,6 +189,8 @@ class ServedModel:
             return self._multiple_choice(body, echo)
         if isinstance(model, FillMask):
             return self._fill_mask(model, body, echo)
+        if isinstance(model, QuestionAnswerer):
+            return self._question_answering(model, body, echo)
         if route == RERANK and isinstance(model, SequenceClassifier):
             return self._rerank(model, body, echo)
         parsed = parse_classify_request(body, max_inputs=config.max_inputs, task=self.task)
@@ -207,6 +216,27 @@ class ServedModel:
             return classify_response(scores, labels=labels, top_k=parsed.top_k, token_counts=counts, model=name)
 
         return Job(items=list(parsed.inputs), answer=classes)
+
+    def _question_answering(self, model: QuestionAnswerer, body: bytes, echo: bool) -> Job:
+        limit = self.config.max_inputs
+        parsed = parse_qa_request(body, max_inputs=limit)
+        name = self._name(parsed.model, echo)
+        try:
+            options = model.options(**parsed.options)
+            windows, owners = model.pair_windows(parsed.pairs, options)
+        except (TypeError, ValueError) as exc:
+            raise ApiError(400, str(exc), param="question", code="invalid_request") from exc
+        if len(windows) > limit:
+            raise ApiError(413, f"the contexts make {len(windows)} windows of {options.max_seq_len} tokens; this "
+                                f"server runs at most {limit} per request. Send shorter contexts or fewer questions.",
+                           param="context", code="too_many_inputs")
+
+        def answer(outputs: Outputs, counts: list[int]) -> dict[str, Any]:
+            found = [model.answers(context, [outputs[row] for row in rows], options)
+                     for (_, context), rows in zip(parsed.pairs, owners)]
+            return qa_response(found, token_counts=counts, model=name)
+
+        return Job(items=windows, answer=answer)
 
     def _zero_shot(self, model: SequenceClassifier, parsed: ClassifyRequest, name: str) -> Job:
         try:
