@@ -10,6 +10,7 @@ from typing import Any
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForMultipleChoice,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -20,6 +21,8 @@ from transformers import (
 
 from deberta_onnx.runtime.contract import (
     TASK_EMBEDDING,
+    TASK_FILL_MASK,
+    TASK_MULTIPLE_CHOICE,
     TASK_QUESTION_ANSWERING,
     TASK_SEQUENCE_CLASSIFICATION,
     TASK_TOKEN_CLASSIFICATION,
@@ -27,6 +30,7 @@ from deberta_onnx.runtime.contract import (
 )
 
 from ._errors import CheckpointError, UnsupportedHeadError, UnsupportedModelError
+from ._heads import MaskedLMLoader
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "LoadedCheckpoint", "checkpoint_task", "load_checkpoint", "scratch_dir"]
 
@@ -43,8 +47,13 @@ _TASK_LOADERS: dict[str, tuple[Any, str]] = {
     TASK_EMBEDDING: (AutoModel, ""),
     TASK_SEQUENCE_CLASSIFICATION: (AutoModelForSequenceClassification, "ForSequenceClassification"),
     TASK_TOKEN_CLASSIFICATION: (AutoModelForTokenClassification, "ForTokenClassification"),
+    TASK_MULTIPLE_CHOICE: (AutoModelForMultipleChoice, "ForMultipleChoice"),
+    TASK_FILL_MASK: (MaskedLMLoader, "ForMaskedLM"),
     TASK_QUESTION_ANSWERING: (AutoModelForQuestionAnswering, "ForQuestionAnswering"),
 }
+# Heads a pre-trained encoder checkpoint may carry without naming them in ``architectures`` (DeBERTa v1/v2's MLM
+# head): asked for with --task, they are loaded, and refused there if their weights are not in the checkpoint.
+_UNDECLARED_HEADS = frozenset({TASK_FILL_MASK})
 # The bare encoders' architecture names: no head, exported as ``embedding``.
 _ENCODERS = frozenset({"DebertaV2Model", "DebertaModel"})
 
@@ -103,13 +112,13 @@ def _loaded(loader: Any, src: str, **kwargs: Any) -> Any:
 
 def checkpoint_task(config: PretrainedConfig, src: str = "the checkpoint") -> str:
     """The task a checkpoint's head is for, from its ``architectures``: a sequence or token classifier, an
-    extractive question-answering head, or
+    extractive question-answering head, a multiple-choice head, a masked-LM head (``fill-mask``), or
     ``embedding`` for the bare encoder (``DebertaV2Model``, ``DebertaModel``, or no ``architectures`` at all, as
     the released DeBERTa-v3 checkpoints have).
 
     Raises:
-        UnsupportedHeadError: the checkpoint declares a head this exporter has no graph for (multiple choice,
-            masked LM, ...); exporting it as an encoder would drop the head without a word.
+        UnsupportedHeadError: the checkpoint declares a head this exporter has no graph for (one transformers has
+            no class for, or adds later); exporting it as an encoder would drop the head without a word.
     """
     unsupported = []
     for architecture in config.architectures or []:
@@ -157,7 +166,8 @@ def load_checkpoint(src: str, task: str | None = None) -> LoadedCheckpoint:
     else:
         own_task = checkpoint_task(config, str(src))
     task = task or own_task
-    if task != TASK_EMBEDDING and task != own_task:
+    undeclared = task in _UNDECLARED_HEADS and own_task == TASK_EMBEDDING
+    if task != TASK_EMBEDDING and task != own_task and not undeclared:
         raise UnsupportedModelError(
             f"{src} has no {task} head (architectures: {', '.join(config.architectures or []) or 'none'}); "
             f"exporting it as {task} would add an untrained, random head. Export a checkpoint fine-tuned for "

@@ -12,11 +12,18 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from deberta_onnx.runtime.contract import MODEL_FILE, TASK_EMBEDDING, TOKENIZER_FILE
+from deberta_onnx.runtime.contract import (
+    MODEL_FILE,
+    TASK_EMBEDDING,
+    TASK_FILL_MASK,
+    TASK_MULTIPLE_CHOICE,
+    TOKENIZER_FILE,
+)
 
 from ._attention import TRANSLATIONS, fused_attention
 from ._checkpoint import LoadedCheckpoint, load_checkpoint, scratch_dir
 from ._errors import CheckpointError, ExportError, ValidationError
+from ._heads import FillMaskGraph, MultipleChoiceGraph
 from ._hub import write_hub_files
 from ._manifest import model_fields, write_export_manifest
 from ._optimize import apply_ort_fusions, folded_relative_attention
@@ -113,8 +120,9 @@ def _pooling(config: ExportConfig, spec: SentenceTransformerSpec | None, src: st
 
 
 def _check_classifier_options(config: ExportConfig, task: str, src: str) -> None:
-    # The precisions' quality gate compares sentence vectors, or a question-answering graph's start and end logits
-    # (``precision.gate_readout``); a classifier's logits need another measure.
+    # The precisions' quality gate compares sentence vectors, a question-answering graph's start and end logits, or
+    # a multiple-choice or fill-mask graph's logits (``precision.gate_readout``); a sequence or token classifier's
+    # logits need another measure.
     lower = None if task in GATED_TASKS else (",".join(config.precisions[1:]) or None)
     asked = [flag for flag, value in (("--pooling", config.pooling), ("--normalize", config.normalize),
                                       ("--token-embeddings", config.token_embeddings or None),
@@ -125,6 +133,7 @@ def _check_classifier_options(config: ExportConfig, task: str, src: str) -> None
             f"{'ies' if len(asked) == 1 else 'y'} to embedding graphs. Drop {'it' if len(asked) == 1 else 'them'}, "
             "or pass --task embedding to export the encoder alone."
         )
+
 
 
 def _model_name(folder_name: str) -> str:
@@ -151,9 +160,11 @@ def _build(checkpoint: LoadedCheckpoint, folder: Path, config: ExportConfig, *, 
     pad_id = _pad_id(checkpoint)
     model = model_fields(checkpoint, max_length=max_length, pad_id=pad_id, pooling=pooling, normalize=normalize,
                          tokenizer_source=tokenizer_origin)
-    sizes = {"hidden": model["hidden_size"]}
+    sizes = {"hidden": model["hidden_size"], "vocab": model["vocab_size"]}
     if checkpoint.task != TASK_EMBEDDING:
-        sizes["labels"] = len(model["labels"])
+        sizes["labels"] = len(model.get("labels", []))
+    if isinstance(graph, FillMaskGraph):
+        model["mask_token"] = str(checkpoint.tokenizer.mask_token)
     model_files = sorted(p.name for p in folder.iterdir() if p.name.startswith(MODEL_FILE))
     inputs = list(graph.inputs)
     outputs = [spec.resolved(**sizes) for spec in graph.outputs]
@@ -193,11 +204,15 @@ def _tokenizer(checkpoint: LoadedCheckpoint, config: ExportConfig) -> tuple[Toke
 
 def _graph_module(checkpoint: LoadedCheckpoint, config: ExportConfig, *, pooling: str, normalize: bool
                   ) -> EmbeddingGraph | ClassifierGraph:
-    """The ``torch.nn.Module`` to export: encoder and pooling, or a classifier with its head."""
+    """The ``torch.nn.Module`` to export: encoder and pooling, or a model with its head."""
     if checkpoint.task == TASK_EMBEDDING:
         return EmbeddingGraph(checkpoint.model, pooling=pooling, normalize=normalize,
                               token_embeddings=config.token_embeddings).eval()
     segments = int(getattr(checkpoint.config, "type_vocab_size", 0) or 0) > 0
+    if checkpoint.task == TASK_MULTIPLE_CHOICE:
+        return MultipleChoiceGraph(checkpoint.model, token_type_ids=segments).eval()  # type: ignore[return-value]
+    if checkpoint.task == TASK_FILL_MASK:
+        return FillMaskGraph(checkpoint.model, mask_token_id=_mask_id(checkpoint)).eval()  # type: ignore[return-value]
     return ClassifierGraph(checkpoint.model, checkpoint.task, token_type_ids=segments).eval()
 
 
@@ -259,6 +274,15 @@ def _export_graph(graph: EmbeddingGraph | ClassifierGraph, checkpoint: LoadedChe
             model_path, num_heads=int(model_config.num_attention_heads), hidden_size=int(model_config.hidden_size),
             external_data=model_path.with_name(f"{MODEL_FILE}.data").exists())
     return optimization
+
+
+def _mask_id(checkpoint: LoadedCheckpoint) -> int:
+    """The ``[MASK]`` id fill-mask scores at; a tokenizer without a mask token cannot mark what to fill."""
+    mask_id = checkpoint.tokenizer.mask_token_id
+    if mask_id is None:
+        raise CheckpointError(f"{checkpoint.path}'s tokenizer has no mask token, so no text can mark a position to "
+                              "fill; give the checkpoint the tokenizer it was pre-trained with (mask_token [MASK]).")
+    return int(mask_id)
 
 
 def _pad_id(checkpoint: LoadedCheckpoint) -> int:

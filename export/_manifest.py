@@ -14,6 +14,7 @@ from deberta_onnx.runtime.contract import (
     MODEL_FILE,
     TASK_EMBEDDING,
     TASK_SEQUENCE_CLASSIFICATION,
+    TASK_TOKEN_CLASSIFICATION,
     TensorSpec,
 )
 from deberta_onnx.runtime.installed import installed_versions
@@ -33,7 +34,10 @@ def model_fields(checkpoint: LoadedCheckpoint, *, max_length: int, pad_id: int, 
                  tokenizer_source: str) -> dict[str, Any]:
     """The manifest's ``model`` section: sizes, task, pooling, a classifier's labels, the tokenizer's origin."""
     config = checkpoint.config
-    classifier = checkpoint.task != TASK_EMBEDDING
+    head = checkpoint.task != TASK_EMBEDDING
+    # Labels belong to the classifiers: question answering scores token positions, multiple choice the choices
+    # given and fill-mask the vocabulary.
+    classifier = checkpoint.task in (TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION)
     return {
         "hidden_size": int(config.hidden_size),
         "max_sequence_length": max_length,
@@ -42,8 +46,8 @@ def model_fields(checkpoint: LoadedCheckpoint, *, max_length: int, pad_id: int, 
         "num_hidden_layers": int(config.num_hidden_layers),
         "num_attention_heads": int(config.num_attention_heads),
         "task": checkpoint.task,
-        "pooling": None if classifier else pooling,
-        "normalize": False if classifier else normalize,
+        "pooling": None if head else pooling,
+        "normalize": False if head else normalize,
         **(_classifier_fields(checkpoint) if classifier else {}),
         "tokenizer_source": tokenizer_source,
     }

@@ -189,15 +189,19 @@ def export_onnx(graph: torch.nn.Module, path: Path, *, opset: int = OPSET,
     """
     inputs: tuple[TensorSpec, ...] = graph.inputs  # type: ignore[assignment]
     outputs: tuple[TensorSpec, ...] = graph.outputs  # type: ignore[assignment]
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    sequence = torch.export.Dim("sequence", min=1, max=8192)
-    dynamic = {spec.name: {axis: {"batch": batch, "sequence": sequence}[name]
-                           for axis, name in spec.dynamic_axes().items()} for spec in inputs}
+    axes = {"batch": torch.export.Dim("batch", min=1, max=4096),
+            "sequence": torch.export.Dim("sequence", min=1, max=8192),
+            "choices": torch.export.Dim("choices", min=1, max=1024),
+            "masks": torch.export.Dim("masks", min=1, max=8192)}
+    dynamic = {spec.name: {axis: axes[name] for axis, name in spec.dynamic_axes().items()} for spec in inputs}
+    # A graph whose inputs are not the plain [batch, sequence] ones makes its own (multiple choice, fill-mask).
+    make_dummies = getattr(graph, "dummy_inputs", None)
+    dummies = make_dummies() if make_dummies is not None else _dummy_inputs(inputs)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             graph.eval(),
-            _dummy_inputs(inputs),
+            dummies,
             dynamo=True,
             input_names=[spec.name for spec in inputs],
             output_names=[spec.name for spec in outputs],

@@ -144,7 +144,9 @@ def validate(
     exact: torch.nn.Module | None = None
     for batch, sequence in tqdm(grid, desc="validate", unit="shape", disable=not progress):
         ids, mask = make_batch(batch, sequence, vocab, rng)
-        feed = _feed(inputs, ids, mask, rng)
+        # Graphs that take more than [batch, sequence] ids say how to feed them (multiple choice, fill-mask).
+        example_feed = getattr(module, "example_feed", None)
+        feed = example_feed(ids, mask) if example_feed is not None else _feed(inputs, ids, mask, rng)
         expected = [_masked(e, spec, mask) for e, spec in zip(_run_module(module, feed), outputs)]
         actual = [_masked(a, spec, mask) for a, spec in zip(session.run([spec.name for spec in outputs], feed),
                                                              outputs)]

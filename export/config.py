@@ -38,8 +38,9 @@ class ExportConfig:
             sentence-transformers checkpoint has a Normalize module, else no.
         token_embeddings: add a second output, ``token_embeddings`` ``[batch, sequence, hidden]`` (the last
             hidden state; large, so off by default).
-        task: ``"embedding"`` (the encoder and pooling), ``"sequence-classification"`` or
-            ``"token-classification"`` (encoder and the checkpoint's head, output ``logits``). ``None``
+        task: ``"embedding"`` (the encoder and pooling), ``"sequence-classification"``,
+            ``"token-classification"``, ``"multiple-choice"`` or ``"fill-mask"`` (encoder and the checkpoint's
+            head, output ``logits``; fill-mask only where the checkpoint holds trained MLM head weights). ``None``
             (default): what the checkpoint's architecture is (a ``...ForSequenceClassification`` checkpoint
             exports its head); ``"embedding"`` exports only the encoder of any checkpoint.
         max_length: longest input in tokens; default a sentence-transformers checkpoint's ``max_seq_length``,

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from .config import EncoderConfig
     from .encoder import Encoder
     from .errors import DebertaOnnxError
+    from .fill_mask import FillMask, FillMaskCandidate
+    from .multiple_choice import MultipleChoice, MultipleChoiceResult
     from .question_answering import Answer, QuestionAnswerer
     from .similarity import Hit, cos_sim, semantic_search
     from .zero_shot import ZeroShotClassifier, ZeroShotResult
@@ -37,6 +39,10 @@ _LAZY = {
     "EncoderConfig": "config",
     "Encoder": "encoder",
     "DebertaOnnxError": "errors",
+    "FillMask": "fill_mask",
+    "FillMaskCandidate": "fill_mask",
+    "MultipleChoice": "multiple_choice",
+    "MultipleChoiceResult": "multiple_choice",
     "Hit": "similarity",
     "cos_sim": "similarity",
     "semantic_search": "similarity",
@@ -74,7 +80,11 @@ __all__ = [
     "DebertaOnnxError",
     "Encoder",
     "EncoderConfig",
+    "FillMask",
+    "FillMaskCandidate",
     "Hit",
+    "MultipleChoice",
+    "MultipleChoiceResult",
     "QuestionAnswerer",
     "SequenceClassifier",
     "TokenClassifier",

@@ -7,7 +7,16 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .contract import POOLINGS, PRECISIONS, TASK_EMBEDDING, TASKS, TensorSpec
+from .contract import (
+    POOLINGS,
+    PRECISIONS,
+    TASK_EMBEDDING,
+    TASK_FILL_MASK,
+    TASK_MULTIPLE_CHOICE,
+    TASK_QUESTION_ANSWERING,
+    TASKS,
+    TensorSpec,
+)
 from .errors import ManifestError
 
 __all__ = ["Reader", "file_fields", "kind", "model_fields", "source_fields", "tensor_specs", "variant_fields"]
@@ -109,7 +118,9 @@ def model_fields(reader: Reader, data: Mapping[str, Any]) -> dict[str, Any]:
     if task == TASK_EMBEDDING and pooling is None and "pooling" in model:
         raise reader.fail("model.pooling", f"must be one of {', '.join(POOLINGS)} for an embedding model, got null")
     labels = reader.strings(model, "labels", "model.labels")
-    if task != TASK_EMBEDDING and not labels:
+    # Labels belong to the classifiers: a question-answering graph scores token positions, a multiple-choice graph
+    # the choices it is given and a fill-mask graph the vocabulary (older question-answering folders have some).
+    if task not in (TASK_EMBEDDING, TASK_QUESTION_ANSWERING, TASK_MULTIPLE_CHOICE, TASK_FILL_MASK) and not labels:
         raise reader.fail("model.labels", f"must name at least one label for a {task} model")
     return dict(
         hidden_size=reader.integer(model, "hidden_size", "model.hidden_size"),
@@ -125,6 +136,7 @@ def model_fields(reader: Reader, data: Mapping[str, Any]) -> dict[str, Any]:
         problem_type=reader.text(model, "problem_type", "model.problem_type", optional=True),
         score_activation=reader.text(model, "score_activation", "model.score_activation", optional=True),
         tokenizer_source=reader.text(model, "tokenizer_source", "model.tokenizer_source", optional=True),
+        mask_token=reader.text(model, "mask_token", "model.mask_token", optional=True),
     )
 
 

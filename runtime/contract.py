@@ -16,6 +16,8 @@ from .errors import ContractMismatchError
 __all__ = [
     "ATTENTION_MASK",
     "BATCH_AXIS",
+    "CHOICES_AXIS",
+    "CHOICE_LOGITS_OUTPUT",
     "END_LOGITS",
     "HIDDEN_AXIS",
     "HUB_FILES",
@@ -27,6 +29,10 @@ __all__ = [
     "MANIFEST_FILE",
     "MANIFEST_FORMAT",
     "MANIFEST_VERSION",
+    "MASKS_AXIS",
+    "MASK_LOGITS_OUTPUT",
+    "MASK_POSITIONS",
+    "MASK_POSITIONS_INPUT",
     "MODEL_FILE",
     "OPSET",
     "OPTIONAL_INPUTS",
@@ -42,6 +48,8 @@ __all__ = [
     "START_LOGITS",
     "TASKS",
     "TASK_EMBEDDING",
+    "TASK_FILL_MASK",
+    "TASK_MULTIPLE_CHOICE",
     "TASK_QUESTION_ANSWERING",
     "TASK_SEQUENCE_CLASSIFICATION",
     "TASK_TOKEN_CLASSIFICATION",
@@ -51,9 +59,11 @@ __all__ = [
     "TOKEN_OUTPUT",
     "TOKEN_TYPE_IDS",
     "TOKEN_TYPE_INPUT",
+    "VOCAB_AXIS",
     "TensorSpec",
     "check_session",
     "check_sizes",
+    "choice_inputs",
     "graph_inputs",
     "graph_outputs",
     "variant_file",
@@ -83,6 +93,9 @@ SENTENCE_EMBEDDING = "sentence_embedding"
 TOKEN_TYPE_IDS = "token_type_ids"
 TOKEN_EMBEDDINGS = "token_embeddings"
 LOGITS = "logits"
+# Fill-mask graphs: where each row's [MASK] tokens are (the runtime finds them in the token ids), so that the
+# vocabulary projection runs at those positions only and [batch, sequence, vocab] scores never exist.
+MASK_POSITIONS = "mask_positions"
 # An extractive question-answering graph's outputs: per token, the logit that the answer starts / ends there.
 START_LOGITS = "start_logits"
 END_LOGITS = "end_logits"
@@ -91,13 +104,19 @@ BATCH_AXIS = "batch"
 SEQUENCE_AXIS = "sequence"
 HIDDEN_AXIS = "hidden"
 LABELS_AXIS = "labels"
+CHOICES_AXIS = "choices"  # multiple choice: the answers offered for one question
+MASKS_AXIS = "masks"  # fill-mask: the masked positions of a row (padded with position 0 where a row has fewer)
+VOCAB_AXIS = "vocab"
 
 # What a model folder holds, recorded as ``model.task`` in the manifest (absent in older folders: embedding).
 TASK_EMBEDDING = "embedding"
 TASK_SEQUENCE_CLASSIFICATION = "sequence-classification"
 TASK_TOKEN_CLASSIFICATION = "token-classification"
 TASK_QUESTION_ANSWERING = "question-answering"
-TASKS = (TASK_EMBEDDING, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION, TASK_QUESTION_ANSWERING)
+TASK_MULTIPLE_CHOICE = "multiple-choice"
+TASK_FILL_MASK = "fill-mask"
+TASKS = (TASK_EMBEDDING, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION, TASK_QUESTION_ANSWERING,
+         TASK_MULTIPLE_CHOICE, TASK_FILL_MASK)
 
 # How an embedding graph turns token vectors into one sentence vector (``model.pooling``): masked mean,
 # the first ([CLS]) token's vector, or the masked per-dimension maximum.
@@ -146,13 +165,22 @@ INPUTS: tuple[TensorSpec, ...] = (
 
 # Only for checkpoints whose config has type_vocab_size > 0 (DeBERTa-v3 has 0): segment ids of text pairs.
 TOKEN_TYPE_INPUT = TensorSpec(name=TOKEN_TYPE_IDS, dtype="int64", dims=(BATCH_AXIS, SEQUENCE_AXIS))
-OPTIONAL_INPUTS: tuple[TensorSpec, ...] = (TOKEN_TYPE_INPUT,)
+MASK_POSITIONS_INPUT = TensorSpec(name=MASK_POSITIONS, dtype="int64", dims=(BATCH_AXIS, MASKS_AXIS))
+OPTIONAL_INPUTS: tuple[TensorSpec, ...] = (TOKEN_TYPE_INPUT, MASK_POSITIONS_INPUT)
 
 SENTENCE_OUTPUT = TensorSpec(name=SENTENCE_EMBEDDING, dtype="float32", dims=(BATCH_AXIS, HIDDEN_AXIS))
 # Optional second output of an embedding graph: the encoder's last hidden state, padding included.
 TOKEN_OUTPUT = TensorSpec(name=TOKEN_EMBEDDINGS, dtype="float32", dims=(BATCH_AXIS, SEQUENCE_AXIS, HIDDEN_AXIS))
 SEQUENCE_LOGITS_OUTPUT = TensorSpec(name=LOGITS, dtype="float32", dims=(BATCH_AXIS, LABELS_AXIS))
 TOKEN_LOGITS_OUTPUT = TensorSpec(name=LOGITS, dtype="float32", dims=(BATCH_AXIS, SEQUENCE_AXIS, LABELS_AXIS))
+CHOICE_LOGITS_OUTPUT = TensorSpec(name=LOGITS, dtype="float32", dims=(BATCH_AXIS, CHOICES_AXIS))
+MASK_LOGITS_OUTPUT = TensorSpec(name=LOGITS, dtype="float32", dims=(BATCH_AXIS, MASKS_AXIS, VOCAB_AXIS))
+_LOGITS_OUTPUTS = {
+    TASK_SEQUENCE_CLASSIFICATION: SEQUENCE_LOGITS_OUTPUT,
+    TASK_TOKEN_CLASSIFICATION: TOKEN_LOGITS_OUTPUT,
+    TASK_MULTIPLE_CHOICE: CHOICE_LOGITS_OUTPUT,
+    TASK_FILL_MASK: MASK_LOGITS_OUTPUT,
+}
 QUESTION_ANSWERING_OUTPUTS = (TensorSpec(name=START_LOGITS, dtype="float32", dims=(BATCH_AXIS, SEQUENCE_AXIS)),
                               TensorSpec(name=END_LOGITS, dtype="float32", dims=(BATCH_AXIS, SEQUENCE_AXIS)))
 
@@ -161,6 +189,8 @@ REQUIRED_OUTPUT = {
     TASK_EMBEDDING: SENTENCE_EMBEDDING,
     TASK_SEQUENCE_CLASSIFICATION: LOGITS,
     TASK_TOKEN_CLASSIFICATION: LOGITS,
+    TASK_MULTIPLE_CHOICE: LOGITS,
+    TASK_FILL_MASK: LOGITS,
     TASK_QUESTION_ANSWERING: START_LOGITS,  # and END_LOGITS: QuestionAnswerer checks both at load
 }
 
@@ -168,6 +198,13 @@ REQUIRED_OUTPUT = {
 def graph_inputs(*, token_type_ids: bool = False) -> tuple[TensorSpec, ...]:
     """The graph's inputs in order: ``input_ids``, ``attention_mask`` and, if asked, ``token_type_ids``."""
     return INPUTS + ((TOKEN_TYPE_INPUT,) if token_type_ids else ())
+
+
+def choice_inputs(*, token_type_ids: bool = False) -> tuple[TensorSpec, ...]:
+    """A multiple-choice graph's inputs: ``graph_inputs``' with a ``choices`` axis after the batch axis (each row
+    is one question, each choice one (prompt, answer) pair)."""
+    return tuple(TensorSpec(name=spec.name, dtype=spec.dtype, dims=(BATCH_AXIS, CHOICES_AXIS, *spec.dims[1:]))
+                 for spec in graph_inputs(token_type_ids=token_type_ids))
 
 
 def graph_outputs(task: str, *, token_embeddings: bool = False) -> tuple[TensorSpec, ...]:
@@ -184,7 +221,7 @@ def graph_outputs(task: str, *, token_embeddings: bool = False) -> tuple[TensorS
         raise ValueError(f"token embeddings are an output of embedding graphs only, not of {task}")
     if task == TASK_QUESTION_ANSWERING:
         return QUESTION_ANSWERING_OUTPUTS
-    return (SEQUENCE_LOGITS_OUTPUT,) if task == TASK_SEQUENCE_CLASSIFICATION else (TOKEN_LOGITS_OUTPUT,)
+    return (_LOGITS_OUTPUTS[task],)
 
 
 # ONNX Runtime reports tensor types as strings like "tensor(int64)"; the manifest uses numpy-style names.

@@ -16,6 +16,8 @@ from .config import AUTO, BF16, ENGINE_ONNXRUNTIME, ENGINE_OPENVINO, EncoderConf
 from .contract import (
     REQUIRED_OUTPUT,
     TASK_EMBEDDING,
+    TASK_FILL_MASK,
+    TASK_MULTIPLE_CHOICE,
     TASK_QUESTION_ANSWERING,
     TASK_SEQUENCE_CLASSIFICATION,
     TASK_TOKEN_CLASSIFICATION,
@@ -82,6 +84,8 @@ _LOADERS = {
     TASK_EMBEDDING: "Encoder",
     TASK_SEQUENCE_CLASSIFICATION: "SequenceClassifier, CrossEncoder or ZeroShotClassifier",
     TASK_TOKEN_CLASSIFICATION: "TokenClassifier",
+    TASK_MULTIPLE_CHOICE: "MultipleChoice",
+    TASK_FILL_MASK: "FillMask",
     TASK_QUESTION_ANSWERING: "QuestionAnswerer",
 }
 

@@ -69,6 +69,7 @@ class ModelInfo:
     problem_type: str | None  # classifiers: transformers' problem_type
     score_activation: str | None  # cross-encoders: sigmoid, tanh or identity, as sentence-transformers saved it
     tokenizer_source: str | None
+    mask_token: str | None = None  # fill-mask: the token whose positions the graph scores (``[MASK]``)
 
 
 @dataclass(frozen=True, kw_only=True)

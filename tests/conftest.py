@@ -365,3 +365,62 @@ def portable_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
         return out
 
     return _once(("portable", str(tiny_checkpoint)), make)
+
+
+def build_head_checkpoint(tiny_checkpoint: Path, out: Path, *, head: str, type_vocab_size: int = 0, seed: int = 7,
+                          encoder: Path | None = None) -> Path:
+    """A tiny random DeBERTa-v2 ``DebertaV2ForMultipleChoice`` (``head="multiple-choice"``) or
+    ``DebertaV2ForMaskedLM`` (``head="fill-mask"``, in the original DeBERTa layout ``lm_predictions.lm_head``, as
+    the published v1/v2 checkpoints hold it) with the tiny checkpoint's tokenizer.
+
+    As in ``build_classifier_checkpoint``, the head is re-drawn at unit scale; the masked LM's scores are the word
+    embeddings' products with the last hidden state, so those are re-drawn wider too: at transformers'
+    initialisation the 4000 token probabilities would all be about 1/4000, and top-k would order near-ties. The
+    multiple-choice model's encoder matrices are re-drawn wider as well: at 0.02 its [CLS] vector hardly depends on
+    the text, every choice would score within 1e-3 of the others, and the int8 quality gate, which compares the
+    choices' logits centred per question, would measure rounding noise alone.
+
+    ``encoder``: a checkpoint whose encoder weights (and config) to take instead, kept as they are (the outlier
+    fixture: ``build_random_checkpoint(..., outliers=OutlierSpec())``); only the head is drawn."""
+    import torch
+    from transformers import DebertaV2Config, DebertaV2ForMaskedLM, DebertaV2ForMultipleChoice, DebertaV2Model
+
+    config = DebertaV2Config(**{**TINY_CONFIGS["v3-shared"], "type_vocab_size": type_vocab_size},
+                             legacy=False)
+    if encoder is not None:
+        config = DebertaV2Config.from_pretrained(encoder, legacy=False)
+    torch.manual_seed(seed)
+    masked = head == "fill-mask"
+    model = (DebertaV2ForMaskedLM if masked else DebertaV2ForMultipleChoice)(config).eval()
+    if encoder is not None:
+        model.deberta.load_state_dict(DebertaV2Model.from_pretrained(encoder).state_dict())
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.startswith(("classifier.", "pooler.", "lm_predictions.lm_head.dense.")):
+                parameter.normal_(0.0, 0.3) if name.endswith("weight") else parameter.zero_()
+            elif encoder is not None:
+                continue
+            elif masked and name == "deberta.embeddings.word_embeddings.weight":
+                parameter.normal_(0.0, 0.5)
+            elif not masked and name.startswith("deberta.encoder.layer.") and parameter.dim() == 2:
+                parameter.normal_(0.0, 0.1)
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        shutil.copy((encoder or tiny_checkpoint) / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def multiple_choice(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, model folder): a multiple-choice model (fp32), exported with transformers' tokenizer."""
+    base = tmp_path_factory.mktemp("multiple-choice")
+    src = build_head_checkpoint(tiny_checkpoint, base / "ckpt", head="multiple-choice")
+    return src, _export_classifier(src, base / "model")
+
+
+@pytest.fixture(scope="session")
+def fill_mask(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, model folder): a masked LM (fp32), exported with transformers' tokenizer."""
+    base = tmp_path_factory.mktemp("fill-mask")
+    src = build_head_checkpoint(tiny_checkpoint, base / "ckpt", head="fill-mask")
+    return src, _export_classifier(src, base / "model")

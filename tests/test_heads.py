@@ -1,6 +1,11 @@
 """No head dropped in silence: every ``DebertaV2For*`` and ``DebertaFor*`` class transformers has is either exported
-with its head (sequence and token classification, question answering) or refused with a message that names the head
-and the way to keep only the encoder (``--task embedding``); the refusal happens before anything is written."""
+with its head (sequence and token classification, question answering, multiple choice, masked LM) or refused with a
+message that names the head and the way to keep only the encoder (``--task embedding``); the refusal happens before
+anything is written.
+
+transformers has no DeBERTa head class left that is not exported, so the refusal is tested on a checkpoint whose
+``architectures`` names a head transformers lacks (``_UNKNOWN_HEAD``: DeBERTa-v3's replaced-token-detection
+discriminator, which ``AutoModel`` would load as a bare encoder), as a head added to transformers later would be."""
 
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from transformers import DebertaConfig, DebertaV2Config
 
 from deberta_onnx.runtime.contract import (
     TASK_EMBEDDING,
+    TASK_FILL_MASK,
+    TASK_MULTIPLE_CHOICE,
     TASK_QUESTION_ANSWERING,
     TASK_SEQUENCE_CLASSIFICATION,
     TASK_TOKEN_CLASSIFICATION,
@@ -21,10 +28,14 @@ from deberta_onnx.runtime.contract import (
 
 from .conftest import TINY_CONFIGS
 
+# A head no class of transformers has; its checkpoint is an encoder whose config.json names that head.
+_UNKNOWN_HEAD = "DebertaV2ForReplacedTokenDetection"
 # The heads that export as themselves; every other ``...For...`` class must be refused.
 _EXPORTED = {"ForSequenceClassification": TASK_SEQUENCE_CLASSIFICATION,
              "ForTokenClassification": TASK_TOKEN_CLASSIFICATION,
-             "ForQuestionAnswering": TASK_QUESTION_ANSWERING}
+             "ForQuestionAnswering": TASK_QUESTION_ANSWERING,
+             "ForMultipleChoice": TASK_MULTIPLE_CHOICE,
+             "ForMaskedLM": TASK_FILL_MASK}
 
 
 def _head_classes() -> list[str]:
@@ -32,15 +43,21 @@ def _head_classes() -> list[str]:
     head added to transformers is covered without touching this test)."""
     names = sorted(name for name in dir(transformers) if re.fullmatch(r"Deberta(V2)?For[A-Za-z]+", name))
     assert any(name.startswith("DebertaV2For") for name in names) and any(n.startswith("DebertaFor") for n in names)
-    return names
+    assert _UNKNOWN_HEAD not in names
+    return [*names, _UNKNOWN_HEAD]
 
 
 def _tiny_head(name: str, out: Path) -> Path:
     """A tiny random checkpoint of class ``name`` saved with ``save_pretrained`` (no tokenizer: the refusal comes
-    before the tokenizer is read)."""
+    before the tokenizer is read); for ``_UNKNOWN_HEAD``, an encoder whose config.json declares that head."""
     settings = {key: value for key, value in TINY_CONFIGS["v3-shared"].items() if key != "position_buckets"}
     config_class = DebertaV2Config if name.startswith("DebertaV2") else DebertaConfig
     config = config_class(**settings, num_labels=3)
+    if name == _UNKNOWN_HEAD:
+        transformers.DebertaV2Model(config).save_pretrained(out)
+        declared = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**declared, "architectures": [name]}))
+        return out
     getattr(transformers, name)(config).save_pretrained(out)
     return out
 
@@ -70,7 +87,7 @@ def test_every_deberta_head_is_exported_or_refused_by_name(name: str, tmp_path: 
 
 
 def test_task_embedding_keeps_the_encoder_of_an_unsupported_head(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    """``--task embedding`` on a multiple-choice checkpoint loads its encoder, with the trained weights (the
+    """``--task embedding`` on a checkpoint of an unsupported head loads its encoder, with the trained weights (the
     export of an encoder is tested on classifiers in test_classifiers.py)."""
     import shutil
 
@@ -80,12 +97,12 @@ def test_task_embedding_keeps_the_encoder_of_an_unsupported_head(tmp_path: Path,
 
     from .conftest import TOKENIZER_FILES
 
-    src = _tiny_head("DebertaV2ForMultipleChoice", tmp_path / "ckpt")
+    src = _tiny_head(_UNKNOWN_HEAD, tmp_path / "ckpt")
     for file in TOKENIZER_FILES:
         shutil.copy(tiny_checkpoint / file, src / file)
     loaded = load_checkpoint(str(src), task=TASK_EMBEDDING)
     assert loaded.task == TASK_EMBEDDING and loaded.source["architecture"] == "DebertaV2Model"
-    trained = transformers.DebertaV2ForMultipleChoice.from_pretrained(src).deberta.state_dict()
+    trained = transformers.DebertaV2Model.from_pretrained(src).state_dict()
     for name, value in loaded.model.state_dict().items():
         torch.testing.assert_close(value, trained[name], rtol=0, atol=0)
 
@@ -94,8 +111,8 @@ def test_export_command_refuses_the_head_and_names_the_way_out(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     from deberta_onnx.runtime.cli import main
 
-    src = _tiny_head("DebertaV2ForMultipleChoice", tmp_path / "ckpt")
+    src = _tiny_head(_UNKNOWN_HEAD, tmp_path / "ckpt")
     assert main(["export", str(src), str(tmp_path / "out"), "--quiet"]) == 1
     error = capsys.readouterr().err
-    assert "DebertaV2ForMultipleChoice checkpoint" in error and "--task embedding" in error
+    assert f"{_UNKNOWN_HEAD} checkpoint" in error and "--task embedding" in error
     assert not (tmp_path / "out").exists()

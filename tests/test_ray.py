@@ -307,6 +307,35 @@ def test_serve_deployment_of_a_cross_encoder_reranks(serve_url: str, reranker: t
         serve.delete("deberta-rerank")
 
 
+def test_serve_deployments_of_multiple_choice_and_fill_mask(serve_url: str, multiple_choice: tuple[Path, Path],
+                                                           fill_mask: tuple[Path, Path]) -> None:
+    """The new tasks deploy as any other: each replica serves its task's route, answering as the library does."""
+    import httpx
+    from ray import serve
+
+    from deberta_onnx.runtime import FillMask, MultipleChoice
+    from deberta_onnx.runtime.ray import deployment
+
+    question = ("The kettle boiled, so she", ["made tea.", "went swimming.", "slept."])
+    text = "The capital of France is [MASK]."
+    serve.run(deployment(multiple_choice[1], num_replicas=1), name="deberta-choice", route_prefix="/")
+    try:
+        body = httpx.post(f"{serve_url}/v1/multiple-choice",
+                          json={"input": {"prompt": question[0], "choices": question[1]}}, timeout=60).json()
+        expected = MultipleChoice(multiple_choice[1]).predict(*question)
+        np.testing.assert_allclose(body["data"][0]["scores"], expected.scores, atol=1e-5)
+        assert body["data"][0]["answer"] == expected.answer
+    finally:
+        serve.delete("deberta-choice")
+    serve.run(deployment(fill_mask[1], num_replicas=1), name="deberta-fill", route_prefix="/")
+    try:
+        body = httpx.post(f"{serve_url}/v1/fill-mask", json={"input": text, "top_k": 3}, timeout=60).json()
+        expected_tokens = [c["token"] for c in FillMask(fill_mask[1])(text, top_k=3)]
+        assert [c["token"] for c in body["data"][0]["masks"][0]] == expected_tokens
+    finally:
+        serve.delete("deberta-fill")
+
+
 def test_serve_deployment_of_a_question_answering_folder_answers(serve_url: str, qa: tuple[Path, Path],
                                                                   corpus: list[str]) -> None:
     """A question-answering folder deploys like any other: its replica serves ``/v1/question-answering`` with

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from deberta_onnx.runtime.contract import ATTENTION_MASK, INPUT_IDS
+from deberta_onnx.runtime.contract import ATTENTION_MASK, INPUT_IDS, SEQUENCE_AXIS
 
 from .._errors import ExportError
 from .._quiet import quiet_quantization
@@ -166,15 +166,29 @@ def _zero_padding(model: onnx.ModelProto, matmuls: Collection[str]) -> None:
     it was, and the scale then depends on real tokens only.
     """
     wanted = set(matmuls)
-    targets = [node for node in model.graph.node if node.name in wanted]
+    shapes = {info.name: [d.dim_param or d.dim_value for d in info.type.tensor_type.shape.dim]
+              for info in model.graph.value_info if info.type.tensor_type.HasField("shape")}
+    # Only MatMuls over the tokens ([rows, sequence, hidden]); a head's MatMuls after pooling ([rows, hidden]) or at
+    # the gathered masked positions ([batch, masks, hidden]) have no padded positions to zero.
+    targets = [node for node in model.graph.node if node.name in wanted and _per_token(shapes.get(node.input[0]))]
     if not targets:
         return
     mask = "deberta_onnx_token_mask"
-    nodes = [
-        helper.make_node("Cast", [ATTENTION_MASK], [f"{mask}_float"], name=f"{mask}_cast", to=onnx.TensorProto.FLOAT),
-        helper.make_node("Unsqueeze", [f"{mask}_float", f"{mask}_axes"], [mask], name=f"{mask}_unsqueeze"),
-    ]
-    model.graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{mask}_axes"))
+    rank = next(len(i.type.tensor_type.shape.dim) for i in model.graph.input if i.name == ATTENTION_MASK)
+    nodes = [helper.make_node("Cast", [ATTENTION_MASK], [f"{mask}_float"], name=f"{mask}_cast",
+                              to=onnx.TensorProto.FLOAT)]
+    if rank == 2:
+        nodes.append(helper.make_node("Unsqueeze", [f"{mask}_float", f"{mask}_axes"], [mask], name=f"{mask}_unsqueeze"))
+        model.graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{mask}_axes"))
+    else:  # [batch, choices, sequence]: the encoder runs on [batch x choices, sequence] rows
+        nodes += [
+            helper.make_node("Shape", [ATTENTION_MASK], [f"{mask}_width"], name=f"{mask}_width", start=-1),
+            helper.make_node("Concat", [f"{mask}_rows", f"{mask}_width", f"{mask}_one"], [f"{mask}_shape"],
+                             name=f"{mask}_shape", axis=0),
+            helper.make_node("Reshape", [f"{mask}_float", f"{mask}_shape"], [mask], name=f"{mask}_reshape"),
+        ]
+        model.graph.initializer.extend([numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{mask}_rows"),
+                                        numpy_helper.from_array(np.array([1], dtype=np.int64), f"{mask}_one")])
     masked: dict[str, str] = {}
     made_by = producers(model)
     after: dict[str, list[onnx.NodeProto]] = {}
@@ -192,6 +206,11 @@ def _zero_padding(model: onnx.ModelProto, matmuls: Collection[str]) -> None:
         order += after.pop(node.name, [])
     model.graph.ClearField("node")
     model.graph.node.extend(order)
+
+
+def _per_token(dims: list[Any] | None) -> bool:
+    """Whether a tensor of these dimensions (unknown: assumed so) holds one row per token."""
+    return dims is None or (len(dims) == 3 and dims[1] == SEQUENCE_AXIS)
 
 
 def _float_for_float_consumers(model: onnx.ModelProto, quantized: set[str]) -> None:

@@ -1,9 +1,10 @@
 """The quality gate: a variant's outputs against the fp32 PyTorch reference, on held-out sentences: the sentence
-vectors of an embedding graph, the start and end logits of a question-answering graph (``Readout``)."""
+vectors of an embedding graph, the start and end logits of a question-answering graph, the logits of a
+multiple-choice or fill-mask graph (``Readout``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,17 +17,21 @@ from deberta_onnx.runtime.contract import (
     ATTENTION_MASK,
     END_LOGITS,
     INPUT_IDS,
+    LOGITS,
     SENTENCE_EMBEDDING,
     START_LOGITS,
     TASK_EMBEDDING,
+    TASK_FILL_MASK,
+    TASK_MULTIPLE_CHOICE,
     TASK_QUESTION_ANSWERING,
     TOKEN_TYPE_IDS,
 )
 from deberta_onnx.runtime.postprocess import row_cosine
 from deberta_onnx.runtime.tokenization import TextTokenizer
 
-__all__ = ["BATCH_INVARIANCE", "GATED_TASKS", "GATE_BATCH", "HELD_OUT_STRIDE", "HeldOut", "Readout", "format_quality",
-           "gate_failure", "gate_feeds", "gate_items", "gate_readout", "held_out_set", "measure", "split_sentences"]
+__all__ = ["BATCH_INVARIANCE", "GATED_TASKS", "GATE_BATCH", "HELD_OUT_STRIDE", "ExampleFeed", "HeldOut", "Readout",
+           "format_quality", "gate_failure", "gate_feeds", "gate_items", "gate_readout", "held_out_set", "measure",
+           "split_sentences"]
 
 # Every 4th shipped sentence (the 1st, 5th, 9th, ...; 100 of 400) is held out for the gate; the other 300
 # are int8-static's default calibration set, so the gate never scores a text the scales were fitted on.
@@ -45,16 +50,22 @@ class Readout:
     ``sentence``: the sentence vector as it is. ``span``: a question-answering graph's start and end logits over
     the row's own tokens, each less its mean there (the span scores are a softmax of them, which a shift of every
     logit leaves alone), side by side; the gate's cosine of two such vectors is the correlation of their logits.
+    ``logits``: a multiple-choice graph's choice logits ``[batch, choices]`` or a fill-mask graph's vocabulary logits
+    ``[batch, masks, vocab]``, each row of the last axis less its mean (again a softmax's input), one input row's
+    rows side by side.
     """
 
     outputs: tuple[str, ...]
-    kind: str  # "sentence" or "span"
+    kind: str  # "sentence", "span" or "logits"
 
     def vectors(self, outputs: Sequence[np.ndarray], mask: np.ndarray, width: int) -> np.ndarray:
         """float64 ``[rows, features]`` from the outputs of one call (``width``: the longest row a gate input can
         have, so that every call's span vectors have one length)."""
         if self.kind == "sentence":
             return np.asarray(outputs[0], dtype=np.float64)
+        if self.kind == "logits":
+            values = np.asarray(outputs[0], dtype=np.float64)
+            return (values - values.mean(axis=-1, keepdims=True)).reshape(len(values), -1)
         keep = mask.astype(bool)
         rows = []
         for logits in outputs:
@@ -71,6 +82,8 @@ class Readout:
 _READOUTS = {
     TASK_EMBEDDING: Readout(outputs=(SENTENCE_EMBEDDING,), kind="sentence"),
     TASK_QUESTION_ANSWERING: Readout(outputs=(START_LOGITS, END_LOGITS), kind="span"),
+    TASK_MULTIPLE_CHOICE: Readout(outputs=(LOGITS,), kind="logits"),
+    TASK_FILL_MASK: Readout(outputs=(LOGITS,), kind="logits"),
 }
 GATED_TASKS = tuple(_READOUTS)
 
@@ -118,13 +131,23 @@ class HeldOut:
         return self.readout.vectors(outputs, feed[1], self.width)
 
 
-def gate_feeds(tokenizer: TextTokenizer, items: Sequence[str | tuple[str, str]], inputs: Sequence[str]
+# A graph's feed made of padded ``[batch, sequence]`` ids and mask, for graphs that take more than those (a
+# multiple-choice graph's choices axis, a fill-mask graph's masked positions): the graph module's ``example_feed``.
+ExampleFeed = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
+
+
+def gate_feeds(tokenizer: TextTokenizer, items: Sequence[str | tuple[str, str]], inputs: Sequence[str],
+               example_feed: ExampleFeed | None = None
                ) -> tuple[list[tuple[np.ndarray, ...]], list[tuple[np.ndarray, ...]]]:
-    """``(alone, batches)``: each input padded alone, and ``GATE_BATCH`` at a time, as arrays in ``inputs`` order."""
+    """``(alone, batches)``: each input padded alone, and ``GATE_BATCH`` at a time, as arrays in ``inputs`` order
+    (made by ``example_feed`` from the padded ids and mask where the graph has one)."""
     encodings = tokenizer.encodings(list(items))
 
     def feed(chunk: list[Any]) -> tuple[np.ndarray, ...]:
         ids, mask = tokenizer.pad([e.ids for e in chunk])
+        if example_feed is not None:
+            made = example_feed(ids, mask)
+            return tuple(made[name] for name in inputs)
         arrays = {INPUT_IDS: ids, ATTENTION_MASK: mask}
         if TOKEN_TYPE_IDS in inputs:
             arrays[TOKEN_TYPE_IDS] = tokenizer.pad([e.type_ids for e in chunk], fill=0)[0]
@@ -138,9 +161,10 @@ def gate_feeds(tokenizer: TextTokenizer, items: Sequence[str | tuple[str, str]],
 def held_out_set(module: torch.nn.Module, tokenizer: TextTokenizer, texts: Sequence[str], *,
                  task: str = TASK_EMBEDDING, inputs: Sequence[str] = (INPUT_IDS, ATTENTION_MASK)) -> HeldOut:
     """Tokenizes the gate's inputs made of ``texts`` (``gate_items``) and computes the reference vectors with
-    ``module`` (the exported graph's PyTorch module, taking ``inputs``) in fp32."""
+    ``module`` (the exported graph's PyTorch module, taking ``inputs``, fed by its ``example_feed`` if it has one)
+    in fp32."""
     readout = gate_readout(task)
-    alone, batches = gate_feeds(tokenizer, gate_items(task, texts), inputs)
+    alone, batches = gate_feeds(tokenizer, gate_items(task, texts), inputs, getattr(module, "example_feed", None))
     vectors = []
     with torch.no_grad():
         for feed in batches:

@@ -23,7 +23,7 @@ from onnx import numpy_helper
 from deberta_onnx.runtime.contract import ATTENTION_MASK, INPUT_IDS, TASK_EMBEDDING
 from deberta_onnx.runtime.tokenization import TextTokenizer
 
-from ._quality import HeldOut, gate_feeds, gate_items, gate_readout
+from ._quality import ExampleFeed, HeldOut, gate_feeds, gate_items, gate_readout
 
 __all__ = ["probe_set", "rank_matmuls", "search_fp32_matmuls"]
 
@@ -74,10 +74,11 @@ def _uint8(x: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def probe_set(fp32_path: Path, tokenizer: TextTokenizer, texts: Sequence[str], *, task: str = TASK_EMBEDDING,
-              inputs: Sequence[str] = (INPUT_IDS, ATTENTION_MASK)) -> HeldOut:
-    """``texts`` as the gate runs them (alone and in batches), with the fp32 graph's vectors as reference."""
+              inputs: Sequence[str] = (INPUT_IDS, ATTENTION_MASK), example_feed: ExampleFeed | None = None) -> HeldOut:
+    """``texts`` as the gate runs them (alone and in batches, fed by ``example_feed`` where the graph has one), with
+    the fp32 graph's vectors as reference."""
     readout = gate_readout(task)
-    alone, batches = gate_feeds(tokenizer, gate_items(task, texts), inputs)
+    alone, batches = gate_feeds(tokenizer, gate_items(task, texts), inputs, example_feed)
     session = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
     reference = np.concatenate([readout.vectors(session.run(list(readout.outputs), dict(zip(inputs, feed))),
                                                 feed[1], tokenizer.max_length) for feed in batches])

@@ -18,7 +18,6 @@ from deberta_onnx.runtime.contract import (
     MODEL_FILE,
     PRECISIONS,
     TASK_EMBEDDING,
-    TOKEN_TYPE_IDS,
     TOKENIZER_FILE,
     variant_file,
 )
@@ -33,9 +32,11 @@ from ._int8 import build_int8, int8_source, int8_units
 from ._onnx_edit import prepare_base
 from ._quality import (
     BATCH_INVARIANCE,
+    ExampleFeed,
     HeldOut,
     format_quality,
     gate_failure,
+    gate_feeds,
     held_out_set,
     measure,
     split_sentences,
@@ -133,6 +134,7 @@ def derive_variants(
     # What the graph takes and gives: an embedding graph's sentence vectors, or another task's outputs (Readout).
     task = str(getattr(module, "task", TASK_EMBEDDING))
     inputs = tuple(spec.name for spec in getattr(module, "inputs", ())) or (INPUT_IDS, ATTENTION_MASK)
+    example_feed = getattr(module, "example_feed", None)
     if config.validate:
         what = "held-out sentences" if task == TASK_EMBEDDING else f"{task} inputs made of held-out sentences"
         say(f"quality gate: {len(held_texts)} {what} against the fp32 PyTorch reference")
@@ -141,9 +143,8 @@ def derive_variants(
         say(format_quality("fp32", "reference", fp32_report, base_bytes))
     base = prepare_base(fp32_path, scratch / "folded.onnx")
     texts = read_calibration(config.calibration) if config.calibration else default_calibration
-    feeds = [dict(zip((INPUT_IDS, ATTENTION_MASK), tokenizer.pad([ids]))) for ids in tokenizer.encode(texts)]
-    if TOKEN_TYPE_IDS in inputs:  # one text per feed: a single segment
-        feeds = [{**feed, TOKEN_TYPE_IDS: np.zeros_like(feed[INPUT_IDS])} for feed in feeds]
+    # One text per feed (a single segment), made into the graph's feed by its example_feed where it has one.
+    feeds = [dict(zip(inputs, feed)) for feed in gate_feeds(tokenizer, texts, inputs, example_feed)[0]]
     calibration = {
         "source": str(config.calibration) if config.calibration else "shipped sentences not held out",
         "texts": len(texts),
@@ -157,7 +158,7 @@ def derive_variants(
     stats = collect_activation_stats(base, feeds, channels_of=matmul_inputs)
     search = _Search(base=base, folder=folder, config=config, held=held, feeds=feeds, stats=stats,
                      probe_texts=texts[:PROBE_TEXTS], tokenizer=tokenizer, base_bytes=base_bytes, say=say,
-                     task=task, inputs=inputs)
+                     task=task, inputs=inputs, example_feed=example_feed)
     entries: dict[str, dict[str, Any]] = {}
     for precision in derived:
         entry = search.derive(precision)
@@ -183,6 +184,7 @@ class _Search:
     say: Callable[[str], None]
     task: str = TASK_EMBEDDING
     inputs: tuple[str, ...] = (INPUT_IDS, ATTENTION_MASK)
+    example_feed: ExampleFeed | None = None
     _probes: HeldOut | None = None
 
     def derive(self, precision: str) -> dict[str, Any]:
@@ -243,7 +245,8 @@ class _Search:
             return build_variant(recipe, self.base, path, calibration=self.feeds, stats=self.stats, keep_fp32=keep)
 
         if self._probes is None:
-            self._probes = probe_set(self.base, self.tokenizer, self.probe_texts, task=self.task, inputs=self.inputs)
+            self._probes = probe_set(self.base, self.tokenizer, self.probe_texts, task=self.task, inputs=self.inputs,
+                                     example_feed=self.example_feed)
         probes = self._probes
 
         def test() -> tuple[str | None, dict[str, Any]]:

@@ -20,7 +20,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     an optional extra's config (``export``, ``bench``), so that other commands start without importing torch."""
     # The subcommands import numpy, ONNX Runtime and tokenizers: here, not at this module's import, so that the
     # command's entry point imports nothing heavy before main's error handling runs (a Ctrl+C then is one line).
-    from . import bench, classify, embed, export, info, qa, search, serve, tune
+    from . import bench, classify, embed, export, fill_mask, info, multiple_choice, qa, search, serve, tune
 
     parser = argparse.ArgumentParser(
         prog="deberta-onnx",
@@ -40,6 +40,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     classify.add_parser(commands)
     qa.add_parser(commands)
     tune.add_parser(commands)
+    multiple_choice.add_parser(commands)
+    fill_mask.add_parser(commands)
     return parser
 
 

@@ -8,7 +8,13 @@ import argparse
 from typing import Any
 
 from ..classifier import SequenceClassifier, TokenClassifier
-from ..contract import TASK_QUESTION_ANSWERING, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
+from ..contract import (
+    TASK_FILL_MASK,
+    TASK_MULTIPLE_CHOICE,
+    TASK_QUESTION_ANSWERING,
+    TASK_SEQUENCE_CLASSIFICATION,
+    TASK_TOKEN_CLASSIFICATION,
+)
 from ..errors import TaskMismatchError
 from ..manifest import load_manifest
 from ..postprocess import AGGREGATIONS
@@ -97,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         spans = tagger.predict(lines, batch_size=args.batch_size, aggregation=args.aggregation,
                               show_progress=show_progress(args))
         rows = [{"text": text, "spans": [span._asdict() for span in found]} for text, found in zip(lines, spans)]
+    elif task in (TASK_MULTIPLE_CHOICE, TASK_FILL_MASK):
+        raise TaskMismatchError(f"{args.model_dir} holds a {task} model; use `deberta-onnx {task}` with it")
     elif task == TASK_QUESTION_ANSWERING:
         raise TaskMismatchError(f"{args.model_dir} holds a question-answering model; use `deberta-onnx qa` with it")
     else:

@@ -8,7 +8,13 @@ from typing import Any
 
 from .. import tune
 from ..config import EncoderConfig
-from ..contract import TASK_EMBEDDING, TASK_QUESTION_ANSWERING, TASK_SEQUENCE_CLASSIFICATION
+from ..contract import (
+    TASK_EMBEDDING,
+    TASK_FILL_MASK,
+    TASK_MULTIPLE_CHOICE,
+    TASK_QUESTION_ANSWERING,
+    TASK_SEQUENCE_CLASSIFICATION,
+)
 from ..errors import TaskMismatchError
 from ..loader import load_model
 from ..manifest import Manifest, load_manifest
@@ -150,6 +156,11 @@ def _print_task(manifest: Manifest) -> None:
     inputs = ", ".join(spec.name for spec in manifest.inputs)
     if manifest.task == TASK_EMBEDDING:
         print(f"task:       embedding (Encoder)   normalized in the graph: {'yes' if manifest.normalize else 'no'}")
+    elif manifest.task == TASK_MULTIPLE_CHOICE:
+        print(f"task:       {manifest.task} (MultipleChoice; `deberta-onnx multiple-choice`)")
+    elif manifest.task == TASK_FILL_MASK:
+        print(f"task:       {manifest.task} (FillMask; `deberta-onnx fill-mask`)   mask token: "
+              f"{manifest.model.mask_token}")
     elif manifest.task == TASK_QUESTION_ANSWERING:
         print(f"task:       {manifest.task} (QuestionAnswerer)   extractive: answer spans of the context, from "
               "start and end logits")

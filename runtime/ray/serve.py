@@ -8,12 +8,13 @@ or from Python::
     from deberta_onnx.runtime.ray import deployment
     serve.run(deployment("models/deberta-v3-base", num_replicas=2), route_prefix="/")
 
-Each replica is a Ray actor holding its own model (an ``Encoder``, ``SequenceClassifier``, ``TokenClassifier`` or
-``QuestionAnswerer``, as the folder's task says: ``server.models.load_folder``; one ONNX Runtime session of
-``threads`` threads, on ``threads`` Ray CPUs) and serves the app of ``deberta_onnx.runtime.server.create_app`` as
-its ASGI ingress: the same routes, errors, limits and micro-batcher as ``deberta-onnx serve``, so whatever that app
-serves, the deployment serves too. Ray Serve's proxy spreads requests over the replicas; each replica merges the
-requests it gets (the project's micro-batcher; ``benchmarks/ray_serve.py`` compares it with Ray Serve's own
+Each replica is a Ray actor holding its own model (an ``Encoder``, ``SequenceClassifier``, ``TokenClassifier``,
+``QuestionAnswerer``, ``MultipleChoice`` or ``FillMask``, as the folder's task says: ``server.models.load_folder``;
+one ONNX Runtime session of ``threads`` threads, on ``threads`` Ray CPUs) and serves the app of
+``deberta_onnx.runtime.server.create_app`` as its ASGI ingress: the same routes, errors, limits and micro-batcher as
+``deberta-onnx serve``, so whatever that app serves, the deployment serves too. Ray Serve's proxy spreads requests
+over the replicas; each replica merges the requests it gets (the project's micro-batcher; ``benchmarks/ray_serve.py``
+compares it with Ray Serve's own
 ``@serve.batch`` on the same replicas).
 """
 

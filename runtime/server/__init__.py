@@ -25,9 +25,11 @@ if TYPE_CHECKING:
 
     from ..classifier import SequenceClassifier, TokenClassifier
     from ..encoder import Encoder
+    from ..fill_mask import FillMask
+    from ..multiple_choice import MultipleChoice
     from ..question_answering import QuestionAnswerer
 
-    _Model = Encoder | SequenceClassifier | TokenClassifier | QuestionAnswerer
+    _Model = Encoder | SequenceClassifier | TokenClassifier | QuestionAnswerer | MultipleChoice | FillMask
     _Models = _Model | Sequence[_Model] | Mapping[str, _Model]
 
 __all__ = ["ServerConfig", "create_app", "serve"]
@@ -35,8 +37,8 @@ __all__ = ["ServerConfig", "create_app", "serve"]
 
 def create_app(models: _Models, config: ServerConfig | None = None) -> Starlette:
     """Builds the ASGI app around one or several loaded models (an ``Encoder``, ``SequenceClassifier``,
-    ``TokenClassifier`` or ``QuestionAnswerer``, a list, or a ``{name: model}`` mapping); run it with any ASGI server
-    (see ``app.create_app``).
+    ``TokenClassifier``, ``QuestionAnswerer``, ``MultipleChoice`` or ``FillMask``, a list, or a ``{name: model}``
+    mapping); run it with any ASGI server (see ``app.create_app``).
 
     Raises:
         ImportError: the server extra is not installed.

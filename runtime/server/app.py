@@ -26,7 +26,17 @@ from ..installed import require_extra
 from .config import ServerConfig
 from .errors import ApiError
 from .microbatch import BatcherClosedError, QueueFullError
-from .models import CLASSIFY, EMBEDDINGS, QUESTION_ANSWERING, RERANK, Job, Model, ServedModel
+from .models import (
+    CLASSIFY,
+    EMBEDDINGS,
+    FILL_MASK,
+    MULTIPLE_CHOICE,
+    QUESTION_ANSWERING,
+    RERANK,
+    Job,
+    Model,
+    ServedModel,
+)
 from .openai_api import check_model, read_object
 
 require_extra("server", "deberta_onnx.runtime.server")
@@ -55,7 +65,7 @@ from .metrics import ModelObserver, RequestMetrics, ServerMetrics  # noqa: E402
 
 __all__ = ["create_app", "serve"]
 
-MODEL_ROUTES = (EMBEDDINGS, RERANK, CLASSIFY, QUESTION_ANSWERING)
+MODEL_ROUTES = (EMBEDDINGS, RERANK, CLASSIFY, QUESTION_ANSWERING, MULTIPLE_CHOICE, FILL_MASK)
 
 
 class _Service:

@@ -6,7 +6,8 @@ Routes per task: an ``embedding`` model serves ``POST /v1/embeddings``; a ``sequ
 (classifier or cross-encoder) serves ``POST /v1/rerank`` (one-label models) and ``POST /v1/classify`` (zero-shot
 with ``candidate_labels`` where its labels name entailment); a
 ``token-classification`` model serves ``POST /v1/classify`` with spans; a ``question-answering`` model serves
-``POST /v1/question-answering`` (each question's context cut into windows, the windows micro-batched).
+``POST /v1/question-answering`` (each question's context cut into windows, the windows micro-batched); a
+``multiple-choice`` model ``POST /v1/multiple-choice``, a ``fill-mask`` model ``POST /v1/fill-mask`` (``tasks_api``).
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ from ..classifier import SequenceClassifier, TokenClassifier
 from ..config import EncoderConfig
 from ..contract import (
     TASK_EMBEDDING,
+    TASK_FILL_MASK,
+    TASK_MULTIPLE_CHOICE,
     TASK_QUESTION_ANSWERING,
     TASK_SEQUENCE_CLASSIFICATION,
     TASK_TOKEN_CLASSIFICATION,
 )
 from ..encoder import Encoder
 from ..errors import TaskMismatchError
+from ..fill_mask import FillMask, fill_mask_candidates
 from ..manifest import load_manifest
+from ..multiple_choice import MultipleChoice, MultipleChoiceResult, choice_scores
 from ..postprocess import classifier_scores, cross_encoder_scores, truncate_dimensions
 from ..question_answering import QuestionAnswerer
 from ..zero_shot import entailment_index, zero_shot_scores
@@ -47,28 +52,40 @@ from .microbatch import BatchObserver, MicroBatcher, Outputs
 from .openai_api import embedding_response, parse_embedding_request
 from .qa_api import parse_qa_request, qa_response
 from .rerank_api import parse_rerank_request, rerank_response
+from .tasks_api import (
+    fill_mask_response,
+    multiple_choice_response,
+    parse_fill_mask_request,
+    parse_multiple_choice_request,
+)
 
-__all__ = ["CLASSIFY", "EMBEDDINGS", "QUESTION_ANSWERING", "RERANK", "ROUTES", "Job", "Model", "ServedModel",
-           "load_folder"]
+__all__ = ["CLASSIFY", "EMBEDDINGS", "FILL_MASK", "MULTIPLE_CHOICE", "QUESTION_ANSWERING", "RERANK", "ROUTES", "Job",
+           "Model", "ServedModel", "load_folder"]
 
-Model = Encoder | SequenceClassifier | TokenClassifier | QuestionAnswerer
+Model = Encoder | SequenceClassifier | TokenClassifier | QuestionAnswerer | MultipleChoice | FillMask
 
 EMBEDDINGS = "/v1/embeddings"
 RERANK = "/v1/rerank"
 CLASSIFY = "/v1/classify"
 QUESTION_ANSWERING = "/v1/question-answering"
+MULTIPLE_CHOICE = "/v1/multiple-choice"
+FILL_MASK = "/v1/fill-mask"
 # The model routes each task serves.
 ROUTES = {
     TASK_EMBEDDING: (EMBEDDINGS,),
     TASK_SEQUENCE_CLASSIFICATION: (RERANK, CLASSIFY),
     TASK_TOKEN_CLASSIFICATION: (CLASSIFY,),
     TASK_QUESTION_ANSWERING: (QUESTION_ANSWERING,),
+    TASK_MULTIPLE_CHOICE: (MULTIPLE_CHOICE,),
+    TASK_FILL_MASK: (FILL_MASK,),
 }
 _KINDS: dict[str, type[Model]] = {
     TASK_EMBEDDING: Encoder,
     TASK_SEQUENCE_CLASSIFICATION: SequenceClassifier,
     TASK_TOKEN_CLASSIFICATION: TokenClassifier,
     TASK_QUESTION_ANSWERING: QuestionAnswerer,
+    TASK_MULTIPLE_CHOICE: MultipleChoice,
+    TASK_FILL_MASK: FillMask,
 }
 
 
@@ -141,7 +158,9 @@ class ServedModel:
                                 "engine_reason": model.engine_reason, "max_length": model.max_length}
         if isinstance(model, Encoder):
             info["hidden_size"] = model.hidden_size
-        elif not isinstance(model, QuestionAnswerer):
+        elif isinstance(model, FillMask):
+            info["mask_token"] = model.mask_token
+        elif not isinstance(model, (MultipleChoice, QuestionAnswerer)):
             info["labels"] = list(model.labels)
         return info
 
@@ -166,6 +185,10 @@ class ServedModel:
         model = self.model
         if isinstance(model, Encoder):
             return self._embeddings(model, body, echo)
+        if isinstance(model, MultipleChoice):
+            return self._multiple_choice(body, echo)
+        if isinstance(model, FillMask):
+            return self._fill_mask(model, body, echo)
         if isinstance(model, QuestionAnswerer):
             return self._question_answering(model, body, echo)
         if route == RERANK and isinstance(model, SequenceClassifier):
@@ -230,6 +253,35 @@ class ServedModel:
             return zero_shot_response(scores, labels=labels, top_k=parsed.top_k, token_counts=counts, model=name)
 
         return Job(items=list(pairs), answer=answer)
+
+    def _multiple_choice(self, body: bytes, echo: bool) -> Job:
+        parsed = parse_multiple_choice_request(body, max_inputs=self.config.max_inputs)
+        name = self._name(parsed.model, echo)
+
+        def answer(outputs: Outputs, counts: list[int]) -> dict[str, Any]:
+            results = [MultipleChoiceResult(prompt, choices, [float(s) for s in scores], int(scores.argmax()),
+                                            choices[int(scores.argmax())])
+                       for (prompt, choices), scores in zip(parsed.questions, map(choice_scores, outputs))]
+            return multiple_choice_response(results, token_counts=counts, model=name)
+
+        return Job(items=list(parsed.questions), answer=answer)
+
+    def _fill_mask(self, model: FillMask, body: bytes, echo: bool) -> Job:
+        parsed = parse_fill_mask_request(body, max_inputs=self.config.max_inputs, mask_token=model.mask_token)
+        name = self._name(parsed.model, echo)
+        try:
+            targets = None if parsed.targets is None else np.asarray(model.target_ids(parsed.targets))
+        except ValueError as exc:
+            raise ApiError(400, f"field 'targets': {exc}", param="targets", code="invalid_value") from exc
+
+        def answer(outputs: Outputs, counts: list[int]) -> dict[str, Any]:
+            answers = []
+            for logits, token_ids in outputs:
+                found = fill_mask_candidates(logits, token_ids, model, top_k=parsed.top_k, target_ids=targets)
+                answers.append(found if len(logits) > 1 else [found])
+            return fill_mask_response(answers, token_counts=counts, model=name)
+
+        return Job(items=list(parsed.texts), answer=answer)
 
     def _name(self, requested: str | None, echo: bool) -> str:
         return requested if echo and requested else self.name
