@@ -18,7 +18,7 @@ import numpy as np
 
 from .batching import ModelCall, TokenBatch, capped, token_batches
 from .checks import check_positive_int
-from .config import EncoderConfig
+from .config import ENGINE_ONNXRUNTIME, EncoderConfig
 from .contract import LOGITS, TASK_SEQUENCE_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION
 from .loader import LoadedAttributes, LoadedModel, load_model, loaded_property
 from .postprocess import AGGREGATIONS, Span, aggregate_spans, classifier_scores, cross_encoder_scores, softmax
@@ -53,8 +53,13 @@ class Prediction(NamedTuple):
 
 
 def _load(model_dir: str | Path, providers: ProviderList | None, config: EncoderConfig | None, task: str,
-          user: str) -> tuple[EncoderConfig, LoadedModel]:
+          user: str, *, onnxruntime_only: str = "") -> tuple[EncoderConfig, LoadedModel]:
+    """Loads ``model_dir`` for ``task``. ``onnxruntime_only``: why ``user`` runs on ONNX Runtime alone; another
+    engine is then refused before anything loads."""
     chosen = config or EncoderConfig()
+    if onnxruntime_only and chosen.engine != ENGINE_ONNXRUNTIME:
+        raise ValueError(f"{user} runs on ONNX Runtime ({onnxruntime_only}); load {model_dir} with "
+                         f"EncoderConfig(engine='onnxruntime'), not {chosen.engine!r}.")
     return chosen, load_model(model_dir, providers, chosen, tasks=(task,), user=user)
 
 

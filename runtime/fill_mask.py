@@ -22,7 +22,7 @@ import numpy as np
 from .batching import ModelCall, TokenBatch, capped, token_batches
 from .checks import check_positive_int
 from .classifier import _load
-from .config import ENGINE_ONNXRUNTIME, EncoderConfig
+from .config import EncoderConfig
 from .contract import ATTENTION_MASK, INPUT_IDS, LOGITS, MASK_POSITIONS, TASK_FILL_MASK
 from .errors import ModelFolderError
 from .loader import LoadedAttributes, LoadedModel, loaded_property
@@ -59,14 +59,8 @@ class FillMask(LoadedAttributes):
 
     def __init__(self, model_dir: str | Path, providers: ProviderList | None = None, *,
                  config: EncoderConfig | None = None) -> None:
-        if config is not None and config.engine != ENGINE_ONNXRUNTIME:
-            raise ValueError(f"FillMask runs on ONNX Runtime (it feeds the {MASK_POSITIONS} input itself); load "
-                             f"{model_dir} with EncoderConfig(engine='onnxruntime'), not {config.engine!r}.")
-        self.config, self.loaded = _load(model_dir, providers, config, TASK_FILL_MASK, type(self).__name__)
-        if self.loaded.session is None:
-            raise ValueError(f"FillMask runs on ONNX Runtime (it feeds the {MASK_POSITIONS} input itself); "
-                             f"{self.loaded.model_dir} was loaded on {self.loaded.engine}. Load it with "
-                             "EncoderConfig(engine='onnxruntime').")
+        self.config, self.loaded = _load(model_dir, providers, config, TASK_FILL_MASK, type(self).__name__,
+                                         onnxruntime_only=f"it feeds the {MASK_POSITIONS} input itself")
         token = self.loaded.manifest.model.mask_token or "[MASK]"
         mask_id = self.loaded.tokenizer.tokenizer.token_to_id(token)
         if mask_id is None:

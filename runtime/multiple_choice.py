@@ -21,7 +21,7 @@ from tokenizers import Encoding
 from .batching import DEFAULT_BATCH_SIZE, ModelCall, capped
 from .checks import check_positive_int
 from .classifier import _load
-from .config import ENGINE_ONNXRUNTIME, EncoderConfig
+from .config import EncoderConfig
 from .contract import TASK_MULTIPLE_CHOICE
 from .loader import LoadedAttributes, LoadedModel
 from .postprocess import softmax
@@ -81,11 +81,9 @@ class MultipleChoice(LoadedAttributes):
 
     def __init__(self, model_dir: str | Path, providers: ProviderList | None = None, *,
                  config: EncoderConfig | None = None) -> None:
-        if config is not None and config.engine != ENGINE_ONNXRUNTIME:
-            # The engine choice measures [batch, sequence] calls; this graph takes [batch, choices, sequence].
-            raise ValueError(f"MultipleChoice runs on ONNX Runtime; load {model_dir} with "
-                             f"EncoderConfig(engine='onnxruntime'), not {config.engine!r}.")
-        self.config, self.loaded = _load(model_dir, providers, config, TASK_MULTIPLE_CHOICE, type(self).__name__)
+        # The engine choice measures [batch, sequence] calls; this graph takes [batch, choices, sequence].
+        self.config, self.loaded = _load(model_dir, providers, config, TASK_MULTIPLE_CHOICE, type(self).__name__,
+                                         onnxruntime_only="its graph takes [batch, choices, sequence] inputs")
 
     def token_count(self, questions: Sequence[Question]) -> list[int]:
         """Tokens the model sees per question, over all its (prompt, choice) pairs (after truncation)."""
