@@ -273,3 +273,11 @@ def test_question_answering_limits_need_the_model(qa: tuple[Path, Path], corpus:
         assert fragment in caught.value.message
     job = served.job(QUESTION_ANSWERING, _body({"question": ["Where?", "Who?"], "context": corpus[3]}))
     assert len(job.items) == 2  # one window per short context
+    # A context of spaces only has no token to answer with: the pipeline's empty answer, as the library gives it.
+    job = served.job(QUESTION_ANSWERING, _body({"question": "Where?", "context": "   "}))
+    outputs: list[object] = [None] * len(job.items)
+    for call in served.model.plan(job.items):
+        for row, window in zip(call.rows, call.run()):
+            outputs[row] = window
+    body = job.answer(outputs, [1] * len(outputs))
+    assert body["data"][0]["answers"] == [{"score": 0.0, "start": 0, "end": 0, "answer": ""}]
