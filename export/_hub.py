@@ -61,11 +61,11 @@ def write_hub_files(folder: Path, checkpoint: LoadedCheckpoint, variants: dict[s
     tokenized = [name for name in inputs if name in _TOKENIZER_INPUTS]
     pad_token = _tokenizer_files(folder, checkpoint, inputs=tokenized, max_length=max_length, pad_id=pad_id,
                                  scratch=scratch)
-    entry: dict[str, Any] = {"config": _CONFIG, "tokenizer_config": _TOKENIZER_CONFIG,
-                             "special_tokens_map": _SPECIAL_TOKENS, "pad_token": pad_token}
+    layout: dict[str, Any] = {"config": _CONFIG, "tokenizer_config": _TOKENIZER_CONFIG,
+                              "special_tokens_map": _SPECIAL_TOKENS, "pad_token": pad_token}
     others = [name for name in inputs if name not in _TOKENIZER_INPUTS]
     if others:
-        return {"files": {}, "hard_links": True, **entry, "onnx_left_out": (
+        return {"files": {}, "hard_links": True, **layout, "onnx_left_out": (
             f"the graph also takes {', '.join(others)}, which Hugging Face loaders (transformers.js, Optimum) do not "
             "feed; run the folder with deberta-onnx, or feed that input yourself from model.onnx")}
     onnx_dir = folder / HUB_ONNX_DIR
@@ -79,7 +79,7 @@ def write_hub_files(folder: Path, checkpoint: LoadedCheckpoint, variants: dict[s
             target = onnx_dir / (name if source == entry["file"] else source)
             linked &= link_or_copy(folder / source, target)
             files[target.relative_to(folder).as_posix()] = source
-    return {"files": files, "hard_links": linked, **entry}
+    return {"files": files, "hard_links": linked, **layout}
 
 
 def _tokenizer_files(folder: Path, checkpoint: LoadedCheckpoint, *, inputs: list[str], max_length: int,

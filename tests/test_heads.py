@@ -143,6 +143,7 @@ def test_hugging_face_layout_of_the_task_graphs(fixture: str, request: pytest.Fi
     assert settings["model_input_names"] == [name for name in (s["name"] for s in manifest["graph"]["inputs"])
                                              if name != MASK_POSITIONS]
     hub = manifest["hub"]
+    assert hub["pad_token"] == settings["pad_token"] == "[PAD]" and hub["config"] == "config.json"
     if task == TASK_FILL_MASK:
         assert not (folder / HUB_ONNX_DIR).exists() and hub["files"] == {}
         assert MASK_POSITIONS in hub["onnx_left_out"] and "mask_positions" not in settings["model_input_names"]
