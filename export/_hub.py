@@ -5,6 +5,10 @@ each variant under the name those loaders look for in ``onnx/``.
 The ``onnx/`` files are hard links to the variants (no second copy on disk; a copy only where the file system
 refuses links): the runtime reads ``model.onnx`` and ``model.PRECISION.onnx`` as before, the manifest records every
 name with the same checksum, and older folders, which have no ``onnx/``, load as they did.
+
+A graph that takes an input those loaders do not build from the tokenizer's output (fill-mask's ``mask_positions``)
+gets no ``onnx/``: they would call it without that input, and read its ``[batch, masks, vocab]`` logits as the
+``[batch, sequence, vocab]`` of every token. The manifest's ``hub.onnx_left_out`` says why.
 """
 
 from __future__ import annotations
@@ -13,7 +17,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from deberta_onnx.runtime.contract import HUB_FILES, HUB_ONNX_DIR, TOKENIZER_FILE
+from deberta_onnx.runtime.contract import (
+    ATTENTION_MASK,
+    HUB_FILES,
+    HUB_ONNX_DIR,
+    INPUT_IDS,
+    TOKEN_TYPE_IDS,
+    TOKENIZER_FILE,
+)
 
 from ._checkpoint import LoadedCheckpoint
 from ._triton import link_or_copy
@@ -28,6 +39,8 @@ _TOKENIZER_CLASSES = {"deberta-v2": "DebertaV2Tokenizer", "deberta": "DebertaTok
 # Settings of the exporting machine's session, not of the tokenizer.
 _LOCAL_SETTINGS = ("name_or_path", "vocab_file", "tokenizer_file", "is_local", "local_files_only", "backend")
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# The inputs a Hugging Face loader feeds a graph: what the tokenizer gives.
+_TOKENIZER_INPUTS = (INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS)
 
 
 def write_hub_files(folder: Path, checkpoint: LoadedCheckpoint, variants: dict[str, dict[str, Any]], *,
@@ -37,15 +50,24 @@ def write_hub_files(folder: Path, checkpoint: LoadedCheckpoint, variants: dict[s
     Args:
         folder: the model folder, every variant written (``variants``: manifest entries by precision, fp32 too).
         checkpoint: the source checkpoint: its config and tokenizer settings are written out.
-        inputs: the graph's input names, the tokenizer's ``model_input_names``.
+        inputs: the graph's input names: those a tokenizer gives are its ``model_input_names``; any other leaves
+            ``onnx/`` out.
         max_length: the longest input, written as the tokenizer's ``model_max_length``.
         pad_id: the padding id the graph was validated with; its token is the tokenizer's ``pad_token``.
         scratch: a folder for the tokenizer's own files (only its settings are kept).
     """
     config = {key: value for key, value in checkpoint.config.to_dict().items() if key != "_name_or_path"}
     _write_json(folder / _CONFIG, config)
-    pad_token = _tokenizer_files(folder, checkpoint, inputs=inputs, max_length=max_length, pad_id=pad_id,
+    tokenized = [name for name in inputs if name in _TOKENIZER_INPUTS]
+    pad_token = _tokenizer_files(folder, checkpoint, inputs=tokenized, max_length=max_length, pad_id=pad_id,
                                  scratch=scratch)
+    layout: dict[str, Any] = {"config": _CONFIG, "tokenizer_config": _TOKENIZER_CONFIG,
+                              "special_tokens_map": _SPECIAL_TOKENS, "pad_token": pad_token}
+    others = [name for name in inputs if name not in _TOKENIZER_INPUTS]
+    if others:
+        return {"files": {}, "hard_links": True, **layout, "onnx_left_out": (
+            f"the graph also takes {', '.join(others)}, which Hugging Face loaders (transformers.js, Optimum) do not "
+            "feed; run the folder with deberta-onnx, or feed that input yourself from model.onnx")}
     onnx_dir = folder / HUB_ONNX_DIR
     onnx_dir.mkdir()
     files: dict[str, str] = {}
@@ -57,8 +79,7 @@ def write_hub_files(folder: Path, checkpoint: LoadedCheckpoint, variants: dict[s
             target = onnx_dir / (name if source == entry["file"] else source)
             linked &= link_or_copy(folder / source, target)
             files[target.relative_to(folder).as_posix()] = source
-    return {"files": files, "hard_links": linked, "config": _CONFIG, "tokenizer_config": _TOKENIZER_CONFIG,
-            "special_tokens_map": _SPECIAL_TOKENS, "pad_token": pad_token}
+    return {"files": files, "hard_links": linked, **layout}
 
 
 def _tokenizer_files(folder: Path, checkpoint: LoadedCheckpoint, *, inputs: list[str], max_length: int,

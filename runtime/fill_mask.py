@@ -118,14 +118,29 @@ class FillMask(LoadedAttributes):
         policy = capped(loaded.policy, max_tokens)
         for batch in token_batches(loaded.tokenizer, items, policy, batch_size, truncate=truncate):
             for row, encoding in zip(batch.rows, batch.encodings):
-                if self.mask_token_id not in encoding.ids:
-                    cut = " (it may have been cut off: the text is longer than the model's maximum)" if len(
-                        encoding.ids) >= loaded.max_length else ""
-                    raise ValueError(f"texts[{row}] has no mask token {self.mask_token}{cut}; mark each position to "
-                                     f"fill with {self.mask_token}, e.g. 'Paris is the {self.mask_token} of France.'")
+                self._check_mask(f"texts[{row}]", encoding.ids)
             yield ModelCall(rows=batch.rows, token_counts=[len(e.ids) for e in batch.encodings],
                             run=partial(_run, loaded, batch, self.mask_token_id),
                             padded_tokens=batch.input_ids.size)
+
+    def check_masks(self, texts: Sequence[str], *, name: str = "texts") -> None:
+        """Checks that each text keeps a mask token among the tokens the model sees (after truncation), as
+        ``plan`` does batch by batch; the server checks a request this way before queueing it.
+
+        Raises:
+            TypeError: ``texts`` is not a list of str.
+            ValueError: the first text without one, as ``{name}[INDEX]``.
+        """
+        for index, encoding in enumerate(self.loaded.tokenizer.encodings(check_texts(texts))):
+            self._check_mask(f"{name}[{index}]", encoding.ids)
+
+    def _check_mask(self, where: str, ids: Sequence[int]) -> None:
+        if self.mask_token_id in ids:
+            return
+        cut = (f" (it may have been cut off: the text is longer than the model's maximum of "
+               f"{self.loaded.max_length} tokens)") if len(ids) >= self.loaded.max_length else ""
+        raise ValueError(f"{where} has no mask token {self.mask_token}{cut}; mark each position to fill with "
+                         f"{self.mask_token}, e.g. 'Paris is the {self.mask_token} of France.'")
 
     def logits(self, texts: Sequence[str], *, batch_size: int | None = None, truncate: bool = True
                ) -> list[np.ndarray]:

@@ -355,5 +355,10 @@ def test_cli_commands_print_the_library_answers(multiple_choice: tuple[Path, Pat
         MASKED[:3], top_k=2, targets=["city", "▁the"])))
     assert main(["classify", str(fill_mask[1]), "--input", str(masked)]) == 1
     assert "use `deberta-onnx fill-mask`" in capsys.readouterr().err
-    assert main(["info", str(multiple_choice[1]), "--no-check"]) == 0
+    assert main(["serve", str(multiple_choice[1]), "--engine", "openvino", "--port", "0"]) == 1  # before binding
+    assert "MultipleChoice runs on ONNX Runtime" in capsys.readouterr().err
+    # info names the task, and its load check (the graph against the manifest, on the CPU) passes for both graphs.
+    assert main(["info", str(multiple_choice[1])]) == 0
     assert "task:       multiple-choice (MultipleChoice" in capsys.readouterr().out
+    assert main(["info", str(fill_mask[1])]) == 0
+    assert "task:       fill-mask (FillMask; `deberta-onnx fill-mask`)   mask token: [MASK]" in capsys.readouterr().out

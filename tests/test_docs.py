@@ -5,7 +5,9 @@ session's tiny exported folders (and ``./my-finetuned-deberta`` the tiny checkpo
 ``bin`` first on ``PATH`` and a time limit; their ``python`` blocks run page by page, in order, in one namespace
 (as a reader types them), in such a folder too, with ``texts``, ``docs``, ``documents`` and ``queries`` defined
 as a few sentences. A block that needs a GPU, the network, the model hub, a server or minutes of CPU is skipped by
-an HTML comment on the line before it that says why: ``<!-- docs-test: skip (needs a GPU) -->``.
+an HTML comment on the line before it that says why: ``<!-- docs-test: skip (needs a GPU) -->``. A block that runs
+an export, or reads a folder whose fixture the quick tier does not build (``_SLOW_FIXTURES``), runs in the slow tier
+(``-m slow``); a page's python blocks of that kind run there on their own, in order, in a namespace of their own.
 
 Whether run or not, every ``deberta-onnx COMMAND --flag`` in a shell block or an inline code span must be a flag
 of that command's parser, and every relative link must reach a file and, for a page, a heading of it.
@@ -38,7 +40,10 @@ _INLINE = re.compile(r"(?<!`)`(deberta-onnx [^`]+)`(?!`)")
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 # Names standing in the docs for model folders of another task than embedding, and the fixture holding one.
-_FOLDER_FIXTURES = {"nli": "nli", "reranker": "reranker", "ner": "ner", "my-sbert": "sbert", "squad2": "qa"}
+_FOLDER_FIXTURES = {"nli": "nli", "reranker": "reranker", "ner": "ner", "my-sbert": "sbert", "squad2": "qa",
+                    "swag": "multiple_choice", "deberta-base-mlm": "fill_mask"}
+# Fixtures that cost an export no quick test needs otherwise: the blocks reading them run in the slow tier.
+_SLOW_FIXTURES = {"multiple_choice", "fill_mask"}
 # Checkpoint folders the docs export from, and the fixture holding one.
 _SOURCE_FIXTURES = {"my-finetuned-deberta": "tiny_checkpoint"}
 
@@ -107,9 +112,28 @@ RUN_SHELL = [block for block in ALL_BLOCKS if block.lang in SHELL and block.skip
 RUN_PYTHON_PAGES = sorted({block.page for block in ALL_BLOCKS if block.lang == "python" and block.skip is None})
 
 
+def _slow(block: Block) -> bool:
+    """Whether ``block`` runs an export, or reads a model folder whose fixture is an export of its own."""
+    read = set(_MODEL.findall(block.code)) - set(_EXPORT_OUT.findall(block.code))
+    return "deberta-onnx export" in block.code or any(_FOLDER_FIXTURES.get(name) in _SLOW_FIXTURES for name in read)
+
+
 def _slow_if_exporting(block: Block) -> Any:
-    marks = [pytest.mark.slow] if "deberta-onnx export" in block.code else []
+    marks = [pytest.mark.slow] if _slow(block) else []
     return pytest.param(block, id=block.id, marks=marks)
+
+
+def _python_pages() -> list[Any]:
+    """Each page with python blocks to run: its quick blocks, and (marked slow) its slow ones, if any."""
+    params = []
+    for page in RUN_PYTHON_PAGES:
+        blocks = [block for block in _blocks(page) if block.lang == "python" and block.skip is None]
+        name = str(page.relative_to(ROOT))
+        if any(not _slow(block) for block in blocks):
+            params.append(pytest.param(page, False, id=name))
+        if any(_slow(block) for block in blocks):
+            params.append(pytest.param(page, True, id=f"{name} (slow blocks)", marks=pytest.mark.slow))
+    return params
 
 
 def _workdir(request: pytest.FixtureRequest, tmp_path: Path, code: str) -> Path:
@@ -155,10 +179,11 @@ def test_shell_block_runs(block: Block, request: pytest.FixtureRequest, tmp_path
         assert (cwd / "models" / name / "manifest.json").is_file(), f"{block.id}: models/{name} was not written"
 
 
-@pytest.mark.parametrize("page", RUN_PYTHON_PAGES, ids=lambda page: str(page.relative_to(ROOT)))
-def test_python_blocks_run(page: Path, request: pytest.FixtureRequest, tmp_path: Path,
+@pytest.mark.parametrize(("page", "slow"), _python_pages())
+def test_python_blocks_run(page: Path, slow: bool, request: pytest.FixtureRequest, tmp_path: Path,
                            capsys: pytest.CaptureFixture[str]) -> None:
-    blocks = [block for block in _blocks(page) if block.lang == "python" and block.skip is None]
+    blocks = [block for block in _blocks(page)
+              if block.lang == "python" and block.skip is None and _slow(block) == slow]
     cwd = _workdir(request, tmp_path, "".join(block.code for block in blocks))
     namespace: dict[str, Any] = {"__name__": "__docs__", "texts": list(PRELUDE_TEXTS), "docs": list(PRELUDE_TEXTS),
                                  "documents": list(PRELUDE_TEXTS), "queries": ["where is my train?", "fruit"]}

@@ -116,3 +116,38 @@ def test_export_command_refuses_the_head_and_names_the_way_out(tmp_path: Path,
     error = capsys.readouterr().err
     assert f"{_UNKNOWN_HEAD} checkpoint" in error and "--task embedding" in error
     assert not (tmp_path / "out").exists()
+
+
+_TASK_FOLDERS = ["qa", pytest.param("multiple_choice", marks=pytest.mark.slow),
+                 pytest.param("fill_mask", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("fixture", _TASK_FOLDERS)
+def test_hugging_face_layout_of_the_task_graphs(fixture: str, request: pytest.FixtureRequest) -> None:
+    """config.json names the head; the question-answering and multiple-choice graphs take what a tokenizer gives
+    (Optimum's and transformers.js' shapes: start/end logits ``[batch, sequence]``, choices ``[batch, choices,
+    sequence]``) and sit in ``onnx/`` as hard links; the fill-mask graph, which also takes ``mask_positions``, is
+    left out of ``onnx/`` (a loader would call it without that input), and the manifest says why."""
+    import os
+
+    from deberta_onnx.runtime.contract import HUB_ONNX_DIR, MASK_POSITIONS, TASKS
+    from deberta_onnx.runtime.manifest import load_manifest
+
+    folder = request.getfixturevalue(fixture)[1]
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    task = manifest["model"]["task"]
+    assert task in TASKS and task == load_manifest(folder).task
+    head = {v: k for k, v in _EXPORTED.items()}[task]
+    assert json.loads((folder / "config.json").read_text())["architectures"] == [f"DebertaV2{head}"]
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    assert settings["model_input_names"] == [name for name in (s["name"] for s in manifest["graph"]["inputs"])
+                                             if name != MASK_POSITIONS]
+    hub = manifest["hub"]
+    assert hub["pad_token"] == settings["pad_token"] == "[PAD]" and hub["config"] == "config.json"
+    if task == TASK_FILL_MASK:
+        assert not (folder / HUB_ONNX_DIR).exists() and hub["files"] == {}
+        assert MASK_POSITIONS in hub["onnx_left_out"] and "mask_positions" not in settings["model_input_names"]
+    else:
+        assert "onnx_left_out" not in hub
+        assert os.path.samefile(folder / HUB_ONNX_DIR / "model.onnx", folder / "model.onnx")
+        assert hub["files"] == {f"{HUB_ONNX_DIR}/model.onnx": "model.onnx"}

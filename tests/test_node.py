@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from deberta_onnx.runtime import Encoder, EncoderConfig, SequenceClassifier
+from deberta_onnx.runtime import Encoder, EncoderConfig, QuestionAnswerer, SequenceClassifier
 from deberta_onnx.runtime.contract import HUB_FILES, HUB_ONNX_DIR, PRECISIONS
 
 from .conftest import HARD_TEXTS
@@ -141,3 +141,34 @@ def test_transformers_js_text_classification_equals_the_classifier(nli: tuple[Pa
     for row, scores in zip(got, expected):
         by_label = {item["label"]: item["score"] for item in row}
         np.testing.assert_allclose([by_label[label] for label in labels], scores, atol=1e-5)
+
+
+def test_transformers_js_question_answering_equals_the_answerer(qa: tuple[Path, Path]) -> None:
+    """The question-answering folder as transformers.js' pipeline loads it (``onnx/model.onnx``, start and end
+    logits): the same best span and score as ``QuestionAnswerer`` on short contexts. transformers.js has no
+    ``max_answer_len`` and decodes the answer from its tokens, so ours is asked for spans of any length, not widened
+    to whole words, and the answers are compared with their whitespace normalised."""
+    _, folder = qa
+    questions = ["Where do the trains leave from?", "When does the museum open?", "What is it?"]
+    contexts = ["Trains leave from platform four.", "The museum opens at nine and closes at five.", TEXTS[1]]
+    pipelines = [{"task": "question-answering", "dtype": "fp32", "args": [questions, contexts]}]
+    answer = run_node({"folder": str(folder), "files": {}, "input_ids": [[1]], "attention_mask": [[1]],
+                       "output": "start_logits", "pipelines": pipelines})
+    (got,) = answer["pipelines"]
+    assert not isinstance(got, dict), got
+    expected = QuestionAnswerer(folder).answer(questions, contexts, max_answer_len=512, align_to_words=False)
+    for ours, theirs in zip(expected, got):
+        assert " ".join(theirs["answer"].split()) == " ".join(ours["answer"].split())  # type: ignore[index]
+        assert theirs["score"] == pytest.approx(ours["score"], abs=1e-5)  # type: ignore[index]
+
+
+@pytest.mark.slow
+def test_transformers_js_finds_no_fill_mask_graph_to_misfeed(fill_mask: tuple[Path, Path]) -> None:
+    """A fill-mask folder has no ``onnx/`` (its graph takes ``mask_positions``, which transformers.js would not
+    feed): its fill-mask pipeline fails to find a model file instead of running the graph wrongly."""
+    _, folder = fill_mask
+    pipelines = [{"task": "fill-mask", "dtype": "fp32"}]
+    answer = run_node({"folder": str(folder), "files": {}, "input_ids": [[1]], "attention_mask": [[1]],
+                       "output": "logits", "texts": ["Paris is the [MASK] of France."], "pipelines": pipelines})
+    (got,) = answer["pipelines"]
+    assert isinstance(got, dict) and "onnx/model.onnx" in got["error"], got

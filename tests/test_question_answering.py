@@ -184,6 +184,8 @@ def test_bad_options_and_inputs_are_refused(answerer: QuestionAnswerer) -> None:
         answerer.answer(["Where?", "When?"], ["Here."])
     with pytest.raises(TypeError, match="question must be a str or a list of str"):
         answerer.answer(3, "Here.")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="one question with several contexts is ambiguous"):
+        answerer.answer("Where?", ["Here.", "There."])
     with pytest.raises(ValueError, match="lone surrogate"):
         answerer.answer("Where?", "Here \ud800.")
 

@@ -101,6 +101,10 @@ def test_errors_and_limits(server: ServerProcess) -> None:
                                                  400)
     assert "top_k" in _error(_post(server, "/v1/fill-mask", {"input": "a [MASK]", "top_k": 0}), 400)
     assert "'targets'" in _error(_post(server, "/v1/fill-mask", {"input": "a [MASK]", "targets": [""]}), 400)
+    # A mask past the model's maximum is cut off with the text's end: a 400 before the queue, not a failed call.
+    cut = _error(_post(server, "/v1/fill-mask", {"input": ["a [MASK]", "word " * 600 + "[MASK]"]}), 400,
+                 "invalid_value")
+    assert "input[1] has no mask token [MASK] (it may have been cut off" in cut
     assert "unknown field" in _error(_post(server, "/v1/fill-mask", {"input": "a [MASK]", "k": 1}), 400,
                                      "unknown_field")
     assert "at most 12" in _error(_post(server, "/v1/fill-mask", {"input": ["a [MASK]"] * 13}), 413,

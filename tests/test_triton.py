@@ -211,3 +211,23 @@ def test_exported_token_classifier_repository_gives_token_logits(
     (logits,) = session.run(["logits"], feed)
     for row, expected in enumerate(TokenClassifier(folder).logits(texts)):
         np.testing.assert_allclose(logits[row, : len(expected)], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fixture", ["qa", pytest.param("multiple_choice", marks=pytest.mark.slow),
+                                     pytest.param("fill_mask", marks=pytest.mark.slow)])
+def test_task_graph_configs_match_their_graphs(fixture: str, request: pytest.FixtureRequest,
+                                               model_config_pb2: ModuleType, tmp_path: Path) -> None:
+    """config.pbtxt for the question-answering (start and end logits), multiple-choice (a choices axis) and
+    fill-mask (the mask_positions input) graphs, written from their manifests by the export's function, against
+    their ONNX graphs; none has classifier labels to attach."""
+    from deberta_onnx.export._triton import write_triton_repository
+
+    folder = request.getfixturevalue(fixture)[1]
+    manifest = load_manifest(folder)
+    (tmp_path / "model.onnx").write_bytes((folder / "model.onnx").read_bytes())
+    write_triton_repository(tmp_path, name=fixture, model_files=["model.onnx"], inputs=manifest.inputs,
+                            outputs=manifest.outputs, labels=manifest.labels, max_batch_size=8, max_queue_delay_us=0)
+    model_dir = tmp_path / "triton" / fixture
+    config = _parse(model_dir / "config.pbtxt", model_config_pb2)
+    _check_against_graph(config, onnx.load(str(folder / "model.onnx")), model_config_pb2)
+    assert not (model_dir / "labels.txt").exists() and not any(o.label_filename for o in config.output)

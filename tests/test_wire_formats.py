@@ -203,3 +203,81 @@ def test_classify_checks_its_arguments() -> None:
         classify_response(np.zeros((2, 2)), labels=["a", "b", "c"], top_k=None, token_counts=[1, 1], model="m")
     with pytest.raises(ValueError, match=r"non-finite scores for input\(s\) \[0\]"):
         classify_response(np.array([[np.inf, 0.0]]), labels=["a", "b"], top_k=None, token_counts=[1], model="m")
+
+
+# --- the task routes: question answering, multiple choice, fill-mask (docs/errors-and-limits.md, "The task models")
+
+def _parse_task_request(route: str, body: bytes) -> object:
+    from deberta_onnx.runtime.server.qa_api import parse_qa_request
+    from deberta_onnx.runtime.server.tasks_api import parse_fill_mask_request, parse_multiple_choice_request
+
+    if route == "qa":
+        return parse_qa_request(body, max_inputs=4)
+    if route == "choice":
+        return parse_multiple_choice_request(body, max_inputs=5)
+    return parse_fill_mask_request(body, max_inputs=5, mask_token="[MASK]")
+
+
+@pytest.mark.parametrize(("route", "body", "status", "param", "fragment"), [
+    ("qa", {"question": "q?"}, 400, "context", "'context' is required"),
+    ("qa", {"question": "q?", "context": ""}, 400, "context", "context 0 is empty"),
+    ("qa", {"question": ["q?", ""], "context": "c"}, 400, "question", "question 1 is empty"),
+    ("qa", {"question": "q?", "context": ["a", "b"]}, 400, "context", "is ambiguous"),
+    ("qa", {"question": ["a?", "b?"], "context": ["c"]}, 400, "context", "1 contexts for 2 questions"),
+    ("qa", {"question": [], "context": "c"}, 400, "question", "non-empty list"),
+    ("qa", {"question": "q?", "context": "c", "doc_stride": -1}, 400, "doc_stride", "integer >= 0"),
+    ("qa", {"question": "q?", "context": "c", "max_answer_len": 0}, 400, "max_answer_len", "at least 1"),
+    ("qa", {"question": "q?", "context": "c", "handle_impossible_answer": "yes"}, 400, "handle_impossible_answer",
+     "true or false"),
+    ("qa", {"question": ["q?"] * 5, "context": "c"}, 413, "question", "at most 4"),
+    ("choice", {"input": []}, 400, "input", "an empty list"),
+    ("choice", {"input": {"prompt": "q", "choices": []}}, 400, "input.choices", "non-empty list"),
+    ("choice", {"input": [{"prompt": "q", "choices": ["a"]}, {"prompt": "q"}]}, 400, "input[1]",
+     "an object with 'prompt'"),
+    ("choice", {"input": [{"prompt": "q", "choices": ["a", 2]}]}, 400, "input[0].choices[1]", "must be a string"),
+    ("choice", {"input": [{"prompt": "q", "choices": ["a", "b", "c"]}] * 2}, 413, "input",
+     "6 (prompt, choice) pairs"),
+    ("mask", {"input": "no mask"}, 400, "input", "has no mask token [MASK]"),
+    ("mask", {"input": ["a [MASK]", "none"]}, 400, "input[1]", "has no mask token [MASK]"),
+    ("mask", {"input": "a [MASK]", "targets": []}, 400, "targets", "non-empty list"),
+    ("mask", {"input": "a [MASK]", "top_k": 0}, 400, "top_k", "at least 1"),
+    ("mask", {"input": ["a [MASK]"] * 6}, 413, "input", "at most 5"),
+])
+def test_task_request_errors_name_the_field(route: str, body: object, status: int, param: str,
+                                            fragment: str) -> None:
+    """The question-answering, multiple-choice and fill-mask bodies, parsed without a model."""
+    with pytest.raises(ApiError) as caught:
+        _parse_task_request(route, _body(body))
+    assert (caught.value.status, caught.value.param) == (status, param), caught.value.message
+    assert fragment in caught.value.message
+
+
+def test_question_answering_limits_need_the_model(qa: tuple[Path, Path], corpus: list[str]) -> None:
+    """What the route checks against the loaded model before queueing: the windows a long context makes count
+    against max_inputs; a window over the model's maximum and a question that leaves no room for its context are
+    400s naming what to change."""
+    from deberta_onnx.runtime import QuestionAnswerer
+    from deberta_onnx.runtime.server.config import ServerConfig
+    from deberta_onnx.runtime.server.models import QUESTION_ANSWERING, ServedModel
+
+    served = ServedModel(QuestionAnswerer(qa[1]), "qa", ServerConfig(max_inputs=4))
+    cases = [({"question": "Where?", "context": " ".join(corpus * 2)}, 413, "context", "windows of"),
+             ({"question": "Where?", "context": "c", "max_seq_len": 100_000}, 400, None, "over the model's maximum"),
+             ({"question": "Where?", "context": "c", "max_seq_len": 64, "doc_stride": 64}, 400, None,
+              "doc_stride (64) must be less than max_seq_len"),
+             ({"question": " ".join(corpus[:30]), "context": "c"}, 400, "question", "Shorten the question")]
+    for body, status, param, fragment in cases:
+        with pytest.raises(ApiError) as caught:
+            served.job(QUESTION_ANSWERING, _body(body))
+        assert (caught.value.status, caught.value.param) == (status, param), caught.value.message
+        assert fragment in caught.value.message
+    job = served.job(QUESTION_ANSWERING, _body({"question": ["Where?", "Who?"], "context": corpus[3]}))
+    assert len(job.items) == 2  # one window per short context
+    # A context of spaces only has no token to answer with: the pipeline's empty answer, as the library gives it.
+    job = served.job(QUESTION_ANSWERING, _body({"question": "Where?", "context": "   "}))
+    outputs: list[object] = [None] * len(job.items)
+    for call in served.model.plan(job.items):
+        for row, window in zip(call.rows, call.run()):
+            outputs[row] = window
+    body = job.answer(outputs, [1] * len(outputs))
+    assert body["data"][0]["answers"] == [{"score": 0.0, "start": 0, "end": 0, "answer": ""}]

@@ -223,9 +223,12 @@ class ServedModel:
         name = self._name(parsed.model, echo)
         try:
             options = model.options(**parsed.options)
+        except (TypeError, ValueError) as exc:  # e.g. max_seq_len over the model's maximum
+            raise ApiError(400, str(exc), param=None, code="invalid_value") from exc
+        try:
             windows, owners = model.pair_windows(parsed.pairs, options)
-        except (TypeError, ValueError) as exc:
-            raise ApiError(400, str(exc), param="question", code="invalid_request") from exc
+        except ValueError as exc:  # a question too long to leave room for its context
+            raise ApiError(400, str(exc), param="question", code="invalid_value") from exc
         if len(windows) > limit:
             raise ApiError(413, f"the contexts make {len(windows)} windows of {options.max_seq_len} tokens; this "
                                 f"server runs at most {limit} per request. Send shorter contexts or fewer questions.",
@@ -269,6 +272,10 @@ class ServedModel:
     def _fill_mask(self, model: FillMask, body: bytes, echo: bool) -> Job:
         parsed = parse_fill_mask_request(body, max_inputs=self.config.max_inputs, mask_token=model.mask_token)
         name = self._name(parsed.model, echo)
+        try:  # a mask past the model's maximum is cut off with the text's end: refused here, not in a model call
+            model.check_masks(parsed.texts, name="input")
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="input", code="invalid_value") from exc
         try:
             targets = None if parsed.targets is None else np.asarray(model.target_ids(parsed.targets))
         except ValueError as exc:

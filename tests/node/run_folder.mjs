@@ -3,7 +3,7 @@
 //
 // Request:  {"folder": "/abs/model", "files": {"fp32": "model.onnx", ...}, "input_ids": [[...]], "attention_mask":
 //            [[...]], "output": "sentence_embedding", "texts": [...], "pipelines": [{"task": "feature-extraction",
-//            "dtype": "fp32", "options": {"pooling": "mean", "normalize": false}}]}
+//            "dtype": "fp32", "options": {"pooling": "mean", "normalize": false}, "args": [optional]}]}
 // Response: {"versions": {...}, "node": {variant: rows}, "web": {variant: rows}, "pipelines": [rows or {"error"}]}
 //
 // "node" is onnxruntime-node, "web" onnxruntime-web's wasm backend, "pipelines" transformers.js pipelines loading
@@ -69,7 +69,9 @@ if (request.pipelines && request.pipelines.length) {
   for (const spec of request.pipelines) {
     try {
       const run = await pipeline(spec.task, path.basename(request.folder), { dtype: spec.dtype, device: "cpu" });
-      const result = await run(request.texts, spec.options ?? {});
+      // "args": the pipeline's own positional arguments (question answering: questions, contexts); else the texts.
+      const args = spec.args ?? [request.texts];
+      const result = await run(...args, spec.options ?? {});
       response.pipelines.push(typeof result.tolist === "function" ? result.tolist() : result);
       await run.dispose();
     } catch (error) {
