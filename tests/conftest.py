@@ -11,6 +11,7 @@ every test that needs a checkpoint is skipped.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,9 +19,10 @@ from typing import Any
 
 import pytest
 
-from .trace_cache import ENV, TraceCache
+from .trace_cache import ENV, Tally, TraceCache
 
 _MEMO = pytest.StashKey[TraceCache]()
+_TALLY = pytest.StashKey[Tally]()  # under pytest-xdist, on the controller: the workers' memos added up
 
 # A model folder exported by an earlier run of this version, committed with what PyTorch computed for it
 # (tests/test_stored_model.py). Named after its manifest version: a new version adds a folder, never replaces one.
@@ -91,16 +93,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_fresh)
 
 
+def _worker() -> str | None:
+    """This process's pytest-xdist worker id (``gw0``, ...), or ``None`` outside xdist."""
+    return os.environ.get("PYTEST_XDIST_WORKER")
+
+
+def _shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
+    """Under pytest-xdist, the folder that the workers of this run share (beside their own temporary folders,
+    which are ``pytest-N/popen-gwK``); ``None`` outside xdist."""
+    if _worker() is None:
+        return None
+    root = tmp_path_factory.getbasetemp().parent / "shared"
+    root.mkdir(exist_ok=True)
+    return root
+
+
 @pytest.fixture(scope="session", autouse=True)
-def trace_memo(request: pytest.FixtureRequest) -> Iterator[TraceCache | None]:
+def trace_memo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TraceCache | None]:
     """The session's memo of dynamo traces (``tests/trace_cache.py``), in place of the exporter's ``export_onnx``
-    for in-process exports; ``None`` where the export extra is not installed."""
+    for in-process exports; ``None`` where the export extra is not installed. Under pytest-xdist the workers share
+    their traces through a folder."""
     if _stored_only(request.config):
         yield None
         return
     from deberta_onnx.export import _export
 
-    memo = TraceCache(_export.export_onnx)
+    root = _shared_root(tmp_path_factory)
+    memo = TraceCache(_export.export_onnx, None if root is None else root / "traces")
     _export.export_onnx = memo  # type: ignore[assignment]
     request.config.stash[_MEMO] = memo
     try:
@@ -120,19 +139,40 @@ def _trace_afresh_under_monkeypatch(request: pytest.FixtureRequest, trace_memo: 
         yield
 
 
+def _tally(config: pytest.Config) -> Tally | None:
+    """The memo's tally for the whole run: this process's, or on a pytest-xdist controller the workers' summed."""
+    memo = config.stash.get(_MEMO, None)
+    return memo.tally if memo is not None else config.stash.get(_TALLY, None)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist's controller, as each worker finishes: adds up what the workers' memos did."""
+    counts = getattr(node, "workeroutput", {}).get("trace_memo")
+    if counts is not None:
+        node.config.stash.setdefault(_TALLY, Tally()).add(counts)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """A memo that silently stops working costs the suite most of its speed: the session fails instead."""
+    """A memo that silently stops working costs the suite most of its speed: the session fails instead (judged
+    once, on the whole run: under pytest-xdist the workers send their tallies to the controller)."""
     memo = session.config.stash.get(_MEMO, None)
-    if memo is not None and memo.failure() is not None and exitstatus == pytest.ExitCode.OK:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        if memo is not None:
+            workeroutput["trace_memo"] = memo.tally.to_dict()
+        return
+    tally = _tally(session.config)
+    if tally is not None and tally.failure() is not None and exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    memo = config.stash.get(_MEMO, None)
-    if memo is not None:
-        terminalreporter.write_line(f"export traces: {memo.traced} traced, {memo.reused} reused within the session, "
-                                    f"{memo.uncacheable} not cacheable ({ENV}=0 traces every export)")
-        failure = memo.failure()
+    tally = _tally(config)
+    if tally is not None:
+        terminalreporter.write_line(f"export traces: {tally.traced} traced, {tally.reused} reused within the run, "
+                                    f"{tally.uncacheable} not cacheable ({ENV}=0 traces every export)")
+        failure = tally.failure()
         if failure is not None:
             terminalreporter.write_line(f"FAILED: the trace memo is off: {failure}", red=True, bold=True)
 
@@ -162,29 +202,47 @@ def _skip_without_export(config: pytest.Config) -> None:
         pytest.skip("needs a checkpoint, which needs the export extra (not run with --stored-model)")
 
 
-# Checkpoints and plain exports, made once a session by what they are made from. pytest tears a parametrized
-# session fixture down when the tests move on to another of its parameters and sets it up again when they come
-# back (``exported`` is used by several files), and ``tiny_model`` is the plain export of the checkpoint that
-# ``exported`` has for v3-shared: each would otherwise trace the graph again (some 20 s of a CPU each).
-_MADE: dict[tuple[str, str], Path] = {}
+# Checkpoints and exports, made once a run by what they are made from. pytest tears a parametrized session
+# fixture down when the tests move on to another of its parameters and sets it up again when they come back
+# (``exported`` is used by several files), and ``tiny_model`` is the plain export of the checkpoint that ``exported``
+# has for v3-shared: each would otherwise trace the graph again (some 20 s of a CPU each). Under pytest-xdist the
+# workers share them too: the first to need one makes it under a file lock in the run's shared folder, and the
+# others wait for it and read it. Tests must not change these folders (copy one to change it).
+_MADE: dict[str, Path] = {}
 
 
-def _once(key: tuple[str, str], make: Callable[[], Path]) -> Path:
-    if key not in _MADE:
-        _MADE[key] = make()
-    return _MADE[key]
+def _once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], object]) -> Path:
+    """The folder ``name``, which ``make(folder)`` fills, made once a run (``name`` says what it is made from)."""
+    if name in _MADE:
+        return _MADE[name]
+    root = _shared_root(tmp_path_factory)
+    if root is None:
+        out = tmp_path_factory.mktemp(name)
+        make(out)
+    else:
+        from filelock import FileLock
+
+        out, done = root / name, root / f"{name}.done"
+        with FileLock(root / f"{name}.lock"):
+            if not done.exists():
+                shutil.rmtree(out, ignore_errors=True)  # a worker that failed half-way
+                out.mkdir()
+                make(out)
+                done.touch()
+    _MADE[name] = out
+    return out
 
 
 def _checkpoint(tmp_path_factory: pytest.TempPathFactory, corpus: list[str], name: str) -> Path:
     from deberta_onnx.export.testing import build_random_checkpoint
 
-    return _once(("checkpoint", name), lambda: build_random_checkpoint(
-        TINY_CONFIGS[name], tmp_path_factory.mktemp(f"ckpt-{name}"), texts=corpus, seed=1))
+    return _once(tmp_path_factory, f"ckpt-{name}",
+                 lambda out: build_random_checkpoint(TINY_CONFIGS[name], out, texts=corpus, seed=1))
 
 
 def _plain_export(tmp_path_factory: pytest.TempPathFactory, src: Path) -> Path:
-    """The folder ``export_model`` writes from ``src`` with the default settings, once a session."""
-    return _once(("export", str(src)), lambda: _export(src, tmp_path_factory.mktemp("export") / "model"))
+    """The folder ``export_model`` writes from ``src`` (one of ``_once``'s folders) with the default settings."""
+    return _once(tmp_path_factory, f"export-{src.name}", lambda out: _export(src, out / "model")) / "model"
 
 
 # The quick tier (``-m "not slow"``) takes v3-shared alone; the other attention variants run the same modules.
@@ -272,48 +330,45 @@ def build_classifier_checkpoint(tiny_checkpoint: Path, out: Path, *, task: str, 
     return out
 
 
-def _export_classifier(src: Path, out: Path) -> Path:
+def _classifier(tmp_path_factory: pytest.TempPathFactory, name: str,
+                build: Callable[[Path], Path]) -> tuple[Path, Path]:
+    """(checkpoint, model folder): ``build(base)`` writes a checkpoint, exported beside it, once a run."""
     from deberta_onnx.export import ExportConfig, export_model
 
-    # transformers' tokenizer, so that PyTorch references tokenize exactly alike (docs/export.md, "Tokenization").
-    export_model(src, out, ExportConfig(quiet=True, tokenizer="transformers"))
-    return out
+    def make(base: Path) -> None:
+        # transformers' tokenizer, so that PyTorch references tokenize exactly alike (docs/export.md, "Tokenization").
+        export_model(build(base), base / "model", ExportConfig(quiet=True, tokenizer="transformers"))
+
+    base = _once(tmp_path_factory, name, make)
+    return base / "ckpt", base / "model"
 
 
 @pytest.fixture(scope="session")
 def nli(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(checkpoint, model folder): a sequence classifier with three labels and no token types (as DeBERTa-v3)."""
-    base = tmp_path_factory.mktemp("nli")
-    src = build_classifier_checkpoint(tiny_checkpoint, base / "ckpt", task="sequence-classification",
-                                      labels=NLI_LABELS)
-    return src, _export_classifier(src, base / "model")
+    return _classifier(tmp_path_factory, "nli", lambda base: build_classifier_checkpoint(
+        tiny_checkpoint, base / "ckpt", task="sequence-classification", labels=NLI_LABELS))
 
 
 @pytest.fixture(scope="session")
 def reranker(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(checkpoint, model folder): a one-label cross-encoder with token type embeddings (type_vocab_size 2)."""
-    base = tmp_path_factory.mktemp("reranker")
-    src = build_classifier_checkpoint(tiny_checkpoint, base / "ckpt", task="sequence-classification",
-                                      labels=["LABEL_0"], type_vocab_size=2, seed=3)
-    return src, _export_classifier(src, base / "model")
+    return _classifier(tmp_path_factory, "reranker", lambda base: build_classifier_checkpoint(
+        tiny_checkpoint, base / "ckpt", task="sequence-classification", labels=["LABEL_0"], type_vocab_size=2, seed=3))
 
 
 @pytest.fixture(scope="session")
 def qa(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(checkpoint, model folder): an extractive question-answering head (start and end logits), fp32 only."""
-    base = tmp_path_factory.mktemp("qa")
-    src = build_classifier_checkpoint(tiny_checkpoint, base / "ckpt", task="question-answering",
-                                      labels=["LABEL_0", "LABEL_1"], seed=7)
-    return src, _export_classifier(src, base / "model")
+    return _classifier(tmp_path_factory, "qa", lambda base: build_classifier_checkpoint(
+        tiny_checkpoint, base / "ckpt", task="question-answering", labels=["LABEL_0", "LABEL_1"], seed=7))
 
 
 @pytest.fixture(scope="session")
 def ner(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(checkpoint, model folder): a token classifier with IOB labels."""
-    base = tmp_path_factory.mktemp("ner")
-    src = build_classifier_checkpoint(tiny_checkpoint, base / "ckpt", task="token-classification",
-                                      labels=NER_LABELS, seed=5)
-    return src, _export_classifier(src, base / "model")
+    return _classifier(tmp_path_factory, "ner", lambda base: build_classifier_checkpoint(
+        tiny_checkpoint, base / "ckpt", task="token-classification", labels=NER_LABELS, seed=5))
 
 
 @pytest.fixture(scope="session")
@@ -328,13 +383,16 @@ def sbert(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
 
     from deberta_onnx.export import ExportConfig, export_model
 
-    base = tmp_path_factory.mktemp("sbert")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        stack = [modules.Transformer(str(tiny_checkpoint), max_seq_length=128),
-                 modules.Pooling(32, pooling_mode="mean")]
-        SentenceTransformer(modules=stack, device="cpu").save(str(base / "st"))
-    export_model(base / "st", base / "model", ExportConfig(quiet=True, tokenizer="transformers", token_embeddings=True))
+    def make(base: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stack = [modules.Transformer(str(tiny_checkpoint), max_seq_length=128),
+                     modules.Pooling(32, pooling_mode="mean")]
+            SentenceTransformer(modules=stack, device="cpu").save(str(base / "st"))
+        export_model(base / "st", base / "model",
+                     ExportConfig(quiet=True, tokenizer="transformers", token_embeddings=True))
+
+    base = _once(tmp_path_factory, "sbert", make)
     return base / "st", base / "model"
 
 
@@ -344,11 +402,10 @@ def every_variant_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPath
     reads); once a session (the Node and OpenVINO tests share it)."""
     from deberta_onnx.export import ExportConfig, export_model
 
-    out = tmp_path_factory.mktemp("every-variant") / "model"
-    export_model(tiny_checkpoint, out, ExportConfig(precisions=("fp16", "int8-dynamic", "int8-static"),
-                                                    token_embeddings=True, validation_shapes=((2, 5), (3, 17)),
-                                                    quiet=True))
-    return out
+    config = ExportConfig(precisions=("fp16", "int8-dynamic", "int8-static"), token_embeddings=True,
+                          validation_shapes=((2, 5), (3, 17)), quiet=True)
+    return _once(tmp_path_factory, "every-variant",
+                 lambda out: export_model(tiny_checkpoint, out / "model", config)) / "model"
 
 
 @pytest.fixture(scope="session")
@@ -357,14 +414,10 @@ def portable_model(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
     token vectors output too; once a session (the portable tests and the Node tests share it)."""
     from deberta_onnx.export import ExportConfig, export_model
 
-    def make() -> Path:
-        out = tmp_path_factory.mktemp("portable") / "model"
-        derived = ("fp16", "int8-dynamic", "int8-static")
-        export_model(tiny_checkpoint, out, ExportConfig(portable=True, precisions=derived, token_embeddings=True,
-                                                        validation_shapes=((2, 5), (3, 17)), quiet=True))
-        return out
-
-    return _once(("portable", str(tiny_checkpoint)), make)
+    config = ExportConfig(portable=True, precisions=("fp16", "int8-dynamic", "int8-static"), token_embeddings=True,
+                          validation_shapes=((2, 5), (3, 17)), quiet=True)
+    return _once(tmp_path_factory, "portable",
+                 lambda out: export_model(tiny_checkpoint, out / "model", config)) / "model"
 
 
 def build_head_checkpoint(tiny_checkpoint: Path, out: Path, *, head: str, type_vocab_size: int = 0, seed: int = 7,
@@ -413,14 +466,12 @@ def build_head_checkpoint(tiny_checkpoint: Path, out: Path, *, head: str, type_v
 @pytest.fixture(scope="session")
 def multiple_choice(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(checkpoint, model folder): a multiple-choice model (fp32), exported with transformers' tokenizer."""
-    base = tmp_path_factory.mktemp("multiple-choice")
-    src = build_head_checkpoint(tiny_checkpoint, base / "ckpt", head="multiple-choice")
-    return src, _export_classifier(src, base / "model")
+    return _classifier(tmp_path_factory, "multiple-choice", lambda base: build_head_checkpoint(
+        tiny_checkpoint, base / "ckpt", head="multiple-choice"))
 
 
 @pytest.fixture(scope="session")
 def fill_mask(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(checkpoint, model folder): a masked LM (fp32), exported with transformers' tokenizer."""
-    base = tmp_path_factory.mktemp("fill-mask")
-    src = build_head_checkpoint(tiny_checkpoint, base / "ckpt", head="fill-mask")
-    return src, _export_classifier(src, base / "model")
+    return _classifier(tmp_path_factory, "fill-mask", lambda base: build_head_checkpoint(
+        tiny_checkpoint, base / "ckpt", head="fill-mask"))

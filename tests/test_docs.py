@@ -284,4 +284,5 @@ def test_the_readme_is_a_front_door() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert len(readme.splitlines()) <= 200
     assert ("python3 -m venv .venv && . .venv/bin/activate && pip install -c constraints.txt torch==2.13.0 && pip "
-            "install -c constraints.txt -e '.[export,dev,langchain,chroma,llamaindex,ray]' && pytest -q") in readme
+            "install -c constraints.txt -e '.[export,dev,langchain,chroma,llamaindex,ray]' && pytest -q -n 2 "
+            "--dist loadfile") in readme

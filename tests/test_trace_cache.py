@@ -20,7 +20,7 @@ from deberta_onnx.export.testing import (
 )
 from deberta_onnx.runtime.contract import OPSET
 
-from .trace_cache import TraceCache, Uncacheable, trace_key
+from .trace_cache import Tally, TraceCache, Uncacheable, trace_key
 
 
 def _graph(src: Path, **options: object) -> EmbeddingGraph:
@@ -64,12 +64,40 @@ def test_an_enum_attribute_is_keyed_by_its_value(tiny_checkpoint: Path) -> None:
 
 
 def test_a_memo_that_cannot_key_or_reuse_fails_the_session() -> None:
-    memo = TraceCache(export_onnx)
-    assert memo.failure() is None
-    memo.traced = 10
-    assert "none reused" in (memo.failure() or "")
-    memo.reasons.add("attribute of type Mode")
-    assert "attribute of type Mode" in (memo.failure() or "")
+    tally = Tally()
+    assert tally.failure() is None
+    tally.traced = 10
+    assert "none reused" in (tally.failure() or "")
+    tally.reasons.add("attribute of type Mode")
+    assert "attribute of type Mode" in (tally.failure() or "")
+
+
+def test_the_workers_tallies_are_judged_together() -> None:
+    """Under pytest-xdist one worker may trace ten exports that only the other reuses: the run is judged on the
+    sum, and a reason from any worker fails it."""
+    total = Tally()
+    total.add(Tally(traced=10).to_dict())
+    assert "none reused" in (total.failure() or "")
+    total.add(Tally(traced=2, reused=3).to_dict())
+    assert total.failure() is None and (total.traced, total.reused) == (12, 3)
+    total.add(Tally(uncacheable=1, reasons={"attribute of type Mode"}).to_dict())
+    assert "1 export(s) could not be keyed (attribute of type Mode)" in (total.failure() or "")
+
+
+def test_a_trace_kept_on_disk_is_reused_by_another_memo(tiny_checkpoint: Path, trace_memo: TraceCache,
+                                                        tmp_path: Path) -> None:
+    """The workers of one pytest-xdist run share traces through a folder: a second memo (another process's)
+    writes the bytes the first one kept, without tracing. (The first wraps the session's memo, which has this
+    trace from ``tiny_model``'s export if that ran in this process; else it traces.)"""
+    first, second = TraceCache(trace_memo, tmp_path / "store"), TraceCache(export_onnx, tmp_path / "store")
+    model = load_checkpoint(str(tiny_checkpoint)).model
+    graph = EmbeddingGraph(model, pooling="mean").eval()
+    with folded_relative_attention(model):
+        first(graph, tmp_path / "a.onnx", opset=OPSET)
+        second(graph, tmp_path / "b.onnx", opset=OPSET)
+    assert (first.tally.traced, second.tally.traced, second.tally.reused) == (1, 0, 1)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert [path.suffix for path in (tmp_path / "store").iterdir()] == [".onnx"]  # no part file left behind
 
 
 def test_a_value_the_key_cannot_describe_is_not_cached(tiny_checkpoint: Path) -> None:

@@ -4,7 +4,8 @@ Each tiny export spends most of its time in ``torch.onnx.export`` (dynamo tracin
 and many tests export the same checkpoint with the same graph options to test what the export does after the
 trace (precisions, validation, manifests, folders). For a given module (structure, weights, the methods it runs,
 including the ones the export's attention rewrites put on its layers), opset and translation table, the trace is
-the same every time, so within one session the second such call writes the file the first one wrote.
+the same every time, so within one run the second such call writes the file the first one wrote (under
+pytest-xdist, in whichever worker: ``conftest.py`` gives the memos of one run a shared folder).
 
 What the key holds, and why it errs towards tracing again: the module's repr (its structure), every parameter and
 buffer (values, dtypes, shapes, names), each submodule's own attributes (numbers, strings, the model config as
@@ -23,6 +24,7 @@ import os
 import types
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -148,35 +150,29 @@ def trace_key(graph: Any, opset: int, translations: Mapping[Any, Any] | None) ->
     return digest.hexdigest()
 
 
-class TraceCache:
-    """Wraps ``export_onnx``: the first call with a key traces and keeps the file's bytes; later ones write them."""
+@dataclass
+class Tally:
+    """What a memo did in a session: traces made, reused and not keyable, and why not. Under pytest-xdist each
+    worker has its own memo, and the controller adds their tallies up (``conftest.py``) before judging."""
 
-    def __init__(self, export_onnx: Callable[..., Any]) -> None:
-        self.export_onnx = export_onnx
-        self._files: dict[str, bytes] = {}
-        self.active = os.environ.get(ENV, "1") != "0"
-        self.traced = self.reused = self.uncacheable = 0
-        self.reasons: set[str] = set()  # why calls were not cacheable: the values the key cannot describe
+    traced: int = 0
+    reused: int = 0
+    uncacheable: int = 0
+    reasons: set[str] = field(default_factory=set)  # why calls were not cacheable: the values the key cannot describe
+    active: bool = True
 
-    def __call__(self, graph: Any, path: Path, *, opset: int, translations: Mapping[Any, Any] | None = None) -> Any:
-        import onnx
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, as a pytest-xdist worker sends it to the controller."""
+        return {"traced": self.traced, "reused": self.reused, "uncacheable": self.uncacheable,
+                "reasons": sorted(self.reasons), "active": self.active}
 
-        key = None
-        if self.active:
-            try:
-                key = trace_key(graph, opset, translations)
-            except Uncacheable as reason:
-                self.uncacheable += 1
-                self.reasons.add(str(reason))
-        if key is not None and key in self._files:
-            self.reused += 1
-            Path(path).write_bytes(self._files[key])
-            return onnx.load(str(path), load_external_data=False)
-        model = self.export_onnx(graph, path, opset=opset, translations=translations)
-        self.traced += 1
-        if key is not None and not Path(path).with_name(Path(path).name + ".data").exists():
-            self._files[key] = Path(path).read_bytes()
-        return model
+    def add(self, other: Mapping[str, Any]) -> None:
+        """Adds a worker's tally (``to_dict``) to this one."""
+        self.traced += other["traced"]
+        self.reused += other["reused"]
+        self.uncacheable += other["uncacheable"]
+        self.reasons.update(other["reasons"])
+        self.active = self.active and other["active"]
 
     def failure(self) -> str | None:
         """Why the memo failed the session, or ``None``: a value the key cannot describe (a new attribute that a
@@ -188,11 +184,62 @@ class TraceCache:
             return f"{self.traced} exports traced and none reused: the memo's key changes from one export to the next"
         return None
 
+
+class TraceCache:
+    """Wraps ``export_onnx``: the first call with a key traces and keeps the file's bytes; later ones write them.
+
+    ``store``: a folder that keeps the traces on disk as well, so that other processes with the same folder reuse
+    them (the pytest-xdist workers of one run); a file appears there whole or not at all."""
+
+    def __init__(self, export_onnx: Callable[..., Any], store: Path | None = None) -> None:
+        self.export_onnx = export_onnx
+        self._files: dict[str, bytes] = {}
+        self._store = store
+        self.tally = Tally(active=os.environ.get(ENV, "1") != "0")
+
+    @property
+    def active(self) -> bool:
+        return self.tally.active
+
+    def _kept(self, key: str) -> bytes | None:
+        if key not in self._files and self._store is not None and (self._store / f"{key}.onnx").exists():
+            self._files[key] = (self._store / f"{key}.onnx").read_bytes()
+        return self._files.get(key)
+
+    def _keep(self, key: str, data: bytes) -> None:
+        self._files[key] = data
+        if self._store is not None:
+            self._store.mkdir(parents=True, exist_ok=True)
+            part = self._store / f"{key}.{os.getpid()}.part"
+            part.write_bytes(data)
+            os.replace(part, self._store / f"{key}.onnx")
+
+    def __call__(self, graph: Any, path: Path, *, opset: int, translations: Mapping[Any, Any] | None = None) -> Any:
+        import onnx
+
+        key = None
+        if self.tally.active:
+            try:
+                key = trace_key(graph, opset, translations)
+            except Uncacheable as reason:
+                self.tally.uncacheable += 1
+                self.tally.reasons.add(str(reason))
+        kept = None if key is None else self._kept(key)
+        if kept is not None:
+            self.tally.reused += 1
+            Path(path).write_bytes(kept)
+            return onnx.load(str(path), load_external_data=False)
+        model = self.export_onnx(graph, path, opset=opset, translations=translations)
+        self.tally.traced += 1
+        if key is not None and not Path(path).with_name(Path(path).name + ".data").exists():
+            self._keep(key, Path(path).read_bytes())
+        return model
+
     @contextmanager
     def off(self) -> Iterator[None]:
         """Within the block, every call traces and nothing is kept."""
-        active, self.active = self.active, False
+        active, self.tally.active = self.tally.active, False
         try:
             yield
         finally:
-            self.active = active
+            self.tally.active = active
