@@ -276,13 +276,21 @@ def test_server_serves_the_int8_variants(gated: Callable[[str], Gated], tmp_path
     library does at that precision."""
     from deberta_onnx.runtime.server.testing import ServerProcess
 
-    nli, nli_precision = _int8_folder(gated("nli"))
-    ner, ner_precision = _int8_folder(gated("ner"))
-    folders = {"nli": Path(shutil.copytree(nli, tmp_path / "nli")), "ner": Path(shutil.copytree(ner, tmp_path / "ner"))}
+    precisions, folders = {}, {}
+    for name in ("nli", "reranker", "ner"):
+        folder, precisions[name] = _int8_folder(gated(name))
+        folders[name] = Path(shutil.copytree(folder, tmp_path / name))
+    nli_precision, ner_precision = precisions["nli"], precisions["ner"]
     texts = ["Ada Lovelace lived in London.", "The senate voted on the bill."]
     with ServerProcess(list(folders.values()), "--threads", "1") as server:
         health = httpx.get(f"{server.url}/health", timeout=10).json()
-        assert {m["model"]: m["precision"] for m in health["models"]} == {"nli": nli_precision, "ner": ner_precision}
+        assert {m["model"]: m["precision"] for m in health["models"]} == precisions
+        documents = ["The coastal line departs from platform four.", "Bananas are rich in potassium.", "Tickets."]
+        body = httpx.post(f"{server.url}/v1/rerank", json={"model": "reranker", "query": "Where do trains leave?",
+                                                          "documents": documents}, timeout=60).json()
+        cross = CrossEncoder(folders["reranker"], config=EncoderConfig(precision=precisions["reranker"]))
+        assert [(r["index"], pytest.approx(r["relevance_score"], abs=1e-5)) for r in body["results"]] == [
+            (hit.index, hit.score) for hit in cross.rank("Where do trains leave?", documents)]
         body = httpx.post(f"{server.url}/v1/classify", json={"model": "nli", "input": texts}, timeout=60).json()
         expected = SequenceClassifier(folders["nli"], config=EncoderConfig(precision=nli_precision))
         np.testing.assert_allclose([[s["score"] for s in sorted(d["scores"], key=lambda s: NLI_LABELS.index(
