@@ -36,7 +36,7 @@ from ._torch_graph import ClassifierGraph, EmbeddingGraph, export_onnx
 from ._triton import write_triton_repository
 from ._validate import DEFAULT_VALIDATION_SHAPES, LONG_VALIDATION_SHAPES, format_report, validate
 from .config import LONGEST_RELATIVE_LENGTH, ExportConfig, ExportResult
-from .precision import GATED_TASKS, derive_variants, read_calibration
+from .precision import derive_variants, read_calibration
 from .testing import RANDOM_PREFIX, random_source
 
 __all__ = ["export_model"]
@@ -120,13 +120,9 @@ def _pooling(config: ExportConfig, spec: SentenceTransformerSpec | None, src: st
 
 
 def _check_classifier_options(config: ExportConfig, task: str, src: str) -> None:
-    # The precisions' quality gate compares sentence vectors, a question-answering graph's start and end logits, or
-    # a multiple-choice or fill-mask graph's logits (``precision.gate_readout``); a sequence or token classifier's
-    # logits need another measure.
-    lower = None if task in GATED_TASKS else (",".join(config.precisions[1:]) or None)
+    # Lower precisions apply to every head: the quality gate judges each on its own outputs (``gate_readout``).
     asked = [flag for flag, value in (("--pooling", config.pooling), ("--normalize", config.normalize),
-                                      ("--token-embeddings", config.token_embeddings or None),
-                                      (f"--precision {lower}", lower)) if value is not None]
+                                      ("--token-embeddings", config.token_embeddings or None)) if value is not None]
     if asked:
         raise ExportError(
             f"{src} is a {task} checkpoint, whose graph outputs logits; {', '.join(asked)} appl"

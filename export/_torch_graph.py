@@ -155,6 +155,12 @@ class ClassifierGraph(torch.nn.Module):
     def outputs(self) -> tuple[TensorSpec, ...]:
         return graph_outputs(self.task)
 
+    @property
+    def labels(self) -> int:
+        """How many logits the head gives per row (or per token); the quality gate reads one-label models apart."""
+        config: Any = self.model.config
+        return int(config.num_labels)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}

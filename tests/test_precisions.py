@@ -340,18 +340,6 @@ def test_precisions_with_token_vectors_and_cls_pooling(tiny_checkpoint: Path, tm
         assert [o.type for o in session.get_outputs()] == ["tensor(float)", "tensor(float)"]
 
 
-def test_classifiers_refuse_lower_precisions(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    from deberta_onnx.export import ExportError
-
-    from .conftest import NLI_LABELS, build_classifier_checkpoint
-
-    src = build_classifier_checkpoint(tiny_checkpoint, tmp_path / "nli", task="sequence-classification",
-                                      labels=NLI_LABELS)
-    with pytest.raises(ExportError, match="--precision int8-dynamic appl.* to embedding graphs"):
-        export_model(src, tmp_path / "out", ExportConfig(precisions=("int8-dynamic",), quiet=True))
-    assert not (tmp_path / "out").exists()
-
-
 @pytest.mark.slow
 def test_quantization_advice_is_silenced_but_the_callers_logging_is_not(tiny_checkpoint: Path, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:

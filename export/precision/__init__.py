@@ -13,15 +13,26 @@ from ._fp16 import build_fp16
 from ._int8 import int8_units
 from ._onnx_edit import fold_constants, prepare_base
 from ._outlier_split import find_outlier_channels, split_outlier_channels
-from ._quality import GATED_TASKS, gate_readout, held_out_set, measure, split_sentences
+from ._quality import (
+    GATED_TASKS,
+    RANKED_DOCUMENTS,
+    Readout,
+    gate_items,
+    gate_readout,
+    held_out_set,
+    measure,
+    split_sentences,
+)
 from ._recipes import DEFAULT_FP16_RECIPE, RECIPES, Recipe  # first: config.py reads these
 from ._variants import build_variant, derive_variants, read_calibration, recipe_chain
 
 __all__ = [
     "DEFAULT_FP16_RECIPE",
     "GATED_TASKS",
+    "RANKED_DOCUMENTS",
     "RECIPES",
     "ActivationStats",
+    "Readout",
     "Recipe",
     "build_fp16",
     "build_variant",
@@ -29,6 +40,7 @@ __all__ = [
     "derive_variants",
     "find_outlier_channels",
     "fold_constants",
+    "gate_items",
     "gate_readout",
     "held_out_set",
     "int8_units",

@@ -1,6 +1,6 @@
 """The quality gate: a variant's outputs against the fp32 PyTorch reference, on held-out sentences: the sentence
-vectors of an embedding graph, the start and end logits of a question-answering graph, the logits of a
-multiple-choice or fill-mask graph (``Readout``)."""
+vectors of an embedding graph, the start and end logits of a question-answering graph, the logits of a sequence
+classifier, token classifier, multiple-choice or fill-mask graph (``Readout``)."""
 
 from __future__ import annotations
 
@@ -24,14 +24,16 @@ from deberta_onnx.runtime.contract import (
     TASK_FILL_MASK,
     TASK_MULTIPLE_CHOICE,
     TASK_QUESTION_ANSWERING,
+    TASK_SEQUENCE_CLASSIFICATION,
+    TASK_TOKEN_CLASSIFICATION,
     TOKEN_TYPE_IDS,
 )
 from deberta_onnx.runtime.postprocess import row_cosine
 from deberta_onnx.runtime.tokenization import TextTokenizer
 
-__all__ = ["BATCH_INVARIANCE", "GATED_TASKS", "GATE_BATCH", "HELD_OUT_STRIDE", "ExampleFeed", "HeldOut", "Readout",
-           "format_quality", "gate_failure", "gate_feeds", "gate_items", "gate_readout", "held_out_set", "measure",
-           "split_sentences"]
+__all__ = ["BATCH_INVARIANCE", "GATED_TASKS", "GATE_BATCH", "HELD_OUT_STRIDE", "RANKED_DOCUMENTS", "ExampleFeed",
+           "HeldOut", "Readout", "format_quality", "gate_failure", "gate_feeds", "gate_items", "gate_readout",
+           "held_out_set", "measure", "split_sentences"]
 
 # Every 4th shipped sentence (the 1st, 5th, 9th, ...; 100 of 400) is held out for the gate; the other 300
 # are int8-static's default calibration set, so the gate never scores a text the scales were fitted on.
@@ -41,32 +43,52 @@ HELD_OUT_STRIDE = 4
 GATE_BATCH = 8
 # int8-static must give the same vector for a text alone and inside a batch, up to this cosine.
 BATCH_INVARIANCE = 0.9999
+# A one-label sequence classifier (a cross-encoder, a reranker) scores each held-out text as a query against this
+# many documents, the texts that follow it: its scores are compared per query (``Readout``, kind ``scores``).
+RANKED_DOCUMENTS = 4
 
 
 @dataclass(frozen=True)
 class Readout:
-    """What the gate compares of a graph's outputs: one vector per input row, built from the named outputs.
+    """What the gate compares of a graph's outputs: one vector per held-out text, built from the named outputs.
 
     ``sentence``: the sentence vector as it is. ``span``: a question-answering graph's start and end logits over
     the row's own tokens, each less its mean there (the span scores are a softmax of them, which a shift of every
     logit leaves alone), side by side; the gate's cosine of two such vectors is the correlation of their logits.
-    ``logits``: a multiple-choice graph's choice logits ``[batch, choices]`` or a fill-mask graph's vocabulary logits
-    ``[batch, masks, vocab]``, each row of the last axis less its mean (again a softmax's input), one input row's
-    rows side by side.
+    ``logits``: a sequence classifier's logits ``[batch, labels]``, a multiple-choice graph's choice logits
+    ``[batch, choices]`` or a fill-mask graph's vocabulary logits ``[batch, masks, vocab]``, each row of the last
+    axis less its mean (again a softmax's input), one input row's rows side by side. ``tokens``: a token
+    classifier's logits ``[batch, sequence, labels]``, each real token's labels less their mean, padding left
+    out, the row's tokens side by side. ``scores``: a one-label sequence classifier's single logit per pair, where
+    a cosine of one value would only compare signs: such a model's score orders the documents of one query (a
+    reranker's use; its sigmoid is monotone), so each held-out text is a query paired with ``RANKED_DOCUMENTS``
+    texts, and its vector is the scores of its pairs less their mean: the cosine is the correlation of the
+    documents' scores, which is what the ranking reads. A shift of every score is not judged (``max_abs_diff``
+    compares the same centred values).
+
+    ``pairs``: each held-out text is paired with this many of the texts after it, one input per pair (0: the text
+    alone); ``context``: how many following texts make each pair's second text (a question-answering context).
     """
 
     outputs: tuple[str, ...]
-    kind: str  # "sentence", "span" or "logits"
+    kind: str  # "sentence", "span", "logits", "tokens" or "scores"
+    pairs: int = 0
+    context: int = 1
 
     def vectors(self, outputs: Sequence[np.ndarray], mask: np.ndarray, width: int) -> np.ndarray:
-        """float64 ``[rows, features]`` from the outputs of one call (``width``: the longest row a gate input can
-        have, so that every call's span vectors have one length)."""
-        if self.kind == "sentence":
-            return np.asarray(outputs[0], dtype=np.float64)
-        if self.kind == "logits":
-            values = np.asarray(outputs[0], dtype=np.float64)
-            return (values - values.mean(axis=-1, keepdims=True)).reshape(len(values), -1)
+        """float64 ``[rows, features]``, one row per input, from the outputs of one call (``width``: the longest
+        row a gate input can have, so that every call's per-token vectors have one length)."""
+        values = np.asarray(outputs[0], dtype=np.float64)
+        if self.kind in ("sentence", "scores"):
+            return values.reshape(len(values), -1)
         keep = mask.astype(bool)
+        if self.kind == "tokens":
+            centred = np.where(keep[..., None], values - values.mean(axis=-1, keepdims=True), 0.0)
+            padded = np.zeros((len(values), width, values.shape[-1]))
+            padded[:, : values.shape[1]] = centred
+            return padded.reshape(len(values), -1)
+        if self.kind == "logits":
+            return (values - values.mean(axis=-1, keepdims=True)).reshape(len(values), -1)
         rows = []
         for logits in outputs:
             values = np.asarray(logits, dtype=np.float64)
@@ -77,34 +99,50 @@ class Readout:
             rows.append(padded)
         return np.concatenate(rows, axis=1)
 
+    def read(self, run: Callable[[tuple[np.ndarray, ...]], Sequence[np.ndarray]],
+             feeds: Sequence[tuple[np.ndarray, ...]], width: int) -> np.ndarray:
+        """One vector per held-out text: ``run`` (a graph's outputs for one feed, ``readout.outputs`` in order) on
+        each of ``feeds`` in input order, read as ``vectors`` says; for ``scores``, a text's pairs joined into one
+        row, less their mean."""
+        vectors = np.concatenate([self.vectors(run(feed), feed[1], width) for feed in feeds])
+        if self.kind != "scores":
+            return vectors
+        grouped = vectors.reshape(-1, self.pairs)
+        return grouped - grouped.mean(axis=1, keepdims=True)
+
 
 # The tasks whose lower precisions the gate can judge, and what it compares of each.
 _READOUTS = {
     TASK_EMBEDDING: Readout(outputs=(SENTENCE_EMBEDDING,), kind="sentence"),
-    TASK_QUESTION_ANSWERING: Readout(outputs=(START_LOGITS, END_LOGITS), kind="span"),
+    # (question, context of the two texts that follow); (premise, hypothesis) or (query, document) pairs.
+    TASK_QUESTION_ANSWERING: Readout(outputs=(START_LOGITS, END_LOGITS), kind="span", pairs=1, context=2),
+    TASK_SEQUENCE_CLASSIFICATION: Readout(outputs=(LOGITS,), kind="logits", pairs=1),
+    TASK_TOKEN_CLASSIFICATION: Readout(outputs=(LOGITS,), kind="tokens"),
     TASK_MULTIPLE_CHOICE: Readout(outputs=(LOGITS,), kind="logits"),
     TASK_FILL_MASK: Readout(outputs=(LOGITS,), kind="logits"),
 }
 GATED_TASKS = tuple(_READOUTS)
+_ONE_SCORE = Readout(outputs=(LOGITS,), kind="scores", pairs=RANKED_DOCUMENTS)
 
 
-def gate_readout(task: str) -> Readout:
-    """The gate's ``Readout`` for ``task``.
+def gate_readout(task: str, labels: int = 0) -> Readout:
+    """The gate's ``Readout`` for ``task`` (``labels``: a sequence classifier's; one label reads ``scores``).
 
     Raises:
-        ValueError: a task the gate cannot judge (the export refuses lower precisions for it before).
+        ValueError: a task the gate cannot judge.
     """
     if task not in _READOUTS:
         raise ValueError(f"the quality gate judges {', '.join(GATED_TASKS)} graphs, not {task}")
-    return _READOUTS[task]
+    return _ONE_SCORE if task == TASK_SEQUENCE_CLASSIFICATION and labels == 1 else _READOUTS[task]
 
 
-def gate_items(task: str, texts: Sequence[str]) -> list[str | tuple[str, str]]:
-    """The gate's inputs made of ``texts``: the texts themselves, or for question answering ``(question, context)``
-    pairs of each text and the two that follow it (a context of two sentences)."""
-    if task != TASK_QUESTION_ANSWERING:
+def gate_items(readout: Readout, texts: Sequence[str]) -> list[str | tuple[str, str]]:
+    """The gate's inputs made of ``texts``: the texts themselves, or (``readout.pairs``) each text paired with each
+    of the next ``pairs`` texts, or with ``context`` of them joined (a question-answering context)."""
+    if not readout.pairs:
         return list(texts)
-    return [(text, " ".join(texts[(i + 1 + k) % len(texts)] for k in range(2))) for i, text in enumerate(texts)]
+    return [(text, " ".join(texts[(i + 1 + j + k) % len(texts)] for k in range(readout.context)))
+            for i, text in enumerate(texts) for j in range(readout.pairs)]
 
 
 def split_sentences(texts: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -126,9 +164,6 @@ class HeldOut:
     readout: Readout = _READOUTS[TASK_EMBEDDING]
     inputs: tuple[str, ...] = (INPUT_IDS, ATTENTION_MASK)
     width: int = field(default=0)
-
-    def vectors(self, outputs: Sequence[np.ndarray], feed: tuple[np.ndarray, ...]) -> np.ndarray:
-        return self.readout.vectors(outputs, feed[1], self.width)
 
 
 # A graph's feed made of padded ``[batch, sequence]`` ids and mask, for graphs that take more than those (a
@@ -159,21 +194,22 @@ def gate_feeds(tokenizer: TextTokenizer, items: Sequence[str | tuple[str, str]],
 
 
 def held_out_set(module: torch.nn.Module, tokenizer: TextTokenizer, texts: Sequence[str], *,
-                 task: str = TASK_EMBEDDING, inputs: Sequence[str] = (INPUT_IDS, ATTENTION_MASK)) -> HeldOut:
+                 readout: Readout = _READOUTS[TASK_EMBEDDING], inputs: Sequence[str] = (INPUT_IDS, ATTENTION_MASK)
+                 ) -> HeldOut:
     """Tokenizes the gate's inputs made of ``texts`` (``gate_items``) and computes the reference vectors with
     ``module`` (the exported graph's PyTorch module, taking ``inputs``, fed by its ``example_feed`` if it has one)
     in fp32."""
-    readout = gate_readout(task)
-    alone, batches = gate_feeds(tokenizer, gate_items(task, texts), inputs, getattr(module, "example_feed", None))
-    vectors = []
+    alone, batches = gate_feeds(tokenizer, gate_items(readout, texts), inputs, getattr(module, "example_feed", None))
+
+    def run(feed: tuple[np.ndarray, ...]) -> list[np.ndarray]:
+        output = module(*(torch.from_numpy(array) for array in feed))
+        # A graph with token vectors returns (sentence vectors, token vectors); the readout takes what it needs.
+        return [t.numpy() for t in (output if isinstance(output, tuple) else (output,))]
+
     with torch.no_grad():
-        for feed in batches:
-            output = module(*(torch.from_numpy(array) for array in feed))
-            # A graph with token vectors returns (sentence vectors, token vectors); the readout takes what it needs.
-            outputs = [t.numpy() for t in (output if isinstance(output, tuple) else (output,))]
-            vectors.append(readout.vectors(outputs, feed[1], tokenizer.max_length))
-    return HeldOut(texts=list(texts), alone=alone, batches=batches, reference=np.concatenate(vectors),
-                   readout=readout, inputs=tuple(inputs), width=tokenizer.max_length)
+        reference = readout.read(run, batches, tokenizer.max_length)
+    return HeldOut(texts=list(texts), alone=alone, batches=batches, reference=reference, readout=readout,
+                   inputs=tuple(inputs), width=tokenizer.max_length)
 
 
 def measure(model_path: Path, held: HeldOut) -> dict[str, Any]:
@@ -188,8 +224,7 @@ def measure(model_path: Path, held: HeldOut) -> dict[str, Any]:
     names = list(held.readout.outputs)
 
     def run(feeds: list[tuple[np.ndarray, ...]]) -> np.ndarray:
-        return np.concatenate([held.vectors(session.run(names, dict(zip(held.inputs, feed))), feed)
-                               for feed in feeds])
+        return held.readout.read(lambda feed: session.run(names, dict(zip(held.inputs, feed))), feeds, held.width)
 
     alone, batched = run(held.alone), run(held.batches)
     finite = bool(np.isfinite(alone).all() and np.isfinite(batched).all())

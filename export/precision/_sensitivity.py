@@ -23,7 +23,7 @@ from onnx import numpy_helper
 from deberta_onnx.runtime.contract import ATTENTION_MASK, INPUT_IDS, TASK_EMBEDDING
 from deberta_onnx.runtime.tokenization import TextTokenizer
 
-from ._quality import ExampleFeed, HeldOut, gate_feeds, gate_items, gate_readout
+from ._quality import ExampleFeed, HeldOut, Readout, gate_feeds, gate_items, gate_readout
 
 __all__ = ["probe_set", "rank_matmuls", "search_fp32_matmuls"]
 
@@ -73,15 +73,16 @@ def _uint8(x: np.ndarray, low: float, high: float) -> np.ndarray:
     return (np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale
 
 
-def probe_set(fp32_path: Path, tokenizer: TextTokenizer, texts: Sequence[str], *, task: str = TASK_EMBEDDING,
-              inputs: Sequence[str] = (INPUT_IDS, ATTENTION_MASK), example_feed: ExampleFeed | None = None) -> HeldOut:
+def probe_set(fp32_path: Path, tokenizer: TextTokenizer, texts: Sequence[str], *,
+              readout: Readout | None = None, inputs: Sequence[str] = (INPUT_IDS, ATTENTION_MASK),
+              example_feed: ExampleFeed | None = None) -> HeldOut:
     """``texts`` as the gate runs them (alone and in batches, fed by ``example_feed`` where the graph has one), with
-    the fp32 graph's vectors as reference."""
-    readout = gate_readout(task)
-    alone, batches = gate_feeds(tokenizer, gate_items(task, texts), inputs, example_feed)
+    the fp32 graph's vectors (``readout``: what the gate compares; default an embedding graph's) as reference."""
+    readout = readout or gate_readout(TASK_EMBEDDING)
+    alone, batches = gate_feeds(tokenizer, gate_items(readout, texts), inputs, example_feed)
     session = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"])
-    reference = np.concatenate([readout.vectors(session.run(list(readout.outputs), dict(zip(inputs, feed))),
-                                                feed[1], tokenizer.max_length) for feed in batches])
+    reference = readout.read(lambda feed: session.run(list(readout.outputs), dict(zip(inputs, feed))), batches,
+                             tokenizer.max_length)
     return HeldOut(texts=list(texts), alone=alone, batches=batches, reference=reference, readout=readout,
                    inputs=tuple(inputs), width=tokenizer.max_length)
 

@@ -34,9 +34,11 @@ from ._quality import (
     BATCH_INVARIANCE,
     ExampleFeed,
     HeldOut,
+    Readout,
     format_quality,
     gate_failure,
     gate_feeds,
+    gate_readout,
     held_out_set,
     measure,
     split_sentences,
@@ -131,14 +133,16 @@ def derive_variants(
     fp32_path = folder / MODEL_FILE
     held = fp32_report = None
     base_bytes = sum(p.stat().st_size for p in folder.glob(f"{MODEL_FILE}*"))
-    # What the graph takes and gives: an embedding graph's sentence vectors, or another task's outputs (Readout).
+    # What the graph takes and gives: an embedding graph's sentence vectors, or another task's outputs (Readout;
+    # a sequence classifier's depends on how many labels it has).
     task = str(getattr(module, "task", TASK_EMBEDDING))
+    readout = gate_readout(task, labels=int(getattr(module, "labels", 0)))
     inputs = tuple(spec.name for spec in getattr(module, "inputs", ())) or (INPUT_IDS, ATTENTION_MASK)
     example_feed = getattr(module, "example_feed", None)
     if config.validate:
         what = "held-out sentences" if task == TASK_EMBEDDING else f"{task} inputs made of held-out sentences"
         say(f"quality gate: {len(held_texts)} {what} against the fp32 PyTorch reference")
-        held = held_out_set(module, tokenizer, held_texts, task=task, inputs=inputs)
+        held = held_out_set(module, tokenizer, held_texts, readout=readout, inputs=inputs)
         fp32_report = measure(fp32_path, held)
         say(format_quality("fp32", "reference", fp32_report, base_bytes))
     base = prepare_base(fp32_path, scratch / "folded.onnx")
@@ -158,7 +162,7 @@ def derive_variants(
     stats = collect_activation_stats(base, feeds, channels_of=matmul_inputs)
     search = _Search(base=base, folder=folder, config=config, held=held, feeds=feeds, stats=stats,
                      probe_texts=texts[:PROBE_TEXTS], tokenizer=tokenizer, base_bytes=base_bytes, say=say,
-                     task=task, inputs=inputs, example_feed=example_feed)
+                     readout=readout, inputs=inputs, example_feed=example_feed)
     entries: dict[str, dict[str, Any]] = {}
     for precision in derived:
         entry = search.derive(precision)
@@ -182,7 +186,7 @@ class _Search:
     tokenizer: TextTokenizer
     base_bytes: int
     say: Callable[[str], None]
-    task: str = TASK_EMBEDDING
+    readout: Readout
     inputs: tuple[str, ...] = (INPUT_IDS, ATTENTION_MASK)
     example_feed: ExampleFeed | None = None
     _probes: HeldOut | None = None
@@ -245,8 +249,8 @@ class _Search:
             return build_variant(recipe, self.base, path, calibration=self.feeds, stats=self.stats, keep_fp32=keep)
 
         if self._probes is None:
-            self._probes = probe_set(self.base, self.tokenizer, self.probe_texts, task=self.task, inputs=self.inputs,
-                                     example_feed=self.example_feed)
+            self._probes = probe_set(self.base, self.tokenizer, self.probe_texts, readout=self.readout,
+                                     inputs=self.inputs, example_feed=self.example_feed)
         probes = self._probes
 
         def test() -> tuple[str | None, dict[str, Any]]:

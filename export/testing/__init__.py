@@ -21,6 +21,7 @@ from .._validate import make_batch, validate
 from ._checkpoints import (
     RANDOM_PREFIX,
     RANDOM_SHAPES,
+    add_head,
     add_question_answering_head,
     build_random_checkpoint,
     random_source,
@@ -34,6 +35,7 @@ __all__ = [
     "TRANSLATIONS",
     "EmbeddingGraph",
     "OutlierSpec",
+    "add_head",
     "add_outliers",
     "add_question_answering_head",
     "build_random_checkpoint",

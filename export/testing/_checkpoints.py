@@ -21,6 +21,7 @@ from ._outliers import OutlierSpec, add_outliers, parse_outliers
 __all__ = [
     "RANDOM_PREFIX",
     "RANDOM_SHAPES",
+    "add_head",
     "add_question_answering_head",
     "build_random_checkpoint",
     "random_source",
@@ -193,21 +194,52 @@ def random_source(src: str, workdir: str | Path) -> str:
 
 def add_question_answering_head(encoder_dir: str | Path, out_dir: str | Path, *, seed: int = 0) -> Path:
     """The checkpoint at ``encoder_dir`` (a ``DebertaV2Model``, e.g. from ``build_random_checkpoint``) under a
-    ``DebertaV2ForQuestionAnswering`` head, saved to ``out_dir`` with the tokenizer files beside it.
+    ``DebertaV2ForQuestionAnswering`` head, saved to ``out_dir`` with the tokenizer files beside it (``add_head``).
+    """
+    return add_head(encoder_dir, out_dir, task="question-answering", seed=seed)
 
-    The head's weights are drawn at unit scale: at transformers' initialisation (std 0.02) every logit is about 1e-3
-    and every span about as likely as the next, which would test nothing."""
-    from transformers import AutoModel, DebertaV2Config, DebertaV2ForQuestionAnswering
 
+# transformers' class for each head ``add_head`` puts on an encoder.
+_HEAD_CLASSES = {"question-answering": "DebertaV2ForQuestionAnswering",
+                 "sequence-classification": "DebertaV2ForSequenceClassification",
+                 "token-classification": "DebertaV2ForTokenClassification"}
+
+
+def add_head(encoder_dir: str | Path, out_dir: str | Path, *, task: str, labels: Iterable[str] = (),
+             seed: int = 0) -> Path:
+    """The checkpoint at ``encoder_dir`` (a ``DebertaV2Model``, e.g. from ``build_random_checkpoint``, its weights
+    kept as they are) under a question-answering, sequence-classification or token-classification head with
+    ``labels`` (default transformers' two), saved to ``out_dir`` with the tokenizer files beside it.
+
+    The head's weights are drawn at unit scale (std 0.3, zero biases): at transformers' initialisation (std 0.02)
+    every logit is about 1e-3, every span or label about as likely as the next, which would test nothing.
+
+    Raises:
+        ValueError: another ``task``.
+    """
+    import transformers
+    from transformers import AutoModel, DebertaV2Config
+
+    if task not in _HEAD_CLASSES:
+        raise ValueError(f"task must be one of {', '.join(_HEAD_CLASSES)}, got {task!r}")
     source, out = Path(encoder_dir), Path(out_dir)
     config = DebertaV2Config.from_pretrained(source)
-    config.architectures = ["DebertaV2ForQuestionAnswering"]
-    model = DebertaV2ForQuestionAnswering(config).eval()
+    config.architectures = [_HEAD_CLASSES[task]]
+    names = list(labels)
+    if names:
+        config.id2label = dict(enumerate(names))
+        config.label2id = {name: i for i, name in enumerate(names)}
+    model = getattr(transformers, _HEAD_CLASSES[task])(config).eval()
     model.deberta.load_state_dict(AutoModel.from_pretrained(source).state_dict())
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        model.qa_outputs.weight.copy_(torch.randn(model.qa_outputs.weight.shape, generator=generator) * 0.3)
-        model.qa_outputs.bias.zero_()
+        for name, parameter in model.named_parameters():
+            if name.startswith("deberta."):
+                continue
+            if name.endswith("weight"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+            else:
+                parameter.zero_()
     model.save_pretrained(out)
     for item in source.iterdir():
         if item.is_file() and item.name not in ("config.json", "model.safetensors", "pytorch_model.bin"):
