@@ -83,8 +83,10 @@ PEER_TARGET = "st-ov-int8"
 
 def prepare(source: str, work: Path, *, corpus_size: int) -> None:
     """Writes WORK/st (a random checkpoint with sentence-transformers' module files: mean pooling, 512 tokens),
-    WORK/texts.json (the corpus and the long texts) and WORK/calibration/train.jsonl (the shipped sentences)."""
+    WORK/texts.json (the corpus and the long texts) and WORK/calibration/train.jsonl (the shipped sentences that
+    this project's int8-static export calibrates on by default, so that both int8 exports see the same texts)."""
     from deberta_onnx.benchmarks.workloads import build_corpus, token_lengths
+    from deberta_onnx.export.precision._quality import split_sentences
     from deberta_onnx.export.testing import RANDOM_PREFIX, build_random_checkpoint, shipped_sentences
 
     if not source.startswith(RANDOM_PREFIX):
@@ -126,7 +128,7 @@ def prepare(source: str, work: Path, *, corpus_size: int) -> None:
     (work / TEXTS_FILE).write_text(json.dumps({"corpus": corpus, "long": long}, ensure_ascii=False, indent=1))
     (work / CALIBRATION_FOLDER).mkdir()
     with open(work / CALIBRATION_FOLDER / "train.jsonl", "w", encoding="utf-8") as handle:
-        for sentence in sentences:
+        for sentence in split_sentences(sentences)[0]:
             handle.write(json.dumps({"sentence": sentence}, ensure_ascii=False) + "\n")
     print(f"wrote {st}, {work / TEXTS_FILE} ({len(corpus)} corpus texts, {len(long)} long texts) and "
           f"{work / CALIBRATION_FOLDER}; next: deberta-onnx export {st} {work / OURS_FOLDER} "
@@ -135,8 +137,10 @@ def prepare(source: str, work: Path, *, corpus_size: int) -> None:
 
 # -- export (.venv-peer): sentence-transformers' own files ------------------------------------------------------
 
-def _export_step(step: str, work: Path) -> None:
-    """One of sentence-transformers' exports, in this (child) process."""
+def _export_step(step: str, work: Path, *, ov_num_samples: int | None = None) -> None:
+    """One of sentence-transformers' exports, in this (child) process. ``ov_num_samples``: the NNCF int8 export's
+    ``OVQuantizationConfig(num_samples=...)`` (None: sentence-transformers' default config, which calibrates on 128
+    texts)."""
     from sentence_transformers import SentenceTransformer, export_dynamic_quantized_onnx_model
     from sentence_transformers.backend import export_optimized_onnx_model, export_static_quantized_openvino_model
 
@@ -153,8 +157,13 @@ def _export_step(step: str, work: Path) -> None:
         export_optimized_onnx_model(model, "O3", st)
     elif step == "openvino-int8":
         # Its default calibration set is a hub dataset (glue/sst2); here the same local sentences as this
-        # project's int8-static calibration, through the same function.
-        export_static_quantized_openvino_model(model, None, st, dataset_name=str(work / CALIBRATION_FOLDER),
+        # project's int8-static calibration, through the same function. Each text is padded to 384 tokens and
+        # every calibration text runs through the whole model once per `If` node (12 in optimum's DeBERTa-v2
+        # export) besides the statistics passes, so the sample count sets the export's time.
+        from optimum.intel import OVQuantizationConfig
+
+        config = None if ov_num_samples is None else OVQuantizationConfig(num_samples=ov_num_samples)
+        export_static_quantized_openvino_model(model, config, st, dataset_name=str(work / CALIBRATION_FOLDER),
                                                dataset_config_name="default", dataset_split="train",
                                                column_name="sentence")
     else:
@@ -173,9 +182,11 @@ def _tree_rss(process: Any) -> int:
     return total
 
 
-def export_peers(work: Path, *, steps: Sequence[str], memory_cap_gb: float, timeout_s: float | None) -> dict[str, Any]:
+def export_peers(work: Path, *, steps: Sequence[str], memory_cap_gb: float, timeout_s: float | None,
+                 ov_num_samples: int | None = None) -> dict[str, Any]:
     """Runs each missing export step in a child process, stopped when its memory passes ``memory_cap_gb`` or it
-    runs past ``timeout_s``; records status, seconds and peak RSS of each in WORK/exports.json."""
+    runs past ``timeout_s``; records status, seconds and peak RSS of each in WORK/exports.json (re-read before each
+    write, so that export runs of different steps side by side keep each other's entries)."""
     import psutil
 
     status_file = work / EXPORTS_FILE
@@ -186,7 +197,8 @@ def export_peers(work: Path, *, steps: Sequence[str], memory_cap_gb: float, time
             status.setdefault(step, {"status": "ok"})
             continue
         start = time.perf_counter()
-        child = subprocess.Popen([sys.executable, __file__, "_export-step", step, str(work)], env=env)
+        samples = ["--ov-num-samples", str(ov_num_samples)] if step == "openvino-int8" and ov_num_samples else []
+        child = subprocess.Popen([sys.executable, __file__, "_export-step", step, str(work), *samples], env=env)
         process = psutil.Process(child.pid)
         peak, stopped = 0, ""
         while child.poll() is None:
@@ -211,8 +223,11 @@ def export_peers(work: Path, *, steps: Sequence[str], memory_cap_gb: float, time
             outcome = f"failed (exit {child.returncode}; its error is above)"
         else:
             outcome = "ok"
-        status[step] = {"status": outcome, "seconds": seconds, "peak_rss_gb": round(peak / 2**30, 2)}
+        entry: dict[str, Any] = {"status": outcome, "seconds": seconds, "peak_rss_gb": round(peak / 2**30, 2)}
+        if step == "openvino-int8":
+            entry["num_samples"] = ov_num_samples or "default (128)"
         print(f"export {step}: {outcome}, {seconds} s, peak RSS {peak / 2**30:.1f} GB", flush=True)
+        status = {**(json.loads(status_file.read_text()) if status_file.exists() else {}), **status, step: entry}
         status_file.write_text(json.dumps(status, indent=2))
     return status
 
@@ -276,6 +291,8 @@ def _peer(key: str, work: Path, threads: int, exports: dict[str, Any]) -> _Confi
             compiled = compiled.get_compiled_model()
         hint = compiled.get_property("INFERENCE_PRECISION_HINT")
         note = f"OpenVINO INFERENCE_PRECISION_HINT {getattr(hint, 'get_type_name', lambda: hint)()}"
+        if step == "openvino-int8" and "num_samples" in exports.get(step, {}):
+            note += f"; NNCF calibration on {exports[step]['num_samples']} texts"
     return _Config(key, label, call=call, encode=encode, note=note)
 
 
@@ -410,6 +427,13 @@ def markdown(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of texts, got {text}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -424,9 +448,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--memory-cap-gb", type=float, default=14.0,
                    help="stop an export step whose processes pass this RSS, and record it as such")
     p.add_argument("--timeout-s", type=float, help="stop an export step that runs longer, and record it as such")
+    p.add_argument("--ov-num-samples", type=_positive, metavar="N",
+                   help="openvino-int8: calibrate on N texts, OVQuantizationConfig(num_samples=N) (default: "
+                        "sentence-transformers' default config, 128 texts)")
     p = commands.add_parser("_export-step")
     p.add_argument("step")
     p.add_argument("work", type=Path)
+    p.add_argument("--ov-num-samples", type=_positive)
     p = commands.add_parser("run", help="(.venv-peer) the comparison, in one process")
     p.add_argument("work", type=Path)
     p.add_argument("--threads", type=int, default=2)
@@ -441,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "prepare":
         prepare(args.source, args.work, corpus_size=args.corpus)
     elif args.command == "_export-step":
-        _export_step(args.step, args.work)
+        _export_step(args.step, args.work, ov_num_samples=args.ov_num_samples)
     elif args.command == "export":
         steps = [s for s in args.steps.split(",") if s]
         unknown = sorted(set(steps) - set(PEER_EXPORTS))
@@ -449,7 +477,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"unknown --steps {', '.join(unknown)}; choose from {', '.join(PEER_EXPORTS)}")
         if not (args.work / ST_FOLDER).is_dir():
             parser.error(f"{args.work / ST_FOLDER} is missing: run `peers.py prepare SOURCE {args.work}` first")
-        export_peers(args.work, steps=steps, memory_cap_gb=args.memory_cap_gb, timeout_s=args.timeout_s)
+        export_peers(args.work, steps=steps, memory_cap_gb=args.memory_cap_gb, timeout_s=args.timeout_s,
+                     ov_num_samples=args.ov_num_samples)
     else:
         chosen = {"peers": [s for s in args.peers.split(",") if s], "ours": [s for s in args.ours.split(",") if s]}
         for name, known in (("peers", tuple(PEERS)), ("ours", OURS)):
