@@ -197,10 +197,6 @@ class TraceCache:
         self._store = store
         self.tally = Tally(active=os.environ.get(ENV, "1") != "0")
 
-    @property
-    def active(self) -> bool:
-        return self.tally.active
-
     def _kept(self, key: str) -> bytes | None:
         if key not in self._files and self._store is not None and (self._store / f"{key}.onnx").exists():
             self._files[key] = (self._store / f"{key}.onnx").read_bytes()
