@@ -34,7 +34,7 @@ TINY = {
     "norm_rel_ebd": "layer_norm", "position_biased_input": False,
 }
 SHAPES = ((1, 32), (8, 64), (32, 128))
-SENTENCES = Path(__file__).resolve().parents[1] / "export" / "data" / "sentences.txt"
+SENTENCES = Path(__file__).resolve().parents[1] / "runtime" / "data" / "sentences.txt"
 
 
 def build_models(workdir: Path) -> dict[str, Path]:

@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from deberta_onnx.runtime import CrossEncoder, Encoder
     from deberta_onnx.runtime.files import text_lines
 
-    source = Path(args.texts) if args.texts else Path(__file__).parents[1] / "export" / "data" / "sentences.txt"
+    source = Path(args.texts) if args.texts else Path(__file__).parents[1] / "runtime" / "data" / "sentences.txt"
     texts = text_lines(source.read_bytes().decode("utf-8"))
     with ServerProcess(args.model_dir, *args.server_flag) as server:
         if args.rerank:

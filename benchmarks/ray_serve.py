@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from deberta_onnx.runtime.ray import deployment
     from deberta_onnx.runtime.server import ServerConfig
 
-    texts = (Path(__file__).parents[1] / "export" / "data" / "sentences.txt").read_text(encoding="utf-8").splitlines()
+    texts = (Path(__file__).parents[1] / "runtime" / "data" / "sentences.txt").read_text(encoding="utf-8").splitlines()
     expected = Encoder(args.model_dir).encode(texts, normalize=True)
     config = ServerConfig()
     ray.init(num_cpus=os.cpu_count(), object_store_memory=100 * 2**20, include_dashboard=False,

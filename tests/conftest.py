@@ -178,23 +178,10 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
 
 @pytest.fixture(scope="session")
-def corpus(pytestconfig: pytest.Config) -> list[str]:
-    if _stored_only(pytestconfig):  # deberta_onnx.export cannot be imported without its extra; its file can be read
-        path = Path(__file__).parents[1] / "export" / "data" / "sentences.txt"
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    from deberta_onnx.export.testing import shipped_sentences
+def corpus() -> list[str]:
+    from deberta_onnx.runtime.sentences import shipped_sentences
 
     return shipped_sentences()
-
-
-@pytest.fixture(scope="session")
-def spm_dir(tmp_path_factory: pytest.TempPathFactory, corpus: list[str]) -> Path:
-    """A DeBERTa-v3-style SentencePiece model (byte fallback on), trained here on the shipped sentences."""
-    from deberta_onnx.export.testing import train_sentencepiece
-
-    out = tmp_path_factory.mktemp("spm")
-    train_sentencepiece(corpus, out, vocab_size=2000)
-    return out
 
 
 def _skip_without_export(config: pytest.Config) -> None:

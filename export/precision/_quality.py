@@ -29,15 +29,13 @@ from deberta_onnx.runtime.contract import (
     TOKEN_TYPE_IDS,
 )
 from deberta_onnx.runtime.postprocess import row_cosine
+from deberta_onnx.runtime.sentences import HELD_OUT_STRIDE, split_sentences
 from deberta_onnx.runtime.tokenization import TextTokenizer
 
 __all__ = ["BATCH_INVARIANCE", "GATED_TASKS", "GATE_BATCH", "HELD_OUT_STRIDE", "RANKED_DOCUMENTS", "ExampleFeed",
            "HeldOut", "Readout", "format_quality", "gate_failure", "gate_feeds", "gate_items", "gate_readout",
            "held_out_set", "measure", "split_sentences"]
 
-# Every 4th shipped sentence (the 1st, 5th, 9th, ...; 100 of 400) is held out for the gate; the other 300
-# are int8-static's default calibration set, so the gate never scores a text the scales were fitted on.
-HELD_OUT_STRIDE = 4
 # The held-out texts also run in batches of this many, in file order: short texts then sit beside long ones
 # and are padded, which is where dynamic quantization makes a vector depend on its batch.
 GATE_BATCH = 8
@@ -143,13 +141,6 @@ def gate_items(readout: Readout, texts: Sequence[str]) -> list[str | tuple[str, 
         return list(texts)
     return [(text, " ".join(texts[(i + 1 + j + k) % len(texts)] for k in range(readout.context)))
             for i, text in enumerate(texts) for j in range(readout.pairs)]
-
-
-def split_sentences(texts: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Returns ``(calibration, held_out)``: every ``HELD_OUT_STRIDE``-th text, from the first, is held out."""
-    held = [text for i, text in enumerate(texts) if i % HELD_OUT_STRIDE == 0]
-    rest = [text for i, text in enumerate(texts) if i % HELD_OUT_STRIDE != 0]
-    return rest, held
 
 
 @dataclass(frozen=True)
