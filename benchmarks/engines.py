@@ -41,6 +41,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=3, help="timed calls per shape and round")
     parser.add_argument("--configs", default=",".join(f"{e}:{p}" for e, p in CONFIGS))
+    parser.add_argument("--settle-ms", type=float, default=50.0,
+                        help="pause before each timed call, so that the previous configuration's ONNX Runtime threads "
+                             "have stopped spinning (they spin after a call by default and would take the next "
+                             "configuration's cores)")
     parser.add_argument("--out")
     args = parser.parse_args()
     encoders: dict[str, Encoder] = {}
@@ -67,11 +71,13 @@ def main() -> None:
         for label, (ids, mask) in workloads.items():
             for _ in range(args.calls):
                 for name, encoder in encoders.items():
+                    time.sleep(args.settle_ms / 1000)
                     start = time.perf_counter()
                     encoder.loaded.runner.run(ids, mask)
                     times[name].setdefault(label, []).append(time.perf_counter() - start)
         if corpus:
             for name, encoder in encoders.items():
+                time.sleep(args.settle_ms / 1000)
                 start = time.perf_counter()
                 encoder.encode(corpus, batch_size=32)
                 times[name].setdefault("corpus", []).append(time.perf_counter() - start)
