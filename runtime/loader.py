@@ -9,11 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar, overload
 
+import numpy as np
 import onnxruntime as ort
 
 from .batching import BatchPolicy, batch_policy, call_memory
 from .config import AUTO, BF16, ENGINE_ONNXRUNTIME, ENGINE_OPENVINO, EncoderConfig
 from .contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
     REQUIRED_OUTPUT,
     TASK_EMBEDDING,
     TASK_FILL_MASK,
@@ -29,7 +32,8 @@ from .contract import (
 from .errors import ContractMismatchError, MemoryLimitError, ModelFolderError, TaskMismatchError
 from .iobinding import IOBindingRunner
 from .manifest import Manifest, load_manifest
-from .runners import Runner, SessionRunner
+from .runners import Runner, SessionRunner, SplitRunner
+from .sentences import shipped_sentences, split_sentences
 from .session import (
     CPU_PROVIDER,
     CudaSettings,
@@ -44,6 +48,7 @@ from .tokenization import TextTokenizer
 
 if TYPE_CHECKING:  # the openvino extra is optional: its module is imported only when OpenVINO runs
     from .openvino_engine import OpenVINOModel
+    from .tune import EngineChoice
 
 __all__ = [
     "OPENVINO_PROVIDER",
@@ -61,6 +66,9 @@ T = TypeVar("T")
 
 # How the runtime names OpenVINO where it names ONNX Runtime's first execution provider (``/health``, logs).
 OPENVINO_PROVIDER = "OpenVINO CPU"
+# Texts (one per feed) on which bf16 looks for activation outliers: enough for every special token and the common
+# punctuation, which is where trained encoders put their largest values; a few seconds on the base shape.
+BF16_CALIBRATION_TEXTS = 16
 
 # The variant a model loads when none is asked for, by first execution provider, best first. On CPU, int8 runs on
 # integer kernels and static int8 gives the same vector whatever the batch; fp16 has no fast CPU kernels. On
@@ -126,25 +134,37 @@ class LoadedModel:
     # Runners made for other outputs shrink memory as ``runner`` does: from calls of this many tokens, the arena too.
     shrink_tokens: int | None = None
     arena: bool = True
-    engine: str = ENGINE_ONNXRUNTIME  # "onnxruntime" or "openvino", never "auto"
+    # "onnxruntime" or "openvino", never "auto"; or "onnxruntime+openvino" when ``auto`` keeps both (``split``).
+    engine: str = ENGINE_ONNXRUNTIME
     engine_reason: str = "the default"
     openvino: OpenVINOModel | None = None
+    # With both engines kept: (the engine for calls of at most this many padded tokens, the tokens).
+    split: tuple[str, int] | None = None
 
     @property
     def provider(self) -> str:
-        """What runs the graph: ONNX Runtime's first active provider, or ``"OpenVINO CPU"``."""
+        """What runs the graph: ONNX Runtime's first active provider, ``"OpenVINO CPU"``, or both."""
         if self.session is None:
             return OPENVINO_PROVIDER
-        return str(self.session.get_providers()[0])
+        provider = str(self.session.get_providers()[0])
+        return f"{provider} + {OPENVINO_PROVIDER}" if self.openvino is not None else provider
 
     def runner_for(self, outputs: tuple[str, ...]) -> Runner:
-        """A runner of this model's engine for other outputs than ``runner``'s (token vectors, logits), shrinking
-        memory as ``runner`` does."""
+        """A runner of this model's engine (or engines) for other outputs than ``runner``'s (token vectors,
+        logits), shrinking memory as ``runner`` does."""
+        runners: dict[str, Runner] = {}
         if self.openvino is not None:
-            return self.openvino.runner(outputs, shrink_tokens=self.shrink_tokens)
-        if self.session is None:
-            raise ValueError("a loaded model has either an ONNX Runtime session or an OpenVINO model")
-        return SessionRunner(self.session, outputs, shrink_tokens=self.shrink_tokens, arena=self.arena)
+            runners[ENGINE_OPENVINO] = self.openvino.runner(outputs, shrink_tokens=self.shrink_tokens)
+        if self.session is not None:
+            runners[ENGINE_ONNXRUNTIME] = SessionRunner(self.session, outputs, shrink_tokens=self.shrink_tokens,
+                                                        arena=self.arena)
+        if self.split is not None:
+            small, tokens = self.split
+            large = next(name for name in runners if name != small)
+            return SplitRunner(runners[small], runners[large], tokens)
+        if len(runners) != 1:
+            raise ValueError("a loaded model has either an ONNX Runtime session or an OpenVINO model, or both split")
+        return next(iter(runners.values()))
 
     @property
     def model_dir(self) -> Path:
@@ -325,6 +345,7 @@ def load_model(model_dir: str | Path, providers: ProviderList | None, config: En
     shrink, arena = config.arena_shrink_tokens, config.cpu_arena != "off"
     outputs = (REQUIRED_OUTPUT[task],)
     engines = _engines(config, precision)
+    calibration = _bf16_calibration(tokenizer, manifest) if precision == BF16 else []
     sessions: dict[str, ort.InferenceSession | OpenVINOModel] = {}
     runners: dict[str, Runner] = {}
     for engine in engines:
@@ -332,8 +353,11 @@ def load_model(model_dir: str | Path, providers: ProviderList | None, config: En
             from .openvino_engine import compile_model
 
             compiled = compile_model(model_path, threads=config.intra_op_threads, precision=precision,
-                                     cache_dir=config.engine_cache_dir)
+                                     cache_dir=config.engine_cache_dir, calibration=calibration)
             sessions[engine], runners[engine] = compiled, compiled.runner(outputs, shrink_tokens=shrink)
+            if compiled.kept_f32:
+                reason += (f"; {len(compiled.kept_f32)} nodes kept in f32, whose outputs carry activation outliers "
+                           "(see docs/engines.md)")
         else:
             settings = SessionSettings(intra_op_threads=config.intra_op_threads,
                                        inter_op_threads=config.inter_op_threads,
@@ -345,11 +369,17 @@ def load_model(model_dir: str | Path, providers: ProviderList | None, config: En
                       model_path=model_path, manifest_path=manifest.path)
         check_sizes(sessions[engine], task=task, hidden_size=manifest.hidden_size, labels=len(manifest.labels),
                     outputs=manifest.outputs, model_path=model_path, manifest_path=manifest.path)
-    engine, engine_reason = _choose_engine(config, engines, manifest, variant.file, precision, runners, remeasure)
-    chosen_session = sessions[engine]
+    engine, engine_reason, split = _choose_engine(config, engines, manifest, variant.file, precision, runners,
+                                                  remeasure)
+    kept = [engine] if split is None else list(sessions)
+    session = next((s for name, s in sessions.items() if name in kept and isinstance(s, ort.InferenceSession)), None)
+    openvino = next((s for name, s in sessions.items() if name in kept and not isinstance(s, ort.InferenceSession)),
+                    None)
     runner: Runner = runners[engine]
-    session = chosen_session if isinstance(chosen_session, ort.InferenceSession) else None
-    openvino = None if session is not None else chosen_session
+    if split is not None:
+        small, tokens = split
+        runner = SplitRunner(runners[small], runners[engine], tokens)
+        engine = f"{ENGINE_ONNXRUNTIME}+{ENGINE_OPENVINO}"  # as tune.engine_label says it
     kind, device_id = session_device(session) if session is not None else ("cpu", 0)
     io_binding = task == TASK_EMBEDDING and (config.io_binding if config.io_binding is not None else kind == "cuda")
     if io_binding and session is not None:
@@ -362,10 +392,26 @@ def load_model(model_dir: str | Path, providers: ProviderList | None, config: En
                          precision_reason=reason, session=session, tokenizer=tokenizer, runner=runner,
                          device=kind if kind == "cpu" else f"{kind}:{device_id}", io_binding=io_binding,
                          policy=policy, shrink_tokens=shrink, arena=arena, engine=engine,
-                         engine_reason=engine_reason, openvino=openvino)
+                         engine_reason=engine_reason, openvino=openvino, split=split)
     logger.info("loaded %s: precision %s (%s) on %s (%s), %s", model_path, precision, reason, loaded.provider,
                 engine_reason, "IO binding" if io_binding else "session.run")
     return loaded
+
+
+def _bf16_calibration(tokenizer: TextTokenizer, manifest: Manifest) -> list[dict[str, np.ndarray]]:
+    """The feeds on which bf16 looks for activation outliers: the first ``BF16_CALIBRATION_TEXTS`` of the shipped
+    sentences' calibration split (never the quality gate's held-out texts), one text per feed, so that no padding
+    pulls a tensor's median down."""
+    texts = split_sentences(shipped_sentences())[0][:BF16_CALIBRATION_TEXTS]
+    token_types = any(spec.name == TOKEN_TYPE_IDS for spec in manifest.inputs)
+    feeds = []
+    for sequence in tokenizer.encode(texts):
+        ids, mask = tokenizer.pad([sequence])
+        feed = {INPUT_IDS: ids, ATTENTION_MASK: mask}
+        if token_types:
+            feed[TOKEN_TYPE_IDS] = np.zeros_like(ids)
+        feeds.append(feed)
+    return feeds
 
 
 def _engines(config: EncoderConfig, precision: str) -> tuple[str, ...]:
@@ -381,14 +427,15 @@ def _engines(config: EncoderConfig, precision: str) -> tuple[str, ...]:
 
 
 def _choose_engine(config: EncoderConfig, engines: tuple[str, ...], manifest: Manifest, graph: str, precision: str,
-                   runners: dict[str, Runner], remeasure: bool) -> tuple[str, str]:
-    """The engine that runs, and why: the one asked for, or for ``auto`` the faster one as cached or measured."""
+                   runners: dict[str, Runner], remeasure: bool) -> tuple[str, str, tuple[str, int] | None]:
+    """The engine that runs, why, and whether the calls split between two: the one asked for, or for ``auto`` the
+    faster one as cached or measured (or both, each for the calls it is faster on: ``(small engine, tokens)``)."""
     if config.engine != AUTO:
-        return config.engine, "requested"
+        return config.engine, "requested", None
     if len(engines) == 1:
         why = ("bf16 runs on OpenVINO only" if precision == BF16 else
                "OpenVINO is not installed (pip install 'deberta-onnx[openvino]' to measure it)")
-        return engines[0], f"auto: {why}"
+        return engines[0], f"auto: {why}", None
     from . import tune
     from .openvino_engine import openvino_version
 
@@ -399,7 +446,8 @@ def _choose_engine(config: EncoderConfig, engines: tuple[str, ...], manifest: Ma
     path = tune.tune_file()
     cached = None if remeasure else tune.lookup(path, key)
     if cached is not None:
-        return cached.engine, f"auto: {cached.reason} on {cached.measured_at} (cached in {path})"
+        return (cached.engine, f"auto: {cached.reason} on {cached.measured_at} (cached in {path})",
+                _split_of(cached))
     choice = tune.measure(runners, vocab=manifest.model.vocab_size or 128)
     try:
         tune.remember(path, key, choice, {"folder": str(manifest.folder), "graph": graph, "graph_sha256": digest,
@@ -407,4 +455,10 @@ def _choose_engine(config: EncoderConfig, engines: tuple[str, ...], manifest: Ma
                                           "machine": tune.machine(), "versions": versions})
     except OSError as exc:  # a read-only home: the choice holds for this process, and is measured again next time
         logger.warning("could not cache the engine choice in %s: %s", path, exc)
-    return choice.engine, f"auto: {choice.reason}"
+    return choice.engine, f"auto: {choice.reason}", _split_of(choice)
+
+
+def _split_of(choice: EngineChoice) -> tuple[str, int] | None:
+    if choice.small_engine is None or choice.split_tokens is None:
+        return None
+    return choice.small_engine, choice.split_tokens

@@ -13,7 +13,7 @@ from .contract import ATTENTION_MASK, INPUT_IDS, SENTENCE_EMBEDDING, TOKEN_TYPE_
 from .heap import release_free_heap
 from .session import shrink_run_options
 
-__all__ = ["Runner", "SessionRunner"]
+__all__ = ["Runner", "SessionRunner", "SplitRunner"]
 
 _NUMPY_TYPES: dict[str, type[np.generic]] = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -83,3 +83,17 @@ class SessionRunner:
             binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
         self.session.run_with_iobinding(binding, options)
         return arrays
+
+
+class SplitRunner:
+    """Two runners of the same graph and outputs, each for the calls it was measured faster on: calls of at most
+    ``split_tokens`` padded tokens (batch x sequence) go to ``small``, the others to ``large`` (``engine="auto"``
+    with ONNX Runtime ahead on short calls and OpenVINO on batches, or the other way)."""
+
+    def __init__(self, small: Runner, large: Runner, split_tokens: int) -> None:
+        self.small, self.large, self.split_tokens = small, large, split_tokens
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None = None
+            ) -> list[np.ndarray]:
+        runner = self.small if input_ids.size <= self.split_tokens else self.large
+        return runner.run(input_ids, attention_mask, token_type_ids)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -25,14 +26,17 @@ import numpy as np
 from .config import ENGINE_ONNXRUNTIME, ENGINE_OPENVINO
 from .files import atomic_write
 from .installed import DISTRIBUTION
-from .runners import Runner
+from .runners import Runner, SplitRunner
 
 __all__ = [
     "CALIBRATION_SHAPES",
+    "SETTLE_S",
+    "SPLIT_GAIN",
     "EngineChoice",
     "cached_choices",
     "choice_key",
     "choices_for",
+    "engine_label",
     "lookup",
     "machine",
     "measure",
@@ -43,6 +47,13 @@ __all__ = [
 # (texts, tokens) per call: one short text (latency) and a batch (throughput), as in benchmarks/README.md.
 CALIBRATION_SHAPES = ((1, 32), (8, 128))
 _REPEATS = 3
+# ``auto`` keeps both engines, each for the calls it is faster on, when each is at least this much faster than the
+# other on one of the shapes (ONNX Runtime's int8 ahead on one short text, OpenVINO's on batches): below it the
+# gain does not pay for the second engine's memory.
+SPLIT_GAIN = 1.10
+# Seconds between timed calls, longer than ONNX Runtime's threads spin after a call (measured: without it the engine
+# timed right after ONNX Runtime took up to 1.5x longer on 2 cores).
+SETTLE_S = 0.05
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,16 +61,22 @@ class EngineChoice:
     """The engine ``auto`` runs, and why.
 
     Attributes:
-        engine: ``"onnxruntime"`` or ``"openvino"``.
+        engine: ``"onnxruntime"`` or ``"openvino"``: the engine for every call, or with ``small_engine`` for the
+            calls above ``split_tokens``.
         reason: one sentence for ``deberta-onnx info`` and ``/health``.
         timings_ms: median milliseconds per call, ``{engine: {"1x32": ms, "8x128": ms}}``; empty when not measured.
         measured_at: when (UTC, ISO 8601); ``None`` when not measured.
+        small_engine: the other engine, for calls of at most ``split_tokens`` padded tokens (batch x sequence);
+            ``None``: one engine runs everything.
+        split_tokens: where the calls divide, estimated from the measurements (see ``measure``).
     """
 
     engine: str
     reason: str
     timings_ms: Mapping[str, Mapping[str, float]]
     measured_at: str | None = None
+    small_engine: str | None = None
+    split_tokens: int | None = None
 
 
 def _cpu() -> tuple[str, str]:
@@ -109,10 +126,16 @@ def cached_choices(path: Path) -> dict[str, dict[str, Any]]:
 def lookup(path: Path, key: str) -> EngineChoice | None:
     """The choice cached under ``key``, or ``None``."""
     entry = cached_choices(path).get(key)
-    if not isinstance(entry, dict) or entry.get("engine") not in (ENGINE_ONNXRUNTIME, ENGINE_OPENVINO):
+    engines = (ENGINE_ONNXRUNTIME, ENGINE_OPENVINO)
+    if not isinstance(entry, dict) or entry.get("engine") not in engines:
+        return None
+    small, split = entry.get("small_engine"), entry.get("split_tokens")
+    if small is not None and not (small in engines and small != entry["engine"] and isinstance(split, int)
+                                  and not isinstance(split, bool) and split > 0):
         return None
     return EngineChoice(engine=entry["engine"], reason=str(entry.get("reason", "")),
-                        timings_ms=entry.get("timings_ms") or {}, measured_at=entry.get("measured_at"))
+                        timings_ms=entry.get("timings_ms") or {}, measured_at=entry.get("measured_at"),
+                        small_engine=small, split_tokens=split if small is not None else None)
 
 
 def remember(path: Path, key: str, choice: EngineChoice, about: Mapping[str, Any]) -> None:
@@ -131,41 +154,112 @@ def _feed(texts: int, tokens: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def measure(runners: Mapping[str, Runner], *, vocab: int, repeats: int = _REPEATS,
-            clock: Callable[[], float] = time.perf_counter) -> EngineChoice:
+            clock: Callable[[], float] = time.perf_counter,
+            pause: Callable[[], None] = lambda: time.sleep(SETTLE_S)) -> EngineChoice:
     """Times each engine's runner on ``CALIBRATION_SHAPES`` (one warm-up call each, then ``repeats`` calls,
-    the engines alternating) and picks the one with the lower geometric mean over the shapes.
+    the engines alternating, each call after a ``pause``) and picks the one with the lower geometric mean over the
+    shapes, or both (``_split``) when each wins one shape by ``SPLIT_GAIN`` and the pair is also faster than the
+    better engine alone on calls of both shapes in turn without pauses (``_split_pays``).
 
     Args:
         runners: ``{engine: runner}`` for the same graph and outputs.
         vocab: token ids are drawn below this.
         repeats: timed calls per engine and shape.
         clock: seconds, for tests.
+        pause: before each timed call, so that one engine's call does not pay for the other's threads (ONNX
+            Runtime's spin after a call by default, on the same cores).
     """
     timings: dict[str, dict[str, float]] = {name: {} for name in runners}
-    for texts, tokens in CALIBRATION_SHAPES:
-        ids, mask = _feed(texts, tokens, vocab)
+    feeds = {f"{texts}x{tokens}": _feed(texts, tokens, vocab) for texts, tokens in CALIBRATION_SHAPES}
+    for shape, (ids, mask) in feeds.items():
         samples: dict[str, list[float]] = {name: [] for name in runners}
         for runner in runners.values():
             runner.run(ids, mask)
         for _ in range(repeats):
             for name, runner in runners.items():
+                pause()
                 start = clock()
                 runner.run(ids, mask)
                 samples[name].append(clock() - start)
         for name, values in samples.items():
-            timings[name][f"{texts}x{tokens}"] = round(statistics.median(values) * 1000, 3)
+            timings[name][shape] = round(statistics.median(values) * 1000, 3)
 
     def score(name: str) -> float:
         return statistics.geometric_mean(max(v, 1e-6) for v in timings[name].values())
 
+    measured_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     best = min(runners, key=score)
     others = [name for name in runners if name != best]
     shapes = ", ".join(f"{shape} {' vs '.join(f'{timings[n][shape]:.1f}' for n in (best, *others))} ms"
                        for shape in timings[best])
+    split = _split(timings)
+    if split is not None:
+        small, large, tokens = split
+        paired = SplitRunner(runners[small], runners[large], tokens)
+        mixed = {"both": _mixed(paired, feeds, repeats, clock, pause),
+                 best: _mixed(runners[best], feeds, repeats, clock, pause)}
+        pairs = [f"{shape} {timings[small][shape]:.1f} vs {timings[large][shape]:.1f} ms" for shape in timings[small]]
+        if mixed["both"] < mixed[best]:
+            reason = (f"measured on this CPU: {small} for calls of up to {tokens} tokens, {large} above ({small} vs "
+                      f"{large}: {', '.join(pairs)}; both shapes in turn {mixed['both']:.1f} ms with both, "
+                      f"{mixed[best]:.1f} ms with {best} alone)")
+            return EngineChoice(engine=large, reason=reason, timings_ms=timings, measured_at=measured_at,
+                                small_engine=small, split_tokens=tokens)
+        shapes += (f"; each ahead on one shape, but both shapes in turn took {mixed['both']:.1f} ms with both "
+                   f"against {mixed[best]:.1f} ms with {best} alone")
     reason = (f"measured faster on this CPU ({best}{''.join(' vs ' + n for n in others)}: {shapes})" if others
               else f"the only engine measured ({shapes})")
-    return EngineChoice(engine=best, reason=reason, timings_ms=timings,
-                        measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return EngineChoice(engine=best, reason=reason, timings_ms=timings, measured_at=measured_at)
+
+
+def _mixed(runner: Runner, feeds: Mapping[str, tuple[np.ndarray, np.ndarray]], repeats: int,
+           clock: Callable[[], float], pause: Callable[[], None]) -> float:
+    """Median milliseconds of one call of each shape in turn, back to back, as a server's mixed traffic comes."""
+    samples = []
+    for _ in range(repeats):
+        pause()
+        start = clock()
+        for ids, mask in feeds.values():
+            runner.run(ids, mask)
+        samples.append(clock() - start)
+    return round(statistics.median(samples) * 1000, 3)
+
+
+def _split(timings: Mapping[str, Mapping[str, float]]) -> tuple[str, str, int] | None:
+    """``(small_engine, large_engine, split_tokens)`` when two engines each win one of ``CALIBRATION_SHAPES`` by
+    at least ``SPLIT_GAIN``, else ``None``.
+
+    Where they divide is estimated from the two measurements: the log of the time ratio is taken as linear in
+    the log of the call's tokens between the shapes, and the calls divide where the ratio crosses 1.
+    """
+    if len(timings) != 2:
+        return None
+    (small_shape, small_tokens), (large_shape, large_tokens) = (
+        (f"{texts}x{tokens}", texts * tokens) for texts, tokens in CALIBRATION_SHAPES)
+    first, second = timings
+    try:
+        ratios = [timings[first][shape] / timings[second][shape] for shape in (small_shape, large_shape)]
+    except (KeyError, ZeroDivisionError):
+        return None
+    if ratios[0] <= 0 or ratios[1] <= 0:
+        return None
+    if ratios[0] * SPLIT_GAIN <= 1 and ratios[1] >= SPLIT_GAIN:
+        small, large = first, second
+    elif ratios[0] >= SPLIT_GAIN and ratios[1] * SPLIT_GAIN <= 1:
+        small, large = second, first
+    else:
+        return None
+    logs = [math.log(ratio) for ratio in ratios]
+    span = math.log(large_tokens) - math.log(small_tokens)
+    crossing = math.log(small_tokens) + (0.0 - logs[0]) * span / (logs[1] - logs[0])
+    return small, large, round(math.exp(crossing))
+
+
+def engine_label(entry: Mapping[str, Any]) -> str:
+    """What a cached choice runs, as ``LoadedModel.engine`` says it: one engine, or ``onnxruntime+openvino``."""
+    if entry.get("small_engine"):
+        return f"{ENGINE_ONNXRUNTIME}+{ENGINE_OPENVINO}"
+    return str(entry.get("engine"))
 
 
 def choices_for(path: Path, graphs: Mapping[str, str]) -> list[dict[str, Any]]:

@@ -121,7 +121,7 @@ def _print_engines(manifest: Manifest) -> None:
     for choice in choices:
         threads = choice.get("threads")
         print(f"auto:       {choice.get('precision')} with {threads if threads is not None else 'default'} threads "
-              f"runs {choice.get('engine')}: {choice.get('reason')} on {choice.get('measured_at')}")
+              f"runs {tune.engine_label(choice)}: {choice.get('reason')} on {choice.get('measured_at')}")
 
 
 def _precision_details(nodes: dict[str, Any], audit: dict[str, Any] | None) -> list[str]:

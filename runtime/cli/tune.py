@@ -20,9 +20,9 @@ def add_parser(commands: Any) -> None:
         "tune", help="measure ONNX Runtime against OpenVINO on this machine, for --engine auto",
         description="Run the folder's graph on both engines (1 text x 32 tokens and 8 texts x 128 tokens, "
                     "interleaved, a few calls each) with the load flags given (precision, threads), and cache the "
-                    "faster engine for this CPU, graph, precision, thread count and engine versions. A load with "
-                    "--engine auto reads it (and measures by itself when nothing is cached); `deberta-onnx info` "
-                    "shows it.")
+                    "faster engine (or both, each for the calls it is measured faster on) for this CPU, graph, "
+                    "precision, thread count and engine versions. A load with --engine auto reads it (and "
+                    "measures by itself when nothing is cached); `deberta-onnx info` shows it.")
     parser.add_argument("model_dir", help="a folder written by `deberta-onnx export`")
     add_load_flags(parser)
     parser.set_defaults(run=run)
