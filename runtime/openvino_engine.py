@@ -352,15 +352,21 @@ def _compile_keeping_f32(model: Any, names: set[str], properties: dict[str, Any]
     it (the marked nodes run in f32).
     """
     ov = import_openvino()
-    with tempfile.TemporaryDirectory(prefix=f"{DISTRIBUTION}-bf16-") as folder:
-        xml = Path(folder) / "model.xml"
-        ov.save_model(model, str(xml), compress_to_fp16=False)
-        tree = ElementTree.parse(xml)
-        for layer in tree.getroot().iter("layer"):
-            if layer.get("name") in names:
-                info = layer.find("rt_info")
-                if info is None:
-                    info = ElementTree.SubElement(layer, "rt_info")
-                ElementTree.SubElement(info, "attribute", {"name": "precise", "version": "0"})
-        tree.write(xml, encoding="utf-8", xml_declaration=True)
-        return _core().compile_model(_core().read_model(str(xml)), "CPU", properties)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"{DISTRIBUTION}-bf16-") as folder:
+            xml = Path(folder) / "model.xml"
+            ov.save_model(model, str(xml), compress_to_fp16=False)
+            tree = ElementTree.parse(xml)
+            for layer in tree.getroot().iter("layer"):
+                if layer.get("name") in names:
+                    info = layer.find("rt_info")
+                    if info is None:
+                        info = ElementTree.SubElement(layer, "rt_info")
+                    ElementTree.SubElement(info, "attribute", {"name": "precise", "version": "0"})
+            tree.write(xml, encoding="utf-8", xml_declaration=True)
+            return _core().compile_model(_core().read_model(str(xml)), "CPU", properties)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"bf16 writes a temporary copy of the graph (about the size of its .onnx file) to mark the nodes it keeps "
+            f"in f32, and could not: {exc}. Point TMPDIR at a folder with room, or load precision 'fp32'."
+        ) from exc

@@ -312,6 +312,36 @@ def test_outlier_nodes_are_those_far_above_their_median(ov: Any) -> None:
     assert len(model.outputs) == 1  # measured on a clone: the model keeps its one output
 
 
+def _probe_model(ov: Any) -> Any:
+    """x -> x @ W (a MatMul OpenVINO runs in bf16 under the bf16 hint), twice, the second one named ``kept``."""
+    import openvino.opset13 as ops
+
+    x = ops.parameter([-1, 16], ov.Type.f32, name="x")
+    weights = np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)
+    first = ops.matmul(x, ops.constant(weights), False, False)
+    first.set_friendly_name("plain")
+    second = ops.matmul(first, ops.constant(weights), False, False)
+    second.set_friendly_name("kept")
+    return ov.Model([second], [x], "probe")
+
+
+def test_kept_nodes_run_in_f32_under_the_bf16_hint(ov: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deberta_onnx.runtime import openvino_engine
+    from deberta_onnx.runtime.errors import ModelLoadError
+
+    _bf16_or_skip()
+    compiled = openvino_engine._compile_keeping_f32(_probe_model(ov), {"kept"}, {"INFERENCE_PRECISION_HINT": "bf16"})
+    precisions = _runtime_precisions(compiled)
+    assert precisions["kept"] == {"f32"} and precisions["plain"] == {"bf16"}
+    # No room for the temporary IR: a clear error, not OpenVINO's.
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(openvino_engine.tempfile, "TemporaryDirectory", full)
+    with pytest.raises(ModelLoadError, match="temporary copy of the graph.*No space left.*TMPDIR"):
+        openvino_engine._compile_keeping_f32(_probe_model(ov), {"kept"}, {"INFERENCE_PRECISION_HINT": "bf16"})
+
+
 def test_bf16_outlier_search_is_cached_for_the_next_start(ov: Any, tiny_model: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from deberta_onnx.runtime import openvino_engine
@@ -489,6 +519,7 @@ def test_health_says_which_engine_runs(ov: Any, tiny_model: Path) -> None:
         health = httpx.get(f"{server.url}/health", timeout=60).json()
         response = httpx.post(f"{server.url}/v1/embeddings", json={"input": TEXTS[:3]}, timeout=60)
     assert health["engine"] == "openvino" and health["engine_reason"] == "requested"
+    assert health["precision_reason"]  # why this variant (and, for bf16, how many nodes stay in f32)
     assert health["provider"] == "OpenVINO CPU" and health["models"][0]["engine"] == "openvino"
     assert response.status_code == 200
     vectors = np.array([item["embedding"] for item in response.json()["data"]], dtype=np.float32)

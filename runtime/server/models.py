@@ -154,8 +154,9 @@ class ServedModel:
         model = self.model
         info: dict[str, Any] = {"model": self.name, "task": self.task, "routes": list(self.routes),
                                 "model_dir": str(model.model_dir), "precision": model.precision,
-                                "provider": self.provider, "engine": model.engine,
-                                "engine_reason": model.engine_reason, "max_length": model.max_length}
+                                "precision_reason": model.precision_reason, "provider": self.provider,
+                                "engine": model.engine, "engine_reason": model.engine_reason,
+                                "max_length": model.max_length}
         if isinstance(model, Encoder):
             info["hidden_size"] = model.hidden_size
         elif isinstance(model, FillMask):
