@@ -355,9 +355,9 @@ def load_model(model_dir: str | Path, providers: ProviderList | None, config: En
             compiled = compile_model(model_path, threads=config.intra_op_threads, precision=precision,
                                      cache_dir=config.engine_cache_dir, calibration=calibration)
             sessions[engine], runners[engine] = compiled, compiled.runner(outputs, shrink_tokens=shrink)
-            if compiled.kept_f32:
-                reason += (f"; {len(compiled.kept_f32)} nodes kept in f32, whose outputs carry activation outliers "
-                           "(see docs/engines.md)")
+            if compiled.kept_f32 or compiled.split_f32:
+                reason += (f"; activation outliers kept in f32: {len(compiled.kept_f32)} nodes whole, and the "
+                           f"outlier input channels of {len(compiled.split_f32)} matrix products (docs/engines.md)")
         else:
             settings = SessionSettings(intra_op_threads=config.intra_op_threads,
                                        inter_op_threads=config.inter_op_threads,

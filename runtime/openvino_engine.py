@@ -31,8 +31,10 @@ from .installed import DISTRIBUTION
 
 __all__ = [
     "BF16_OUTLIER_RATIO",
+    "Bf16Plan",
     "OpenVINOModel",
     "OpenVINORunner",
+    "bf16_plan",
     "bf16_support",
     "compile_model",
     "default_cache_dir",
@@ -48,6 +50,12 @@ __all__ = [
 # weights stay under 25 (the largest, a GELU's or an attention score's); a trained encoder's outlier dimensions are
 # 100x to 1,000x and more.
 BF16_OUTLIER_RATIO = 64.0
+# A matrix product with constant weights whose input has a few outlier channels is not kept in f32 whole: those
+# channels are split off into a small f32 product beside it (``x @ W = x @ W_main + x[..., C] @ W[C, :]``, with
+# ``W_main``'s rows ``C`` zeroed, as the int8 variants do at export), and the large product stays in bf16. "A few":
+# at most this fraction of its input channels, or 8.
+_SPLIT_FRACTION = 1 / 16
+_SPLIT_MIN = 8
 logger = logging.getLogger("deberta_onnx")
 # Where the nodes bf16 keeps in f32 are cached, in the compiled models' cache folder.
 _KEPT_FILE = "bf16-kept-f32.json"
@@ -138,12 +146,15 @@ class OpenVINOModel:
         properties: the properties it was compiled with.
         kept_f32: with bf16, the nodes kept in f32 because their outputs carry activation outliers (OpenVINO's
             names for them); empty otherwise.
+        split_f32: with bf16, the matrix products whose outlier input channels run in f32 beside them: name ->
+            the channels.
     """
 
     compiled: Any
     path: Path
     properties: dict[str, Any]
     kept_f32: tuple[str, ...] = ()
+    split_f32: dict[str, tuple[int, ...]] = field(default_factory=dict)
     _idle: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue, repr=False)
 
     def get_inputs(self) -> list[_Port]:
@@ -206,8 +217,8 @@ def compile_model(path: Path, *, threads: int | None, precision: str, cache_dir:
         path: the ``.onnx`` file.
         threads: ``INFERENCE_NUM_THREADS``; ``None`` keeps OpenVINO's default.
         precision: the runtime precision: ``"bf16"`` computes in bfloat16 (``INFERENCE_PRECISION_HINT=bf16``)
-            except for the nodes ``outlier_nodes`` finds on ``calibration``, which stay in f32; anything else in
-            f32, which OpenVINO does not do by default on CPUs with bf16 units.
+            except for what ``bf16_plan`` finds on ``calibration``, which stays in f32; anything else in f32,
+            which OpenVINO does not do by default on CPUs with bf16 units.
         cache_dir: ``CACHE_DIR`` (``"auto"``: ``default_cache_dir()``; ``None``: no cache), so that a second
             load of the same graph with the same settings reads the compiled blob instead of compiling.
         calibration: with bf16, the feeds (one text each) on which activation outliers are looked for.
@@ -237,16 +248,17 @@ def compile_model(path: Path, *, threads: int | None, precision: str, cache_dir:
         folder.mkdir(parents=True, exist_ok=True)
         properties["CACHE_DIR"] = str(folder)
     version = openvino_version()
-    kept: list[str] = []
+    plan = Bf16Plan()
     try:
         model = core.read_model(str(path))
         # Batch and sequence dynamic whatever the file declares, so that one compiled model serves every call.
         model.reshape({port.get_any_name(): [-1, -1] for port in model.inputs})
         if precision == BF16 and calibration:
-            kept = _kept_nodes(model, path, calibration, threads=threads,
-                               cache=Path(properties["CACHE_DIR"]) / _KEPT_FILE if cache_dir is not None else None)
-        if kept:
-            compiled = _compile_keeping_f32(model, set(kept), properties)
+            plan = _bf16_plan(model, path, calibration, threads=threads,
+                              cache=Path(properties["CACHE_DIR"]) / _KEPT_FILE if cache_dir is not None else None)
+        if plan.kept or plan.splits:
+            marked = set(plan.kept) | _split_channels(model, plan.splits)
+            compiled = _compile_keeping_f32(model, marked, properties)
         else:
             compiled = core.compile_model(model, "CPU", properties)
     except RuntimeError as exc:
@@ -256,23 +268,37 @@ def compile_model(path: Path, *, threads: int | None, precision: str, cache_dir:
             "ONNX graph (load with verify_checksums=True to check it against the manifest, or re-export), or "
             "OpenVINO lacks an operator: load with engine='onnxruntime'."
         ) from exc
-    return OpenVINOModel(compiled=compiled, path=path, properties=properties, kept_f32=tuple(kept))
+    return OpenVINOModel(compiled=compiled, path=path, properties=properties, kept_f32=tuple(plan.kept),
+                         split_f32=dict(plan.splits))
 
 
-def outlier_nodes(model: Any, feeds: Sequence[Mapping[str, np.ndarray]], *, threads: int | None,
-                  ratio: float = BF16_OUTLIER_RATIO) -> list[str]:
-    """The nodes whose outputs carry activation outliers: computed in f32 on ``feeds``, the largest |value| is
-    more than ``ratio`` times the median |value| (the median of the feeds' medians). bf16 keeps them in f32.
+@dataclass(frozen=True)
+class Bf16Plan:
+    """What bf16 keeps in f32: ``kept``, nodes whole (OpenVINO's names); ``splits``, matrix products whose input
+    channels listed run in an f32 product beside them."""
 
-    Args:
-        model: an ``openvino.Model`` (left as it is: the outputs are added to a clone).
-        feeds: model inputs, best one text each (padding would pull the medians down).
-        threads: ``INFERENCE_NUM_THREADS`` for the measuring run.
-        ratio: the threshold, ``BF16_OUTLIER_RATIO`` by default.
+    kept: tuple[str, ...] = ()
+    splits: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
-    Returns:
-        The nodes' names (OpenVINO's friendly names), in graph order.
-    """
+
+@dataclass
+class _Scan:
+    """What the f32 probe saw, per node: largest |value|, the feeds' median |values|, and the largest |value| of
+    each channel of the last axis."""
+
+    peak: dict[str, float] = field(default_factory=dict)
+    medians: dict[str, list[float]] = field(default_factory=dict)
+    channels: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def median(self, name: str) -> float:
+        return float(np.median(self.medians[name]))
+
+    def outlier(self, name: str, ratio: float) -> bool:
+        return bool(self.medians.get(name)) and self.peak[name] > ratio * self.median(name)
+
+
+def _scan(model: Any, feeds: Sequence[Mapping[str, np.ndarray]], threads: int | None) -> _Scan:
+    """Runs a clone of ``model`` in f32 on ``feeds`` with every float node's output exposed."""
     ov = import_openvino()
     probe = model.clone()  # the clone shares the constants' data
     nodes = [node for node in probe.get_ordered_ops()
@@ -283,55 +309,170 @@ def outlier_nodes(model: Any, feeds: Sequence[Mapping[str, np.ndarray]], *, thre
     if threads is not None:
         properties["INFERENCE_NUM_THREADS"] = threads
     request = _core().compile_model(probe, "CPU", properties).create_infer_request()
-    peaks = np.zeros(len(nodes))
-    medians: list[list[float]] = [[] for _ in nodes]
+    scan = _Scan()
     for feed in feeds:
         request.infer(dict(feed))
-        for i, port in enumerate(ports):
+        for node, port in zip(nodes, ports):
             values = np.abs(request.get_tensor(port).data)
-            if values.size:
-                peaks[i] = max(peaks[i], float(values.max()))
-                medians[i].append(float(np.median(values)))
-    return [node.get_friendly_name() for node, peak, values in zip(nodes, peaks, medians)
-            if values and peak > ratio * float(np.median(values))]
+            if not values.size:
+                continue
+            name = node.get_friendly_name()
+            scan.peak[name] = max(scan.peak.get(name, 0.0), float(values.max()))
+            scan.medians.setdefault(name, []).append(float(np.median(values)))
+            if values.ndim >= 2:
+                per_channel = values.reshape(-1, values.shape[-1]).max(axis=0)
+                seen = scan.channels.get(name)
+                scan.channels[name] = per_channel if seen is None or seen.shape != per_channel.shape else \
+                    np.maximum(seen, per_channel)
+    return scan
 
 
-def _kept_nodes(model: Any, path: Path, feeds: Sequence[Mapping[str, np.ndarray]], *, threads: int | None,
-                cache: Path | None) -> list[str]:
-    """``outlier_nodes(model, feeds)``, cached in ``cache`` (a JSON file; ``None``: not cached) under the graph
-    file (path, size, modification time), OpenVINO's version, the ratio and the feeds, so that a second start
-    skips the measuring run. OpenVINO names some nodes afresh at every read, so the entry holds positions in the
-    graph's order, and the node types there as a check."""
-    nodes = list(model.get_ordered_ops())
+def outlier_nodes(model: Any, feeds: Sequence[Mapping[str, np.ndarray]], *, threads: int | None,
+                  ratio: float = BF16_OUTLIER_RATIO) -> list[str]:
+    """The nodes whose outputs carry activation outliers: computed in f32 on ``feeds``, the largest |value| is
+    more than ``ratio`` times the median |value| (the median of the feeds' medians).
+
+    Args:
+        model: an ``openvino.Model`` (left as it is: the outputs are added to a clone).
+        feeds: model inputs, best one text each (padding would pull the medians down).
+        threads: ``INFERENCE_NUM_THREADS`` for the measuring run.
+        ratio: the threshold, ``BF16_OUTLIER_RATIO`` by default.
+
+    Returns:
+        The nodes' names (OpenVINO's friendly names), in graph order.
+    """
+    scan = _scan(model, feeds, threads)
+    names = [node.get_friendly_name() for node in model.get_ordered_ops()]
+    return [name for name in names if scan.outlier(name, ratio)]
+
+
+def bf16_plan(model: Any, feeds: Sequence[Mapping[str, np.ndarray]], *, threads: int | None,
+              ratio: float = BF16_OUTLIER_RATIO) -> Bf16Plan:
+    """What bf16 keeps in f32 on ``model``: every node whose output carries activation outliers (``outlier_nodes``)
+    or that reads such an output (where large values cancel, the result is ordinary and the node would not be
+    found by its output; in bf16 its input would be rounded first). A matrix product with constant weights among
+    them whose input has a few outlier channels (each channel's largest |value| over ``ratio`` times the input's
+    median |value|; at most ``_SPLIT_FRACTION`` of them, or ``_SPLIT_MIN``) is not kept whole: it stays in bf16 with
+    those channels split off into f32 beside it (``_split_channels``)."""
+    scan = _scan(model, feeds, threads)
+    kept: list[str] = []
+    splits: dict[str, tuple[int, ...]] = {}
+    for node in model.get_ordered_ops():
+        name = node.get_friendly_name()
+        if node.get_type_name() in _NOT_COMPUTED:
+            continue
+        sources = [value.get_node().get_friendly_name() for value in node.input_values()]
+        if not (scan.outlier(name, ratio) or any(scan.outlier(source, ratio) for source in sources)):
+            continue
+        channels = _outlier_channels(node, scan, ratio)
+        if channels:
+            splits[name] = channels
+        else:
+            kept.append(name)
+    return Bf16Plan(kept=tuple(kept), splits=splits)
+
+
+def _outlier_channels(node: Any, scan: _Scan, ratio: float) -> tuple[int, ...]:
+    """For a ``MatMul`` of an activation by constant weights: its input's outlier channels, when they are a few;
+    otherwise (or for any other node) none."""
+    if node.get_type_name() != "MatMul" or _weights(node) is None:
+        return ()
+    source = node.input_value(0).get_node().get_friendly_name()
+    per_channel = scan.channels.get(source)
+    if per_channel is None or not scan.medians.get(source):
+        return ()
+    channels = tuple(int(c) for c in np.nonzero(per_channel > ratio * scan.median(source))[0])
+    allowed = max(_SPLIT_MIN, int(len(per_channel) * _SPLIT_FRACTION))
+    return channels if 0 < len(channels) <= allowed else ()
+
+
+def _weights(node: Any) -> np.ndarray | None:
+    """A ``MatMul``'s constant weights as ``[in, out]`` float32, or ``None`` (an activation, a transposed
+    activation, or weights that are not a 2-D constant)."""
+    attributes = node.get_attributes()
+    if attributes.get("transpose_a"):
+        return None
+    source = node.input_value(1).get_node()
+    while source.get_type_name() == "Convert":
+        source = source.input_value(0).get_node()
+    if source.get_type_name() != "Constant":
+        return None
+    weights = np.asarray(source.get_data(), dtype=np.float32)
+    if weights.ndim != 2:
+        return None
+    return weights.T if attributes.get("transpose_b") else weights
+
+
+def _split_channels(model: Any, splits: Mapping[str, tuple[int, ...]]) -> set[str]:
+    """Rewrites each ``MatMul`` named in ``splits`` in ``model`` (in place) as ``x @ W_main + x[..., C] @ W[C, :]``
+    and returns the names of the nodes to keep in f32: the gather of the channels, their product and the sum (the
+    large product, ``name/bf16``, is left to bf16)."""
+    ops = import_openvino().opset13
+    kept: set[str] = set()
+    for node in model.get_ordered_ops():
+        name = node.get_friendly_name()
+        if name not in splits:
+            continue
+        weights = _weights(node)
+        if weights is None:
+            continue
+        channels = np.asarray(splits[name], dtype=np.int64)
+        main_weights = weights.copy()
+        main_weights[channels, :] = 0.0
+        source = node.input_value(0)
+        main = ops.matmul(source, ops.constant(main_weights), False, False)
+        main.set_friendly_name(f"{name}/bf16")
+        gathered = ops.gather(source, ops.constant(channels), ops.constant(np.int64(-1)))
+        gathered.set_friendly_name(f"{name}/f32-channels")
+        side = ops.matmul(gathered, ops.constant(np.ascontiguousarray(weights[channels, :])), False, False)
+        side.set_friendly_name(f"{name}/f32")
+        total = ops.add(main, side)
+        total.set_friendly_name(f"{name}/f32-sum")
+        for target in list(node.output(0).get_target_inputs()):
+            target.replace_source_output(total.output(0))
+        kept |= {f"{name}/f32-channels", f"{name}/f32", f"{name}/f32-sum"}
+    return kept
+
+
+def _bf16_plan(model: Any, path: Path, feeds: Sequence[Mapping[str, np.ndarray]], *, threads: int | None,
+               cache: Path | None) -> Bf16Plan:
+    """``bf16_plan(model, feeds)``, cached in ``cache`` (a JSON file; ``None``: not cached) under the graph file
+    (path, size, modification time), OpenVINO's version, the ratio and the feeds, so that a second start skips the
+    measuring run. OpenVINO names some nodes afresh at every read, so the entry holds positions in the graph's
+    order, and the node types there as a check."""
     if cache is None:
-        return outlier_nodes(model, feeds, threads=threads)
+        return bf16_plan(model, feeds, threads=threads)
+    nodes = list(model.get_ordered_ops())
     stat = path.stat()
     digest = hashlib.sha256()
     for part in (str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns), str(openvino_version()),
-                 str(BF16_OUTLIER_RATIO)):
+                 str(BF16_OUTLIER_RATIO), str(_SPLIT_FRACTION), str(_SPLIT_MIN)):
         digest.update(part.encode() + b"\0")
     for feed in feeds:
         for name in sorted(feed):
             digest.update(name.encode() + np.ascontiguousarray(feed[name]).tobytes())
     key = digest.hexdigest()
-    types = [node.get_type_name() for node in nodes]
+    types = hashlib.sha256(" ".join(node.get_type_name() for node in nodes).encode()).hexdigest()
     entry = _read_json(cache).get(key)
-    if isinstance(entry, dict) and entry.get("types") == hashlib.sha256(" ".join(types).encode()).hexdigest():
-        positions = entry.get("positions")
-        if isinstance(positions, list) and all(isinstance(p, int) and 0 <= p < len(nodes) for p in positions):
-            return [nodes[p].get_friendly_name() for p in positions]
-    kept = outlier_nodes(model, feeds, threads=threads)
-    names = set(kept)
+    if isinstance(entry, dict) and entry.get("types") == types:
+        try:
+            return Bf16Plan(kept=tuple(nodes[int(p)].get_friendly_name() for p in entry["kept"]),
+                            splits={nodes[int(p)].get_friendly_name(): tuple(int(c) for c in channels)
+                                    for p, channels in entry["splits"].items()})
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+            pass  # a foreign or damaged entry: measured again below
+    plan = bf16_plan(model, feeds, threads=threads)
+    position = {node.get_friendly_name(): i for i, node in enumerate(nodes)}
     entries = _read_json(cache)
-    entries[key] = {"graph": str(path), "positions": [i for i, node in enumerate(nodes)
-                                                      if node.get_friendly_name() in names],
-                    "types": hashlib.sha256(" ".join(types).encode()).hexdigest(), "ratio": BF16_OUTLIER_RATIO}
+    entries[key] = {"graph": str(path), "types": types, "ratio": BF16_OUTLIER_RATIO,
+                    "kept": [position[name] for name in plan.kept],
+                    "splits": {str(position[name]): list(channels) for name, channels in plan.splits.items()}}
     try:
         text = json.dumps(entries, indent=1) + "\n"
         atomic_write(cache, lambda handle: handle.write(text.encode("utf-8")))
     except OSError as exc:  # a read-only cache: measured again at the next start
         logger.warning("could not cache bf16's kept nodes in %s: %s", cache, exc)
-    return kept
+    return plan
 
 
 def _read_json(path: Path) -> dict[str, Any]:

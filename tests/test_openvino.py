@@ -255,7 +255,7 @@ def test_bf16_passes_the_gate_on_random_weights(ov: Any, tiny_model: Path, tiny_
     cosine, encoder = _bf16_gate(ov, tiny_model, tiny_checkpoint, split_sentences(corpus)[1])
     assert cosine >= 0.999
     # Random weights have no activation outliers: bf16 runs the whole graph.
-    assert encoder.loaded.openvino.kept_f32 == ()  # type: ignore[union-attr]
+    assert encoder.loaded.openvino.kept_f32 == () and encoder.loaded.openvino.split_f32 == {}  # type: ignore[union-attr]
     assert "kept in f32" not in encoder.precision_reason
 
 
@@ -277,12 +277,17 @@ def test_bf16_passes_the_gate_on_activation_outliers(ov: Any, corpus: list[str],
     export_model(checkpoint, base / "model", ExportConfig(quiet=True, validation_shapes=((2, 5),)))
     cosine, encoder = _bf16_gate(ov, base / "model", checkpoint, split_sentences(corpus)[1])
     assert cosine >= 0.999
-    kept = encoder.loaded.openvino.kept_f32  # type: ignore[union-attr]
-    assert kept and f"{len(kept)} nodes kept in f32" in encoder.precision_reason
-    # OpenVINO honours the marks: every kept node runs in f32, and the rest of the graph's matrix products in bf16.
-    precisions = _runtime_precisions(encoder.loaded.openvino.compiled)  # type: ignore[union-attr]
-    assert all(precisions.get(name, {"f32"}) == {"f32"} for name in kept), {n: precisions.get(n) for n in kept}
-    assert any("bf16" in found for found in precisions.values())
+    model = encoder.loaded.openvino  # type: ignore[union-attr]
+    kept, splits = model.kept_f32, model.split_f32
+    assert kept and splits
+    assert (f"{len(kept)} nodes whole, and the outlier input channels of {len(splits)} matrix products"
+            in encoder.precision_reason)
+    # OpenVINO honours the marks: every kept node and every split-off product runs in f32, and the large products
+    # beside them, with the rest of the graph's matrix products, in bf16.
+    precisions = _runtime_precisions(model.compiled)
+    marked = [*kept, *(f"{name}/{part}" for name in splits for part in ("f32-channels", "f32", "f32-sum"))]
+    assert all(precisions.get(name, {"f32"}) == {"f32"} for name in marked), {n: precisions.get(n) for n in marked}
+    assert all("bf16" in precisions[f"{name}/bf16"] for name in splits)
     # Without calibration texts nothing is kept, and bf16 fails the gate here (min cosine 0.80): what the marks do.
     monkeypatch.setattr(loader, "BF16_CALIBRATION_TEXTS", 0)
     cosine, encoder = _bf16_gate(ov, base / "model", checkpoint, split_sentences(corpus)[1])
@@ -342,18 +347,57 @@ def test_kept_nodes_run_in_f32_under_the_bf16_hint(ov: Any, monkeypatch: pytest.
         openvino_engine._compile_keeping_f32(_probe_model(ov), {"kept"}, {"INFERENCE_PRECISION_HINT": "bf16"})
 
 
+def test_outlier_channels_of_a_matrix_product_are_split_off_into_f32(ov: Any) -> None:
+    import openvino.opset13 as ops
+
+    from deberta_onnx.runtime import openvino_engine
+
+    _bf16_or_skip()
+    x = ops.parameter([-1, 64], ov.Type.f32, name="x")
+    rng = np.random.default_rng(0)
+    weights = (rng.standard_normal((64, 32)) / 8).astype(np.float32)
+    doubled = ops.multiply(x, ops.constant(np.float32(2.0)))  # a computed input, as every MatMul in a graph has
+    doubled.set_friendly_name("doubled")
+    product = ops.matmul(doubled, ops.constant(weights), False, False)
+    product.set_friendly_name("product")
+    # Take the outlier channel's contribution out again, as a trained encoder's bias or residual stream does: what
+    # is left is ordinary, and bf16's rounding of the large part would swamp it.
+    taken = ops.subtract(product, ops.constant((2000.0 * weights[5]).astype(np.float32)))
+    taken.set_friendly_name("taken")
+
+    def model() -> Any:
+        return ov.Model([taken.output(0)], [x], "probe").clone()
+
+    inputs = rng.standard_normal((6, 64)).astype(np.float32)
+    inputs[:, 5] += 1000.0  # channel 5 is an outlier of about 1,000x the others
+    feeds = [{"x": inputs[i:i + 2]} for i in range(0, 6, 2)]
+    plan = openvino_engine.bf16_plan(model(), feeds, threads=1)
+    assert plan.splits == {"product": (5,)} and "product" not in plan.kept  # split, not kept whole
+    want = 2.0 * inputs.astype(np.float64) @ weights.astype(np.float64) - 2000.0 * weights[5].astype(np.float64)
+    properties = {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": 1}
+
+    def error(compiled: Any) -> float:
+        got = compiled.create_infer_request().infer({"x": inputs})[0]
+        return float(np.abs(got - want).max() / np.abs(want).max())
+
+    split = model()
+    marked = set(plan.kept) | openvino_engine._split_channels(split, plan.splits)
+    assert error(openvino_engine._compile_keeping_f32(split, marked, properties)) < 0.02
+    assert error(openvino_engine._core().compile_model(model(), "CPU", properties)) > 0.1  # bf16 over it all
+
+
 def test_bf16_outlier_search_is_cached_for_the_next_start(ov: Any, tiny_model: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from deberta_onnx.runtime import openvino_engine
 
     _bf16_or_skip()
     calls = []
-    search = openvino_engine.outlier_nodes
-    monkeypatch.setattr(openvino_engine, "outlier_nodes", lambda *a, **k: calls.append(1) or search(*a, **k))
+    search = openvino_engine.bf16_plan
+    monkeypatch.setattr(openvino_engine, "bf16_plan", lambda *a, **k: calls.append(1) or search(*a, **k))
     config = EncoderConfig(engine="openvino", precision="bf16", engine_cache_dir=str(tmp_path), intra_op_threads=1)
     first = Encoder(tiny_model, config=config).encode(TEXTS)
     entries = json.loads((tmp_path / "bf16-kept-f32.json").read_text())
-    assert len(calls) == 1 and [entry["positions"] for entry in entries.values()] == [[]]
+    assert len(calls) == 1 and [(entry["kept"], entry["splits"]) for entry in entries.values()] == [([], {})]
     second = Encoder(tiny_model, config=config).encode(TEXTS)
     assert len(calls) == 1  # read from the cache
     np.testing.assert_array_equal(first, second)
