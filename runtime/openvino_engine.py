@@ -47,8 +47,8 @@ __all__ = [
 # many times the tensor's median magnitude. bf16 has 8 significant bits: a value R times the median is rounded by up
 # to R x 2^-9 of the median, an eighth of it at R = 64, and the ordinary values beside it lose that much wherever the
 # large ones later cancel (a LayerNorm's offset taken out again by a bias, a residual stream) or set a norm. Random
-# weights stay under 25 (the largest, a GELU's or an attention score's); a trained encoder's outlier dimensions are
-# 100x to 1,000x and more.
+# weights stay well under it (no node of the base shape's random checkpoint reaches it; the tiny outlier checkpoint's
+# ordinary nodes stay under 11); a trained encoder's outlier dimensions are 100x to 1,000x and more.
 BF16_OUTLIER_RATIO = 64.0
 # A matrix product with constant weights whose input has a few outlier channels is not kept in f32 whole: those
 # channels are split off into a small f32 product beside it (``x @ W = x @ W_main + x[..., C] @ W[C, :]``, with
@@ -144,8 +144,8 @@ class OpenVINOModel:
         compiled: the ``openvino.CompiledModel``.
         path: the graph file.
         properties: the properties it was compiled with.
-        kept_f32: with bf16, the nodes kept in f32 because their outputs carry activation outliers (OpenVINO's
-            names for them); empty otherwise.
+        kept_f32: with bf16, the nodes kept in f32 whole because their outputs carry activation outliers or
+            they read such outputs (OpenVINO's names for them); empty otherwise.
         split_f32: with bf16, the matrix products whose outlier input channels run in f32 beside them: name ->
             the channels.
     """
