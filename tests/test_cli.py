@@ -318,11 +318,11 @@ def wait_until_stopped(process: subprocess.Popen[str], where: str) -> subprocess
 
 
 def _stopped(code: str, *args: str) -> subprocess.Popen[str]:
-    # SIGINT back to its default in the child: a shell that starts a run in the background without job control
-    # ignores SIGINT, the children inherit that, and Python then leaves it ignored.
-    process = subprocess.Popen([sys.executable, "-c", _STOP_AT_IMPORT + code, *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # Python's own SIGINT handler first: a shell that starts a run in the background without job control ignores
+    # SIGINT, the children inherit that, and Python then leaves it ignored.
+    restore = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    process = subprocess.Popen([sys.executable, "-c", restore + _STOP_AT_IMPORT + code, *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return wait_until_stopped(process, f"the import of {args[0]}")
 
 
