@@ -13,15 +13,16 @@ bf16), and the min cosine of its corpus vectors to ONNX Runtime fp32's. Writes J
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from deberta_onnx.benchmarks.environment import cpu_features, cpu_name
+from deberta_onnx.benchmarks.timing import SETTLE_S, Timer
 from deberta_onnx.benchmarks.workloads import build_corpus, grid_batch, parse_shapes
 from deberta_onnx.export.testing import shipped_sentences
 from deberta_onnx.runtime import Encoder, EncoderConfig
@@ -41,7 +42,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=3, help="timed calls per shape and round")
     parser.add_argument("--configs", default=",".join(f"{e}:{p}" for e, p in CONFIGS))
-    parser.add_argument("--settle-ms", type=float, default=50.0,
+    parser.add_argument("--settle-ms", type=float, default=SETTLE_S * 1000,
                         help="pause before each timed call, so that the previous configuration's ONNX Runtime threads "
                              "have stopped spinning (they spin after a call by default and would take the next "
                              "configuration's cores)")
@@ -54,7 +55,11 @@ def main() -> None:
             engine=engine, precision=precision, intra_op_threads=args.threads, verify_checksums=False))
     first = next(iter(encoders.values()))
     model = first.manifest.model
-    times: dict[str, dict[str, list[float]]] = {name: {} for name in encoders}
+    timers: dict[str, dict[str, Timer]] = {name: {} for name in encoders}
+
+    def timer(name: str, label: str) -> Timer:
+        return timers[name].setdefault(label, Timer(settle_s=args.settle_ms / 1000))
+
     workloads: dict[str, Any] = {}
     for shape in parse_shapes(args.shapes):
         workloads[f"{shape.batch}x{shape.sequence}"] = grid_batch(shape, vocab=model.vocab_size,
@@ -71,16 +76,11 @@ def main() -> None:
         for label, (ids, mask) in workloads.items():
             for _ in range(args.calls):
                 for name, encoder in encoders.items():
-                    time.sleep(args.settle_ms / 1000)
-                    start = time.perf_counter()
-                    encoder.loaded.runner.run(ids, mask)
-                    times[name].setdefault(label, []).append(time.perf_counter() - start)
+                    timer(name, label).call(functools.partial(encoder.loaded.runner.run, ids, mask), len(ids))
         if corpus:
             for name, encoder in encoders.items():
-                time.sleep(args.settle_ms / 1000)
-                start = time.perf_counter()
-                encoder.encode(corpus, batch_size=32)
-                times[name].setdefault("corpus", []).append(time.perf_counter() - start)
+                timer(name, "corpus").call(functools.partial(encoder.encode, corpus, batch_size=32), len(corpus))
+    times = {name: {label: t.samples.seconds for label, t in labels.items()} for name, labels in timers.items()}
     rows = []
     for name, samples in times.items():
         engine, precision = name.split(" ")

@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SETTLE_S", "RssSampler", "Samples", "Timer", "cuda_synchronizer", "rss_bytes", "time_calls"]
+# Seconds before each timed call (see the module docstring): the pause `auto`'s own measurement takes, longer than
+# ONNX Runtime's threads spin after a call.
+from deberta_onnx.runtime.tune import SETTLE_S
 
-# Seconds before each timed call (see the module docstring): longer than ONNX Runtime's threads spin after a call.
-SETTLE_S = 0.05
+__all__ = ["SETTLE_S", "RssSampler", "Samples", "Timer", "cuda_synchronizer", "rss_bytes", "time_calls"]
 
 
 @dataclass
