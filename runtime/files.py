@@ -1,15 +1,16 @@
-"""Files in and out: atomic writes, durable folder entries, and input text split into one line per row.
+"""Files in and out: atomic writes, durable folder entries, JSON caches, and input text split into one line per row.
 Standard library only."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-__all__ = ["atomic_write", "fsync_dir", "text_lines"]
+__all__ = ["atomic_write", "fsync_dir", "read_json_cache", "text_lines", "write_json_cache"]
 
 
 def _umask() -> int:
@@ -65,6 +66,25 @@ def fsync_dir(folder: str | Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_json_cache(path: Path) -> dict[str, Any]:
+    """The JSON object in a cache file; an unreadable or foreign file counts as empty (it is only a cache)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_json_cache(path: Path, data: dict[str, Any]) -> None:
+    """Writes ``data`` to a cache file, atomically (readers see the old file or the new one, never half of it).
+
+    Raises:
+        OSError: the folder cannot be created or written.
+    """
+    text = json.dumps(data, indent=2, sort_keys=True)
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def text_lines(text: str) -> list[str]:

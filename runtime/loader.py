@@ -48,7 +48,6 @@ from .tokenization import TextTokenizer
 
 if TYPE_CHECKING:  # the openvino extra is optional: its module is imported only when OpenVINO runs
     from .openvino_engine import OpenVINOModel
-    from .tune import EngineChoice
 
 __all__ = [
     "OPENVINO_PROVIDER",
@@ -446,8 +445,7 @@ def _choose_engine(config: EncoderConfig, engines: tuple[str, ...], manifest: Ma
     path = tune.tune_file()
     cached = None if remeasure else tune.lookup(path, key)
     if cached is not None:
-        return (cached.engine, f"auto: {cached.reason} on {cached.measured_at} (cached in {path})",
-                _split_of(cached))
+        return cached.engine, f"auto: {cached.reason} on {cached.measured_at} (cached in {path})", cached.split
     choice = tune.measure(runners, vocab=manifest.model.vocab_size or 128)
     try:
         tune.remember(path, key, choice, {"folder": str(manifest.folder), "graph": graph, "graph_sha256": digest,
@@ -455,10 +453,5 @@ def _choose_engine(config: EncoderConfig, engines: tuple[str, ...], manifest: Ma
                                           "machine": tune.machine(), "versions": versions})
     except OSError as exc:  # a read-only home: the choice holds for this process, and is measured again next time
         logger.warning("could not cache the engine choice in %s: %s", path, exc)
-    return choice.engine, f"auto: {choice.reason}", _split_of(choice)
+    return choice.engine, f"auto: {choice.reason}", choice.split
 
-
-def _split_of(choice: EngineChoice) -> tuple[str, int] | None:
-    if choice.small_engine is None or choice.split_tokens is None:
-        return None
-    return choice.small_engine, choice.split_tokens

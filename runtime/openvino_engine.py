@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -25,7 +24,7 @@ import numpy as np
 from .config import AUTO, BF16
 from .contract import ATTENTION_MASK, INPUT_IDS, TOKEN_TYPE_IDS
 from .errors import MissingExtraError, ModelLoadError, PrecisionUnavailableError
-from .files import atomic_write
+from .files import read_json_cache, write_json_cache
 from .heap import release_free_heap
 from .installed import DISTRIBUTION
 
@@ -453,7 +452,7 @@ def _bf16_plan(model: Any, path: Path, feeds: Sequence[Mapping[str, np.ndarray]]
             digest.update(name.encode() + np.ascontiguousarray(feed[name]).tobytes())
     key = digest.hexdigest()
     types = hashlib.sha256(" ".join(node.get_type_name() for node in nodes).encode()).hexdigest()
-    entry = _read_json(cache).get(key)
+    entry = read_json_cache(cache).get(key)
     if isinstance(entry, dict) and entry.get("types") == types:
         try:
             return Bf16Plan(kept=tuple(nodes[int(p)].get_friendly_name() for p in entry["kept"]),
@@ -463,24 +462,15 @@ def _bf16_plan(model: Any, path: Path, feeds: Sequence[Mapping[str, np.ndarray]]
             pass  # a foreign or damaged entry: measured again below
     plan = bf16_plan(model, feeds, threads=threads)
     position = {node.get_friendly_name(): i for i, node in enumerate(nodes)}
-    entries = _read_json(cache)
+    entries = read_json_cache(cache)  # read again: another process may have added its own entry meanwhile
     entries[key] = {"graph": str(path), "types": types, "ratio": BF16_OUTLIER_RATIO,
                     "kept": [position[name] for name in plan.kept],
                     "splits": {str(position[name]): list(channels) for name, channels in plan.splits.items()}}
     try:
-        text = json.dumps(entries, indent=1) + "\n"
-        atomic_write(cache, lambda handle: handle.write(text.encode("utf-8")))
+        write_json_cache(cache, entries)
     except OSError as exc:  # a read-only cache: measured again at the next start
         logger.warning("could not cache bf16's kept nodes in %s: %s", cache, exc)
     return plan
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _compile_keeping_f32(model: Any, names: set[str], properties: dict[str, Any]) -> Any:

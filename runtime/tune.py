@@ -10,7 +10,6 @@ same entry. Imports no engine itself: the loader hands it runners.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import platform
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .config import ENGINE_ONNXRUNTIME, ENGINE_OPENVINO
-from .files import atomic_write
+from .files import read_json_cache, write_json_cache
 from .installed import DISTRIBUTION
 from .runners import Runner, SplitRunner
 
@@ -78,6 +77,13 @@ class EngineChoice:
     small_engine: str | None = None
     split_tokens: int | None = None
 
+    @property
+    def split(self) -> tuple[str, int] | None:
+        """``(small_engine, split_tokens)`` when both engines are kept, else ``None``."""
+        if self.small_engine is None or self.split_tokens is None:
+            return None
+        return self.small_engine, self.split_tokens
+
 
 def _cpu() -> tuple[str, str]:
     """The CPU's model name and a digest of its flags (from /proc/cpuinfo; ``platform`` where it is absent)."""
@@ -116,11 +122,7 @@ def tune_file(cache_dir: str | Path | None = None) -> Path:
 
 def cached_choices(path: Path) -> dict[str, dict[str, Any]]:
     """Every entry of the choices file (an unreadable or foreign file counts as empty: it is only a cache)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_json_cache(path)
 
 
 def lookup(path: Path, key: str) -> EngineChoice | None:
@@ -143,8 +145,7 @@ def remember(path: Path, key: str, choice: EngineChoice, about: Mapping[str, Any
     beside it for people reading the file."""
     entries = cached_choices(path)
     entries[key] = {**asdict(choice), **about}
-    text = json.dumps(entries, indent=2, sort_keys=True)
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    write_json_cache(path, entries)
 
 
 def _feed(texts: int, tokens: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
